@@ -1,0 +1,22 @@
+"""robustkern: fused kernels for robust-ML training and certification.
+
+Layers (each imports only those under it): kernels (``csrc/``, ``robustkern.kernels``) -> ops
+(``robustkern.ops``) -> algorithms (``robustkern.bounds``, ...) -> the application (``robustkern_cli``).
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import nn, ops, reference  # noqa: E402
+from ._backend import BackendUnavailable, use_backend  # noqa: E402
+from ._info import info  # noqa: E402
+
+__all__ = ["__version__", "info", "use_backend", "BackendUnavailable", "nn", "ops", "reference", "bounds"]
+
+
+def __getattr__(name):  # lazy: the bound-propagation front end imports torch.fx
+    if name == "bounds":
+        import importlib
+
+        return importlib.import_module(".bounds", __name__)
+    raise AttributeError(f"module 'robustkern' has no attribute {name!r}")

@@ -1,0 +1,122 @@
+"""The one place that decides which implementation of an op runs.
+
+Backends: ``triton`` (the Triton kernels in ``robustkern.kernels``; CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1`` for testing), ``cpp`` (the compiled CPU kernels of ``robustkern._C``), ``cuda`` (the
+compiled CUDA kernels of ``robustkern._C``) and ``reference`` (``robustkern.reference``: pure PyTorch).
+
+Choice: ``ROBUSTKERN_BACKEND=auto|triton|cpp|cuda|reference`` (read at call time) or the
+``use_backend(name)`` context manager, which takes precedence. ``auto`` picks, for CUDA tensors, triton, else
+cuda, else reference; for CPU tensors, cpp, else reference. ``auto`` never picks the Triton interpreter: it
+is three orders of magnitude slower than the compiled CPU kernels and exists for tests. An explicitly
+requested backend that cannot run raises ``BackendUnavailable``; an automatically chosen one falls back.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["BACKENDS", "BackendUnavailable", "use_backend", "requested_backend", "select", "available",
+           "ieee_fp32"]
+
+BACKENDS = ("auto", "triton", "cpp", "cuda", "reference")
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("robustkern_backend", default=None)
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run the op on the given device."""
+
+
+def _check_name(name: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown robustkern backend {name!r}; valid: {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the enclosed ops on backend ``name`` (one of ``BACKENDS``)."""
+    token = _override.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def requested_backend() -> str:
+    """The backend asked for by ``use_backend`` or ``ROBUSTKERN_BACKEND`` (default ``auto``)."""
+    name = _override.get()
+    if name is not None:
+        return name
+    return _check_name(os.environ.get("ROBUSTKERN_BACKEND", "auto") or "auto")
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _why_not(backend: str, device_type: str) -> str | None:
+    """None if ``backend`` can run ops on ``device_type``, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if device_type == "cpu" and not _triton_interpreting():
+            return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (the interpreter, for tests)"
+        if device_type not in ("cpu", "cuda"):
+            return f"Triton kernels do not run on {device_type} tensors"
+        return None
+    from . import _ext
+
+    if not _ext.load():
+        return f"the compiled extension is not available ({_ext.status()})"
+    if backend == "cpp":
+        return None if device_type == "cpu" else f"the cpp backend runs CPU tensors, not {device_type}"
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"the cuda backend runs CUDA tensors, not {device_type}"
+        return None if _ext.has_cuda_kernels() else "robustkern._C was built without CUDA kernels"
+    raise AssertionError(backend)
+
+
+def available(backend: str, device_type: str = "cpu") -> bool:
+    """Whether ``backend`` can run ops on tensors of ``device_type``."""
+    return _why_not(_check_name(backend), device_type) is None
+
+
+def select(device: torch.device | str) -> str:
+    """The backend that runs an op on tensors living on ``device``."""
+    device_type = torch.device(device).type
+    name = requested_backend()
+    if name != "auto":
+        reason = _why_not(name, device_type)
+        if reason is not None:
+            raise BackendUnavailable(f"backend {name!r} was requested but cannot run here: {reason}")
+        return name
+    order = ("triton", "cuda", "reference") if device_type == "cuda" else ("cpp", "reference")
+    for candidate in order:
+        if _why_not(candidate, device_type) is None:
+            return candidate
+    return "reference"
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """Force IEEE fp32 products in cuBLAS/cuDNN (no TF32) inside bound computations; restore the user's
+    settings after. TF32 keeps 10 mantissa bits and breaks the rounding-error bounds that make interval
+    bounds sound (torch 2.13 defaults cuDNN convolutions to TF32)."""
+    knobs = [torch.backends.cuda.matmul, torch.backends.cudnn.conv]
+    saved = [k.fp32_precision for k in knobs]
+    for k in knobs:
+        k.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for k, v in zip(knobs, saved):
+            k.fp32_precision = v

@@ -1,0 +1,227 @@
+"""``BoundedModule``: a model wrapped for bound propagation."""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .graph import BoundNode, capture
+from .ibp import Box, plan_fusion, propagate
+
+__all__ = ["BoundedModule"]
+
+_METHODS = {"ibp": "IBP"}
+_PLANNED = {"crown-ibp", "ibp+backward", "ibp+crown", "crown", "backward", "alpha-crown", "crown-optimized"}
+
+
+class NodeBounds:
+    """Bounds of one node after ``compute_bounds`` (``lower``/``upper`` computed on first access)."""
+
+    def __init__(self, node: BoundNode, value):
+        self.node = node
+        self._value = value
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def path(self) -> str:
+        return self.node.path
+
+    @property
+    def kind(self) -> str:
+        return self.node.kind
+
+    def box(self) -> Box:
+        if callable(self._value):
+            self._value = self._value()
+        return self._value
+
+    @property
+    def lower(self) -> Tensor:
+        return self.box().lower
+
+    @property
+    def upper(self) -> Tensor:
+        return self.box().upper
+
+    def __repr__(self) -> str:
+        return f"NodeBounds({self.name!r}, kind={self.kind}, path={self.path!r})"
+
+
+class BoundedModule(nn.Module):
+    """Wrap ``model`` for bound propagation (``torch.fx`` capture; see ``robustkern.bounds.graph`` for the
+    supported layers). It shares the model's parameters: ``bm(x)`` is the model's forward, and gradients of
+    bound-based losses flow to the model's parameters.
+
+    ``example_input`` is one batch (any batch size) of the shape the model takes; it fixes the per-example
+    input shape and the number of outputs.
+
+    BatchNorm: in eval mode bounds use the running statistics. In training mode they use the statistics of the
+    clean batch, as auto_LiRPA does: ``bm(x)`` records them; ``compute_bounds(x, ...)`` reuses them when called
+    with the same tensor ``x``, and otherwise runs the clean forward itself (without updating running
+    statistics a second time).
+    """
+
+    def __init__(self, model: nn.Module, example_input: Tensor, *, fuse: bool = True):
+        super().__init__()
+        if not isinstance(example_input, Tensor) or example_input.dim() < 2:
+            raise ValueError("BoundedModule: example_input must be a batch tensor of shape (B, ...)")
+        self.model = model
+        self.nodes = capture(model)
+        self.groups = plan_fusion(self.nodes) if fuse else {}
+        self.input_shape = tuple(example_input.shape[1:])
+        with torch.no_grad():
+            was = [(m, m.training) for m in model.modules()]
+            model.eval()
+            try:
+                out = model(example_input[:1])
+            finally:
+                for m, t in was:
+                    m.train(t)
+        if out.dim() != 2:
+            raise ValueError(f"BoundedModule: the model must return (B, n_out) outputs, got shape {tuple(out.shape)}")
+        self.num_outputs = out.shape[1]
+        self._bn = {n.name: n.module for n in self.nodes if n.kind == "batchnorm"}
+        self._bn_stats: dict = {}
+        self._stats_input: Tensor | None = None
+        self._recording = False
+        self._node_bounds: dict[str, NodeBounds] = {}
+        for name, m in self._bn.items():
+            m.register_forward_pre_hook(self._make_stat_hook(name))
+
+    # ------------------------------------------------------------------ clean forward and BN statistics
+    def _make_stat_hook(self, name: str):
+        def hook(module, args):
+            if self._recording and module.training:
+                (t,) = args
+                dims = [0] + list(range(2, t.dim()))
+                self._bn_stats[name] = (t.mean(dims), t.var(dims, unbiased=False))
+        return hook
+
+    def forward(self, x: Tensor) -> Tensor:
+        record = any(m.training for m in self._bn.values())
+        self._recording = record
+        try:
+            out = self.model(x)
+        finally:
+            self._recording = False
+        if record:
+            self._stats_input = x
+        return out
+
+    def _training_bn_stats(self, x: Tensor) -> dict:
+        if not any(m.training for m in self._bn.values()):
+            return {}
+        if self._stats_input is not x:
+            saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                     for m in self._bn.values() if m.running_mean is not None]
+            try:
+                self.forward(x)
+            finally:
+                with torch.no_grad():
+                    for m, rm, rv, nb in saved:
+                        m.running_mean.copy_(rm)
+                        m.running_var.copy_(rv)
+                        m.num_batches_tracked.copy_(nb)
+        return self._bn_stats
+
+    # ------------------------------------------------------------------ bounds
+    def compute_bounds(self, x: Tensor, eps, norm: float = math.inf, method: str = "IBP", C: Tensor | None = None,
+                       x_min: float = 0.0, x_max: float = 1.0, *, sound: bool = True, bound_lower: bool = True,
+                       bound_upper: bool = True):
+        """Bounds ``(lb, ub)`` on the model's outputs (B, n_out), or on ``C`` times them (B, n_spec) when a
+        specification ``C`` (B, n_spec, n_out) is given, over every input ``x'`` with ``||x' - x|| <= eps``
+        (``norm`` inf or 2) and ``x_min <= x' <= x_max``.
+
+        ``eps``: a float or a (B,) tensor (per example), in the units of ``x``. ``method``: "IBP" (interval
+        bound propagation, Gowal et al. 2018). ``sound=True`` widens every step by a bound on its
+        floating-point rounding error, so that the bounds hold for the real-valued network, not only up to
+        rounding (see ``robustkern.reference.interval``); for final verification also consider float64
+        (``model.double()``). A side not requested (``bound_lower``/``bound_upper``) is returned as None.
+        NaN in a bound (from NaN or inf weights) is returned as -inf/+inf.
+        """
+        method_key = str(method).strip().lower()
+        if method_key in _PLANNED:
+            raise NotImplementedError(f"compute_bounds: method {method!r} is not available yet; available: IBP")
+        if method_key not in _METHODS:
+            raise ValueError(f"compute_bounds: unknown method {method!r}; available: IBP")
+        x, eps, norm = self._check_inputs(x, eps, norm, x_min, x_max)
+        if C is not None:
+            C = self._check_spec(C, x)
+        stats = self._training_bn_stats(x)
+        box, bounds = propagate(self.nodes, self.groups, x, eps, norm, float(x_min), float(x_max), C, sound, stats)
+        by_name = {n.name: n for n in self.nodes}
+        self._node_bounds = {name: NodeBounds(by_name[name], v) for name, v in bounds.items()}
+        mid, rad = box.mid.flatten(1), box.rad.flatten(1)
+        lb = ub = None
+        if bound_lower:
+            lb = mid - rad
+            lb = torch.where(torch.isnan(lb), torch.full_like(lb, -math.inf), lb)
+        if bound_upper:
+            ub = mid + rad
+            ub = torch.where(torch.isnan(ub), torch.full_like(ub, math.inf), ub)
+        return lb, ub
+
+    def _dtype(self) -> torch.dtype:
+        p = next(iter(self.model.parameters()), None)
+        return p.dtype if p is not None else torch.float32
+
+    def _check_inputs(self, x: Tensor, eps, norm, x_min: float, x_max: float):
+        if not isinstance(x, Tensor):
+            raise TypeError("compute_bounds: x must be a tensor")
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"compute_bounds: x must have shape (B, {', '.join(map(str, self.input_shape))}) like "
+                             f"the example input, got {tuple(x.shape)}")
+        dtype = self._dtype()
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"compute_bounds: bounds are computed in float32 or float64; the model is {dtype}")
+        if not x.is_floating_point():
+            raise TypeError(f"compute_bounds: x must be floating point, got {x.dtype}")
+        x = x.to(dtype)
+        if not x_min <= x_max:
+            raise ValueError(f"compute_bounds: x_min ({x_min}) must be <= x_max ({x_max})")
+        if bool(torch.isnan(x).any()):
+            raise ValueError("compute_bounds: x contains NaN")
+        if x.numel() and (float(x.min()) < x_min or float(x.max()) > x_max):
+            raise ValueError(f"compute_bounds: x must lie in [x_min, x_max] = [{x_min}, {x_max}], got values in "
+                             f"[{float(x.min())}, {float(x.max())}]")
+        eps_t = torch.as_tensor(eps, dtype=dtype, device=x.device)
+        if eps_t.dim() == 0:
+            eps_t = eps_t.expand(x.shape[0])
+        if eps_t.shape != (x.shape[0],):
+            raise ValueError(f"compute_bounds: eps must be a float or a ({x.shape[0]},) tensor, got shape "
+                             f"{tuple(eps_t.shape)}")
+        if bool(torch.isnan(eps_t).any()) or bool((eps_t < 0).any()):
+            raise ValueError(f"compute_bounds: eps must be >= 0 and not NaN, got {eps if eps_t.numel() == 1 else eps_t}")
+        norm = float(norm)
+        if norm not in (math.inf, 2.0):
+            raise ValueError(f"compute_bounds: norm must be inf or 2, got {norm}")
+        return x, eps_t.contiguous(), norm
+
+    def _check_spec(self, C: Tensor, x: Tensor) -> Tensor:
+        want = (x.shape[0], "n_spec", self.num_outputs)
+        if not isinstance(C, Tensor) or C.dim() != 3 or C.shape[0] != x.shape[0] or C.shape[2] != self.num_outputs:
+            got = tuple(C.shape) if isinstance(C, Tensor) else type(C).__name__
+            raise ValueError(f"compute_bounds: C must have shape {want}, got {got}")
+        if bool(torch.isnan(C).any()):
+            raise ValueError("compute_bounds: C contains NaN")
+        return C.to(x.dtype)
+
+    # ------------------------------------------------------------------ per-node bounds
+    def node_bounds(self) -> dict[str, NodeBounds]:
+        """Bounds of every node from the last ``compute_bounds`` call, by fx node name, in graph order
+        (``.lower``, ``.upper``, ``.path`` = the module's qualified name). Nodes fused into a neighbour are
+        recomputed when first read. With ``C``, the final Linear's entry holds the bounds of ``C`` times it."""
+        if not self._node_bounds:
+            raise RuntimeError("node_bounds: call compute_bounds first")
+        return dict(self._node_bounds)
+
+    def named_bounds(self) -> Iterator[tuple[str, Tensor, Tensor]]:
+        """``(module path, lower, upper)`` for every node that is a module (Linear, Conv2d, ReLU, ...)."""
+        for nb in self.node_bounds().values():
+            if nb.node.module is not None:
+                yield nb.path, nb.lower, nb.upper
