@@ -71,9 +71,17 @@ def _run(name: str, device: torch.device, *args):
 
 
 def _fresh(outs, inputs):
-    """Custom ops must not return their inputs (aliases); copy any output that is one."""
-    ids = {id(t) for t in inputs if t is not None}
-    return tuple(o.clone() if id(o) in ids else o for o in outs)
+    """Custom ops must not return an input, or one storage twice; copy any output that would."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel()}
+    fresh = []
+    for o in outs:
+        ptr = o.untyped_storage().data_ptr() if o.numel() else None
+        if ptr is not None and ptr in seen:
+            o = o.clone()
+            ptr = o.untyped_storage().data_ptr()
+        seen.add(ptr)
+        fresh.append(o)
+    return tuple(fresh)
 
 
 def _has_epilogue(scale, shift, relu) -> bool:
