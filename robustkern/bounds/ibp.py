@@ -37,13 +37,22 @@ class Box:
     mid: Tensor
     rad: Tensor
 
+    def end_points(self, sound: bool = True) -> tuple[Tensor, Tensor]:
+        """``(lower, upper) = mid -/+ rad``. With ``sound``, the radius is first widened by
+        ``2u(|mid| + rad)`` so that rounding the two end points to the working precision cannot move them
+        inwards (|fl(a -/+ b) - (a -/+ b)| <= u |a -/+ b|)."""
+        rad = self.rad
+        if sound:
+            rad = rad + 2 * unit_roundoff(rad.dtype) * (self.mid.abs() + rad) + torch.finfo(rad.dtype).tiny
+        return self.mid - rad, self.mid + rad
+
     @property
     def lower(self) -> Tensor:
-        return self.mid - self.rad
+        return self.end_points()[0]
 
     @property
     def upper(self) -> Tensor:
-        return self.mid + self.rad
+        return self.end_points()[1]
 
 
 @dataclass

@@ -19,9 +19,10 @@ _PLANNED = {"crown-ibp", "ibp+backward", "ibp+crown", "crown", "backward", "alph
 class NodeBounds:
     """Bounds of one node after ``compute_bounds`` (``lower``/``upper`` computed on first access)."""
 
-    def __init__(self, node: BoundNode, value):
+    def __init__(self, node: BoundNode, value, sound: bool = True):
         self.node = node
         self._value = value
+        self._sound = sound
 
     @property
     def name(self) -> str:
@@ -42,11 +43,11 @@ class NodeBounds:
 
     @property
     def lower(self) -> Tensor:
-        return self.box().lower
+        return self.box().end_points(self._sound)[0]
 
     @property
     def upper(self) -> Tensor:
-        return self.box().upper
+        return self.box().end_points(self._sound)[1]
 
     def __repr__(self) -> str:
         return f"NodeBounds({self.name!r}, kind={self.kind}, path={self.path!r})"
@@ -155,15 +156,10 @@ class BoundedModule(nn.Module):
         stats = self._training_bn_stats(x)
         box, bounds = propagate(self.nodes, self.groups, x, eps, norm, float(x_min), float(x_max), C, sound, stats)
         by_name = {n.name: n for n in self.nodes}
-        self._node_bounds = {name: NodeBounds(by_name[name], v) for name, v in bounds.items()}
-        mid, rad = box.mid.flatten(1), box.rad.flatten(1)
-        lb = ub = None
-        if bound_lower:
-            lb = mid - rad
-            lb = torch.where(torch.isnan(lb), torch.full_like(lb, -math.inf), lb)
-        if bound_upper:
-            ub = mid + rad
-            ub = torch.where(torch.isnan(ub), torch.full_like(ub, math.inf), ub)
+        self._node_bounds = {name: NodeBounds(by_name[name], v, sound) for name, v in bounds.items()}
+        lower, upper = Box(box.mid.flatten(1), box.rad.flatten(1)).end_points(sound)
+        lb = torch.where(torch.isnan(lower), torch.full_like(lower, -math.inf), lower) if bound_lower else None
+        ub = torch.where(torch.isnan(upper), torch.full_like(upper, math.inf), upper) if bound_upper else None
         return lb, ub
 
     def _dtype(self) -> torch.dtype:
