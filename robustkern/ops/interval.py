@@ -16,8 +16,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import _backend
-from ..reference import interval as ref
+from ._dispatch import fresh, run
 
 __all__ = ["interval_linear", "interval_conv2d", "interval_affine", "interval_input_box"]
 
@@ -55,33 +54,8 @@ def _check_epilogue(op: str, scale, shift, mid: Tensor, channels: int):
     _check_like(op, "shift", shift, mid, (channels,))
 
 
-# ----------------------------------------------------------------------------------------------- dispatch
 def _run(name: str, device: torch.device, *args):
-    backend = _backend.select(device)
-    if backend == "triton":
-        from ..kernels import interval as kernels
-
-        return getattr(kernels, name)(*args)
-    if backend in ("cpp", "cuda"):
-        return getattr(torch.ops.robustkern_ext, name)(*args)
-    if device.type == "cuda":
-        with _backend.ieee_fp32():
-            return getattr(ref, name)(*args)
-    return getattr(ref, name)(*args)
-
-
-def _fresh(outs, inputs):
-    """Custom ops must not return an input, or one storage twice; copy any output that would."""
-    seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel()}
-    fresh = []
-    for o in outs:
-        ptr = o.untyped_storage().data_ptr() if o.numel() else None
-        if ptr is not None and ptr in seen:
-            o = o.clone()
-            ptr = o.untyped_storage().data_ptr()
-        seen.add(ptr)
-        fresh.append(o)
-    return tuple(fresh)
+    return run("interval", name, device, *args)
 
 
 def _has_epilogue(scale, shift, relu) -> bool:
@@ -131,7 +105,7 @@ def _zeros_if_none(g, like):
 def _interval_linear(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
                      shift: Optional[Tensor], relu: bool, sound: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     outs = _run("interval_linear", mid.device, mid, rad, weight, bias, scale, shift, relu, sound)
-    return _fresh(outs, (mid, rad, weight, bias))
+    return fresh(outs, (mid, rad, weight, bias))
 
 
 @_interval_linear.register_fake
@@ -234,7 +208,7 @@ def _interval_conv2d(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Te
                      shift: Optional[Tensor], relu: bool, sound: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     outs = _run("interval_conv2d", mid.device, mid, rad, weight, bias, list(stride), list(padding),
                 list(dilation), groups, scale, shift, relu, sound)
-    return _fresh(outs, (mid, rad, weight, bias))
+    return fresh(outs, (mid, rad, weight, bias))
 
 
 @_interval_conv2d.register_fake
@@ -327,7 +301,7 @@ def interval_conv2d(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Ten
 def _interval_affine(mid: Tensor, rad: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], relu: bool,
                      sound: bool) -> Tuple[Tensor, Tensor]:
     outs = _run("interval_affine", mid.device, mid, rad, scale, shift, relu, sound)
-    return _fresh(outs, (mid, rad))
+    return fresh(outs, (mid, rad))
 
 
 @_interval_affine.register_fake
@@ -368,7 +342,7 @@ def interval_affine(mid: Tensor, rad: Tensor, scale: Optional[Tensor] = None, sh
 # ----------------------------------------------------------------------------------------------- input box
 @torch.library.custom_op("robustkern::interval_input_box", mutates_args=())
 def _interval_input_box(x: Tensor, eps: Tensor, x_min: float, x_max: float, sound: bool) -> Tuple[Tensor, Tensor]:
-    return _fresh(_run("interval_input_box", x.device, x, eps, x_min, x_max, sound), (x, eps))
+    return fresh(_run("interval_input_box", x.device, x, eps, x_min, x_max, sound), (x, eps))
 
 
 @_interval_input_box.register_fake
