@@ -1,0 +1,138 @@
+"""Evaluation: clean accuracy now; verified accuracy through robustkern.bounds when it is installed; attacks
+once robustkern.attacks exists (until then those methods raise MethodUnavailable, exit code 4)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import load_weights
+from .data import dataset_info, load_dataset, make_loader
+from .errors import ConfigError, MethodUnavailable, library_part
+from .models import build_model_for
+
+__all__ = ["EVALS", "EVAL_DEFAULTS", "clean_metrics", "verified_metrics", "evaluate", "fill_eval_defaults",
+           "model_from_config"]
+
+
+@torch.no_grad()
+def clean_metrics(model, loader, device="cpu", progress=False) -> dict:
+    """Accuracy and mean cross-entropy on clean inputs, model in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    for x, y in tqdm(loader, disable=not progress, desc="eval clean", leave=False):
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+    model.train(was_training)
+    return {"acc": correct / max(n, 1), "loss": loss_sum / max(n, 1), "n": n}
+
+
+def verified_metrics(model, loader, cfg, device="cpu", progress=False, method="IBP") -> dict:
+    """Verified accuracy: the share of examples whose every margin ``f_y - f_j`` has a positive lower bound
+    over the L-p ball of radius ``eval_params:epsilon`` clipped to [0, 1] (model in eval mode)."""
+    bounds = library_part("robustkern.bounds", "BoundedModule", "margin_spec",
+                          purpose=f"evaluation method '{cfg['eval_params']['method']}'")
+    ep = cfg["eval_params"]
+    eps, norm = float(ep["epsilon"]), float(ep["norm"])
+    model.eval()
+    bm, verified, correct, n = None, 0, 0, 0
+    for x, y in tqdm(loader, disable=not progress, desc=f"eval {method}", leave=False):
+        x, y = x.to(device), y.to(device)
+        if bm is None:
+            from .losses import bounded_module
+            bm = bounded_module(bounds, model, x[:1], f"evaluation method '{ep['method']}'")
+        with torch.no_grad():
+            logits = model(x)
+            C = bounds.margin_spec(y, logits.shape[1])
+            lb, _ = bm.compute_bounds(x, eps, norm=norm, method=method, C=C, x_min=0.0, x_max=1.0)
+        verified += (lb > 0).all(dim=1).sum().item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+    return {"acc": correct / max(n, 1), "verified_acc": verified / max(n, 1), "epsilon": eps, "n": n}
+
+
+def _clean(model, loader, cfg, device, progress):
+    return clean_metrics(model, loader, device, progress)
+
+
+def _ibp(model, loader, cfg, device, progress):
+    return verified_metrics(model, loader, cfg, device, progress, method="IBP")
+
+
+def _crown_ibp(model, loader, cfg, device, progress):
+    return verified_metrics(model, loader, cfg, device, progress, method="CROWN-IBP")
+
+
+def _needs_attacks(name: str, what: str):
+    def run(model, loader, cfg, device, progress):
+        library_part("robustkern.attacks", purpose=f"evaluation method '{name}' ({what})")
+        raise MethodUnavailable(f"evaluation method '{name}': robustkern.attacks is present but this version "
+                                f"of the app does not wire it yet (python/robustkern_cli/evaluate.py)")
+    return run
+
+
+EVALS = {
+    "clean": _clean,
+    "ibp": _ibp,
+    "crown_ibp": _crown_ibp,
+    "pgd": _needs_attacks("pgd", "PGD attack with restarts"),
+    "autoattack": _needs_attacks("autoattack", "AutoAttack-compatible cascade"),
+}
+EVAL_DEFAULTS = {
+    "pgd": {"num_steps": 40, "step_size": 0.01, "restarts": 1, "random_start": True},
+    "autoattack": {"version": "standard"},
+}
+
+
+def fill_eval_defaults(cfg: dict) -> None:
+    ep = cfg.get("eval_params", {})
+    for k, v in EVAL_DEFAULTS.get(ep.get("method"), {}).items():
+        ep.setdefault("method_params", {}).setdefault(k, v)
+
+
+def model_from_config(cfg: dict, checkpoint: str | Path | None = None) -> torch.nn.Module:
+    """Build the configured zoo model for the configured data set, optionally loading weights."""
+    info = dataset_info(cfg["data"]["dataset"])
+    model = build_model_for(cfg["model"]["name"], cfg["model"]["kwargs"], info.shape, info.num_classes)
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ConfigError(f"checkpoint {path} does not exist")
+        load_weights(model, torch.load(path, map_location="cpu", weights_only=False))
+    return model
+
+
+def _precheck(method: str) -> None:
+    """Fail before loading data when the method's library part is missing."""
+    from .losses import probe_bound_method
+    if method in ("ibp", "crown_ibp"):
+        probe_bound_method("IBP" if method == "ibp" else "CROWN-IBP", f"evaluation method '{method}'")
+    elif method in ("pgd", "autoattack"):
+        EVALS[method](None, None, None, "cpu", False)
+
+
+def evaluate(cfg: dict, checkpoint: str | Path | None = None, *, data_dir=None, download=False, device="cpu",
+             progress=False) -> dict:
+    """Run ``eval_params:method`` on the test split; returns the metrics (and what was evaluated)."""
+    ep = cfg["eval_params"]
+    method = ep["method"]
+    if method not in EVALS:
+        raise ConfigError(f"unknown evaluation method '{method}'; known: {', '.join(sorted(EVALS))}")
+    _precheck(method)
+    checkpoint = checkpoint or ep["checkpoint"] or None
+    model = model_from_config(cfg, checkpoint).to(device)
+    ds = load_dataset(cfg["data"]["dataset"], "test", data_dir or cfg["data"]["data_dir"] or None, download,
+                      limit=ep["num_examples"])
+    loader = make_loader(ds, ep["batch_size"])
+    t0 = time.perf_counter()
+    metrics = EVALS[method](model, loader, cfg, device, progress)
+    return {"method": method, "checkpoint": str(checkpoint) if checkpoint else None,
+            "dataset": cfg["data"]["dataset"], "model": cfg["model"]["name"], **metrics,
+            "seconds": round(time.perf_counter() - t0, 3)}

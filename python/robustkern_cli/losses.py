@@ -1,0 +1,275 @@
+"""Training losses, one per method, in a registry the training loop dispatches on.
+
+``LOSSES[name](model, x, y, cfg, state) -> (loss, metrics)``: ``cfg`` is the whole config (the method's
+parameters are ``cfg["training_params"]["method_params"]``), ``state`` a :class:`StepState` with the epoch,
+the step and the scheduled epsilon; ``metrics`` maps names to floats (averaged over the epoch by the loop, the
+batch sizes as weights). ``METHOD_DEFAULTS[name]`` are the method's parameters, filled into ``method_params``
+before command-line overrides, so they are the valid override keys.
+
+Methods whose library part is not in this installation are registered through :func:`placeholder`: calling
+them raises :class:`MethodUnavailable` naming the missing module (``robustkern train`` exits 4).
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError, MethodUnavailable, library_part
+
+__all__ = ["LOSSES", "METHOD_DEFAULTS", "StepState", "EpsilonScheduler", "register_loss", "fill_method_defaults",
+           "check_available", "probe_bound_method", "bounded_module"]
+
+LossFn = Callable[..., tuple]
+LOSSES: dict[str, LossFn] = {}
+METHOD_DEFAULTS: dict[str, dict] = {}
+_REQUIRES: dict[str, tuple[str, tuple[str, ...]]] = {}  # method -> (module, attributes) it needs
+
+
+@dataclass
+class StepState:
+    """What a loss may know about where training is. ``cache`` persists across steps (not checkpointed)."""
+    epoch: int = 0
+    batch_idx: int = 0
+    steps_per_epoch: int = 1
+    eps: float = 0.0
+    max_eps: float = 0.0
+    cache: dict = field(default_factory=dict)
+
+
+def register_loss(name: str, defaults: dict | None = None, requires: tuple[str, tuple[str, ...]] | None = None):
+    def deco(fn: LossFn) -> LossFn:
+        LOSSES[name] = fn
+        METHOD_DEFAULTS[name] = dict(defaults or {})
+        if requires:
+            _REQUIRES[name] = requires
+        return fn
+    return deco
+
+
+def placeholder(name: str, module: str, attrs: tuple[str, ...], what: str, defaults: dict | None = None) -> None:
+    """Register a method whose implementation lives in a robustkern library part not wired into the app yet."""
+
+    def missing(model, x, y, cfg, state):
+        raise MethodUnavailable(_unavailable_message(name, module, attrs, what))
+
+    missing.placeholder = True  # type: ignore[attr-defined]
+    register_loss(name, defaults, (module, attrs))(missing)
+
+
+def _unavailable_message(name: str, module: str, attrs: tuple[str, ...], what: str) -> str:
+    try:
+        present = importlib.util.find_spec(module) is not None
+    except ImportError:
+        present = False
+    if not present:
+        return (f"training method '{name}' ({what}) needs {module} ({', '.join(attrs)}), which is not available "
+                f"in this installation of robustkern yet")
+    return (f"training method '{name}' ({what}): {module} is present but this version of the app does not wire "
+            f"its {', '.join(attrs)} into training yet (python/robustkern_cli/losses.py)")
+
+
+def check_available(method: str, cfg: dict | None = None) -> None:
+    """Raise ConfigError for an unknown method, MethodUnavailable when its library part is missing (checked
+    before any data is loaded, so a run fails in seconds rather than after the first epoch's data loading)."""
+    if method not in LOSSES:
+        raise ConfigError(f"unknown training method '{method}'; known: {', '.join(sorted(LOSSES))}")
+    fn = LOSSES[method]
+    if method in _REQUIRES:
+        module, attrs = _REQUIRES[method]
+        if getattr(fn, "placeholder", False):
+            fn(None, None, None, None, None)
+        library_part(module, *attrs, purpose=f"training method '{method}'")
+    if fn is _ibp_family and cfg is not None:
+        bound_type = cfg["training_params"]["method_params"].get("bound_type")
+        if method == "crown_ibp" and bound_type != "crown-interval":
+            raise ConfigError(f"training method 'crown_ibp' needs method_params:bound_type=crown-interval, got "
+                              f"'{bound_type}' (use method 'ibp' for pure IBP)")
+        if bound_type == "crown-interval":
+            probe_bound_method("CROWN-IBP", f"training method '{method}' with bound_type crown-interval")
+
+
+def probe_bound_method(method: str, purpose: str) -> None:
+    """Raise MethodUnavailable if robustkern.bounds cannot compute ``method`` bounds (on a 4-3 linear map)."""
+    bounds = library_part("robustkern.bounds", "BoundedModule", "margin_spec", purpose=purpose)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x = torch.zeros(1, 4)
+    try:
+        bm = bounds.BoundedModule(net, x)
+        bm.compute_bounds(x, 0.1, method=method, C=bounds.margin_spec(torch.zeros(1, dtype=torch.long), 3))
+    except NotImplementedError as exc:
+        raise MethodUnavailable(f"{purpose} needs robustkern.bounds method '{method}': {exc}") from None
+
+
+def fill_method_defaults(cfg: dict) -> None:
+    """Add the chosen training method's default parameters to ``training_params:method_params``."""
+    tp = cfg.get("training_params", {})
+    for k, v in METHOD_DEFAULTS.get(tp.get("method"), {}).items():
+        tp.setdefault("method_params", {}).setdefault(k, v)
+
+
+# --------------------------------------------------------------------------------------------- eps schedule
+class EpsilonScheduler:
+    """CROWN-IBP's ``EpsilonScheduler`` (huanzhang12/CROWN-IBP eps_scheduler.py, itself DeepMind's
+    ``linear_schedule``/``smooth_schedule``): eps goes from ``init_value`` at step ``init_step`` to
+    ``final_value`` at ``final_step``, steps counted as ``epoch * steps_per_epoch + step``.
+
+    ``"linear"``; ``"smoothed"``: a ``x**beta`` ramp up to ``mid_point`` of the way, then linear;
+    ``"linear_epoch"``: eps constant within an epoch, ``init + (final-init) * min(1, (epoch-start+1)/length)``
+    (Shaeiri et al.'s IAT curriculum: 0.01 per epoch for 40 epochs).
+    """
+
+    def __init__(self, schedule_type: str, start_epoch: int, length: int, init_value: float, final_value: float,
+                 steps_per_epoch: int, mid_point: float = 0.25, beta: float = 4.0):
+        if schedule_type not in ("linear", "smoothed", "linear_epoch"):
+            raise ConfigError(f"schedule_type must be linear, smoothed or linear_epoch, got '{schedule_type}'")
+        if final_value < init_value:
+            raise ConfigError(f"epsilon ({final_value}) must be >= starting_epsilon ({init_value})")
+        self.type, self.start, self.length = schedule_type, start_epoch, max(int(length), 1)
+        self.init_value, self.final_value = float(init_value), float(final_value)
+        self.steps = max(int(steps_per_epoch), 1)
+        self.init_step = start_epoch * self.steps
+        self.final_step = (start_epoch + self.length - 1) * self.steps
+        self.mid_point, self.beta = mid_point, beta
+
+    def get_eps(self, epoch: int, step: int) -> float:
+        if self.type == "linear_epoch":
+            frac = min(max((epoch - self.start + 1) / self.length, 0.0), 1.0)
+            return self.init_value + frac * (self.final_value - self.init_value)
+        t = epoch * self.steps + step
+        if self.type == "smoothed":
+            return self._smooth(t)
+        return self._linear(t, self.init_step, self.final_step, self.init_value, self.final_value)
+
+    @staticmethod
+    def _linear(t, t0, t1, v0, v1) -> float:
+        if t1 == t0:
+            return v1
+        rate = min(max((t - t0) / (t1 - t0), 0.0), 1.0)
+        return v0 + rate * (v1 - v0)
+
+    def _smooth(self, t) -> float:
+        t0, t1, v0, v1, beta = self.init_step, self.final_step, self.init_value, self.final_value, self.beta
+        mid = int((t1 - t0) * self.mid_point) + t0
+        if mid <= t0:
+            alpha = 1.0
+        else:
+            p = (mid - t0) ** (beta - 1.0)
+            alpha = (v1 - v0) / ((t1 - mid) * beta * p + (mid - t0) * p)
+        mid_value = alpha * (mid - t0) ** beta + v0
+        if t <= t0:
+            return v0
+        if t < mid:
+            return v0 + alpha * float(t - t0) ** beta
+        return self._linear(t, mid, t1, mid_value, v1)
+
+
+# ------------------------------------------------------------------------------------------------- methods
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+@register_loss("standard")
+def standard_loss(model, x, y, cfg, state):
+    """Cross-entropy on clean inputs."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    return loss, {"loss": loss.item(), "acc": _accuracy(logits, y)}
+
+
+@register_loss("gaussian", defaults={"sigma": 0.25})
+def gaussian_loss(model, x, y, cfg, state):
+    """Cohen et al.'s Gaussian data augmentation: cross-entropy on ``x + N(0, sigma^2)`` (pixel space, no
+    clipping; locuslab/smoothing code/train.py)."""
+    sigma = float(cfg["training_params"]["method_params"]["sigma"])
+    logits = model(x + torch.randn_like(x) * sigma)
+    loss = F.cross_entropy(logits, y)
+    return loss, {"loss": loss.item(), "acc": _accuracy(logits, y)}
+
+
+_IBP_DEFAULTS = {"init_kappa": 1.0, "final_kappa": 0.5, "final_beta": 0.0, "bound_type": "interval"}
+
+
+def bounded_module(bounds, model, example, purpose: str):
+    """``bounds.BoundedModule(model, example)``; a layer the library cannot bound yet is MethodUnavailable."""
+    unsupported = getattr(bounds, "UnsupportedLayerError", None)
+    try:
+        return bounds.BoundedModule(model, example)
+    except Exception as exc:
+        if unsupported is not None and isinstance(exc, unsupported):
+            raise MethodUnavailable(f"{purpose}: robustkern.bounds cannot bound this model yet: {exc}") from None
+        raise
+
+
+def _ibp_family(model, x, y, cfg, state):
+    """IBP / CROWN-IBP certified training (Gowal et al. 2018; Zhang et al. 2020, CROWN-IBP train.py).
+
+    ``kappa = init_kappa + (final_kappa - init_kappa) * eps / max_eps`` mixes natural and robust CE,
+    ``loss = kappa * CE(f(x), y) + (1 - kappa) * robust_CE(lb)``; with ``bound_type = "crown-interval"`` the
+    margin lower bound is ``beta * lb_CROWN-IBP + (1 - beta) * lb_IBP``, ``beta = 1 - (1 - final_beta) * eps /
+    max_eps`` (CROWN-IBP's defaults: kappa 1 -> 0.5, beta 1 -> 0). The clean forward runs first, so BatchNorm
+    bounds use the clean batch's statistics. While eps is 0 the robust term is the natural cross-entropy (the
+    two agree at eps 0) and no bounds are computed, as CROWN-IBP switches to natural training then.
+    """
+    bounds = library_part("robustkern.bounds", "BoundedModule", "margin_spec", "robust_cross_entropy",
+                          purpose="training method 'ibp'")
+    tp = cfg["training_params"]
+    mp = tp["method_params"]
+    bound_type = mp["bound_type"]
+    if bound_type not in ("interval", "crown-interval"):
+        raise ConfigError(f"method_params:bound_type must be 'interval' or 'crown-interval', got '{bound_type}'")
+    eps, max_eps = state.eps, state.max_eps
+    frac = eps / max_eps if max_eps > 0 else 1.0
+    kappa = mp["init_kappa"] + (mp["final_kappa"] - mp["init_kappa"]) * frac
+    beta = 1.0 - (1.0 - mp["final_beta"]) * frac if bound_type == "crown-interval" else 0.0
+
+    key = ("bounded", id(model))
+    bm = state.cache.get(key)
+    if bm is None:
+        bm = state.cache[key] = bounded_module(bounds, model, x[:1], f"training method '{tp['method']}'")
+    logits = bm(x)  # the model's forward; in training mode it records BatchNorm statistics for the bounds
+    natural = F.cross_entropy(logits, y)
+    num_classes = logits.shape[1]
+    C = bounds.margin_spec(y, num_classes)
+    norm = float(tp["norm"])
+    if eps < torch.finfo(torch.float32).tiny:  # CROWN-IBP trains naturally while eps is 0: no bounds to compute
+        robust = natural
+        verified = _accuracy(logits, y)
+    else:
+        lb, _ = bm.compute_bounds(x, eps, norm=norm, method="IBP", C=C, x_min=0.0, x_max=1.0)
+        if beta > 1e-5:
+            clb, _ = bm.compute_bounds(x, eps, norm=norm, method="CROWN-IBP", C=C, x_min=0.0, x_max=1.0)
+            lb = beta * clb + (1.0 - beta) * lb
+        robust = bounds.robust_cross_entropy(lb)
+        verified = (lb > 0).all(dim=1).float().mean().item()
+    loss = kappa * natural + (1.0 - kappa) * robust
+    return loss, {"loss": loss.item(), "acc": _accuracy(logits, y), "natural_ce": natural.item(),
+                  "robust_ce": robust.item(), "verified_acc": verified, "eps": eps, "kappa": kappa, "beta": beta}
+
+
+register_loss("ibp", _IBP_DEFAULTS, ("robustkern.bounds", ("BoundedModule", "margin_spec", "robust_cross_entropy")))(
+    _ibp_family)
+register_loss("crown_ibp", dict(_IBP_DEFAULTS, bound_type="crown-interval"),
+              ("robustkern.bounds", ("BoundedModule", "margin_spec", "robust_cross_entropy")))(_ibp_family)
+
+# Methods whose algorithms belong to library parts that do not exist yet (DESIGN.md: robustkern/smoothing,
+# attacks, flatness). Their recipes in python/configs carry the published parameters.
+placeholder("macer", "robustkern.smoothing", ("macer_loss",), "MACER, Zhai et al. 2020",
+            {"sigma": 0.25, "gauss_num": 16, "lbd": 12.0, "gamma": 8.0, "beta": 16.0, "deferred": False})
+placeholder("smoothadv", "robustkern.smoothing", ("smoothadv_loss",), "SmoothAdv, Salman et al. 2019",
+            {"sigma": 0.12, "attack": "PGD", "epsilon": 0.25, "num_steps": 10, "num_noise_vec": 2,
+             "train_multi_noise": True, "warmup": 10})
+placeholder("trades_rs", "robustkern.smoothing", ("trades_rs_loss",), "TRADES + random smoothing, Blum et al. 2020",
+            {"sigma": 0.12, "epsilon": 0.435, "num_steps": 10, "beta": 6.0, "distance": "l_2"})
+placeholder("pgd", "robustkern.attacks", ("pgd",), "PGD adversarial training, Madry et al. 2018",
+            {"epsilon": 0.3, "step_size": 0.01, "num_steps": 40, "random_start": True, "steps_rule": "fixed"})
+placeholder("trades", "robustkern.attacks", ("trades_loss",), "TRADES, Zhang et al. 2019",
+            {"epsilon": 0.031, "step_size": 0.007, "num_steps": 10, "beta": 6.0, "distance": "l_inf"})
+placeholder("lfr", "robustkern.flatness", ("lfr_loss",), "local flatness regularisation, Xu et al. 2020",
+            {"epsilon": 0.3, "step_size": 0.01, "num_steps": 40, "lambada": 0.02, "norm": "l_inf"})
+placeholder("crown_ibp_ours", "robustkern.bounds", ("optimized_slopes",),
+            "CROWN-IBP with one-step optimised ReLU slopes, Lee et al. 2021 'Loss Landscape Matters'",
+            {"final_kappa": 0.0, "final_beta": 1.0, "slope_init": "uniform", "slope_step": 2.0})

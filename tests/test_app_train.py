@@ -1,0 +1,154 @@
+"""robustkern_cli.train: standard training learns, resume is exact, the epsilon schedules, IBP training."""
+import csv
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from robustkern_cli.checkpoint import load_checkpoint
+from robustkern_cli.config import load_config
+from robustkern_cli.data import load_dataset, make_loader
+from robustkern_cli.errors import ConfigError, MethodUnavailable
+from robustkern_cli.evaluate import clean_metrics, evaluate, model_from_config
+from robustkern_cli.losses import EpsilonScheduler, check_available, probe_bound_method
+from robustkern_cli.main import _fill_all, main
+from robustkern_cli.train import train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny digits models: one thread avoids OpenMP barrier stalls when the 2 cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cfg_for(name, *overrides):
+    return load_config(name, overrides, fill_defaults=_fill_all)
+
+
+def test_one_epoch_of_standard_training_reduces_the_loss(tmp_path):
+    cfg = cfg_for("digits_standard", "training_params:epochs=1")
+    torch.manual_seed(cfg["seed"])
+    untrained = model_from_config(cfg)
+    test_loader = make_loader(load_dataset("digits", "test"), 360)
+    before = clean_metrics(untrained, test_loader)
+    res = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    after = res.final
+    assert after["test_loss"] < before["loss"] - 0.2, (before, after)
+    assert after["test_acc"] > before["acc"] + 0.2
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert {"model", "optimizer", "lr_scheduler", "config", "epoch", "metrics", "rng"} <= set(ckpt)
+    assert ckpt["epoch"] == 1 and ckpt["config"]["name"] == "digits_standard"
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").read_text().splitlines()))
+    assert len(rows) == 1 and float(rows[0]["train_loss"]) == pytest.approx(after["train_loss"])
+    assert (tmp_path / "run" / "config.json").is_file()
+
+
+RESUME_OVERRIDES = (  # exercises every piece of state: SGD momentum, an LR milestone, the loader's shuffling,
+    "training_params:method=gaussian",  # the global RNG (noise, flips) and the method's parameters
+    "training_params:optimizer=sgd", "training_params:lr=0.05", "training_params:lr_schedule=multistep",
+    "training_params:lr_milestones=[1]", "data:augment=flip", "data:batch_size=128",
+)
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
+    cfg = cfg_for("digits_standard", "training_params:epochs=2", *RESUME_OVERRIDES)
+    full = train(cfg, tmp_path / "full", progress=False, log=lambda s: None)
+
+    overrides = ["-q", "--out", str(tmp_path / "split"), "training_params:epochs=1", *RESUME_OVERRIDES]
+    assert main(["train", "-c", "digits_standard", *overrides]) == 0
+    assert main(["train", "-q", "--resume", str(tmp_path / "split" / "checkpoint.pt"),
+                 "training_params:epochs=2"]) == 0
+    split = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(split["metrics"]) == strip(full.history)
+    assert split["metrics"][1]["lr"] == pytest.approx(0.005)  # the milestone survived the resume
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(split["model"][k], v), k
+    full_ckpt = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    assert split["lr_scheduler"] == full_ckpt["lr_scheduler"]  # ready to continue identically too
+    assert split["optimizer"]["param_groups"] == full_ckpt["optimizer"]["param_groups"]
+    for k, v in full_ckpt["optimizer"]["state"].items():
+        assert torch.equal(split["optimizer"]["state"][k]["momentum_buffer"], v["momentum_buffer"])
+    rows = list(csv.DictReader((tmp_path / "split" / "log.csv").read_text().splitlines()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+
+
+def test_a_different_seed_gives_a_different_run(tmp_path):
+    a = train(cfg_for("digits_standard", "training_params:epochs=1", "seed=1"), tmp_path / "a", progress=False,
+              log=lambda s: None)
+    b = train(cfg_for("digits_standard", "training_params:epochs=1", "seed=2"), tmp_path / "b", progress=False,
+              log=lambda s: None)
+    assert a.final["train_loss"] != b.final["train_loss"]
+
+
+def test_linear_and_smoothed_schedules_match_crown_ibp():
+    lin = EpsilonScheduler("linear", 2, 3, 0.0, 1.0, steps_per_epoch=10)  # steps 20 .. 40
+    assert [lin.get_eps(e, s) for e, s in ((1, 5), (2, 0), (3, 0), (4, 0), (9, 3))] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    sm = EpsilonScheduler("smoothed", 2, 3, 0.0, 1.0, steps_per_epoch=10)  # mid step 25
+    values = [sm.get_eps(0, t) for t in range(0, 50)]
+    assert values[20] == 0.0 and values[40] == pytest.approx(1.0) and values[49] == pytest.approx(1.0)
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    # CROWN-IBP/DeepMind: alpha = 1 / ((40-25)*4*5**3 + 5*5**3) = 1/8125, eps(t) = alpha*(t-20)**4 before mid
+    assert values[23] == pytest.approx(3 ** 4 / 8125)
+    assert values[25] == pytest.approx(5 ** 4 / 8125)  # continuous into the linear part
+    assert values[23] < lin.get_eps(0, 23)
+    iat = EpsilonScheduler("linear_epoch", 0, 40, 0.0, 0.4, steps_per_epoch=7)
+    assert [iat.get_eps(e, 3) for e in (0, 1, 39, 45)] == pytest.approx([0.01, 0.02, 0.4, 0.4])
+
+
+def test_placeholders_and_unknown_methods():
+    with pytest.raises(MethodUnavailable, match="robustkern.smoothing"):
+        check_available("macer")
+    with pytest.raises(MethodUnavailable, match="lfr"):
+        check_available("lfr")
+    with pytest.raises(ConfigError, match="unknown training method 'sgd'"):
+        check_available("sgd")
+    with pytest.raises(ConfigError, match="use method 'ibp' for pure IBP"):
+        check_available("crown_ibp", cfg_for("digits_ibp", "training_params:method=crown_ibp"))
+
+
+HAVE_BOUNDS = importlib.util.find_spec("robustkern.bounds") is not None
+
+
+@pytest.mark.skipif(not HAVE_BOUNDS, reason="robustkern.bounds (BoundedModule) is not installed yet")
+def test_ibp_training_and_verified_evaluation(tmp_path):
+    cfg = cfg_for("digits_ibp", "training_params:epochs=3", "training_params:schedule_start=0",
+                  "training_params:schedule_length=2", "training_params:epsilon=0.02", "eval_params:epsilon=0.02")
+    res = train(cfg, tmp_path / "ibp", progress=False, log=lambda s: None)
+    last = res.final
+    for key in ("train_robust_ce", "train_natural_ce", "train_verified_acc", "train_kappa"):
+        assert math.isfinite(last[key])
+    assert last["eps"] == pytest.approx(0.02)
+    assert last["train_kappa"] == pytest.approx(0.5)  # final_kappa once eps has reached epsilon
+    assert last["train_robust_ce"] >= last["train_natural_ce"] - 1e-6  # a bound is never better than the point
+    ev = evaluate(cfg, tmp_path / "ibp" / "checkpoint.pt")
+    assert ev["n"] == 360 and 0.3 < ev["verified_acc"] <= ev["acc"]
+    ev0 = evaluate(cfg_for("digits_ibp", "eval_params:epsilon=0.0"), tmp_path / "ibp" / "checkpoint.pt")
+    assert ev0["verified_acc"] > ev["verified_acc"]
+
+
+def crown_ibp_available():
+    if not HAVE_BOUNDS:
+        return False
+    try:
+        probe_bound_method("CROWN-IBP", "test")
+        return True
+    except MethodUnavailable:
+        return False
+
+
+def test_crown_ibp_exits_4_until_the_library_has_it(tmp_path, capsys):
+    argv = ["train", "-q", "-c", "digits_ibp", "--out", str(tmp_path), "training_params:method=crown_ibp",
+            "training_params:method_params:bound_type=crown-interval", "training_params:epochs=1"]
+    if crown_ibp_available():
+        assert main(argv) == 0
+        assert load_checkpoint(tmp_path / "checkpoint.pt")["metrics"][0]["train_beta"] > 0
+    else:
+        assert main(argv) == 4
+        assert "CROWN-IBP" in capsys.readouterr().err
+        assert not (tmp_path / "checkpoint.pt").exists()
