@@ -1,0 +1,52 @@
+// Every schema of the robustkern_ext library, once. The kernels are registered per device in
+// csrc/cpu/interval_cpu.cpp and csrc/cuda/interval_cuda_glue.cpp; the public ops (robustkern::*, with
+// fake tensors and autograd) are Python custom ops in robustkern/ops/ that call these.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#ifndef ROBUSTKERN_WITH_CUDA
+#define ROBUSTKERN_WITH_CUDA 0
+#endif
+
+extern "C" {
+// `import robustkern._C` only loads this library, which runs the registrations below; no Python API.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      nullptr,  // documentation
+      -1,  // no per-interpreter state
+      nullptr,  // methods
+      nullptr,  // slots
+      nullptr,  // traverse
+      nullptr,  // clear
+      nullptr,  // free
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace {
+
+// The device kernels compiled in, comma-separated: "cpu" or "cpu,cuda".
+std::string build_info() { return ROBUSTKERN_WITH_CUDA ? "cpu,cuda" : "cpu"; }
+
+}  // namespace
+
+// Defines the operators.
+TORCH_LIBRARY(robustkern_ext, m) {
+  m.def(
+      "interval_linear(Tensor mid, Tensor rad, Tensor weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+      "bool relu, bool sound) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "interval_conv2d(Tensor mid, Tensor rad, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
+      "int[] dilation, int groups, Tensor? scale, Tensor? shift, bool relu, bool sound) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "interval_affine(Tensor mid, Tensor rad, Tensor? scale, Tensor? shift, bool relu, bool sound) "
+      "-> (Tensor, Tensor)");
+  m.def("interval_input_box(Tensor x, Tensor eps, float x_min, float x_max, bool sound) -> (Tensor, Tensor)");
+  m.def("build_info() -> str", &build_info);
+}
