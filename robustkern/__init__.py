@@ -11,12 +11,14 @@ from . import nn, ops, reference  # noqa: E402
 from ._backend import BackendUnavailable, use_backend  # noqa: E402
 from ._info import info  # noqa: E402
 
-__all__ = ["__version__", "info", "use_backend", "BackendUnavailable", "nn", "ops", "reference", "bounds"]
+__all__ = ["__version__", "info", "use_backend", "BackendUnavailable", "nn", "ops", "reference", "bounds",
+           "attacks", "smoothing"]
+_LAZY = ("bounds", "attacks", "smoothing")
 
 
-def __getattr__(name):  # lazy: the bound-propagation front end imports torch.fx
-    if name == "bounds":
+def __getattr__(name):  # lazy: these import torch.fx, scipy, ...
+    if name in _LAZY:
         import importlib
 
-        return importlib.import_module(".bounds", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'robustkern' has no attribute {name!r}")

@@ -279,7 +279,7 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="norm must be"):
         bm.compute_bounds(x, 0.1, norm=1)
     with pytest.raises(NotImplementedError, match="not available yet"):
-        bm.compute_bounds(x, 0.1, method="CROWN-IBP")
+        bm.compute_bounds(x, 0.1, method="alpha-CROWN")
     with pytest.raises(ValueError, match="unknown method"):
         bm.compute_bounds(x, 0.1, method="magic")
     with pytest.raises(ValueError, match="labels must lie"):

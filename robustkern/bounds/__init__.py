@@ -1,6 +1,8 @@
-"""Bound propagation: ``BoundedModule`` (IBP; CROWN-IBP and CROWN to come), specifications and losses."""
+"""Bound propagation: ``BoundedModule`` (IBP, CROWN-IBP, CROWN), specifications, losses and verification."""
 from .graph import UnsupportedLayerError
 from .module import BoundedModule
 from .spec import margin_spec, robust_cross_entropy
+from .training import crown_ibp_beta, crown_ibp_loss, smoothed_eps, verified_accuracy
 
-__all__ = ["BoundedModule", "UnsupportedLayerError", "margin_spec", "robust_cross_entropy"]
+__all__ = ["BoundedModule", "UnsupportedLayerError", "margin_spec", "robust_cross_entropy", "crown_ibp_loss",
+           "crown_ibp_beta", "smoothed_eps", "verified_accuracy"]

@@ -239,9 +239,11 @@ def _apply_reshape(node: BoundNode, env: dict, state):
 
 def propagate(nodes: list[BoundNode], groups: dict[str, list[BoundNode]], x: Tensor, eps: Tensor, norm: float,
               x_min: float, x_max: float, C: Tensor | None, sound: bool, bn_stats: dict,
+              input_box: tuple[Tensor, Tensor] | None = None,
               ) -> tuple[Box, dict[str, Box | Callable[[], Box]]]:
     """Run IBP. Returns the output box (of ``C`` times the output when ``C`` is given) and the per-node
-    boxes (a callable for nodes that were fused away: it recomputes the box on request)."""
+    boxes (a callable for nodes that were fused away: it recomputes the box on request). ``input_box``
+    ``(mid, rad)``: an explicit element-wise input box used instead of the (clipped) ball around ``x``."""
     dtype, device = x.dtype, x.device
     absorbed = {c.name: head for head, chain in groups.items() for c in chain}
     out_node = nodes[-1]
@@ -255,7 +257,9 @@ def propagate(nodes: list[BoundNode], groups: dict[str, list[BoundNode]], x: Ten
             continue
         kind = node.kind
         ins = [env[i] for i in node.inputs if _is_state(env.get(i))]
-        if kind == "input":
+        if kind == "input" and input_box is not None:
+            state = Box(*input_box)
+        elif kind == "input":
             mid, rad = interval_input_box(x, eps, x_min, x_max, sound=sound)
             state = Box(mid, rad) if norm != 2 else Ball(x, None, eps, None, Box(mid, rad))
         elif kind == "meta":

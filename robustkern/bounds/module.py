@@ -12,8 +12,24 @@ from .ibp import Box, plan_fusion, propagate
 
 __all__ = ["BoundedModule"]
 
-_METHODS = {"ibp": "IBP"}
-_PLANNED = {"crown-ibp", "ibp+backward", "ibp+crown", "crown", "backward", "alpha-crown", "crown-optimized"}
+_METHODS = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "ibp+backward": "CROWN-IBP", "ibp+crown": "CROWN-IBP",
+            "crown": "CROWN", "backward": "CROWN"}
+_PLANNED = {"alpha-crown", "crown-optimized"}
+_AVAILABLE = "IBP, CROWN-IBP (aliases IBP+backward, ibp+crown), CROWN (alias backward)"
+
+
+def canonical_method(method) -> str:
+    """"IBP", "CROWN-IBP" or "CROWN" for a method name or alias (case-insensitive)."""
+    key = str(method).strip().lower()
+    if key in _PLANNED:
+        raise NotImplementedError(f"compute_bounds: method {method!r} is not available yet; available: {_AVAILABLE}")
+    if key not in _METHODS:
+        raise ValueError(f"compute_bounds: unknown method {method!r}; available: {_AVAILABLE}")
+    return _METHODS[key]
+
+
+def _nan_to_inf(t: Tensor, sign: int) -> Tensor:
+    return torch.where(torch.isnan(t), torch.full_like(t, sign * math.inf), t)
 
 
 class NodeBounds:
@@ -91,6 +107,7 @@ class BoundedModule(nn.Module):
         self._stats_input: Tensor | None = None
         self._recording = False
         self._node_bounds: dict[str, NodeBounds] = {}
+        self._shapes: dict | None = None
         for name, m in self._bn.items():
             m.register_forward_pre_hook(self._make_stat_hook(name))
 
@@ -133,34 +150,84 @@ class BoundedModule(nn.Module):
     # ------------------------------------------------------------------ bounds
     def compute_bounds(self, x: Tensor, eps, norm: float = math.inf, method: str = "IBP", C: Tensor | None = None,
                        x_min: float = 0.0, x_max: float = 1.0, *, sound: bool = True, bound_lower: bool = True,
-                       bound_upper: bool = True):
+                       bound_upper: bool = True, relu_lower: str = "adaptive", crown_batch_size: int | None = None):
         """Bounds ``(lb, ub)`` on the model's outputs (B, n_out), or on ``C`` times them (B, n_spec) when a
         specification ``C`` (B, n_spec, n_out) is given, over every input ``x'`` with ``||x' - x|| <= eps``
         (``norm`` inf or 2) and ``x_min <= x' <= x_max``.
 
-        ``eps``: a float or a (B,) tensor (per example), in the units of ``x``. ``method``: "IBP" (interval
-        bound propagation, Gowal et al. 2018). ``sound=True`` widens every step by a bound on its
-        floating-point rounding error, so that the bounds hold for the real-valued network, not only up to
-        rounding (see ``robustkern.reference.interval``); for final verification also consider float64
-        (``model.double()``). A side not requested (``bound_lower``/``bound_upper``) is returned as None.
-        NaN in a bound (from NaN or inf weights) is returned as -inf/+inf.
+        ``eps``: a float or a (B,) tensor (per example), in the units of ``x``. ``method`` (case-insensitive):
+        "IBP" (interval bound propagation, Gowal et al. 2018); "CROWN-IBP" (aliases "IBP+backward",
+        "ibp+crown": IBP for the ReLU input bounds, one backward linear relaxation from ``C``; Zhang et al.
+        2020); "CROWN" (alias "backward": backward relaxations for the ReLU input bounds too, intersected with
+        IBP, ``crown_batch_size`` identity rows at a time; Zhang et al. 2018). ``relu_lower``: the ReLU lower
+        slope of the linear relaxation, "adaptive" (default), "zero", "one" or "same-slope".
+        ``sound=True`` widens every step by a bound on its floating-point rounding error, so that the bounds
+        hold for the real-valued network, not only up to rounding (see ``robustkern.reference.interval``;
+        CROWN methods: see ``robustkern.bounds.crown`` for what is guaranteed); for final verification also
+        consider float64 (``model.double()``). A side not requested (``bound_lower``/``bound_upper``) is
+        returned as None (and, for the CROWN methods, not computed). NaN in a bound (from NaN or inf weights)
+        is returned as -inf/+inf.
         """
-        method_key = str(method).strip().lower()
-        if method_key in _PLANNED:
-            raise NotImplementedError(f"compute_bounds: method {method!r} is not available yet; available: IBP")
-        if method_key not in _METHODS:
-            raise ValueError(f"compute_bounds: unknown method {method!r}; available: IBP")
+        method = canonical_method(method)
         x, eps, norm = self._check_inputs(x, eps, norm, x_min, x_max)
+        out = self._bounds(x, eps, norm, method, C, float(x_min), float(x_max), sound, bound_lower, bound_upper,
+                           relu_lower, crown_batch_size)
+        return out[0], out[1]
+
+    def compute_bounds_box(self, lower: Tensor, upper: Tensor, method: str = "IBP", C: Tensor | None = None, *,
+                           sound: bool = True, bound_lower: bool = True, bound_upper: bool = True,
+                           relu_lower: str = "adaptive", crown_batch_size: int | None = None,
+                           x: Tensor | None = None):
+        """As ``compute_bounds`` over the element-wise box ``lower <= x' <= upper`` (B, ...) given explicitly
+        (e.g. auto_LiRPA's ``x_L``/``x_U``). ``x``: the clean batch, used only for training-mode BatchNorm
+        statistics (default: the box centre)."""
+        method = canonical_method(method)
+        for name, t in (("lower", lower), ("upper", upper)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"compute_bounds_box: {name} must be a tensor")
+        if lower.shape != upper.shape:
+            raise ValueError(f"compute_bounds_box: lower and upper must have the same shape, got "
+                             f"{tuple(lower.shape)} and {tuple(upper.shape)}")
+        dtype = self._dtype()
+        lower, upper = lower.to(dtype), upper.to(dtype)
+        if bool(torch.isnan(lower).any() or torch.isnan(upper).any()):
+            raise ValueError("compute_bounds_box: the box contains NaN")
+        if bool((lower > upper).any()):
+            raise ValueError("compute_bounds_box: lower must be <= upper element-wise")
+        mid = (lower + upper) * 0.5
+        x = mid if x is None else x.to(dtype)
+        self._check_inputs(mid, 0.0, math.inf, -math.inf, math.inf)
+        rad = (upper - lower) * 0.5
+        if sound:  # the centre and radius round; widen so that [mid - rad, mid + rad] contains [lower, upper]
+            from ..reference.interval import unit_roundoff
+            rad = rad + 4 * unit_roundoff(dtype) * (mid.abs() + rad) + torch.finfo(dtype).tiny
+        eps = torch.zeros(mid.shape[0], dtype=dtype, device=mid.device)
+        out = self._bounds(x, eps, math.inf, method, C, -math.inf, math.inf, sound, bound_lower, bound_upper,
+                           relu_lower, crown_batch_size, input_box=(mid, rad))
+        return out[0], out[1]
+
+    def _bounds(self, x, eps, norm, method, C, x_min, x_max, sound, bound_lower, bound_upper, relu_lower="adaptive",
+                crown_batch_size=None, input_box=None, with_ibp: bool = False):
+        """(lb, ub[, ibp_lb, ibp_ub]) after the checks: the engine behind compute_bounds(_box)."""
         if C is not None:
             C = self._check_spec(C, x)
         stats = self._training_bn_stats(x)
-        box, bounds = propagate(self.nodes, self.groups, x, eps, norm, float(x_min), float(x_max), C, sound, stats)
+        box, bounds = propagate(self.nodes, self.groups, x, eps, norm, x_min, x_max, C, sound, stats,
+                                input_box=input_box)
         by_name = {n.name: n for n in self.nodes}
         self._node_bounds = {name: NodeBounds(by_name[name], v, sound) for name, v in bounds.items()}
         lower, upper = Box(box.mid.flatten(1), box.rad.flatten(1)).end_points(sound)
-        lb = torch.where(torch.isnan(lower), torch.full_like(lower, -math.inf), lower) if bound_lower else None
-        ub = torch.where(torch.isnan(upper), torch.full_like(upper, math.inf), upper) if bound_upper else None
-        return lb, ub
+        ibp = (_nan_to_inf(lower, -1) if bound_lower else None, _nan_to_inf(upper, 1) if bound_upper else None)
+        if method == "IBP":
+            return ibp + (ibp if with_ibp else ())
+        from .crown import crown_bounds, node_shapes
+        if self._shapes is None:
+            self._shapes = node_shapes(self.nodes, self.model, x.new_zeros((1,) + self.input_shape))
+        lb, ub = crown_bounds(self.nodes, self._shapes, bounds, C, self.num_outputs, method,
+                              bound_lower=bound_lower, bound_upper=bound_upper, sound=sound, bn_stats=stats,
+                              norm=norm, x=x, eps=eps, relu_lower=relu_lower, crown_batch_size=crown_batch_size)
+        out = (_nan_to_inf(lb, -1) if lb is not None else None, _nan_to_inf(ub, 1) if ub is not None else None)
+        return out + (ibp if with_ibp else ())
 
     def _dtype(self) -> torch.dtype:
         p = next(iter(self.model.parameters()), None)

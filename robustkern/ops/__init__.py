@@ -1,4 +1,7 @@
 """Public robustkern ops (``torch.library`` custom ops in the ``robustkern::`` namespace)."""
+from .attacks import pgd_step
+from .crown import crown_concretize, crown_relu_backward
 from .interval import interval_affine, interval_conv2d, interval_input_box, interval_linear
 
-__all__ = ["interval_linear", "interval_conv2d", "interval_affine", "interval_input_box"]
+__all__ = ["interval_linear", "interval_conv2d", "interval_affine", "interval_input_box", "pgd_step",
+           "crown_relu_backward", "crown_concretize"]

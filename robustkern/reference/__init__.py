@@ -1,4 +1,4 @@
 """Pure-PyTorch ground truth for every robustkern op (same signatures, float64-capable)."""
-from . import interval
+from . import attacks, interval
 
-__all__ = ["interval"]
+__all__ = ["attacks", "interval"]

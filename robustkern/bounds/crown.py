@@ -1,0 +1,284 @@
+"""Backward linear bound propagation over a captured graph: CROWN-IBP and CROWN.
+
+A bound on a specification ``C f(x)`` is carried backwards as ``A h + c`` (``A`` of shape (B, S, *shape of
+h``), one per side); every node maps it to its inputs:
+
+=========== =====================================================================================
+linear      ``A <- A W``, ``c += A b``
+conv2d      ``A <- conv_transpose2d(A, W)`` (output_padding chosen so the input size comes back),
+            ``c += sum A b``
+batchnorm,  per-channel affine ``(scale, shift)`` from ``ibp.affine_params`` (eval: running statistics,
+normalize   training: the clean batch's): ``A <- A scale``, ``c += sum A shift``
+avgpool     the adjoint of the (linear) pooling, ``aten.avg_pool2d_backward``
+relu        ``robustkern::crown_relu_backward`` with the bounds of the ReLU's input (fused sign split)
+add         ``A`` flows to both branches and is accumulated (reverse topological order)
+reshape     ``A`` reshaped to the input's shape (per example)
+=========== =====================================================================================
+
+At the input, ``robustkern::crown_concretize`` evaluates ``A x + c`` over the (clipped) input box, and for
+an L2 ball also over the ball by the dual norm, ``A x0 -/+ eps ||A||_2``, keeping the tighter of the two (both
+are bounds over supersets of ball-and-box). The ReLU input bounds come from IBP (CROWN-IBP) or, for CROWN,
+from a backward pass per ReLU-input node with the identity specification (chunked by ``crown_batch_size``
+rows), intersected with the IBP box (both are sound, so their intersection is).
+
+Floating point (``sound=True``). The relaxation is exact in real arithmetic; computed in floating point, the
+products in the backward pass and the concretisation round, and an ``(A, c)`` whose ``A`` is only close to
+the exact product is not by itself a valid bound. What is done: the whole backward pass (intermediate
+CROWN bounds included) runs in float64 on the float32 model's weights and sound (widened) float32 IBP boxes,
+the concretisation is widened by ``gamma_{N+3} (|A||mid| + |A| rad + |c|)`` (float64), and the result is
+rounded outwards to the working precision. Guaranteed: the rounding of the concretisation and of the final
+cast. Not rigorously bounded: the float64 rounding inside the backward products (relative ``~depth * K *
+1e-16`` of ``|A||W||h|``, about eight orders of magnitude below float32 resolution); the bounds hold for the
+real network up to that. ``sound=False`` computes everything in the working precision (training).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops.crown import RELU_LOWER_MODES, crown_concretize, crown_relu_backward
+from ..reference.interval import gamma, unit_roundoff
+from .graph import BoundNode
+from .ibp import Box, affine_params
+
+__all__ = ["node_shapes", "backward_bound", "crown_bounds"]
+
+
+def node_shapes(nodes: list[BoundNode], model, x1: Tensor) -> dict[str, tuple]:
+    """Per-example output shape of every tensor node, from an eval-mode forward of one example."""
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    env: dict = {}
+    shapes: dict = {}
+    try:
+        with torch.no_grad():
+            for n in nodes:
+                if n.kind == "input":
+                    v = x1
+                elif n.kind == "output":
+                    continue
+                elif n.kind in ("reshape", "meta"):
+                    v = n.call(env)
+                elif n.kind == "add":
+                    v = env[n.inputs[0]] + env[n.inputs[1]]
+                elif n.kind == "relu":
+                    v = torch.relu(env[n.inputs[0]])
+                elif n.module is not None:
+                    v = n.module(env[n.inputs[0]])
+                else:
+                    v = env[n.inputs[0]]
+                env[n.name] = v
+                if isinstance(v, Tensor):
+                    shapes[n.name] = tuple(v.shape[1:])
+    finally:
+        for m, t in was:
+            m.train(t)
+    return shapes
+
+
+def _tensor_input(node: BoundNode, shapes: dict) -> str:
+    return next(i for i in node.inputs if i in shapes)
+
+
+def _cview(v: Tensor, ndim: int) -> Tensor:
+    return v.reshape((1, 1, -1) + (1,) * (ndim - 3))
+
+
+class _Ctx:
+    """What a backward pass needs: the graph, shapes, ReLU input bounds, dtype, BN statistics."""
+
+    def __init__(self, nodes, shapes, relu_bounds, dtype, device, bn_stats, mode):
+        self.nodes = nodes
+        self.index = {n.name: i for i, n in enumerate(nodes)}
+        self.by_name = {n.name: n for n in nodes}
+        self.shapes = shapes
+        self.relu_bounds = relu_bounds      # name of a ReLU-input node -> (l, u) flattened (B, N)
+        self.dtype = dtype
+        self.device = device
+        self.bn_stats = bn_stats
+        self.mode = mode
+        self._params: dict = {}
+
+    def weight(self, node: BoundNode):
+        key = node.name
+        if key not in self._params:
+            m = node.module
+            w = m.weight.to(self.dtype)
+            b = m.bias.to(self.dtype) if m.bias is not None else None
+            self._params[key] = (w, b)
+        return self._params[key]
+
+    def affine(self, node: BoundNode):
+        key = node.name
+        if key not in self._params:
+            self._params[key] = affine_params(node, self.dtype, self.device, self.bn_stats)
+        return self._params[key]
+
+
+def _step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int) -> tuple[list[tuple[str, Tensor]], Tensor | None,
+                                                                           bool]:
+    """Map ``A`` (coefficients of ``node``'s output) to its inputs. Returns [(input, A_in)], the bias term
+    (B, S) or None, and for a ReLU whether it is the upper side (handled by the caller)."""
+    kind = node.kind
+    shapes = ctx.shapes
+    if kind == "linear":
+        w, b = ctx.weight(node)
+        bias = (A * b).flatten(2).sum(-1) if b is not None else None
+        return [(node.inputs[0], torch.matmul(A, w))], bias, False
+    if kind == "conv2d":
+        m = node.module
+        w, b = ctx.weight(node)
+        src = node.inputs[0]
+        cin, hin, win = shapes[src]
+        o, ho, wo = A.shape[2:]
+        flat = A.reshape(B * S, o, ho, wo)
+        opad = []
+        for size, osz, k, s, p, d in zip((hin, win), (ho, wo), w.shape[2:], m.stride, m.padding, m.dilation):
+            opad.append(size - ((osz - 1) * s - 2 * p + d * (k - 1) + 1))
+        A_in = F.conv_transpose2d(flat, w, None, m.stride, m.padding, tuple(opad), m.groups, m.dilation)
+        bias = (A.sum((-1, -2)) * b).sum(-1) if b is not None else None
+        return [(src, A_in.reshape(B, S, cin, hin, win))], bias, False
+    if kind in ("batchnorm", "normalize"):
+        scale, shift = ctx.affine(node)
+        return [(node.inputs[0], A * _cview(scale, A.dim()))], (A * _cview(shift, A.dim())).flatten(2).sum(-1), False
+    if kind == "avgpool":
+        m = node.module
+        src = node.inputs[0]
+        shp = shapes[src]
+        flat = A.reshape(B * S, *A.shape[2:])
+        like = flat.new_empty(1).expand(B * S, *shp)
+        k = m.kernel_size if isinstance(m.kernel_size, (tuple, list)) else (m.kernel_size,) * 2
+        s = m.stride if isinstance(m.stride, (tuple, list)) else (m.stride,) * 2
+        p = m.padding if isinstance(m.padding, (tuple, list)) else (m.padding,) * 2
+        A_in = torch.ops.aten.avg_pool2d_backward(flat, like, list(k), list(s), list(p), m.ceil_mode,
+                                                  m.count_include_pad, m.divisor_override)
+        return [(src, A_in.reshape(B, S, *shp))], None, False
+    if kind == "add":
+        return [(node.inputs[0], A), (node.inputs[1], A)], None, False
+    if kind == "reshape":
+        src = _tensor_input(node, shapes)
+        return [(src, A.reshape(B, S, *shapes[src]))], None, False
+    if kind == "identity":
+        return [(node.inputs[0], A)], None, False
+    raise AssertionError(kind)  # relu and input are handled by the caller
+
+
+def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], input_box: Box, ball, sound: bool
+                   ) -> dict[bool, Tensor]:
+    """Bounds of ``A0 h_start`` (A0 (B, S, *shape)) over the input set, for each side in ``sides``
+    (False: lower, True: upper). ``ball`` is (center, eps) flattened for an L2 ball, else None."""
+    B, S = A0.shape[:2]
+    result = {}
+    stop = ctx.index[start]
+    for upper in sides:
+        As: dict[str, Tensor] = {start: A0}
+        bias = A0.new_zeros((B, S))
+        A_input = None
+        for node in reversed(ctx.nodes[:stop + 1]):
+            A = As.pop(node.name, None)
+            if A is None:
+                continue
+            if node.kind == "input":
+                A_input = A
+                continue
+            if node.kind == "relu":
+                src = node.inputs[0]
+                l, u = ctx.relu_bounds[src]
+                A_new, b = crown_relu_backward(A.reshape(B, S, -1), l, u, ctx.mode, upper)
+                outs, bterm = [(src, A_new.reshape(A.shape))], b
+            else:
+                outs, bterm, _ = _step(ctx, node, A, B, S)
+            if bterm is not None:
+                bias = bias + bterm
+            for name, a in outs:
+                As[name] = As[name] + a if name in As else a
+        if A_input is None:  # the specification does not depend on the input
+            A_input = A0.new_zeros((B, S) + tuple(input_box.mid.shape[1:]))
+        A_flat = A_input.reshape(B, S, -1)
+        mid, rad = input_box.mid.reshape(B, -1), input_box.rad.reshape(B, -1)
+        center, eps = ball if ball is not None else (None, None)
+        val = crown_concretize(A_flat, bias, mid, rad, center, eps, upper)
+        if sound:
+            absA = A_flat.abs()
+            mag = torch.bmm(absA, (mid.abs() + rad).unsqueeze(-1)).squeeze(-1) + bias.abs()
+            if center is not None:
+                mag = mag + torch.bmm(absA, center.abs().unsqueeze(-1)).squeeze(-1) + eps.unsqueeze(1) * A_flat.norm(dim=-1)
+            slack = gamma(A_flat.shape[-1] + 3, unit_roundoff(val.dtype)) * mag + torch.finfo(val.dtype).tiny
+            val = val + slack if upper else val - slack
+        result[upper] = val
+    return result
+
+
+def crown_bounds(nodes, shapes, ibp_bounds: dict, C: Tensor | None, num_outputs: int, method: str, *,
+                 bound_lower: bool, bound_upper: bool, sound: bool, bn_stats: dict, norm: float, x: Tensor,
+                 eps: Tensor, relu_lower: str = "adaptive", crown_batch_size: int | None = None):
+    """CROWN-IBP (``method="CROWN-IBP"``) or CROWN (``"CROWN"``) bounds on ``C f(x)`` (or ``f(x)``).
+    ``ibp_bounds`` are ``propagate``'s per-node boxes (values or callables). Returns ``(lb, ub)``; None for a
+    side not requested."""
+    if relu_lower not in RELU_LOWER_MODES:
+        raise ValueError(f"compute_bounds: relu_lower must be one of {sorted(RELU_LOWER_MODES)}, got {relu_lower!r}")
+    work = x.dtype
+    cdtype = torch.float64 if sound else work
+    B = x.shape[0]
+    in_node = nodes[0]
+    box = _box(ibp_bounds[in_node.name])
+    input_box = Box(box.mid.to(cdtype), box.rad.to(cdtype))
+    ball = None
+    if norm == 2:
+        ball = (x.reshape(B, -1).to(cdtype), eps.to(cdtype))
+    relu_inputs = []
+    for n in nodes:
+        if n.kind == "relu" and n.inputs[0] not in relu_inputs:
+            relu_inputs.append(n.inputs[0])
+    relu_bounds: dict = {}
+    for name in relu_inputs:
+        lo, hi = _box(ibp_bounds[name]).end_points(sound)
+        relu_bounds[name] = (lo.reshape(B, -1).to(cdtype), hi.reshape(B, -1).to(cdtype))
+    ctx = _Ctx(nodes, shapes, relu_bounds, cdtype, x.device, bn_stats, RELU_LOWER_MODES[relu_lower])
+    if method == "CROWN":
+        chunk = crown_batch_size or math.inf
+        for name in relu_inputs:   # topological order: earlier ReLUs' bounds are ready when needed
+            shp = shapes[name]
+            n = int(torch.tensor(shp).prod()) if shp else 1
+            los, his = [], []
+            for s0 in range(0, n, int(min(chunk, n))):
+                s1 = int(min(n, s0 + min(chunk, n)))
+                eye = torch.eye(n, dtype=cdtype, device=x.device)[s0:s1]
+                A0 = eye.reshape(1, s1 - s0, *shp).expand(B, -1, *shp)
+                r = backward_bound(ctx, name, A0, (False, True), input_box, ball, sound)
+                los.append(r[False])
+                his.append(r[True])
+            l_ibp, u_ibp = relu_bounds[name]
+            relu_bounds[name] = (torch.maximum(l_ibp, torch.cat(los, 1)), torch.minimum(u_ibp, torch.cat(his, 1)))
+    out_src = nodes[-1].inputs[0]
+    if C is None:
+        eye = torch.eye(num_outputs, dtype=cdtype, device=x.device)
+        A0 = eye.unsqueeze(0).expand(B, -1, -1)
+    else:
+        A0 = C.to(cdtype)
+    out_shape = shapes[out_src]
+    A0 = A0.reshape(B, A0.shape[1], *out_shape)
+    sides = tuple(s for s, want in ((False, bound_lower), (True, bound_upper)) if want)
+    r = backward_bound(ctx, out_src, A0, sides, input_box, ball, sound)
+    lb, ub = r.get(False), r.get(True)
+    if sound and cdtype != work:
+        lb = _round_down(lb, work) if lb is not None else None
+        ub = _round_up(ub, work) if ub is not None else None
+    return lb, ub
+
+
+def _box(v) -> Box:
+    return v() if callable(v) else v
+
+
+def _round_down(v: Tensor, dtype) -> Tensor:
+    w = v.to(dtype)
+    return torch.where(w.to(v.dtype) > v, torch.nextafter(w, torch.full_like(w, -math.inf)), w)
+
+
+def _round_up(v: Tensor, dtype) -> Tensor:
+    w = v.to(dtype)
+    return torch.where(w.to(v.dtype) < v, torch.nextafter(w, torch.full_like(w, math.inf)), w)

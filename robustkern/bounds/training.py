@@ -1,0 +1,114 @@
+"""CROWN-IBP training loss, epsilon / beta schedules and verified accuracy.
+
+CROWN-IBP (Zhang et al. 2020, "Towards Stable and Efficient Training of Verifiably Robust Neural Networks"):
+the margin lower bound mixes the CROWN-IBP and IBP bounds, ``lb = beta * lb_crown_ibp + (1 - beta) * lb_ibp``,
+with ``beta`` going from 1 to 0 while eps ramps up (``crown_ibp_beta``), and the loss is
+``kappa * CE(f(x), y) + (1 - kappa) * CE(-[0, lb], 0)``.
+
+Loss fusion. auto_LiRPA's loss fusion bounds the fused ``sum_j exp(z_j - z_y)`` from a one-row specification
+(it needs linear relaxations of exp/log, which robustkern does not have). What ``loss_fusion=True`` does here:
+the same bound as the default path — only the lower side is propagated backwards (one pass instead of
+two), starting from ``C`` so that the specification is folded into the final layer in the first step
+(``A = C W``, as IBP's fold) — and the IBP half is skipped when ``beta == 1``. It is accepted for API
+compatibility; the cost is still that of ``n_classes - 1`` specification rows, not one.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .module import BoundedModule, canonical_method
+from .spec import margin_spec, robust_cross_entropy
+
+__all__ = ["crown_ibp_loss", "crown_ibp_beta", "smoothed_eps", "verified_accuracy"]
+
+
+def smoothed_eps(step: int, start: int, length: int, eps: float, mid: float = 0.25, beta: float = 4.0) -> float:
+    """The "smoothed" epsilon ramp of CROWN-IBP / auto_LiRPA's ``SmoothedScheduler``: 0 before ``start``,
+    then ``eps * (t / mid)^beta * mid_value`` polynomially up to the fraction ``mid`` of ``length`` steps,
+    then linear to ``eps`` at ``start + length``, constant after."""
+    if length <= 0 or step >= start + length:
+        return float(eps) if step >= start else 0.0
+    if step < start:
+        return 0.0
+    t = (step - start) / length
+    mid_eps = eps * mid  # the value reached at the end of the polynomial part (continuous slope at mid)
+    if t < mid:
+        return float(mid_eps * (t / mid) ** beta)
+    return float(mid_eps + (eps - mid_eps) * (t - mid) / (1 - mid))
+
+
+def crown_ibp_beta(eps_now: float, eps_max: float, final_beta: float = 0.0) -> float:
+    """CROWN-IBP's beta: 1 at eps 0, ``final_beta`` at ``eps_max`` (linear in eps), as
+    ``factor = (max_eps - eps) / max_eps`` in auto_LiRPA's examples."""
+    if eps_max <= 0:
+        return 1.0
+    f = min(max(eps_now / eps_max, 0.0), 1.0)
+    return float((1 - f) * 1.0 + f * final_beta)
+
+
+def crown_ibp_loss(bm: BoundedModule, x: Tensor, y: Tensor, eps, *, beta: float = 1.0, kappa: float = 0.0,
+                   norm: float = math.inf, x_min: float = 0.0, x_max: float = 1.0, loss_fusion: bool = False,
+                   sound: bool = False, relu_lower: str = "adaptive", reduction: str = "mean"):
+    """The CROWN-IBP training loss. Returns ``(loss, info)`` with ``info`` holding ``natural`` (clean CE),
+    ``robust`` (robust CE), ``lb`` (mixed margin lower bounds (B, K-1)) and ``logits``. The clean forward
+    runs first (training-mode BatchNorm bounds then use the clean batch's statistics). ``sound=False`` by
+    default: training needs no rounding-error widening. ``beta = 0`` is plain IBP, ``beta = 1`` plain
+    CROWN-IBP."""
+    if not 0.0 <= beta <= 1.0 or not 0.0 <= kappa <= 1.0:
+        raise ValueError(f"crown_ibp_loss: beta and kappa must lie in [0, 1], got {beta}, {kappa}")
+    logits = bm(x)
+    natural = F.cross_entropy(logits, y, reduction=reduction)
+    C = margin_spec(y, bm.num_outputs, dtype=logits.dtype)
+    xs, eps_t, norm = bm._check_inputs(x, eps, norm, x_min, x_max)
+    if beta == 0.0:
+        lb = bm._bounds(xs, eps_t, norm, "IBP", C, float(x_min), float(x_max), sound, True, False)[0]
+    else:
+        out = bm._bounds(xs, eps_t, norm, "CROWN-IBP", C, float(x_min), float(x_max), sound, True, False,
+                         relu_lower, with_ibp=True)
+        lb = out[0] if beta == 1.0 else beta * out[0] + (1 - beta) * out[2]
+    robust = robust_cross_entropy(lb, reduction=reduction)
+    loss = kappa * natural + (1 - kappa) * robust
+    return loss, {"natural": natural, "robust": robust, "lb": lb, "logits": logits}
+
+
+def verified_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps, norm: float = math.inf,
+                      methods=("IBP", "CROWN-IBP", "CROWN"), dtype: torch.dtype | None = None, *,
+                      x_min: float = 0.0, x_max: float = 1.0, return_mask: bool = False,
+                      crown_batch_size: int | None = None):
+    """The fraction of examples whose label is verified: some method in ``methods`` proves every margin
+    ``z_y - z_j`` (j != y) positive over the ball (sound bounds, eval-mode model). Methods run in order, each
+    only on the examples not verified yet. ``dtype=torch.float64`` runs on a float64 copy of the model.
+    With ``return_mask`` also the (B,) boolean mask."""
+    names = [canonical_method(m) for m in methods]
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"verified_accuracy: dtype must be float32 or float64, got {dtype}")
+    m = model
+    if dtype is not None and next(model.parameters()).dtype != dtype:
+        m = copy.deepcopy(model).to(dtype)
+    was = m.training
+    m.eval()
+    try:
+        xd = x.to(dtype) if dtype is not None else x
+        bm = BoundedModule(m, xd)
+        eps_t = torch.as_tensor(eps, dtype=xd.dtype, device=xd.device)
+        eps_t = eps_t.expand(x.shape[0]) if eps_t.dim() == 0 else eps_t
+        verified = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for name in names:
+            todo = (~verified).nonzero().flatten()
+            if todo.numel() == 0:
+                break
+            C = margin_spec(y[todo], bm.num_outputs, dtype=xd.dtype)
+            with torch.no_grad():
+                lb, _ = bm.compute_bounds(xd[todo], eps_t[todo], norm=norm, method=name, C=C, x_min=x_min,
+                                          x_max=x_max, sound=True, bound_upper=False,
+                                          crown_batch_size=crown_batch_size)
+            verified[todo[(lb > 0).all(1)]] = True
+    finally:
+        m.train(was)
+    acc = float(verified.float().mean()) if x.shape[0] else 0.0
+    return (acc, verified) if return_mask else acc

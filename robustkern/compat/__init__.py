@@ -1,0 +1,1 @@
+"""Drop-in facades for other libraries' APIs (``robustkern.compat.auto_lirpa``)."""

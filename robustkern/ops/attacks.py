@@ -1,0 +1,107 @@
+"""Attack ops: ``robustkern::pgd_step``, the fused projected-gradient step (Madry et al. 2018).
+
+``pgd_step(x_adv, grad, x_orig, eps, alpha, norm)`` computes, per example ``b`` (``eps, alpha`` of shape (B,)):
+
+    L-inf:  clip_[0,1]( min(max(x_adv + alpha sign(grad), x_orig - eps), x_orig + eps) )
+    L2:     clip_[0,1]( x_orig + d min(1, eps / |d|_2) ),  d = x_adv + alpha grad / (|grad|_2 + 1e-10) - x_orig
+
+in one pass (Triton: one program per block for L-inf, one per example row for L2). It is a
+``torch.library.custom_op`` whose body asks ``robustkern._backend.select`` which implementation runs: the
+Triton kernel (``robustkern.kernels.attacks``), a compiled kernel (``torch.ops.robustkern_ext.pgd_step``, when
+the extension has one) or the reference (``robustkern.reference.attacks``). The compiled extension has no
+``pgd_step`` today: an automatically chosen ``cpp``/``cuda`` backend falls back to the reference, an explicitly
+requested one raises ``BackendUnavailable``. The backward pass is the vector-Jacobian product of the
+reference formula (first order only: ``sign`` has zero derivative, so nothing flows into ``grad`` for L-inf).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ._dispatch import fresh, run
+
+__all__ = ["pgd_step", "NORMS"]
+
+NORMS = ("linf", "l2")
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _run(name: str, device: torch.device, *args):
+    backend = _backend.select(device)
+    if backend in ("cpp", "cuda") and not hasattr(torch.ops.robustkern_ext, name):
+        if _backend.requested_backend() != "auto":
+            raise _backend.BackendUnavailable(f"backend {backend!r} was requested but the compiled extension "
+                                              f"has no {name} kernel")
+        with _backend.use_backend("triton" if device.type == "cuda" and _backend.available("triton", "cuda")
+                                  else "reference"):
+            return run("attacks", name, device, *args)
+    return run("attacks", name, device, *args)
+
+
+@torch.library.custom_op("robustkern::pgd_step", mutates_args=())
+def _pgd_step(x_adv: Tensor, grad: Tensor, x_orig: Tensor, eps: Tensor, alpha: Tensor, norm: str) -> Tensor:
+    out = _run("pgd_step", x_adv.device, x_adv, grad, x_orig, eps, alpha, norm)
+    return fresh((out,), (x_adv, grad, x_orig, eps, alpha))[0]
+
+
+@_pgd_step.register_fake
+def _(x_adv, grad, x_orig, eps, alpha, norm):
+    return torch.empty_like(x_adv, memory_format=torch.contiguous_format)
+
+
+def _setup(ctx, inputs, output):
+    *tensors, norm = inputs
+    ctx.norm = norm
+    ctx.save_for_backward(*tensors)
+
+
+def _backward(ctx, g_out):
+    from ..reference.attacks import pgd_step as ref_step
+
+    need = ctx.needs_input_grad[:5]
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip(ctx.saved_tensors, need)]
+        out = ref_step(*leaves, ctx.norm)
+        wrt = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wrt, g_out, allow_unused=True) if wrt else ())
+    result = []
+    for t, n in zip(leaves, need):
+        g = next(grads) if n else None
+        result.append(torch.zeros_like(t) if n and g is None else g)
+    return (*result, None)
+
+
+_pgd_step.register_autograd(_backward, setup_context=_setup)
+
+
+def _per_row(v, b: int, like: Tensor, name: str) -> Tensor:
+    t = torch.as_tensor(v, dtype=like.dtype, device=like.device)
+    if t.dim() == 0:
+        t = t.expand(b)
+    if t.dim() != 1 or t.shape[0] != b:
+        raise ValueError(f"pgd_step: {name} must be a float or a ({b},) tensor, got shape {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def pgd_step(x_adv: Tensor, grad: Tensor, x_orig: Tensor, eps, alpha, norm: str = "linf") -> Tensor:
+    """One fused projected-gradient ascent step (module docstring). ``x_adv, grad, x_orig`` share shape
+    (B, ...), dtype (float32/float64) and device; ``eps >= 0`` and ``alpha`` are floats or (B,) tensors.
+    Returns a new tensor inside the ``norm`` ball of radius ``eps`` around ``x_orig`` and inside [0, 1]."""
+    op = "pgd_step"
+    if norm not in NORMS:
+        raise ValueError(f"{op}: norm must be one of {NORMS}, got {norm!r}")
+    for name, t in (("x_adv", x_adv), ("grad", grad), ("x_orig", x_orig)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{op}: {name} must be float32 or float64, got {t.dtype}")
+        if t.shape != x_adv.shape or t.dtype != x_adv.dtype or t.device != x_adv.device:
+            raise ValueError(f"{op}: {name} must match x_adv's shape, dtype and device ({tuple(x_adv.shape)}, "
+                             f"{x_adv.dtype}, {x_adv.device}); got {tuple(t.shape)}, {t.dtype}, {t.device}")
+    if x_adv.dim() < 1:
+        raise ValueError(f"{op}: inputs need a batch dimension")
+    b = x_adv.shape[0]
+    eps = _per_row(eps, b, x_adv, "eps")
+    alpha = _per_row(alpha, b, x_adv, "alpha")
+    return _pgd_step(x_adv, grad, x_orig, eps, alpha, norm)

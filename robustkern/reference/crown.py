@@ -1,0 +1,166 @@
+"""Pure-PyTorch ground truth for the linear-relaxation (CROWN) ops, float64-capable, and an independent
+dense-matrix CROWN / CROWN-IBP for ``nn.Sequential`` models (the test oracle of ``robustkern.bounds.crown``).
+
+Backward linear bound propagation (Zhang et al. 2018, "Efficient Neural Network Robustness Certification
+with General Activation Functions" (CROWN); Zhang et al. 2020, "Towards Stable and Efficient Training of
+Verifiably Robust Neural Networks" (CROWN-IBP)). A lower bound on a specification ``f(x)`` is kept as a
+linear function ``f >= A h + c`` of a layer's output ``h``; it is pushed backwards layer by layer until ``h``
+is the input, where it is concretised over the input set.
+
+ReLU relaxation for a pre-activation ``z`` in ``[l, u]`` (``l- = min(l, 0)``, ``u+ = max(u, 0)`` guarded as
+``u+ = max(u+, l- + 1e-8)``)::
+
+    upper line   relu(z) <= d_u z + b_u,   d_u = u+ / (u+ - l-),   b_u = -l- d_u
+    lower line   relu(z) >= d_l z,         d_l in [0, 1]
+
+The lower slope ``mode``: 0 "adaptive" ``d_l = 1[u+ > -l-]`` (CROWN-IBP's choice), 1 "zero"
+``d_l = 1[l >= 0]``, 2 "one" ``d_l = 1[u > 0]``, 3 "same-slope" ``d_l = d_u``. Any ``d_l`` in [0, 1] is valid;
+the stable cases get 1 (active) and 0 (inactive) in every mode.
+
+``crown_relu_backward(A, lower, upper, mode, upper_side)``: ``A`` (B, S, N) coefficients of the ReLU output,
+``lower, upper`` (B, N) its input's bounds. For the lower side (a lower bound on ``A h``), positive entries take
+the lower line and negative entries the upper line::
+
+    A' = d_l A+ + d_u A-,          bias = sum_N A- b_u
+
+and the upper side mirrors it (``A' = d_u A+ + d_l A-``, ``bias = sum_N A+ b_u``). Returns ``(A', bias)`` with
+``bias`` (B, S).
+
+``crown_concretize(A, bias, mid, rad, center, eps, upper_side)``: the bound of ``A x + bias`` over the box
+``|x - mid| <= rad`` (L-inf, clipped): ``A mid + bias -/+ |A| rad``; with ``center, eps`` (an L2 ball
+``||x - center||_2 <= eps`` whose clipped box is ``(mid, rad)``) also ``A center + bias -/+ eps ||A||_2`` (the
+dual norm), and the tighter of the two: both are valid bounds of the same linear function over a superset of
+the ball-and-box set, so their max (lower) / min (upper) is too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["RELU_LOWER_MODES", "relu_relaxation", "crown_relu_backward", "crown_concretize", "dense_crown"]
+
+RELU_LOWER_MODES = {"adaptive": 0, "zero": 1, "one": 2, "same-slope": 3}
+
+
+def relu_relaxation(lower: Tensor, upper: Tensor, mode: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d_l, d_u, b_u)`` of the ReLU relaxation above, element-wise."""
+    lm = torch.clamp(lower, max=0)
+    up = torch.maximum(torch.clamp(upper, min=0), lm + 1e-8)
+    d_u = up / (up - lm)
+    b_u = -lm * d_u
+    if mode == 0:
+        d_l = (up > -lm).to(lower.dtype)
+    elif mode == 1:
+        d_l = (lower >= 0).to(lower.dtype)
+    elif mode == 2:
+        d_l = (upper > 0).to(lower.dtype)
+    elif mode == 3:
+        d_l = d_u
+    else:
+        raise ValueError(f"relu lower-slope mode must be 0..3, got {mode}")
+    return d_l, d_u, b_u
+
+
+def crown_relu_backward(A: Tensor, lower: Tensor, upper: Tensor, mode: int, upper_side: bool):
+    d_l, d_u, b_u = relu_relaxation(lower, upper, mode)
+    d_l, d_u, b_u = d_l.unsqueeze(1), d_u.unsqueeze(1), b_u.unsqueeze(1)
+    pos, neg = A.clamp(min=0), A.clamp(max=0)
+    if upper_side:
+        return pos * d_u + neg * d_l, (pos * b_u).sum(-1)
+    return pos * d_l + neg * d_u, (neg * b_u).sum(-1)
+
+
+def crown_concretize(A: Tensor, bias: Tensor, mid: Tensor, rad: Tensor, center: Tensor | None, eps: Tensor | None,
+                     upper_side: bool) -> Tensor:
+    sign = 1.0 if upper_side else -1.0
+    val = torch.bmm(A, mid.unsqueeze(-1)).squeeze(-1) + bias
+    val = val + sign * torch.bmm(A.abs(), rad.unsqueeze(-1)).squeeze(-1)
+    if center is not None:
+        ball = torch.bmm(A, center.unsqueeze(-1)).squeeze(-1) + bias + sign * eps.unsqueeze(1) * A.norm(dim=-1)
+        val = torch.minimum(val, ball) if upper_side else torch.maximum(val, ball)
+    return val
+
+
+# ----------------------------------------------------------------------------------------------- dense oracle
+def _dense_affine(layer: nn.Module, shape: tuple) -> tuple[Tensor, Tensor, tuple]:
+    """(J, b, out_shape) with ``layer(h) = J h.flatten() + b`` for inputs of per-example ``shape``."""
+    n = 1
+    for s in shape:
+        n *= s
+    dt = next((p.dtype for p in layer.parameters()), torch.float64)
+    basis = torch.eye(n, dtype=dt).reshape(n, *shape)
+    zero = torch.zeros(1, *shape, dtype=dt)
+    with torch.no_grad():
+        b = layer(zero)
+        J = (layer(basis) - b).reshape(n, -1).t()
+    return J, b.reshape(-1), tuple(b.shape[1:])
+
+
+def dense_crown(model: nn.Sequential, lower: Tensor, upper: Tensor, C: Tensor | None = None,
+                method: str = "crown-ibp", relu_lower: str = "adaptive") -> tuple[Tensor, Tensor]:
+    """Lower and upper bounds of ``C model(x)`` over the box ``[lower, upper]`` by CROWN-IBP (IBP for the
+    intermediate bounds) or CROWN (backward bounds for every pre-activation, intersected with IBP), with
+    every affine layer as a dense Jacobian (built by applying the layer to the identity basis). Independent
+    of the graph code; meant for float64 and small models (eval-mode BatchNorm, Normalize, Conv2d, Linear,
+    AvgPool2d, Flatten, ReLU). ``lower, upper`` (B, ...)."""
+    mode = RELU_LOWER_MODES[relu_lower]
+    shape = tuple(lower.shape[1:])
+    B = lower.shape[0]
+    layers: list = []  # ("affine", J, b) or ("relu",)
+    for m in model:
+        if isinstance(m, nn.ReLU):
+            layers.append(("relu",))
+            continue
+        J, b, shape = _dense_affine(m, shape)
+        if layers and layers[-1][0] == "affine":  # merge consecutive affine maps
+            _, J0, b0 = layers.pop()
+            J, b = J @ J0, J @ b0 + b
+        layers.append(("affine", J, b))
+    lo, hi = lower.flatten(1), upper.flatten(1)
+    mid0, rad0 = (hi + lo) / 2, (hi - lo) / 2
+    n_out = layers[-1][1].shape[0] if layers[-1][0] == "affine" else lo.shape[1]
+    if C is None:
+        C = torch.eye(n_out, dtype=lo.dtype).expand(B, n_out, n_out)
+
+    def backward(Lam: Tensor, upto: int, bounds: list) -> tuple[Tensor, Tensor]:
+        """Bounds of ``Lam h_upto`` (h_upto the output of layers[:upto]) over the input box."""
+        res = []
+        for side in (-1.0, 1.0):
+            A, c = Lam.clone(), torch.zeros(Lam.shape[:2], dtype=Lam.dtype)
+            for i in range(upto - 1, -1, -1):
+                if layers[i][0] == "affine":
+                    _, J, b = layers[i]
+                    c = c + A @ b
+                    A = A @ J
+                else:
+                    l, u = bounds[i]
+                    lm, up = l.clamp(max=0), torch.maximum(u.clamp(min=0), l.clamp(max=0) + 1e-8)
+                    du = up / (up - lm)
+                    bu = -lm * du
+                    dl = [(up > -lm).to(A.dtype), (l >= 0).to(A.dtype), (u > 0).to(A.dtype), du][mode]
+                    Ap, An = A.clamp(min=0), A.clamp(max=0)
+                    first, second = (dl, du) if side < 0 else (du, dl)
+                    c = c + ((An if side < 0 else Ap) * bu.unsqueeze(1)).sum(-1)
+                    A = Ap * first.unsqueeze(1) + An * second.unsqueeze(1)
+            val = (A @ mid0.unsqueeze(-1)).squeeze(-1) + c + side * (A.abs() @ rad0.unsqueeze(-1)).squeeze(-1)
+            res.append(val)
+        return res[0], res[1]
+
+    # IBP chain (dense): bounds[i] = bounds of the input of layer i when it is a ReLU
+    bounds: list = [None] * len(layers)
+    m_, r_ = mid0, rad0
+    for i, layer in enumerate(layers):
+        if layer[0] == "affine":
+            _, J, b = layer
+            m_, r_ = m_ @ J.t() + b, r_ @ J.abs().t()
+        else:
+            l, u = m_ - r_, m_ + r_
+            if method == "crown" and i > 0:
+                eye = torch.eye(l.shape[1], dtype=l.dtype).expand(B, -1, -1)
+                cl, cu = backward(eye, i, bounds)
+                l, u = torch.maximum(l, cl), torch.minimum(u, cu)
+            bounds[i] = (l, u)
+            lo_, hi_ = F.relu(m_ - r_), F.relu(m_ + r_)  # IBP continues from its own boxes
+            m_, r_ = (hi_ + lo_) / 2, (hi_ - lo_) / 2
+    return backward(C.to(lo.dtype), len(layers), bounds)

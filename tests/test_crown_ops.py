@@ -1,0 +1,127 @@
+"""CROWN ops (robustkern::crown_relu_backward, robustkern::crown_concretize): Triton (interpreted, tiny shapes)
+and reference agree, opcheck, gradcheck in float64, the relaxation is valid, bad input."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from robustkern import use_backend  # noqa: E402
+from robustkern.ops import crown_concretize, crown_relu_backward  # noqa: E402
+from robustkern.reference import crown as R  # noqa: E402
+from robustkern.reference.crown import relu_relaxation  # noqa: E402
+from robustkern.testing import backends_for  # noqa: E402
+
+BACKENDS = [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else [], id=b)
+            for b in backends_for("cpu") if b in ("reference", "triton")]
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
+
+
+def make(B=2, S=3, N=37, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(B, S, N, generator=g, dtype=dtype)
+    c = torch.randn(B, N, generator=g, dtype=dtype)
+    r = torch.rand(B, N, generator=g, dtype=dtype) * 1.5
+    lo, hi = c - r, c + r
+    lo[:, :3] = hi[:, :3] = 0.0           # degenerate l = u = 0
+    lo[:, 3], hi[:, 3] = 0.2, 0.5         # stable active
+    lo[:, 4], hi[:, 4] = -0.5, -0.2       # stable inactive
+    return A, lo, hi
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+@pytest.mark.parametrize("upper_side", [False, True])
+def test_relu_backward_matches_reference(backend, dtype, mode, upper_side):
+    A, lo, hi = make(dtype=dtype)
+    want = R.crown_relu_backward(A, lo, hi, mode, upper_side)
+    with use_backend(backend):
+        got = crown_relu_backward(A, lo, hi, mode, upper_side)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("l2", [False, True])
+@pytest.mark.parametrize("upper_side", [False, True])
+def test_concretize_matches_reference(backend, dtype, l2, upper_side):
+    A, lo, hi = make(dtype=dtype)
+    bias = torch.randn(2, 3, dtype=dtype)
+    mid, rad = (lo + hi) / 2, (hi - lo) / 2
+    center, eps = (mid + 0.01, torch.tensor([0.3, 2.0], dtype=dtype)) if l2 else (None, None)
+    want = R.crown_concretize(A, bias, mid, rad, center, eps, upper_side)
+    with use_backend(backend):
+        got = crown_concretize(A, bias, mid, rad, center, eps, upper_side)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def test_relaxation_is_valid_and_bias_is_consistent():
+    A, lo, hi = make(N=200)
+    for mode in range(4):
+        d_l, d_u, b_u = relu_relaxation(lo, hi, mode)
+        t = torch.rand(50, *lo.shape, dtype=lo.dtype)
+        z = lo + t * (hi - lo)
+        assert bool((torch.relu(z) <= d_u * z + b_u + 1e-12).all())
+        assert bool((torch.relu(z) >= d_l * z - 1e-12).all())
+        assert bool(((d_l >= 0) & (d_l <= 1)).all())
+        # the backward step is a valid lower/upper linear bound of A relu(z)
+        Al, bl = crown_relu_backward(A, lo, hi, mode, False)
+        Au, bu = crown_relu_backward(A, lo, hi, mode, True)
+        f = torch.einsum("bsn,tbn->tbs", A, torch.relu(z))
+        assert bool((torch.einsum("bsn,tbn->tbs", Al, z) + bl <= f + 1e-9).all())
+        assert bool((torch.einsum("bsn,tbn->tbs", Au, z) + bu >= f - 1e-9).all())
+
+
+@pytest.mark.parametrize("mode", [0, 3])
+@pytest.mark.parametrize("upper_side", [False, True])
+def test_relu_backward_opcheck_and_gradcheck(mode, upper_side):
+    A, lo, hi = make(B=2, S=2, N=6)
+    lo[:, :3] -= 0.05  # keep away from the kinks (u = 0, l = 0) for finite differences
+    hi[:, :3] += 0.07
+    args = (A, lo, hi, mode, upper_side)
+    with use_backend("reference"):
+        torch.library.opcheck(torch.ops.robustkern.crown_relu_backward.default, args)
+        A, lo, hi = (t.clone().requires_grad_() for t in (A, lo, hi))
+        torch.autograd.gradcheck(lambda a, l, u: crown_relu_backward(a, l, u, mode, upper_side), (A, lo, hi))
+        torch.autograd.gradgradcheck(lambda a, l, u: crown_relu_backward(a, l, u, mode, upper_side), (A, lo, hi))
+
+
+@pytest.mark.parametrize("l2", [False, True])
+def test_concretize_opcheck_and_gradcheck(l2):
+    A, lo, hi = make(B=2, S=2, N=5)
+    bias = torch.randn(2, 2, dtype=torch.float64)
+    mid, rad = (lo + hi) / 2, (hi - lo) / 2
+    center, eps = (mid + 0.01, torch.tensor([0.3, 2.0], dtype=torch.float64)) if l2 else (None, None)
+    with use_backend("reference"):
+        torch.library.opcheck(torch.ops.robustkern.crown_concretize.default, (A, bias, mid, rad, center, eps, False))
+        ts = [t.clone().requires_grad_() for t in (A, bias, mid, rad)]
+        extra = [t.clone().requires_grad_() for t in (center, eps)] if l2 else []
+        fn = (lambda a, b, m, r, c, e: crown_concretize(a, b, m, r, c, e, True)) if l2 else \
+            (lambda a, b, m, r: crown_concretize(a, b, m, r, upper_side=True))
+        torch.autograd.gradcheck(fn, tuple(ts + extra))
+
+
+def test_bad_input_is_a_clear_error():
+    A, lo, hi = make()
+    with pytest.raises(ValueError, match="lower must have shape"):
+        crown_relu_backward(A, lo[:1], hi)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        crown_relu_backward(A, lo, hi, "magic")
+    with pytest.raises(TypeError, match="float32 or float64"):
+        crown_relu_backward(A.half(), lo, hi)
+    with pytest.raises(ValueError, match="A must be"):
+        crown_concretize(A[0], lo, lo, hi)
+    with pytest.raises(ValueError, match="both center and eps"):
+        crown_concretize(A, torch.zeros(2, 3, dtype=A.dtype), lo, hi, center=lo)
+    with pytest.raises(ValueError, match="dtype and device"):
+        crown_relu_backward(A, lo.float(), hi)
+
+
+def test_empty_batch():
+    A = torch.zeros(0, 3, 5)
+    out, b = crown_relu_backward(A, torch.zeros(0, 5), torch.zeros(0, 5))
+    assert out.shape == (0, 3, 5) and b.shape == (0, 3)
