@@ -48,5 +48,8 @@ TORCH_LIBRARY(robustkern_ext, m) {
       "interval_affine(Tensor mid, Tensor rad, Tensor? scale, Tensor? shift, bool relu, bool sound) "
       "-> (Tensor, Tensor)");
   m.def("interval_input_box(Tensor x, Tensor eps, float x_min, float x_max, bool sound) -> (Tensor, Tensor)");
+  m.def(
+      "interval_epilogue_backward(Tensor pm, Tensor pr, Tensor? scale, Tensor? shift, bool relu, Tensor gm, "
+      "Tensor gr) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
 }

@@ -109,7 +109,7 @@ def _jit_compile() -> None:
         name="robustkern_ext_jit",
         sources=sources,
         extra_include_paths=[str(src / "include")],
-        extra_cflags=["-O3"],
+        extra_cflags=["-O3", "-fopenmp-simd"],
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=False,

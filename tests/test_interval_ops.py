@@ -259,3 +259,25 @@ def test_bad_input_is_a_clear_error():
         ops.interval_conv2d(*box(1, 2, 2, 2, dtype=torch.float32), torch.randn(2, 2, 3, 3))
     with pytest.raises(ValueError, match="eps must be"):
         ops.interval_input_box(torch.rand(2, 3), torch.rand(3))
+
+
+@pytest.mark.skipif("cpp" not in [p.values[0] for p in BACKENDS], reason="compiled CPU backend not built")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_epilogue_backward_equals_pytorch_formulas(dtype):
+    """The single-pass C++ epilogue backward (used when no double backward is recorded) equals the
+    differentiable PyTorch formulas it replaces."""
+    from robustkern.ops.interval import _epilogue_grads
+
+    for shape in [(3, 4), (2, 4, 3, 5)]:
+        pm, pr = box(*shape, dtype=dtype)
+        gm, gr = torch.randn(*shape, dtype=dtype), torch.randn(*shape, dtype=dtype)
+        for epi in epilogues(shape[1], dtype):
+            args = (pm, pr, epi.get("scale"), epi.get("shift"), epi.get("relu", False), gm, gr)
+            with torch.enable_grad():
+                want = _epilogue_grads(*args)
+            with use_backend("cpp"), torch.no_grad():
+                got = _epilogue_grads(*args)
+            for g, h in zip(got, want):
+                assert (g is None) == (h is None)
+                if g is not None:
+                    _close(g, h, dtype)

@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .._backend import select
 from ._dispatch import fresh, run
 
 __all__ = ["interval_linear", "interval_conv2d", "interval_affine", "interval_input_box"]
@@ -74,7 +75,13 @@ def _reduce_channel(t: Tensor) -> Tensor:
 
 def _epilogue_grads(pm, pr, scale, shift, relu, gm, gr):
     """Gradients of ``(m, r) = relu?(scale * (pm, pr) + shift)`` (the unwidened formulas) with respect to
-    ``pm, pr, scale, shift``, given the output gradients ``gm, gr``."""
+    ``pm, pr, scale, shift``, given the output gradients ``gm, gr``. Uses the fused single-pass C++ kernel
+    when the compiled CPU backend runs and no double backward is being recorded (grad mode is off inside a
+    backward pass unless ``create_graph=True``); otherwise these differentiable PyTorch formulas."""
+    if not torch.is_grad_enabled() and _fused_epilogue_backward(pm.device):
+        g_pm, g_pr, g_scale, g_shift = torch.ops.robustkern_ext.interval_epilogue_backward(
+            pm, pr, scale, shift, relu, gm, gr)
+        return g_pm, g_pr, (g_scale if scale is not None else None), (g_shift if shift is not None else None)
     nd = pm.dim()
     a = _cview(scale, nd) if scale is not None else None
     gm1, gr1 = gm, gr
@@ -94,6 +101,10 @@ def _epilogue_grads(pm, pr, scale, shift, relu, gm, gr):
         g_scale = _reduce_channel(gm1 * pm + gr1 * pr * torch.sign(a))
         gm1, gr1 = gm1 * a, gr1 * a.abs()
     return gm1, gr1, g_scale, g_shift
+
+
+def _fused_epilogue_backward(device: torch.device) -> bool:
+    return select(device) == "cpp" and hasattr(torch.ops.robustkern_ext, "interval_epilogue_backward")
 
 
 def _zeros_if_none(g, like):
@@ -117,6 +128,7 @@ def _(mid, rad, weight, bias, scale, shift, relu, sound):
 
 
 def _linear_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs: None, not zero tensors to add
     mid, rad, weight, bias, scale, shift, relu, sound = inputs
     _, _, pre_mid, pre_rad = output
     ctx.relu = relu
@@ -221,6 +233,7 @@ def _(mid, rad, weight, bias, stride, padding, dilation, groups, scale, shift, r
 
 
 def _conv_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs: None, not zero tensors to add
     mid, rad, weight, bias, stride, padding, dilation, groups, scale, shift, relu, sound = inputs
     _, _, pre_mid, pre_rad = output
     ctx.conf = (list(stride), list(padding), list(dilation), groups)
@@ -310,6 +323,7 @@ def _(mid, rad, scale, shift, relu, sound):
 
 
 def _affine_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs: None, not zero tensors to add
     mid, rad, scale, shift, relu, sound = inputs
     ctx.relu = relu
     ctx.save_for_backward(mid, rad, scale, shift)
@@ -351,6 +365,7 @@ def _(x, eps, x_min, x_max, sound):
 
 
 def _box_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs: None, not zero tensors to add
     x, eps, x_min, x_max, sound = inputs
     ctx.limits = (x_min, x_max)
     ctx.save_for_backward(x, eps)
