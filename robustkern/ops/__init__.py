@@ -2,6 +2,7 @@
 from .attacks import pgd_step
 from .crown import crown_concretize, crown_relu_backward
 from .interval import interval_affine, interval_conv2d, interval_input_box, interval_linear
+from .smoothing import smoothing_count, smoothing_noise
 
 __all__ = ["interval_linear", "interval_conv2d", "interval_affine", "interval_input_box", "pgd_step",
-           "crown_relu_backward", "crown_concretize"]
+           "smoothing_noise", "smoothing_count", "crown_relu_backward", "crown_concretize"]

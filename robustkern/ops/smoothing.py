@@ -1,0 +1,142 @@
+"""Randomized-smoothing ops: ``robustkern::smoothing_noise`` and ``robustkern::smoothing_count``.
+
+Each is a ``torch.library.custom_op`` whose body runs the implementation ``robustkern._backend.select``
+picks: the Triton kernels (``robustkern.kernels.smoothing``), compiled kernels (``torch.ops.robustkern_ext``,
+when the extension has them) or the pure-PyTorch reference (``robustkern.reference.smoothing``, which states
+the math: Philox4x32-10 counter-based Gaussian noise keyed by (seed, image, sample, stream, element), and the
+per-group argmax histogram of Cohen et al. 2019's Monte Carlo estimate). The compiled extension currently
+has no smoothing kernels; when ``auto`` selects it, the op falls back to the reference (an explicitly
+requested ``cpp``/``cuda`` backend raises).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ._dispatch import run
+
+__all__ = ["smoothing_noise", "smoothing_count", "STREAM_SELECTION", "STREAM_ESTIMATION", "STREAM_PREDICT"]
+
+# Counter streams: selection (n0) and estimation (n) samples never share a counter, so they are independent.
+STREAM_SELECTION, STREAM_ESTIMATION, STREAM_PREDICT = 0, 1, 2
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_U32 = 2 ** 32
+
+
+def _has_compiled(name: str) -> bool:
+    try:
+        return hasattr(torch.ops.robustkern_ext, name)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def _run(name: str, device: torch.device, *args):
+    backend = _backend.select(device)
+    if backend in ("cpp", "cuda") and not _has_compiled(name):
+        if _backend.requested_backend() != "auto":
+            raise _backend.BackendUnavailable(f"backend {backend!r} was requested but robustkern._C has no "
+                                              f"{name} kernel")
+        with _backend.use_backend("triton" if device.type == "cuda" and _backend.available("triton", "cuda")
+                                  else "reference"):
+            return run("smoothing", name, device, *args)
+    return run("smoothing", name, device, *args)
+
+
+# ----------------------------------------------------------------------------------------------- noise
+@torch.library.custom_op("robustkern::smoothing_noise", mutates_args=())
+def _smoothing_noise(x: Tensor, src: Tensor, counter: Tensor, seed: Tensor, sigma: float, mean: Optional[Tensor],
+                     std: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    return _run("smoothing_noise", x.device, x, src, counter, seed, sigma, mean, std, out_dtype)
+
+
+@_smoothing_noise.register_fake
+def _(x, src, counter, seed, sigma, mean, std, out_dtype):
+    return x.new_empty((src.shape[0],) + tuple(x.shape[1:]), dtype=out_dtype)
+
+
+def _noise_setup(ctx, inputs, output):
+    x, src, counter, seed, sigma, mean, std, out_dtype = inputs
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    ctx.save_for_backward(src, std)
+
+
+def _noise_backward(ctx, grad):
+    """d out[r] / d x[src[r]] = 1 / std (the noise does not depend on x)."""
+    src, std = ctx.saved_tensors
+    g = grad.float()
+    if std is not None:
+        g = g / std.float().view((1, -1) + (1,) * (g.dim() - 2))
+    gx = torch.zeros(ctx.x_shape, dtype=torch.float32, device=g.device).index_add_(0, src, g)
+    return gx.to(ctx.x_dtype), None, None, None, None, None, None, None
+
+
+_smoothing_noise.register_autograd(_noise_backward, setup_context=_noise_setup)
+
+
+def smoothing_noise(x: Tensor, src: Tensor, counter: Tensor, seed, sigma: float, *, mean: Optional[Tensor] = None,
+                    std: Optional[Tensor] = None, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Noisy copies ``out[r] = cast(((x[src[r]] + sigma * z_r) - mean) / std)`` with ``z_r`` drawn by the
+    counter-based generator from ``(seed, counter[r] = (image key, sample index, stream), element)``.
+
+    ``x`` (I, C, ...) float, read in fp32 (the noise is added in fp32 before the cast to ``out_dtype``);
+    ``src`` (R,) int64 in [0, I); ``counter`` (R, 3) int64, each entry in [0, 2^32); ``seed`` an int or a (1,)
+    int64 tensor in [0, 2^63); ``mean``/``std`` (C,) per-channel normalisation (Cohen's NormalizeLayer).
+    Returns (R, C, ...) of ``out_dtype``. Differentiable in ``x``."""
+    op = "smoothing_noise"
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating tensor, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{op}: x must be (I, C, ...), got shape {tuple(x.shape)}")
+    if not sigma > 0:
+        raise ValueError(f"{op}: sigma must be > 0, got {sigma}")
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    if src.dim() != 1 or src.dtype != torch.int64 or counter.dtype != torch.int64 or \
+            tuple(counter.shape) != (src.shape[0], 3):
+        raise ValueError(f"{op}: src must be (R,) int64 and counter (R, 3) int64, got {tuple(src.shape)} "
+                         f"{src.dtype} and {tuple(counter.shape)} {counter.dtype}")
+    if x[0].numel() >= _U32 if x.shape[0] else False:
+        raise ValueError(f"{op}: an image may have at most 2^32 - 1 elements")
+    if not isinstance(seed, Tensor):
+        if not 0 <= int(seed) < 2 ** 63:
+            raise ValueError(f"{op}: seed must be in [0, 2^63), got {seed}")
+        seed = torch.tensor([int(seed)], dtype=torch.int64, device=x.device)
+    if (mean is None) != (std is None):
+        raise ValueError(f"{op}: give both mean and std, or neither")
+    if mean is not None:
+        mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).reshape(-1)
+        std = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(-1)
+        if mean.numel() == 1:
+            mean, std = mean.expand(x.shape[1]).contiguous(), std.expand(x.shape[1]).contiguous()
+        if mean.shape[0] != x.shape[1] or std.shape[0] != x.shape[1]:
+            raise ValueError(f"{op}: mean and std must have {x.shape[1]} entries (one per channel)")
+    return _smoothing_noise(x, src, counter, seed, float(sigma), mean, std, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------- count
+@torch.library.custom_op("robustkern::smoothing_count", mutates_args=())
+def _smoothing_count(logits: Tensor, group: Tensor, num_groups: int) -> Tensor:
+    return _run("smoothing_count", logits.device, logits, group, num_groups)
+
+
+@_smoothing_count.register_fake
+def _(logits, group, num_groups):
+    return logits.new_empty((num_groups, logits.shape[1]), dtype=torch.int64)
+
+
+def smoothing_count(logits: Tensor, group: Tensor, num_groups: int) -> Tensor:
+    """``counts[g, k]`` = number of rows ``r`` with ``group[r] == g`` whose argmax (first maximum) is ``k``.
+    ``logits`` (R, K) float; ``group`` (R,) int64 in [0, num_groups). Returns (num_groups, K) int64; the votes
+    stay on the logits' device."""
+    op = "smoothing_count"
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"{op}: logits must be a 2-D float tensor (samples, classes), got "
+                         f"{tuple(logits.shape)} {logits.dtype}")
+    if group.dim() != 1 or group.shape[0] != logits.shape[0] or group.dtype != torch.int64:
+        raise ValueError(f"{op}: group must be ({logits.shape[0]},) int64, got {tuple(group.shape)} {group.dtype}")
+    if num_groups < 1 or logits.shape[1] < 1:
+        raise ValueError(f"{op}: need num_groups >= 1 and at least one class")
+    return _smoothing_count(logits, group, int(num_groups))

@@ -1,0 +1,168 @@
+"""Pure-PyTorch ground truth for the randomized-smoothing ops, and a faithful copy of Cohen et al.'s
+certification loop (Cohen, Rosenfeld, Kolter 2019, "Certified Adversarial Robustness via Randomized
+Smoothing", github.com/locuslab/smoothing ``code/core.py``).
+
+Counter-based Gaussian noise (``smoothing_noise``)
+--------------------------------------------------
+Every noise element is a pure function of ``(seed, image key, sample index, stream, element index)``, so
+certificates do not depend on batch size, on how images are packed into forwards, or on how many processes
+share the work. For output row ``r`` (one noisy copy of image ``src[r]``) and element ``e`` (the flat NCHW
+index inside one image):
+
+    (o0, o1, o2, o3) = Philox4x32-10(counter = (e, sample[r], image[r], stream[r]), key = (seed_lo, seed_hi))
+    u1 = (o0 + 1/2) 2^-32,  u2 = (o1 + 1/2) 2^-32                     (exact in float64, in (0, 1))
+    z  = fp32( sqrt(-2 log u1) cos(2 pi u2) )                         (Box-Muller, computed in float64)
+    v  = x[src[r], e] + fp32(sigma) * z                               (fp32, before any cast)
+    out[r, e] = cast_out( (v - mean[c]) / std[c] )                    (optional per-channel normalisation)
+
+Philox4x32-10 is Salmon et al. 2011 ("Parallel random numbers: as easy as 1, 2, 3"), the generator of
+cuRAND/``tl.randn``; its 32x32-bit products are split into 16-bit halves here so int64 tensors never overflow.
+The Box-Muller transform runs in float64 and is rounded once to fp32, so implementations whose float64
+``log``/``cos`` are within an ulp agree bit-for-bit except on a double-rounding tie (probability ~2^-29 per
+element); |z| <= sqrt(2 * 33 ln 2) = 6.76 (the tails beyond are truncated, at probability ~1e-11).
+
+Counting (``smoothing_count``)
+------------------------------
+``counts[g, k] = #{r : group[r] = g and argmax_j logits[r, j] = k}`` with ``torch.argmax``'s tie rule (the
+first maximum).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["philox4x32", "normal_from_counter", "smoothing_noise", "smoothing_count", "CohenSmooth"]
+
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57          # Philox4x32 multipliers
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85          # Weyl key increments
+_MASK = 0xFFFFFFFF
+TWO_PI = 2.0 * math.pi
+INV_2_32 = 2.0 ** -32
+
+
+def _mul_hi_lo(m: int, x: Tensor):
+    """(hi, lo) 32-bit words of the 64-bit product of the constant ``m`` and ``x`` (uint32 values in int64)."""
+    mh, ml = m >> 16, m & 0xFFFF
+    p1 = x * ml                       # < 2^48
+    p2 = x * mh                       # < 2^48
+    mid = p1 + ((p2 & 0xFFFF) << 16)  # < 2^49
+    lo = mid & _MASK
+    hi = (p2 >> 16) + (mid >> 32)
+    return hi & _MASK, lo
+
+
+def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, seed: int, rounds: int = 10):
+    """Philox4x32-``rounds`` on int64 tensors holding uint32 values (broadcast together); key = the low and
+    high 32 bits of ``seed`` (0 <= seed < 2^63). Returns the four output words as int64 tensors."""
+    k0, k1 = seed & _MASK, (seed >> 32) & _MASK
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    for _ in range(rounds):
+        hi0, lo0 = _mul_hi_lo(_M0, c0)
+        hi1, lo1 = _mul_hi_lo(_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _W0) & _MASK, (k1 + _W1) & _MASK
+    return c0, c1, c2, c3
+
+
+def normal_from_counter(elem: Tensor, sample: Tensor, image: Tensor, stream: Tensor, seed: int) -> Tensor:
+    """The standard normal (fp32) of counter ``(elem, sample, image, stream)`` under ``seed`` (see module doc)."""
+    o0, o1, _, _ = philox4x32(elem, sample, image, stream, seed)
+    u1 = (o0.double() + 0.5) * INV_2_32
+    u2 = (o1.double() + 0.5) * INV_2_32
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(TWO_PI * u2)).float()
+
+
+def smoothing_noise(x: Tensor, src: Tensor, counter: Tensor, seed: Tensor, sigma: float,
+                    mean: Optional[Tensor], std: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """Noisy, normalised copies ``out[r] = cast((x[src[r]] + sigma z_r - mean) / std)``.
+
+    ``x`` (I, C, ...) fp32; ``src`` (R,) int64 row -> image slot; ``counter`` (R, 3) int64 rows of
+    (image key, sample index, stream); ``seed`` (1,) int64; ``mean``/``std`` (C,) fp32 or None.
+    Returns (R, C, ...) of ``out_dtype``."""
+    rows = src.shape[0]
+    d = x[0].numel() if x.shape[0] else int(np.prod(x.shape[1:]))
+    if rows == 0 or d == 0:
+        return torch.empty((rows,) + tuple(x.shape[1:]), dtype=out_dtype, device=x.device)
+    elem = torch.arange(d, dtype=torch.int64, device=x.device).view(1, d)
+    c = counter.to(torch.int64)
+    z = normal_from_counter(elem, c[:, 1:2], c[:, 0:1], c[:, 2:3], int(seed.reshape(-1)[0]))
+    v = x.reshape(x.shape[0], d).float()[src] + torch.tensor(sigma, dtype=torch.float32) * z
+    v = v.view((rows,) + tuple(x.shape[1:]))
+    if mean is not None:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        v = (v - mean.float().view(shape)) / std.float().view(shape)
+    return v.to(out_dtype)
+
+
+def smoothing_count(logits: Tensor, group: Tensor, num_groups: int) -> Tensor:
+    """Per-group argmax counts: (R, K) logits, (R,) int64 groups -> (num_groups, K) int64."""
+    k = logits.shape[1]
+    if logits.shape[0] == 0:
+        return torch.zeros((num_groups, k), dtype=torch.int64, device=logits.device)
+    flat = group.to(torch.int64) * k + logits.argmax(1)
+    return torch.bincount(flat, minlength=num_groups * k).view(num_groups, k)
+
+
+class CohenSmooth:
+    """Cohen et al.'s ``core.Smooth``, line for line (CUDA hard-coding dropped, the removed
+    ``scipy.stats.binom_test`` replaced by ``binomtest(...).pvalue``, statsmodels' ``proportion_confint(...,
+    method="beta")`` by the equal Beta quantile). The ground truth that ``Smooth(rng="torch")`` must match."""
+
+    ABSTAIN = -1
+
+    def __init__(self, base_classifier: torch.nn.Module, num_classes: int, sigma: float):
+        self.base_classifier = base_classifier
+        self.num_classes = num_classes
+        self.sigma = sigma
+
+    def certify(self, x: Tensor, n0: int, n: int, alpha: float, batch_size: int):
+        from scipy.stats import norm
+
+        self.base_classifier.eval()
+        counts_selection = self._sample_noise(x, n0, batch_size)
+        cAHat = counts_selection.argmax().item()
+        counts_estimation = self._sample_noise(x, n, batch_size)
+        nA = counts_estimation[cAHat].item()
+        pABar = self._lower_confidence_bound(nA, n, alpha)
+        if pABar < 0.5:
+            return CohenSmooth.ABSTAIN, 0.0
+        return cAHat, self.sigma * norm.ppf(pABar)
+
+    def predict(self, x: Tensor, n: int, alpha: float, batch_size: int):
+        from scipy.stats import binomtest
+
+        self.base_classifier.eval()
+        counts = self._sample_noise(x, n, batch_size)
+        top2 = counts.argsort()[::-1][:2]
+        count1 = counts[top2[0]]
+        count2 = counts[top2[1]]
+        if binomtest(int(count1), int(count1 + count2), p=0.5).pvalue > alpha:
+            return CohenSmooth.ABSTAIN
+        return top2[0]
+
+    def _sample_noise(self, x: Tensor, num: int, batch_size: int) -> np.ndarray:
+        with torch.no_grad():
+            counts = np.zeros(self.num_classes, dtype=int)
+            for _ in range(math.ceil(num / batch_size)):
+                this_batch_size = min(batch_size, num)
+                num -= this_batch_size
+                batch = x.repeat((this_batch_size, 1, 1, 1))
+                noise = torch.randn_like(batch, device=batch.device) * self.sigma
+                predictions = self.base_classifier(batch + noise).argmax(1)
+                counts += self._count_arr(predictions.cpu().numpy(), self.num_classes)
+            return counts
+
+    def _count_arr(self, arr: np.ndarray, length: int) -> np.ndarray:
+        counts = np.zeros(length, dtype=int)
+        for idx in arr:
+            counts[idx] += 1
+        return counts
+
+    def _lower_confidence_bound(self, NA: int, N: int, alpha: float) -> float:
+        from scipy.stats import beta
+
+        return 0.0 if NA == 0 else float(beta.ppf(alpha, NA, N - NA + 1))

@@ -1,0 +1,139 @@
+"""robustkern::smoothing_noise and robustkern::smoothing_count against the reference on every backend."""
+import pytest
+import torch
+
+from robustkern.ops import smoothing_count, smoothing_noise
+from robustkern.reference import smoothing as ref
+from robustkern.ops.smoothing import _has_compiled
+from robustkern.testing import backend, backend_params
+
+
+def smoothing_backends():
+    """backend_params() less the compiled backends while robustkern._C has no smoothing kernels."""
+    return [p for p in backend_params() if p.values[0] not in ("cpp", "cuda") or _has_compiled("smoothing_noise")]
+
+
+def _meta(rows, images, stream=1, start=0):
+    src = torch.arange(rows) % images
+    counter = torch.stack([src + 7, torch.arange(rows) + start, torch.full((rows,), stream)], 1)
+    return src, counter
+
+
+def test_philox_known_answers():
+    """Random123's known-answer vectors for Philox4x32-10."""
+    z = torch.zeros(1, dtype=torch.int64)
+    f = torch.full((1,), 0xFFFFFFFF, dtype=torch.int64)
+    assert [int(t) for t in ref.philox4x32(z, z, z, z, 0)] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert [int(t) for t in ref.philox4x32(f, f, f, f, 2 ** 64 - 1)] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6,
+                                                                         0x6D5451FD]
+
+
+def test_noise_is_standard_normal():
+    z = ref.normal_from_counter(torch.arange(200_000), torch.tensor(3), torch.tensor(1), torch.tensor(0), 11)
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    assert abs(float((z > 1.6449).float().mean()) - 0.05) < 0.003
+
+
+@pytest.mark.parametrize("bk", smoothing_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", [False, True])
+def test_noise_matches_reference(bk, dtype, norm):
+    x = torch.rand(3, 3, 4, 5)
+    src, counter = _meta(7, 3)
+    mean, std = (torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.3, 0.25])) if norm else (None, None)
+    want = ref.smoothing_noise(x, src, counter, torch.tensor([2 ** 40 + 5]), 0.37, mean, std, dtype)
+    with backend(bk):
+        got = smoothing_noise(x, src, counter, 2 ** 40 + 5, 0.37, mean=mean, std=std, out_dtype=dtype)
+    assert got.dtype == dtype and got.shape == (7, 3, 4, 5)
+    assert torch.equal(got, want)                            # bit-identical on every backend
+
+
+@pytest.mark.parametrize("bk", smoothing_backends())
+def test_noise_empty_and_odd_shapes(bk):
+    with backend(bk):
+        out = smoothing_noise(torch.rand(2, 1, 3), torch.zeros(0, dtype=torch.int64),
+                              torch.zeros(0, 3, dtype=torch.int64), 1, 0.5)
+        assert out.shape == (0, 1, 3)
+        x = torch.rand(2, 5, 3).transpose(1, 2)              # non-contiguous (2, 3, 5)
+        src, counter = _meta(3, 2)
+        got = smoothing_noise(x, src, counter, 1, 0.5)
+    assert torch.equal(got, ref.smoothing_noise(x.contiguous(), src, counter, torch.tensor([1]), 0.5, None, None,
+                                                torch.float32))
+
+
+def test_noise_depends_on_every_counter_word_and_seed():
+    x = torch.zeros(1, 1, 8, 8)
+    base = torch.tensor([[3, 4, 0]])
+    ref_out = smoothing_noise(x, torch.zeros(1, dtype=torch.int64), base, 9, 1.0)
+    for k in range(3):
+        c = base.clone()
+        c[0, k] += 1
+        other = smoothing_noise(x, torch.zeros(1, dtype=torch.int64), c, 9, 1.0)
+        assert abs(float(torch.corrcoef(torch.stack([ref_out.flatten(), other.flatten()]))[0, 1])) < 0.5
+    assert not torch.equal(ref_out, smoothing_noise(x, torch.zeros(1, dtype=torch.int64), base, 10, 1.0))
+
+
+def test_noise_gradient():
+    x = torch.rand(2, 3, 2, 2, requires_grad=True)
+    src, counter = _meta(5, 2)
+    std = torch.tensor([0.5, 0.25, 2.0])
+    smoothing_noise(x, src, counter, 0, 0.5, mean=torch.zeros(3), std=std).sum().backward()
+    per_img = torch.bincount(src, minlength=2).float().view(2, 1, 1, 1)
+    assert torch.allclose(x.grad, per_img / std.view(1, 3, 1, 1).expand(2, 3, 2, 2))
+
+
+@pytest.mark.parametrize("bk", smoothing_backends())
+def test_count_matches_reference(bk):
+    logits = torch.randn(37, 5)
+    logits[3, 1] = logits[3, 4] = 50.0                        # a tie: the first maximum wins
+    group = torch.randint(0, 4, (37,))
+    want = ref.smoothing_count(logits, group, 4)
+    with backend(bk):
+        got = smoothing_count(logits, group, 4)
+        got_bf16 = smoothing_count(logits.bfloat16(), group, 4)
+        empty = smoothing_count(torch.zeros(0, 5), torch.zeros(0, dtype=torch.int64), 2)
+    assert torch.equal(got, want) and int(got[group[3], 1]) >= 1
+    assert torch.equal(got_bf16, ref.smoothing_count(logits.bfloat16(), group, 4))
+    assert torch.equal(empty, torch.zeros(2, 5, dtype=torch.int64))
+    assert int(got.sum()) == 37
+
+
+@pytest.mark.parametrize("bk", smoothing_backends())
+def test_opcheck(bk):
+    x = torch.rand(2, 3, 2, 3)
+    src, counter = _meta(4, 2)
+    with backend(bk):
+        torch.library.opcheck(torch.ops.robustkern.smoothing_noise.default,
+                              (x, src, counter, torch.tensor([5]), 0.5, None, None, torch.float32))
+        torch.library.opcheck(torch.ops.robustkern.smoothing_noise.default,
+                              (x, src, counter, torch.tensor([5]), 0.5, torch.zeros(3), torch.ones(3),
+                               torch.bfloat16), test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.robustkern.smoothing_count.default,
+                              (torch.randn(9, 4), torch.randint(0, 3, (9,)), 3))
+
+
+def test_bad_input():
+    x = torch.rand(2, 3, 2, 2)
+    src, counter = _meta(3, 2)
+    with pytest.raises(ValueError, match="sigma"):
+        smoothing_noise(x, src, counter, 0, 0.0)
+    with pytest.raises(ValueError, match="counter"):
+        smoothing_noise(x, src, counter[:, :2], 0, 0.5)
+    with pytest.raises(ValueError, match="seed"):
+        smoothing_noise(x, src, counter, -1, 0.5)
+    with pytest.raises(ValueError, match="mean"):
+        smoothing_noise(x, src, counter, 0, 0.5, mean=torch.zeros(2), std=torch.ones(2))
+    with pytest.raises(TypeError):
+        smoothing_noise(x.long(), src, counter, 0, 0.5)
+    with pytest.raises(ValueError, match="logits"):
+        smoothing_count(torch.randn(3), torch.zeros(3, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="group"):
+        smoothing_count(torch.randn(3, 2), torch.zeros(2, dtype=torch.int64), 1)
+
+
+def test_auto_falls_back_without_compiled_kernels():
+    x = torch.rand(2, 3, 2, 2)
+    src, counter = _meta(3, 2)
+    with backend("auto"):
+        got = smoothing_noise(x, src, counter, 4, 0.5)
+    assert torch.equal(got, ref.smoothing_noise(x, src, counter, torch.tensor([4]), 0.5, None, None, torch.float32))
