@@ -1,0 +1,298 @@
+"""Shared benchmark harness: timing, peak memory, environment stamps, tables, CSV and RESULTS.md.
+
+Timing. On CUDA ``triton.testing.do_bench`` gives the 0.5/0.2/0.8 quantiles of each provider in turn. On CPU
+wall clock is noisy (the machines are shared), so ``time_cpu`` runs every provider once per round, rotating
+the order between rounds, and reports the median and the minimum over rounds after a warm-up.
+
+Memory. On CUDA: ``torch.cuda.max_memory_allocated`` during one call, minus what was allocated before
+("peak"). On CPU there is no allocator high-water mark, so the figure is the bytes autograd keeps for the
+backward pass: unique storages seen by ``torch.autograd.graph.saved_tensors_hooks`` during the forward
+("saved"; the parameters' own storages left out, forward-only calls save nothing). The table says which.
+
+Every figure in ``RESULTS.md`` and ``results/*.csv`` is written by these functions, never by hand.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_MD = BENCH_DIR / "RESULTS.md"
+QUANTILES = (0.5, 0.2, 0.8)
+# Environment variables that change what runs; recorded in front of the command line when set.
+ENV_VARS = ("PYTHONPATH", "ROBUSTKERN_BACKEND", "TRITON_INTERPRET", "AUTO_LIRPA_PATH")
+
+
+# ----------------------------------------------------------------------------------------------- environment
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """The key of a CSV row: the GPU's name, or the CPU model with the number of threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    n = torch.get_num_threads()
+    return f"{cpu_model()} ({n} thread{'s' if n != 1 else ''})"
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - a missing or broken package is reported, not fatal
+        return "absent"
+
+
+def git_commit() -> str:
+    """The checked-out commit (short), with ``+dirty`` when the work tree differs, or ``none``."""
+    root = BENCH_DIR.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "none"
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+    return head + ("+dirty" if dirty.strip() else "")
+
+
+@dataclass(frozen=True)
+class Environment:
+    device: str
+    torch: str
+    triton: str
+    commit: str
+    date: str
+    command: str
+
+    @classmethod
+    def capture(cls, device: torch.device) -> "Environment":
+        argv = [Path(sys.argv[0]).as_posix()] + sys.argv[1:]
+        if argv[0].startswith(str(BENCH_DIR.parent)):
+            argv[0] = os.path.relpath(argv[0], BENCH_DIR.parent)
+        env = " ".join(f"{k}={os.environ[k]}" for k in ENV_VARS if k in os.environ)
+        command = (env + " " if env else "") + "python " + shlex.join(argv)
+        return cls(device=device_name(device), torch=torch.__version__, triton=_version("triton"),
+                   commit=git_commit(), date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                   command=command)
+
+
+# ----------------------------------------------------------------------------------------------- measurement
+@dataclass
+class Timing:
+    median_ms: float
+    low_ms: float            # CPU: minimum over rounds; CUDA: 0.2 quantile
+    high_ms: float           # CPU: maximum over rounds; CUDA: 0.8 quantile
+    samples: int
+
+
+def time_cuda(fn: Callable[[], object], grad_to_none=None, rep_ms: int = 200) -> Timing:
+    import triton.testing
+
+    med, q20, q80 = triton.testing.do_bench(fn, grad_to_none=grad_to_none, rep=rep_ms, quantiles=list(QUANTILES))
+    return Timing(med, q20, q80, samples=-1)
+
+
+def time_cpu(fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, Timing]:
+    """Wall-clock every callable once per round, interleaved, the order rotated each round.
+    Returns median / min / max over rounds per name."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {n: Timing(statistics.median(s), min(s), max(s), len(s)) for n, s in samples.items()}
+
+
+def saved_tensor_bytes(fn: Callable[[], object], exclude=()) -> int:
+    """Bytes of the unique storages autograd saves for backward while ``fn`` runs, leaving out the storages
+    of the tensors in ``exclude`` (the parameters, which exist whether or not anything is saved)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    @torch.compiler.disable  # counted at run time, not traced into a compiled graph
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of the matmuls and convolutions (forward and backward) that ``fn`` runs, as counted by
+    ``torch.utils.flop_counter``; custom ops are not counted, so count a provider made of aten ops."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def cuda_matmul_flops_per_s(device: torch.device, n: int = 8192) -> float:
+    """Measured float32 matmul rate with IEEE products (TF32 off, as in bound computations)."""
+    import triton.testing
+
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ms = triton.testing.do_bench(lambda: a @ b, rep=200)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def memory_kind(device: torch.device) -> str:
+    return "peak" if device.type == "cuda" else "saved"
+
+
+# ----------------------------------------------------------------------------------------------- rows, table
+@dataclass
+class Row:
+    """One measured (case, provider). ``case`` holds the benchmark's own keys (model, batch, eps, mode...)."""
+    case: dict
+    provider: str
+    timing: Timing | None = None
+    mem_bytes: int | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.timing is not None
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def ratio(row: Row, ref: Row | None) -> float | None:
+    """How many times longer ``row`` takes than ``ref`` (medians)."""
+    if ref is None or not (row.ok and ref.ok):
+        return None
+    return row.timing.median_ms / ref.timing.median_ms
+
+
+def table(rows: list[Row], case_keys: list[str], device: torch.device, ours: str, floor: str,
+          peak_flops_per_s: float | None = None) -> str:
+    """A markdown table: one line per row; ``x <ours>`` is each provider's median over ours (above 1: ours is
+    faster), ``x <floor>`` the same over the floor provider. Rows with ``extra["gflop"]`` (the work of the
+    computation, the same for every provider of a case) get an achieved GFLOP/s column, and a % of the
+    measured matmul rate when ``peak_flops_per_s`` is given."""
+    low, high = ("min", "max") if device.type == "cpu" else ("p20", "p80")
+    mem = "saved MB" if device.type == "cpu" else "peak MB"
+    rate = any(r.extra.get("gflop") for r in rows)
+    head = case_keys + ["provider", "median ms", f"{low} ms", f"{high} ms", f"x {ours}", f"x {floor}", mem]
+    head += (["GFLOP/s"] if rate else []) + (["% matmul peak"] if rate and peak_flops_per_s else []) + ["note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_case: dict[tuple, dict[str, Row]] = {}
+    for r in rows:
+        by_case.setdefault(tuple(r.case[k] for k in case_keys), {})[r.provider] = r
+    for key, provs in by_case.items():
+        for r in provs.values():
+            t = r.timing
+            cells = [str(v) for v in key] + [f"**{r.provider}**" if r.provider == ours else r.provider]
+            cells += [_fmt(t and t.median_ms), _fmt(t and t.low_ms), _fmt(t and t.high_ms),
+                      _fmt(ratio(r, provs.get(ours)), 2), _fmt(ratio(r, provs.get(floor)), 2),
+                      _fmt(r.mem_bytes / 2**20 if r.mem_bytes is not None else None)]
+            achieved = r.extra.get("gflop") / (t.median_ms * 1e-3) if rate and t and r.extra.get("gflop") else None
+            if rate:
+                cells.append(_fmt(achieved, 0))
+            if rate and peak_flops_per_s:
+                cells.append(_fmt(achieved and 100 * achieved * 1e9 / peak_flops_per_s, 1))
+            cells.append(r.note.replace("|", "\\|").replace("\n", " "))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- persistence
+def append_csv(bench: str, rows: list[Row], env: Environment, device: torch.device) -> Path:
+    """Append rows to ``results/<bench>.csv`` (header written once), keyed by device name."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{bench}.csv"
+    records = []
+    for r in rows:
+        t = r.timing
+        records.append({
+            "bench": bench, "device": env.device, **{f"case_{k}": v for k, v in r.case.items()},
+            "provider": r.provider,
+            "median_ms": t and round(t.median_ms, 4), "low_ms": t and round(t.low_ms, 4),
+            "high_ms": t and round(t.high_ms, 4), "samples": t and t.samples,
+            "mem_bytes": r.mem_bytes, "mem_kind": memory_kind(device),
+            "note": r.note, **r.extra,
+            **{k: v for k, v in asdict(env).items() if k != "device"},
+        })
+    fields = list(dict.fromkeys(k for rec in records for k in rec))
+    if path.exists():
+        with open(path, newline="") as f:
+            old_fields = next(csv.reader(f), [])
+        if old_fields and old_fields != fields:          # schema changed: keep both, start a new file
+            path = RESULTS_DIR / f"{bench}-{datetime.date.today().isoformat()}.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        w.writerows(records)
+    return path
+
+
+def update_results_md(bench: str, title: str, body: str, env: Environment, variant: str = "") -> None:
+    """Write the latest run of ``bench`` on this device (and ``variant``, e.g. the sizes) into RESULTS.md as
+    the block ``<!-- BEGIN <bench> <tag> --> ... <!-- END <bench> <tag> -->``, replacing the previous one;
+    blocks of other devices and variants are kept. A new block goes after the line ``<!-- <bench> sections -->``
+    when there is one, else at the end."""
+    heading = f"{env.device}, {variant}" if variant else env.device
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", heading).strip("-").lower()
+    begin, end = f"<!-- BEGIN {bench} {tag} -->", f"<!-- END {bench} {tag} -->"
+    block = "\n".join([
+        begin, f"### {title}: {heading}", "",
+        f"- date: {env.date}", f"- commit: `{env.commit}`", f"- torch {env.torch}, triton {env.triton}",
+        f"- command: `{env.command}`", "", body, end])
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        anchor = f"<!-- {bench} sections -->"
+        text = text.replace(anchor, anchor + "\n\n" + block) if anchor in text else text.rstrip() + "\n\n" + block + "\n"
+    RESULTS_MD.write_text(text)
