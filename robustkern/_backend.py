@@ -60,8 +60,8 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _why_not(backend: str, device_type: str) -> str | None:
-    """None if ``backend`` can run ops on ``device_type``, else the reason it cannot."""
+def _why_not(backend: str, device_type: str, op: str | None = None) -> str | None:
+    """None if ``backend`` can run ops (op ``op``, when given) on ``device_type``, else the reason it cannot."""
     if backend == "reference":
         return None
     if backend == "triton":
@@ -76,6 +76,8 @@ def _why_not(backend: str, device_type: str) -> str | None:
 
     if not _ext.load():
         return f"the compiled extension is not available ({_ext.status()})"
+    if op is not None and not hasattr(torch.ops.robustkern_ext, op):
+        return f"the compiled extension has no {op} kernel (rebuild: pip install --no-build-isolation -e .)"
     if backend == "cpp":
         return None if device_type == "cpu" else f"the cpp backend runs CPU tensors, not {device_type}"
     if backend == "cuda":
@@ -85,23 +87,24 @@ def _why_not(backend: str, device_type: str) -> str | None:
     raise AssertionError(backend)
 
 
-def available(backend: str, device_type: str = "cpu") -> bool:
-    """Whether ``backend`` can run ops on tensors of ``device_type``."""
-    return _why_not(_check_name(backend), device_type) is None
+def available(backend: str, device_type: str = "cpu", op: str | None = None) -> bool:
+    """Whether ``backend`` can run ops (the op named ``op``, when given) on tensors of ``device_type``."""
+    return _why_not(_check_name(backend), device_type, op) is None
 
 
-def select(device: torch.device | str) -> str:
-    """The backend that runs an op on tensors living on ``device``."""
+def select(device: torch.device | str, op: str | None = None) -> str:
+    """The backend that runs an op (named ``op``: a compiled backend must have a kernel for it) on tensors
+    living on ``device``."""
     device_type = torch.device(device).type
     name = requested_backend()
     if name != "auto":
-        reason = _why_not(name, device_type)
+        reason = _why_not(name, device_type, op)
         if reason is not None:
             raise BackendUnavailable(f"backend {name!r} was requested but cannot run here: {reason}")
         return name
     order = ("triton", "cuda", "reference") if device_type == "cuda" else ("cpp", "reference")
     for candidate in order:
-        if _why_not(candidate, device_type) is None:
+        if _why_not(candidate, device_type, op) is None:
             return candidate
     return "reference"
 

@@ -11,8 +11,9 @@ from .. import _backend
 def run(family: str, name: str, device: torch.device, *args):
     """Call op ``name`` of ``family`` (the module name under ``robustkern.kernels`` and
     ``robustkern.reference``; ``torch.ops.robustkern_ext.<name>`` for the compiled kernels) on the backend
-    selected for ``device``. The reference runs on CUDA with TF32 off."""
-    backend = _backend.select(device)
+    selected for ``device`` (a compiled backend without a kernel for ``name`` is skipped by ``auto`` and an
+    error when requested). The reference runs on CUDA with TF32 off."""
+    backend = _backend.select(device, op=name)
     if backend == "triton":
         return getattr(importlib.import_module(f"robustkern.kernels.{family}"), name)(*args)
     if backend in ("cpp", "cuda"):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend
 from ._dispatch import fresh, run
 
 __all__ = ["pgd_step", "NORMS"]
@@ -28,14 +27,6 @@ _FLOATS = (torch.float32, torch.float64)
 
 
 def _run(name: str, device: torch.device, *args):
-    backend = _backend.select(device)
-    if backend in ("cpp", "cuda") and not hasattr(torch.ops.robustkern_ext, name):
-        if _backend.requested_backend() != "auto":
-            raise _backend.BackendUnavailable(f"backend {backend!r} was requested but the compiled extension "
-                                              f"has no {name} kernel")
-        with _backend.use_backend("triton" if device.type == "cuda" and _backend.available("triton", "cuda")
-                                  else "reference"):
-            return run("attacks", name, device, *args)
     return run("attacks", name, device, *args)
 
 

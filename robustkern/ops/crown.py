@@ -2,10 +2,9 @@
 
 The math and the float64 ground truth are in ``robustkern.reference.crown``. Each op is a
 ``torch.library.custom_op`` that runs the Triton kernel (``robustkern.kernels.crown``; CUDA, or CPU under
-``TRITON_INTERPRET=1``) or the pure-PyTorch reference. There is no C++ kernel for this family: where
-``robustkern._backend.select`` picks the compiled extension automatically, these ops fall back to the
-reference (also when ``cpp``/``cuda`` is requested explicitly, so that ``use_backend("cpp")`` still runs whole
-models; the CUDA case prefers the Triton kernel).
+``TRITON_INTERPRET=1``) or the pure-PyTorch reference. There is no C++ kernel for this family yet:
+``auto`` skips the compiled backends for these ops (``robustkern._backend.select(device, op=...)``), and
+requesting ``cpp``/``cuda`` explicitly raises ``BackendUnavailable``.
 
 Backward passes are written with differentiable PyTorch ops (so double backward works) and save only the
 op's inputs: the ReLU step saves ``A`` and the bounds ``(l, u)``, and recomputes the slopes and the sign split
@@ -15,15 +14,13 @@ through ``d_l = d_u`` in the "same-slope" mode; the other lower slopes are piece
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import _backend
 from ..reference.crown import RELU_LOWER_MODES
-from ._dispatch import fresh
+from ._dispatch import fresh, run
 
 __all__ = ["crown_relu_backward", "crown_concretize", "RELU_LOWER_MODES"]
 
@@ -31,15 +28,7 @@ _FLOATS = (torch.float32, torch.float64)
 
 
 def _run(name: str, device: torch.device, *args):
-    backend = _backend.select(device)
-    if backend in ("cpp", "cuda"):  # no compiled kernel in this family: its stand-in is the reference
-        backend = "triton" if device.type == "cuda" and _backend.available("triton", "cuda") else "reference"
-    module = "kernels" if backend == "triton" else "reference"
-    fn = getattr(importlib.import_module(f"robustkern.{module}.crown"), name)
-    if device.type == "cuda" and backend == "reference":
-        with _backend.ieee_fp32():
-            return fn(*args)
-    return fn(*args)
+    return run("crown", name, device, *args)
 
 
 def _check(op: str, A: Tensor, **vecs) -> None:

@@ -106,6 +106,25 @@ def _epilogue_grads(pm, pr, scale, shift, relu, gm, gr):
 _FUSED_BACKWARD = []  # [True] once the compiled op is found and its fake kernel registered
 
 
+def _gemm_output_grads(ctx, out_shape, mid, gm, gr, gpm, gpr):
+    """Gradients at the GEMM's output of a linear/conv op with an optional epilogue: through the epilogue
+    from the final outputs' gradients ``gm, gr``, plus those of the pre-epilogue outputs ``gpm, gpr`` (None
+    when unused). Returns ``(gm, gr, g_scale, g_shift)``."""
+    _, _, _, scale, shift, pre_mid, pre_rad = ctx.saved_tensors
+    g_scale = g_shift = None
+    if pre_mid.numel():
+        gm = _zeros_if_none(gm, pre_mid)
+        gr = _zeros_if_none(gr, pre_rad)
+        gm, gr, g_scale, g_shift = _epilogue_grads(pre_mid, pre_rad, scale, shift, ctx.relu, gm, gr)
+        if gpm is not None and gpm.numel():
+            gm = gm + gpm
+        if gpr is not None and gpr.numel():
+            gr = gr + gpr
+    gm = _zeros_if_none(gm, mid.new_empty(out_shape))
+    gr = _zeros_if_none(gr, gm)
+    return gm, gr, g_scale, g_shift
+
+
 def _fused_epilogue_backward(device: torch.device) -> bool:
     if select(device) != "cpp":
         return False
@@ -155,17 +174,7 @@ def _linear_setup(ctx, inputs, output):
 def _linear_backward(ctx, gm, gr, gpm, gpr):
     mid, rad, weight, scale, shift, pre_mid, pre_rad = ctx.saved_tensors
     need = ctx.needs_input_grad
-    g_scale = g_shift = None
-    if pre_mid.numel() or _has_epilogue(scale, shift, ctx.relu):
-        gm = _zeros_if_none(gm, pre_mid)
-        gr = _zeros_if_none(gr, pre_rad)
-        gm, gr, g_scale, g_shift = _epilogue_grads(pre_mid, pre_rad, scale, shift, ctx.relu, gm, gr)
-        if gpm is not None and gpm.numel():
-            gm = gm + gpm
-        if gpr is not None and gpr.numel():
-            gr = gr + gpr
-    gm = _zeros_if_none(gm, mid.new_empty(mid.shape[0], weight.shape[-2]))
-    gr = _zeros_if_none(gr, gm)
+    gm, gr, g_scale, g_shift = _gemm_output_grads(ctx, (mid.shape[0], weight.shape[-2]), mid, gm, gr, gpm, gpr)
     absw = weight.abs()
     g_mid = g_rad = g_w = g_b = None
     if weight.dim() == 2:
@@ -262,17 +271,7 @@ def _conv_backward(ctx, gm, gr, gpm, gpr):
     mid, rad, weight, scale, shift, pre_mid, pre_rad = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conf
     need = ctx.needs_input_grad
-    g_scale = g_shift = None
-    if pre_mid.numel() or _has_epilogue(scale, shift, ctx.relu):
-        gm = _zeros_if_none(gm, pre_mid)
-        gr = _zeros_if_none(gr, pre_rad)
-        gm, gr, g_scale, g_shift = _epilogue_grads(pre_mid, pre_rad, scale, shift, ctx.relu, gm, gr)
-        if gpm is not None and gpm.numel():
-            gm = gm + gpm
-        if gpr is not None and gpr.numel():
-            gr = gr + gpr
-    gm = _zeros_if_none(gm, mid.new_empty(ctx.out_shape))
-    gr = _zeros_if_none(gr, gm)
+    gm, gr, g_scale, g_shift = _gemm_output_grads(ctx, ctx.out_shape, mid, gm, gr, gpm, gpr)
     conv_bwd = torch.ops.aten.convolution_backward
     common = (stride, padding, dilation, False, [0, 0], groups)
     bias_sizes = [weight.shape[0]] if ctx.has_bias else None
