@@ -25,13 +25,7 @@ def n_params(m):
     return sum(p.numel() for p in m.parameters())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Batch-2 forwards: one thread avoids OpenMP barrier stalls when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

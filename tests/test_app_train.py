@@ -16,13 +16,7 @@ from robustkern_cli.main import _fill_all, main
 from robustkern_cli.train import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny digits models: one thread avoids OpenMP barrier stalls when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg_for(name, *overrides):
