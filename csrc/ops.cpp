@@ -1,6 +1,7 @@
 // Every schema of the robustkern_ext library, once. The kernels are registered per device in
-// csrc/cpu/interval_cpu.cpp and csrc/cuda/interval_cuda_glue.cpp; the public ops (robustkern::*, with
-// fake tensors and autograd) are Python custom ops in robustkern/ops/ that call these.
+// csrc/cpu/interval_cpu.cpp, csrc/cpu/smoothing_cpu.cpp (CPU only) and csrc/cuda/interval_cuda_glue.cpp;
+// the public ops (robustkern::*, with fake tensors and autograd) are Python custom ops in robustkern/ops/
+// that call these.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -51,5 +52,9 @@ TORCH_LIBRARY(robustkern_ext, m) {
   m.def(
       "interval_epilogue_backward(Tensor pm, Tensor pr, Tensor? scale, Tensor? shift, bool relu, Tensor gm, "
       "Tensor gr) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "smoothing_noise(Tensor x, Tensor src, Tensor counter, Tensor seed, float sigma, Tensor? mean, "
+      "Tensor? std, ScalarType out_dtype) -> Tensor");
+  m.def("smoothing_count(Tensor logits, Tensor group, int num_groups) -> Tensor");
   m.def("build_info() -> str", &build_info);
 }

@@ -76,8 +76,9 @@ def _why_not(backend: str, device_type: str, op: str | None = None) -> str | Non
 
     if not _ext.load():
         return f"the compiled extension is not available ({_ext.status()})"
-    if op is not None and not hasattr(torch.ops.robustkern_ext, op):
-        return f"the compiled extension has no {op} kernel (rebuild: pip install --no-build-isolation -e .)"
+    if op is not None and not _ext_has_kernel(op, device_type):
+        return (f"the compiled extension has no {op} kernel for {device_type} tensors (an older build, or a "
+                f"kernel that exists for another device only)")
     if backend == "cpp":
         return None if device_type == "cpu" else f"the cpp backend runs CPU tensors, not {device_type}"
     if backend == "cuda":
@@ -85,6 +86,13 @@ def _why_not(backend: str, device_type: str, op: str | None = None) -> str | Non
             return f"the cuda backend runs CUDA tensors, not {device_type}"
         return None if _ext.has_cuda_kernels() else "robustkern._C was built without CUDA kernels"
     raise AssertionError(backend)
+
+
+def _ext_has_kernel(op: str, device_type: str) -> bool:
+    if not hasattr(torch.ops.robustkern_ext, op):  # an extension built before the op existed
+        return False
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"robustkern_ext::{op}", key)
 
 
 def available(backend: str, device_type: str = "cpu", op: str | None = None) -> bool:

@@ -4,13 +4,12 @@ import torch
 
 from robustkern.ops import smoothing_count, smoothing_noise
 from robustkern.reference import smoothing as ref
-from robustkern.ops.smoothing import _has_compiled
 from robustkern.testing import backend, backend_params
 
 
 def smoothing_backends():
-    """backend_params() less the compiled backends while robustkern._C has no smoothing kernels."""
-    return [p for p in backend_params() if p.values[0] not in ("cpp", "cuda") or _has_compiled("smoothing_noise")]
+    """backend_params(): the CPU backends, cpp included (its kernels must be bit-identical too)."""
+    return backend_params()
 
 
 def _meta(rows, images, stream=1, start=0):
@@ -35,7 +34,7 @@ def test_noise_is_standard_normal():
 
 
 @pytest.mark.parametrize("bk", smoothing_backends())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("norm", [False, True])
 def test_noise_matches_reference(bk, dtype, norm):
     x = torch.rand(3, 3, 4, 5)
@@ -131,9 +130,60 @@ def test_bad_input():
         smoothing_count(torch.randn(3, 2), torch.zeros(2, dtype=torch.int64), 1)
 
 
-def test_auto_falls_back_without_compiled_kernels():
+def test_auto_falls_back_without_compiled_kernels(monkeypatch):
+    """An extension without the smoothing kernels (an older build, or none for this device): ``auto`` runs the
+    reference, an explicit compiled backend raises."""
+    from robustkern import _backend
+
     x = torch.rand(2, 3, 2, 2)
     src, counter = _meta(3, 2)
+    want = ref.smoothing_noise(x, src, counter, torch.tensor([4]), 0.5, None, None, torch.float32)
     with backend("auto"):
-        got = smoothing_noise(x, src, counter, 4, 0.5)
-    assert torch.equal(got, ref.smoothing_noise(x, src, counter, torch.tensor([4]), 0.5, None, None, torch.float32))
+        assert torch.equal(smoothing_noise(x, src, counter, 4, 0.5), want)
+    monkeypatch.setattr(_backend, "_ext_has_kernel", lambda op, device_type: False)
+    with backend("auto"):
+        assert torch.equal(smoothing_noise(x, src, counter, 4, 0.5), want)
+    if _backend.available("cpp", "cpu"):
+        with backend("cpp"), pytest.raises(_backend.BackendUnavailable):
+            smoothing_noise(x, src, counter, 4, 0.5)
+
+
+def test_cpp_kernels_registered():
+    """The compiled extension has CPU kernels for both smoothing ops."""
+    from robustkern import _backend, _ext
+
+    if not _ext.load():
+        pytest.skip(f"no compiled extension here ({_ext.status()})")
+    assert _backend.available("cpp", "cpu", op="smoothing_noise")
+    assert _backend.available("cpp", "cpu", op="smoothing_count")
+
+
+@pytest.mark.parametrize("bk", smoothing_backends())
+def test_noise_matches_reference_large(bk):
+    """Several chunks per row, channels not aligned to chunks, many rows across threads, odd seed words."""
+    if bk == "triton":
+        pytest.skip("interpreted Triton: tiny shapes only")
+    x = torch.randn(3, 3, 17, 19)
+    src, counter = _meta(40, 3, stream=2, start=2 ** 32 - 40)
+    counter[:, 0] = torch.arange(40) * 97 + 2 ** 31
+    mean, std = torch.tensor([0.1, -0.2, 0.3]), torch.tensor([0.7, 1.3, 0.9])
+    seed = 2 ** 63 - 1 - 12345
+    for out_dtype in (torch.float32, torch.float16):
+        want = ref.smoothing_noise(x, src, counter, torch.tensor([seed]), 0.25, mean, std, out_dtype)
+        with backend(bk):
+            got = smoothing_noise(x, src, counter, seed, 0.25, mean=mean, std=std, out_dtype=out_dtype)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bk", smoothing_backends())
+def test_count_ties_and_dtypes(bk):
+    """All-equal rows vote for class 0; ties after the first maximum lose; float64 and float16 logits."""
+    logits = torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, 2.0], [-1.0, -3.0, -1.0], [5.0, 6.0, 7.0]])
+    group = torch.tensor([0, 1, 1, 0])
+    want = torch.tensor([[1, 0, 1], [1, 1, 0]])
+    with backend(bk):
+        for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            assert torch.equal(smoothing_count(logits.to(dt), group, 2), want)
+        big = torch.randn(300, 10, dtype=torch.float64)
+        g = torch.randint(0, 7, (300,))
+        assert torch.equal(smoothing_count(big, g, 7), ref.smoothing_count(big, g, 7))

@@ -4,9 +4,11 @@ Each is a ``torch.library.custom_op`` whose body runs the implementation ``robus
 picks: the Triton kernels (``robustkern.kernels.smoothing``), compiled kernels (``torch.ops.robustkern_ext``,
 when the extension has them) or the pure-PyTorch reference (``robustkern.reference.smoothing``, which states
 the math: Philox4x32-10 counter-based Gaussian noise keyed by (seed, image, sample, stream, element), and the
-per-group argmax histogram of Cohen et al. 2019's Monte Carlo estimate). The compiled extension currently
-has no smoothing kernels; when ``auto`` selects it, the op falls back to the reference (an explicitly
-requested ``cpp``/``cuda`` backend raises).
+per-group argmax histogram of Cohen et al. 2019's Monte Carlo estimate). The compiled extension has CPU
+kernels for both (csrc/cpu/smoothing_cpu.cpp, bit-identical to the reference) but no CUDA ones; when
+``auto`` selects a compiled backend whose kernel is missing (the CUDA build, or an older extension built
+before these kernels), the op falls back to Triton on CUDA or the reference (an explicitly requested
+``cpp``/``cuda`` backend raises).
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend
 from ._dispatch import run
 
 __all__ = ["smoothing_noise", "smoothing_count", "STREAM_SELECTION", "STREAM_ESTIMATION", "STREAM_PREDICT"]
@@ -26,22 +27,7 @@ _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _U32 = 2 ** 32
 
 
-def _has_compiled(name: str) -> bool:
-    try:
-        return hasattr(torch.ops.robustkern_ext, name)
-    except (RuntimeError, AttributeError):
-        return False
-
-
 def _run(name: str, device: torch.device, *args):
-    backend = _backend.select(device)
-    if backend in ("cpp", "cuda") and not _has_compiled(name):
-        if _backend.requested_backend() != "auto":
-            raise _backend.BackendUnavailable(f"backend {backend!r} was requested but robustkern._C has no "
-                                              f"{name} kernel")
-        with _backend.use_backend("triton" if device.type == "cuda" and _backend.available("triton", "cuda")
-                                  else "reference"):
-            return run("smoothing", name, device, *args)
     return run("smoothing", name, device, *args)
 
 
