@@ -114,6 +114,26 @@ def _gemm_finish(acc_m, acc_r, bias, grow, ktiny, two_e, HAS_BIAS: tl.constexpr,
 
 
 @triton.jit
+def _store_gemm_box(m, r, out_offs, out_mask, chan, mask_chan, out_mid_ptr, out_rad_ptr, pre_mid_ptr, pre_rad_ptr,
+                    scale_ptr, shift_ptr, four_u, tiny, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                    RELU: tl.constexpr, SOUND: tl.constexpr, STORE_PRE: tl.constexpr):
+    """Store a GEMM's output box; with an epilogue, store it as the pre-epilogue box and then the box after
+    the per-channel affine map (channels ``chan``) and ReLU."""
+    if STORE_PRE:
+        tl.store(pre_mid_ptr + out_offs, m, mask=out_mask)
+        tl.store(pre_rad_ptr + out_offs, r, mask=out_mask)
+        a = 0.0
+        c = 0.0
+        if HAS_SCALE:
+            a = tl.load(scale_ptr + chan, mask=mask_chan, other=0.0)[None, :]
+        if HAS_SHIFT:
+            c = tl.load(shift_ptr + chan, mask=mask_chan, other=0.0)[None, :]
+        m, r = _box_affine_relu(m, r, a, c, four_u, tiny, HAS_SCALE, HAS_SHIFT, RELU, SOUND)
+    tl.store(out_mid_ptr + out_offs, m, mask=out_mask)
+    tl.store(out_rad_ptr + out_offs, r, mask=out_mask)
+
+
+@triton.jit
 def _interval_linear_kernel(
     mid_ptr, rad_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr,
     out_mid_ptr, out_rad_ptr, pre_mid_ptr, pre_rad_ptr,
@@ -180,18 +200,8 @@ def _interval_linear_kernel(
     m, r = _gemm_finish(acc_m, acc_r, bias, grow, ktiny, two_e, HAS_BIAS, SOUND)
 
     out_offs = (g * M + rows[:, None]) * N + cols[None, :]
-    if STORE_PRE:
-        tl.store(pre_mid_ptr + out_offs, m, mask=out_mask)
-        tl.store(pre_rad_ptr + out_offs, r, mask=out_mask)
-        a = 0.0
-        c = 0.0
-        if HAS_SCALE:
-            a = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        if HAS_SHIFT:
-            c = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        m, r = _box_affine_relu(m, r, a, c, four_u, tiny, HAS_SCALE, HAS_SHIFT, RELU, SOUND)
-    tl.store(out_mid_ptr + out_offs, m, mask=out_mask)
-    tl.store(out_rad_ptr + out_offs, r, mask=out_mask)
+    _store_gemm_box(m, r, out_offs, out_mask, offs_n, mask_n, out_mid_ptr, out_rad_ptr, pre_mid_ptr, pre_rad_ptr, scale_ptr, shift_ptr, four_u, tiny,
+                        HAS_SCALE, HAS_SHIFT, RELU, SOUND, STORE_PRE)
 
 
 @triton.jit
@@ -272,18 +282,8 @@ def _interval_conv2d_kernel(
     m, r = _gemm_finish(acc_m, acc_r, bias, grow, ktiny, two_e, HAS_BIAS, SOUND)
 
     out_offs = (bb.to(tl.int64) * O)[:, None] * P + chan.to(tl.int64)[None, :] * P + p[:, None]
-    if STORE_PRE:
-        tl.store(pre_mid_ptr + out_offs, m, mask=out_mask)
-        tl.store(pre_rad_ptr + out_offs, r, mask=out_mask)
-        a = 0.0
-        c = 0.0
-        if HAS_SCALE:
-            a = tl.load(scale_ptr + chan, mask=mask_n, other=0.0)[None, :]
-        if HAS_SHIFT:
-            c = tl.load(shift_ptr + chan, mask=mask_n, other=0.0)[None, :]
-        m, r = _box_affine_relu(m, r, a, c, four_u, tiny, HAS_SCALE, HAS_SHIFT, RELU, SOUND)
-    tl.store(out_mid_ptr + out_offs, m, mask=out_mask)
-    tl.store(out_rad_ptr + out_offs, r, mask=out_mask)
+    _store_gemm_box(m, r, out_offs, out_mask, chan, mask_n, out_mid_ptr, out_rad_ptr, pre_mid_ptr, pre_rad_ptr, scale_ptr, shift_ptr, four_u, tiny,
+                        HAS_SCALE, HAS_SHIFT, RELU, SOUND, STORE_PRE)
 
 
 @triton.jit
