@@ -146,3 +146,17 @@ def test_crown_ibp_exits_4_until_the_library_has_it(tmp_path, capsys):
         assert main(argv) == 4
         assert "CROWN-IBP" in capsys.readouterr().err
         assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("method,params", [
+    ("pgd", ["training_params:method_params:epsilon=0.1", "training_params:method_params:step_size=0.05",
+             "training_params:method_params:num_steps=3"]),
+    ("trades", ["training_params:method_params:epsilon=0.1", "training_params:method_params:step_size=0.05",
+                "training_params:method_params:num_steps=3", "training_params:method_params:beta=1.0"]),
+])
+def test_adversarial_training_methods_train(tmp_path, method, params):
+    """PGD-AT and TRADES run through the library's losses: two epochs on digits lower the training loss."""
+    cfg = cfg_for("digits_standard", f"training_params:method={method}", "training_params:epochs=2", *params)
+    res = train(cfg, tmp_path / method, progress=False, log=lambda s: None)
+    first, last = res.history[0]["train_loss"], res.history[-1]["train_loss"]
+    assert math.isfinite(last) and last < first

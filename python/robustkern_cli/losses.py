@@ -264,10 +264,35 @@ placeholder("smoothadv", "robustkern.smoothing", ("smoothadv_loss",), "SmoothAdv
              "train_multi_noise": True, "warmup": 10})
 placeholder("trades_rs", "robustkern.smoothing", ("trades_rs_loss",), "TRADES + random smoothing, Blum et al. 2020",
             {"sigma": 0.12, "epsilon": 0.435, "num_steps": 10, "beta": 6.0, "distance": "l_2"})
-placeholder("pgd", "robustkern.attacks", ("pgd",), "PGD adversarial training, Madry et al. 2018",
-            {"epsilon": 0.3, "step_size": 0.01, "num_steps": 40, "random_start": True, "steps_rule": "fixed"})
-placeholder("trades", "robustkern.attacks", ("trades_loss",), "TRADES, Zhang et al. 2019",
-            {"epsilon": 0.031, "step_size": 0.007, "num_steps": 10, "beta": 6.0, "distance": "l_inf"})
+_PGD_DEFAULTS = {"epsilon": 0.3, "step_size": 0.01, "num_steps": 40, "random_start": True, "steps_rule": "fixed",
+                 "norm": "linf"}
+
+
+@register_loss("pgd", _PGD_DEFAULTS, ("robustkern.attacks", ("pgd_at_loss", "madry_steps")))
+def _pgd_at(model, x, y, cfg, state):
+    """Madry et al. 2018 PGD adversarial training: cross-entropy at the PGD point of the ball.
+    ``steps_rule = "madry"`` sets the steps to ``int(2.5 eps / step_size)`` (Shaeiri et al.'s IAT rule)."""
+    attacks = library_part("robustkern.attacks", "pgd_at_loss", "madry_steps", purpose="training method 'pgd'")
+    mp = cfg["training_params"]["method_params"]
+    if mp["steps_rule"] not in ("fixed", "madry"):
+        raise ConfigError(f"method_params:steps_rule must be 'fixed' or 'madry', got '{mp['steps_rule']}'")
+    eps, alpha = mp["epsilon"], mp["step_size"]
+    steps = mp["num_steps"] if mp["steps_rule"] == "fixed" else attacks.madry_steps(eps, alpha)
+    loss = attacks.pgd_at_loss(model, x, y, eps, alpha, steps, norm=mp["norm"], random_start=mp["random_start"])
+    return loss, {"loss": loss.item(), "eps": eps, "steps": steps}
+
+
+@register_loss("trades", {"epsilon": 0.031, "step_size": 0.007, "num_steps": 10, "beta": 6.0,
+                          "distance": "l_inf"}, ("robustkern.attacks", ("trades_loss",)))
+def _trades(model, x, y, cfg, state):
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta KL(f(x) || f(x')) at the inner maximiser x'."""
+    attacks = library_part("robustkern.attacks", "trades_loss", purpose="training method 'trades'")
+    mp = cfg["training_params"]["method_params"]
+    loss = attacks.trades_loss(model, x, y, step_size=mp["step_size"], epsilon=mp["epsilon"],
+                               perturb_steps=mp["num_steps"], beta=mp["beta"], distance=mp["distance"])
+    return loss, {"loss": loss.item(), "eps": mp["epsilon"]}
+
+
 placeholder("lfr", "robustkern.flatness", ("lfr_loss",), "local flatness regularisation, Xu et al. 2020",
             {"epsilon": 0.3, "step_size": 0.01, "num_steps": 40, "lambada": 0.02, "norm": "l_inf"})
 placeholder("crown_ibp_ours", "robustkern.bounds", ("optimized_slopes",),
