@@ -47,10 +47,77 @@ def test_missing_data_exits_3(tmp_path, capsys):
 def test_methods_without_their_library_part_exit_4(tmp_path, capsys):
     assert main(["train", "-q", "-c", "macer_0.25", "--out", str(tmp_path)]) == 4
     assert "robustkern.smoothing" in capsys.readouterr().err
-    assert main(["certify", "-c", "cohen_gaussian_0.25"]) == 4
-    assert "robustkern.smoothing" in capsys.readouterr().err
     assert main(["eval", "-c", "lfr_mnist_0.3"]) == 4  # PGD evaluation: before any data is looked for
     assert "robustkern.attacks" in capsys.readouterr().err
+
+
+def test_certify_usage_and_data_errors(tmp_path, capsys):
+    assert main(["certify", "-c", "cohen_gaussian_0.25"]) == 2  # no weights to certify
+    assert "--checkpoint" in capsys.readouterr().err
+    assert main(["certify", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["train", "-q", "-c", "digits_gaussian", "--out", str(run), "training_params:epochs=1",
+                 "data:num_train=64"]) == 0
+    ckpt = str(run / "checkpoint.pt")
+    assert main(["certify", "-q", "--checkpoint", ckpt, "certify_params:N=0"]) == 2
+    assert main(["certify", "-q", "--checkpoint", ckpt, "data:dataset=mnist", "--data-dir", str(tmp_path)]) == 2
+    assert "does not match the model" in capsys.readouterr().err  # digits weights in an MNIST-shaped model
+    from robustkern_cli.config import load_config
+    from robustkern_cli.evaluate import model_from_config
+    mnist = load_config("digits_gaussian", ["data:dataset=mnist"])
+    torch.save({"state_dict": model_from_config(mnist).state_dict()}, tmp_path / "mnist.pt")
+    assert main(["certify", "-q", "-c", "digits_gaussian", "data:dataset=mnist", "--checkpoint",
+                 str(tmp_path / "mnist.pt"), "--data-dir", str(tmp_path)]) == 3  # weights fit, data missing
+    assert "t10k-images-idx3-ubyte" in capsys.readouterr().err
+
+
+def test_certify_writes_cohens_tsv_and_resumes(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "-q", "-c", "digits_gaussian", "--out", str(run), "training_params:epochs=1"]) == 0
+    capsys.readouterr()
+    args = ["certify", "-q", "--checkpoint", str(run / "checkpoint.pt"), "certify_params:N0=20",
+            "certify_params:N=200", "certify_params:max=10", "--format", "tsv"]
+    assert main(args) == 0
+    tsv = run / "certify_sigma0.25.tsv"
+    lines = tsv.read_text().splitlines()
+    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and len(lines) == 11
+    rows = [line.split("\t") for line in lines[1:]]
+    assert [int(r[0]) for r in rows] == list(range(10))
+    for idx, label, pred, radius, correct, elapsed in rows:
+        assert 0 <= int(label) < 10 and -1 <= int(pred) < 10 and float(radius) >= 0
+        assert int(correct) == int(int(pred) == int(label)) and ":" in elapsed
+        assert (int(pred) == -1) <= (float(radius) == 0)
+    header, row = capsys.readouterr().out.strip().splitlines()
+    summary = dict(zip(header.split("\t"), row.split("\t")))
+    assert summary["n"] == "10" and {"acr", "0", "0.25", "0.5", "1"} <= set(summary)
+    assert all(0 <= float(summary[k]) <= 1 for k in ("0", "0.25", "0.5", "abstain"))
+    # a rerun resumes: nothing is certified twice; a larger max only adds the new images
+    assert main(args) == 0
+    assert tsv.read_text().splitlines() == lines
+    assert main(args[:-3] + ["certify_params:max=12", "--outfile", str(tsv)]) == 0
+    again = tsv.read_text().splitlines()
+    assert again[:11] == lines and [line.split("\t")[0] for line in again[11:]] == ["10", "11"]
+
+
+def test_demo_prints_one_table(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--certify-images", "8", "--certify-n", "200",
+                 "--pgd-steps", "3"]) == 0
+    text = capsys.readouterr().out
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[0] == "model" and header[-1] == "ACR" and len(header) == 8
+    rows = {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")] for line in table[1:])}
+    assert set(rows) == {"standard", "ibp", "gaussian"}
+    for name, cells in rows.items():
+        numbers = cells[:3] if name != "gaussian" else cells[:6]
+        assert all(0 <= float(v) <= 1 for v in numbers), (name, cells)
+        if name != "gaussian":
+            assert cells[3:] == ["-"] * 4
+    assert float(rows["gaussian"][6]) >= 0
+    assert (out / "certified_accuracy.png").stat().st_size > 1000
+    assert len((out / "gaussian" / "certify_sigma0.25.tsv").read_text().splitlines()) == 9
 
 
 def test_train_then_eval_from_the_checkpoint_alone(tmp_path, capsys):

@@ -1,0 +1,94 @@
+"""Randomised-smoothing certification of a checkpoint (``robustkern certify``): Cohen et al.'s CERTIFY through
+``robustkern.smoothing.Smooth`` and ``robustkern.smoothing.runner.certify_dataset`` (Cohen's TSV log, resume,
+torchrun sharding), parameters from ``certify_params`` (sigma, N0, N, alpha, batch, skip, max)."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from .analyze import parse_radii, summarize
+from .data import dataset_info, load_dataset
+from .errors import ConfigError, library_part
+
+__all__ = ["certify_params", "default_outfile", "default_radii", "certify_checkpoint", "certify_summary"]
+
+
+def certify_params(cfg: dict) -> dict:
+    """``certify_params`` checked and typed: sigma, n0, n, alpha, batch, skip, max."""
+    cp = cfg["certify_params"]
+    try:
+        p = {"sigma": float(cp["sigma"]), "n0": int(cp["N0"]), "n": int(cp["N"]), "alpha": float(cp["alpha"]),
+             "batch": int(cp["batch"]), "skip": int(cp["skip"]), "max": int(cp["max"]),
+             "start": int(cp.get("start", 0))}
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"certify_params: {exc}") from None
+    if not (math.isfinite(p["sigma"]) and p["sigma"] > 0):
+        raise ConfigError(f"certify_params:sigma must be > 0, got {cp['sigma']}")
+    for k, key in (("n0", "N0"), ("n", "N"), ("batch", "batch"), ("skip", "skip")):
+        if p[k] < 1:
+            raise ConfigError(f"certify_params:{key} must be >= 1, got {cp[key]}")
+    if not 0 < p["alpha"] < 1:
+        raise ConfigError(f"certify_params:alpha must be in (0, 1), got {cp['alpha']}")
+    if p["start"] != 0:
+        raise ConfigError("certify_params:start is not supported by the certify runner (Cohen's --skip/--max "
+                          "select images from index 0); use skip and max")
+    return p
+
+
+def default_outfile(out_dir: str | Path, sigma: float) -> Path:
+    return Path(out_dir) / f"certify_sigma{sigma:g}.tsv"
+
+
+def default_radii(sigma: float) -> list[float]:
+    """0, 0.25, ... up to at least 1 and 4 sigma (the largest radius N = 100k samples can certify is ~3.8 sigma)."""
+    stop = max(1.0, math.ceil(4 * sigma / 0.25) * 0.25)
+    return parse_radii(f"0:{stop}:0.25")
+
+
+def certify_checkpoint(cfg: dict, model: torch.nn.Module, outfile: str | Path, *, data_dir=None,
+                       download: bool = False, device: str = "cpu", progress: bool = False,
+                       images_per_batch: int | None = None, num_examples: int = 0) -> Path:
+    """Certify the test split of ``cfg``'s data set with the smoothed ``model`` and write Cohen's TSV to
+    ``outfile`` (resuming it when it already holds lines). ``num_examples > 0`` caps the selection like
+    ``certify_params:max`` (the smaller wins). Returns the path written (a part file on ranks > 0 under
+    torchrun)."""
+    smoothing = library_part("robustkern.smoothing", "Smooth", purpose="'robustkern certify' (randomised smoothing)")
+    runner = library_part("robustkern.smoothing.runner", "certify_dataset",
+                          purpose="'robustkern certify' (randomised smoothing)")
+    p = certify_params(cfg)
+    info = dataset_info(cfg["data"]["dataset"])
+    ds = load_dataset(info.name, "test", data_dir or cfg["data"]["data_dir"] or None, download)
+    stop = p["max"]
+    if num_examples and num_examples > 0:
+        stop = num_examples if stop < 0 else min(stop, num_examples)
+    if images_per_batch is None:  # several images share a forward when N is small against the batch
+        images_per_batch = max(1, min(64, p["batch"] // max(p["n"], 1)))
+    model = model.to(device).eval()
+    smooth = smoothing.Smooth(model, info.num_classes, p["sigma"])
+    return runner.certify_dataset(smooth, ds, outfile, n0=p["n0"], n=p["n"], alpha=p["alpha"],
+                                  batch_size=p["batch"], skip=p["skip"], max=stop, seed=int(cfg.get("seed", 0)),
+                                  images_per_batch=images_per_batch, device=torch.device(device),
+                                  progress=progress)
+
+
+def certify_summary(outfile: str | Path, radii, linf_dim: int = 0) -> list[dict]:
+    """analyze.summarize of one log; with ``linf_dim`` a second row reads the L2 radii as L-inf radii."""
+    rows = summarize([outfile], radii)
+    if linf_dim and linf_dim > 0:
+        row = summarize([outfile], radii, scale=1.0 / math.sqrt(linf_dim))[0]
+        row["name"] += f" (L-inf, /sqrt({linf_dim}))"
+        rows.append(row)
+    return rows
+
+
+def is_rank0() -> bool:
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank() == 0
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", "0")) == 0
