@@ -70,6 +70,31 @@ def _crown_ibp(model, loader, cfg, device, progress):
     return verified_metrics(model, loader, cfg, device, progress, method="CROWN-IBP")
 
 
+def _attack_norm(ep: dict) -> str:
+    norm = str(ep["norm"]).lower()
+    if norm in ("inf", "linf", "l_inf"):
+        return "linf"
+    if norm in ("2", "2.0", "l2", "l_2"):
+        return "l2"
+    raise ConfigError(f"eval_params:norm must be 'inf' or '2', got '{ep['norm']}'")
+
+
+def _pgd(model, loader, cfg, device, progress):
+    """Accuracy under PGD-k with restarts (Madry et al. 2018; the seeds' "PGD^100" column), plus clean."""
+    attacks = library_part("robustkern.attacks", "pgd", "robust_accuracy", purpose="evaluation method 'pgd'")
+    ep = cfg["eval_params"]
+    mp = ep["method_params"]
+    eps, norm = float(ep["epsilon"]), _attack_norm(ep)
+
+    def attack(x, y):
+        return attacks.pgd(model, x, y, eps, mp["step_size"], mp["num_steps"], norm=norm,
+                           random_start=mp["random_start"], restarts=mp["restarts"])
+
+    res = attacks.robust_accuracy(model, loader, attack, device=device)
+    return {"acc": res["clean_accuracy"], "pgd_acc": res["robust_accuracy"], "n": res["n"], "epsilon": eps, "norm": norm,
+            "steps": mp["num_steps"], "restarts": mp["restarts"]}
+
+
 def _needs_attacks(name: str, what: str):
     def run(model, loader, cfg, device, progress):
         library_part("robustkern.attacks", purpose=f"evaluation method '{name}' ({what})")
@@ -82,7 +107,7 @@ EVALS = {
     "clean": _clean,
     "ibp": _ibp,
     "crown_ibp": _crown_ibp,
-    "pgd": _needs_attacks("pgd", "PGD attack with restarts"),
+    "pgd": _pgd,
     "autoattack": _needs_attacks("autoattack", "AutoAttack-compatible cascade"),
 }
 EVAL_DEFAULTS = {
@@ -114,7 +139,9 @@ def _precheck(method: str) -> None:
     from .losses import probe_bound_method
     if method in ("ibp", "crown_ibp"):
         probe_bound_method("IBP" if method == "ibp" else "CROWN-IBP", f"evaluation method '{method}'")
-    elif method in ("pgd", "autoattack"):
+    elif method == "pgd":
+        library_part("robustkern.attacks", "pgd", "robust_accuracy", purpose="evaluation method 'pgd'")
+    elif method == "autoattack":
         EVALS[method](None, None, None, "cpu", False)
 
 
