@@ -47,8 +47,8 @@ def test_missing_data_exits_3(tmp_path, capsys):
 def test_methods_without_their_library_part_exit_4(tmp_path, capsys):
     assert main(["train", "-q", "-c", "macer_0.25", "--out", str(tmp_path)]) == 4
     assert "robustkern.smoothing" in capsys.readouterr().err
-    assert main(["eval", "-c", "lfr_mnist_0.3", "eval_params:method=autoattack"]) == 4  # before any data is read
-    assert "robustkern.attacks" in capsys.readouterr().err
+    assert main(["train", "-q", "-c", "lfr_mnist_0.3", "--out", str(tmp_path / "lfr")]) == 4
+    assert "robustkern.flatness" in capsys.readouterr().err
 
 
 def test_certify_usage_and_data_errors(tmp_path, capsys):
@@ -137,6 +137,11 @@ def test_train_then_eval_from_the_checkpoint_alone(tmp_path, capsys):
                  "eval_params:method_params:step_size=0.05"]) == 0
     pgd = json.loads(capsys.readouterr().out)
     assert pgd["n"] == 360 and pgd["acc"] == pytest.approx(ev["acc"]) and pgd["pgd_acc"] < pgd["acc"]
+    assert main(["eval", "-q", "--checkpoint", str(run / "checkpoint.pt"), "eval_params:method=autoattack",
+                 "eval_params:epsilon=0.1", "eval_params:method_params:num_steps=5",
+                 "eval_params:num_examples=60"]) == 0
+    aa = json.loads(capsys.readouterr().out)
+    assert aa["n"] == 60 and aa["autoattack_acc"] < aa["acc"] and "upper bound" in aa["note"]
 
 
 def test_resume_flag_before_an_override_is_not_taken_as_a_path(tmp_path):
