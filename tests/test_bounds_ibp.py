@@ -327,3 +327,21 @@ def test_l2_dual_norm_bound_is_exact_for_an_affine_model(backend):
     assert count_violations(model, x, eps, 2, C, lb, ub) == 0
     width = ub - lb
     assert count_violations(model, x, eps, 2, C, lb + 0.02 * width, ub - 0.02 * width, samples=0) > 0
+
+
+def test_check_values_false_skips_only_the_value_checks():
+    """check_values=False skips the checks that read tensor values (host syncs on a GPU), gives the same
+    bounds on valid input, and still checks shapes and a negative float eps."""
+    model = random_sequential(2)
+    x = torch.rand(2, 2, 6, 6)
+    C = margin_spec(torch.tensor([1, 3]), 4)
+    bm = BoundedModule(model, x)
+    torch.testing.assert_close(bm.compute_bounds(x, 0.05, C=C, check_values=False)[0],
+                               bm.compute_bounds(x, 0.05, C=C)[0])
+    bm.compute_bounds(x + 1.5, 0.1, check_values=False)  # out of range: not checked
+    with pytest.raises(ValueError, match="must lie in"):
+        bm.compute_bounds(x + 1.5, 0.1)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        bm.compute_bounds(x, -0.1, check_values=False)
+    with pytest.raises(ValueError, match="must have shape"):
+        bm.compute_bounds(torch.rand(2, 3, 6, 6), 0.1, check_values=False)

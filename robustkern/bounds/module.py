@@ -150,7 +150,8 @@ class BoundedModule(nn.Module):
     # ------------------------------------------------------------------ bounds
     def compute_bounds(self, x: Tensor, eps, norm: float = math.inf, method: str = "IBP", C: Tensor | None = None,
                        x_min: float = 0.0, x_max: float = 1.0, *, sound: bool = True, bound_lower: bool = True,
-                       bound_upper: bool = True, relu_lower: str = "adaptive", crown_batch_size: int | None = None):
+                       bound_upper: bool = True, relu_lower: str = "adaptive", crown_batch_size: int | None = None,
+                       check_values: bool = True):
         """Bounds ``(lb, ub)`` on the model's outputs (B, n_out), or on ``C`` times them (B, n_spec) when a
         specification ``C`` (B, n_spec, n_out) is given, over every input ``x'`` with ``||x' - x|| <= eps``
         (``norm`` inf or 2) and ``x_min <= x' <= x_max``.
@@ -166,12 +167,15 @@ class BoundedModule(nn.Module):
         CROWN methods: see ``robustkern.bounds.crown`` for what is guaranteed); for final verification also
         consider float64 (``model.double()``). A side not requested (``bound_lower``/``bound_upper``) is
         returned as None (and, for the CROWN methods, not computed). NaN in a bound (from NaN or inf weights)
-        is returned as -inf/+inf.
+        is returned as -inf/+inf. ``check_values=False`` skips the checks that read tensor values (NaN in
+        ``x``/``eps``/``C``, ``x`` inside [x_min, x_max], ``eps >= 0`` for tensor eps): each is a host-device
+        sync, which a GPU training loop may not want once its inputs are known to be valid. Shapes, dtypes and
+        a negative float ``eps`` are always checked.
         """
         method = canonical_method(method)
-        x, eps, norm = self._check_inputs(x, eps, norm, x_min, x_max)
+        x, eps, norm = self._check_inputs(x, eps, norm, x_min, x_max, check_values)
         out = self._bounds(x, eps, norm, method, C, float(x_min), float(x_max), sound, bound_lower, bound_upper,
-                           relu_lower, crown_batch_size)
+                           relu_lower, crown_batch_size, check_values=check_values)
         return out[0], out[1]
 
     def compute_bounds_box(self, lower: Tensor, upper: Tensor, method: str = "IBP", C: Tensor | None = None, *,
@@ -207,10 +211,10 @@ class BoundedModule(nn.Module):
         return out[0], out[1]
 
     def _bounds(self, x, eps, norm, method, C, x_min, x_max, sound, bound_lower, bound_upper, relu_lower="adaptive",
-                crown_batch_size=None, input_box=None, with_ibp: bool = False):
+                crown_batch_size=None, input_box=None, with_ibp: bool = False, check_values: bool = True):
         """(lb, ub[, ibp_lb, ibp_ub]) after the checks: the engine behind compute_bounds(_box)."""
         if C is not None:
-            C = self._check_spec(C, x)
+            C = self._check_spec(C, x, check_values)
         stats = self._training_bn_stats(x)
         box, bounds = propagate(self.nodes, self.groups, x, eps, norm, x_min, x_max, C, sound, stats,
                                 input_box=input_box)
@@ -233,7 +237,7 @@ class BoundedModule(nn.Module):
         p = next(iter(self.model.parameters()), None)
         return p.dtype if p is not None else torch.float32
 
-    def _check_inputs(self, x: Tensor, eps, norm, x_min: float, x_max: float):
+    def _check_inputs(self, x: Tensor, eps, norm, x_min: float, x_max: float, check_values: bool = True):
         if not isinstance(x, Tensor):
             raise TypeError("compute_bounds: x must be a tensor")
         if tuple(x.shape[1:]) != self.input_shape:
@@ -247,9 +251,11 @@ class BoundedModule(nn.Module):
         x = x.to(dtype)
         if not x_min <= x_max:
             raise ValueError(f"compute_bounds: x_min ({x_min}) must be <= x_max ({x_max})")
-        if bool(torch.isnan(x).any()):
+        if isinstance(eps, (int, float)) and not eps >= 0:
+            raise ValueError(f"compute_bounds: eps must be >= 0 and not NaN, got {eps}")
+        if check_values and bool(torch.isnan(x).any()):
             raise ValueError("compute_bounds: x contains NaN")
-        if x.numel() and (float(x.min()) < x_min or float(x.max()) > x_max):
+        if check_values and x.numel() and (float(x.min()) < x_min or float(x.max()) > x_max):
             raise ValueError(f"compute_bounds: x must lie in [x_min, x_max] = [{x_min}, {x_max}], got values in "
                              f"[{float(x.min())}, {float(x.max())}]")
         eps_t = torch.as_tensor(eps, dtype=dtype, device=x.device)
@@ -258,19 +264,19 @@ class BoundedModule(nn.Module):
         if eps_t.shape != (x.shape[0],):
             raise ValueError(f"compute_bounds: eps must be a float or a ({x.shape[0]},) tensor, got shape "
                              f"{tuple(eps_t.shape)}")
-        if bool(torch.isnan(eps_t).any()) or bool((eps_t < 0).any()):
+        if check_values and (bool(torch.isnan(eps_t).any()) or bool((eps_t < 0).any())):
             raise ValueError(f"compute_bounds: eps must be >= 0 and not NaN, got {eps if eps_t.numel() == 1 else eps_t}")
         norm = float(norm)
         if norm not in (math.inf, 2.0):
             raise ValueError(f"compute_bounds: norm must be inf or 2, got {norm}")
         return x, eps_t.contiguous(), norm
 
-    def _check_spec(self, C: Tensor, x: Tensor) -> Tensor:
+    def _check_spec(self, C: Tensor, x: Tensor, check_values: bool = True) -> Tensor:
         want = (x.shape[0], "n_spec", self.num_outputs)
         if not isinstance(C, Tensor) or C.dim() != 3 or C.shape[0] != x.shape[0] or C.shape[2] != self.num_outputs:
             got = tuple(C.shape) if isinstance(C, Tensor) else type(C).__name__
             raise ValueError(f"compute_bounds: C must have shape {want}, got {got}")
-        if bool(torch.isnan(C).any()):
+        if check_values and bool(torch.isnan(C).any()):
             raise ValueError("compute_bounds: C contains NaN")
         return C.to(x.dtype)
 
