@@ -126,6 +126,19 @@ std::vector<int64_t> pair_param(const char* op, const char* name, at::IntArrayRe
   return v.size() == 1 ? std::vector<int64_t>{v[0], v[0]} : std::vector<int64_t>{v[0], v[1]};
 }
 
+// The checks both GEMM ops start with (the macros name the argument in their messages).
+void check_gemm_args(const char* op, const at::Tensor& mid, const at::Tensor& rad, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                     const std::optional<at::Tensor>& shift, int64_t dim) {
+  CHECK_FLOATING(op, mid);
+  CHECK_LIKE(op, rad, mid);
+  CHECK_LIKE(op, weight, mid);
+  CHECK_LIKE(op, bias, mid);
+  CHECK_LIKE(op, scale, mid);
+  CHECK_LIKE(op, shift, mid);
+  CHECK_DIM(op, mid, dim);
+}
+
 }  // namespace
 
 BoxWithPre interval_linear(const at::Tensor& mid, const at::Tensor& rad, const at::Tensor& weight,
@@ -133,13 +146,7 @@ BoxWithPre interval_linear(const at::Tensor& mid, const at::Tensor& rad, const a
                            const std::optional<at::Tensor>& shift, bool relu, bool sound,
                            const IntervalKernels& kernels) {
   const char* op = "interval_linear";
-  CHECK_FLOATING(op, mid);
-  CHECK_LIKE(op, rad, mid);
-  CHECK_LIKE(op, weight, mid);
-  CHECK_LIKE(op, bias, mid);
-  CHECK_LIKE(op, scale, mid);
-  CHECK_LIKE(op, shift, mid);
-  CHECK_DIM(op, mid, 2);
+  check_gemm_args(op, mid, rad, weight, bias, scale, shift, 2);
   CHECK_SAME_SHAPE(op, rad, mid);
   const int64_t B = mid.size(0);
   const int64_t K = mid.size(1);
@@ -185,13 +192,7 @@ BoxWithPre interval_conv2d(const at::Tensor& mid, const at::Tensor& rad, const a
                            const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
                            bool relu, bool sound, const IntervalKernels& kernels) {
   const char* op = "interval_conv2d";
-  CHECK_FLOATING(op, mid);
-  CHECK_LIKE(op, rad, mid);
-  CHECK_LIKE(op, weight, mid);
-  CHECK_LIKE(op, bias, mid);
-  CHECK_LIKE(op, scale, mid);
-  CHECK_LIKE(op, shift, mid);
-  CHECK_DIM(op, mid, 4);
+  check_gemm_args(op, mid, rad, weight, bias, scale, shift, 4);
   CHECK_SAME_SHAPE(op, rad, mid);
   CHECK_DIM(op, weight, 4);
   TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);

@@ -103,21 +103,9 @@ void box_epilogue_typed(const BoxEpilogue<T>& p) {
 
 template <typename T>
 void box_epilogue_cpu(const BoxEpilogue<T>& p) {
-  bool_switch(p.sound, [&](auto sound) {
-    bool_switch(p.affine, [&](auto affine) {
-      bool_switch(p.relu, [&](auto relu) {
-        constexpr bool kSound = decltype(sound)::value;
-        constexpr bool kAffine = decltype(affine)::value;
-        constexpr bool kRelu = decltype(relu)::value;
-        if (p.gemm) {
-          bool_switch(p.add_bias, [&](auto add_bias) {
-            box_epilogue_typed<T, kSound, true, decltype(add_bias)::value, kAffine, kRelu>(p);
-          });
-        } else if constexpr (kAffine || kRelu) {  // interval_affine; it never calls with neither
-          box_epilogue_typed<T, kSound, false, false, kAffine, kRelu>(p);
-        }
-      });
-    });
+  epilogue_switch(p, [&](auto sound, auto gemm, auto add_bias, auto affine, auto relu) {
+    box_epilogue_typed<T, decltype(sound)::value, decltype(gemm)::value, decltype(add_bias)::value,
+                       decltype(affine)::value, decltype(relu)::value>(p);
   });
 }
 

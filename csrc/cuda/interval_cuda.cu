@@ -79,22 +79,9 @@ template <typename T>
 cudaError_t launch_box_epilogue(const BoxEpilogue<T>& p, cudaStream_t stream) {
   const int64_t n = p.layout.numel();
   if (n == 0) return cudaGetLastError();
-  bool_switch(p.sound, [&](auto sound) {
-    bool_switch(p.affine, [&](auto affine) {
-      bool_switch(p.relu, [&](auto relu) {
-        constexpr bool kSound = decltype(sound)::value;
-        constexpr bool kAffine = decltype(affine)::value;
-        constexpr bool kRelu = decltype(relu)::value;
-        if (p.gemm) {
-          bool_switch(p.add_bias, [&](auto add_bias) {
-            box_epilogue_kernel<T, kSound, true, decltype(add_bias)::value, kAffine, kRelu>
-                <<<blocks_for(n), kThreads, 0, stream>>>(p);
-          });
-        } else if constexpr (kAffine || kRelu) {  // interval_affine; it never calls with neither
-          box_epilogue_kernel<T, kSound, false, false, kAffine, kRelu><<<blocks_for(n), kThreads, 0, stream>>>(p);
-        }
-      });
-    });
+  epilogue_switch(p, [&](auto sound, auto gemm, auto add_bias, auto affine, auto relu) {
+    box_epilogue_kernel<T, decltype(sound)::value, decltype(gemm)::value, decltype(add_bias)::value,
+                        decltype(affine)::value, decltype(relu)::value><<<blocks_for(n), kThreads, 0, stream>>>(p);
   });
   return cudaGetLastError();
 }
