@@ -126,11 +126,12 @@ def _gemm_output_grads(ctx, out_shape, mid, gm, gr, gpm, gpr):
 
 
 def _fused_epilogue_backward(device: torch.device) -> bool:
-    if select(device) != "cpp":
+    """Whether the compiled single-pass epilogue backward runs here (the backend chosen for ``device`` is
+    ``cpp`` and has the op); registers the op's fake kernel on first use (the op exists only once the
+    extension is loaded)."""
+    if select(device, op="interval_epilogue_backward") != "cpp":
         return False
     if not _FUSED_BACKWARD:
-        if not hasattr(torch.ops.robustkern_ext, "interval_epilogue_backward"):
-            return False
 
         @torch.library.register_fake("robustkern_ext::interval_epilogue_backward")
         def _(pm, pr, scale, shift, relu, gm, gr):
