@@ -2,7 +2,6 @@
 this machine, and checks of floating-point soundness."""
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -48,10 +47,7 @@ def backend_params(device: str = "cpu"):
     return params
 
 
-@contextlib.contextmanager
-def backend(name: str):
-    with _backend.use_backend(name):
-        yield
+backend = _backend.use_backend  # ``with backend("cpp"): ...`` in tests
 
 
 def assert_box_contains(lower: torch.Tensor, upper: torch.Tensor, inner_lower: torch.Tensor,
