@@ -114,10 +114,14 @@ def _single_run(model, x, y, eps, steps, norm, loss, target, rho):
         with torch.no_grad():
             fooled = logits.argmax(1) != y
             correct &= ~fooled
-            x_best_adv[fooled] = x_adv[fooled]
+            # torch.where, not masked assignment: no host-device sync inside the step loop
+            x_best_adv = torch.where(_rows(fooled, x.dim()), x_adv, x_best_adv)
             loss_steps[i] = li
             better = li > loss_best
-            x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], li[better]
+            better_rows = _rows(better, x.dim())
+            x_best = torch.where(better_rows, x_adv, x_best)
+            grad_best = torch.where(better_rows, grad, grad_best)
+            loss_best = torch.where(better, li, loss_best)
             counter += 1
             if counter == k:
                 # oscillation: fewer than rho*k increases over the last k steps (index -1 wraps as upstream)
@@ -127,10 +131,10 @@ def _single_run(model, x, y, eps, steps, norm, loss, target, rho):
                 osc = osc | no_impr
                 reduced_last = osc.clone()
                 loss_best_last = loss_best.clone()
-                if bool(osc.any()):
-                    step[osc] /= 2.0
-                    x_adv[osc] = x_best[osc]
-                    grad[osc] = grad_best[osc]
+                osc_rows = _rows(osc, x.dim())
+                step = torch.where(osc_rows, step / 2.0, step)
+                x_adv = torch.where(osc_rows, x_best, x_adv)
+                grad = torch.where(osc_rows, grad_best, grad)
                 k = max(k - size_decr, n_min)
                 counter = 0
     return x_best, correct, loss_best, x_best_adv
