@@ -72,9 +72,12 @@ def cmd_train(args) -> int:
     else:
         cfg = _config_from(args)
         out = Path(args.out) if args.out else None
+    if args.tensorboard is not None:  # kept in the checkpoint's config, so a resumed run logs on
+        cfg["training_params"]["tensorboard"] = args.tensorboard
     result = train(cfg, out, data_dir=args.data_dir, download=args.download, resume=resume, device=args.device,
                    progress=_progress(args), log=(lambda s: None) if args.quiet else None)
-    print(json.dumps({"run_dir": str(result.run_dir), **result.final}, default=str))
+    if result.rank == 0:
+        print(json.dumps({"run_dir": str(result.run_dir), **result.final}, default=str))
     return EXIT_OK
 
 
@@ -399,8 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(Cohen et al.'s noise augmentation), ibp / crown_ibp (need robustkern.bounds); the smoothing,\n"
         "adversarial and flatness methods exit 4 until their library parts exist. Every epoch writes\n"
         "<out>/checkpoint.pt (model, optimiser, config, epoch, metrics, RNG states) and <out>/log.csv;\n"
-        "--resume continues exactly where a run stopped.\n\n"
+        "--resume continues exactly where a run stopped. Under torchrun the run is data-parallel\n"
+        "(data:batch_size stays the global batch; rank 0 writes the files).\n\n"
         "examples:\n  robustkern train -c digits_standard\n"
+        "  robustkern train -c digits_standard --tensorboard runs/tb/digits_standard\n"
+        "  torchrun --nproc_per_node 4 -m robustkern_cli train -c cifar_crown_ibp_2_255 --device cuda\n"
         "  robustkern train -c cifar_crown_ibp_2_255 training_params:epochs=10 --data-dir ~/data\n"
         "  robustkern train --resume runs/digits_standard/checkpoint.pt training_params:epochs=20"))
     _add_common(p)
@@ -408,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue from CHECKPOINT (default: <out>/checkpoint.pt); its config is used, "
                         "overrides apply on top")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="write TensorBoard event files to DIR (default training_params:tensorboard; '' = none)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint", formatter_class=raw, epilog=EPILOG, description=(

@@ -6,6 +6,22 @@ Each epoch writes ``<run_dir>/checkpoint.pt`` (model, optimiser, LR scheduler, c
 and the Python/NumPy/torch/loader RNG states) and rewrites ``<run_dir>/log.csv`` from the metrics history.
 Resuming restores all of it, so a run interrupted after epoch k and resumed ends with the same weights and
 metrics as an uninterrupted run (same device and thread count).
+
+Under ``torchrun`` (``WORLD_SIZE > 1``, see :mod:`robustkern_cli.distributed`) the loop is data-parallel.
+``data:batch_size`` stays the global batch: the ranks draw exactly the single-process run's batches (same
+seed, same shuffling) and rank r takes examples r, r+N, ... of each (:class:`distributed.GlobalBatchSampler`,
+no padding; each rank's mean loss is weighted by its share of the batch). The gradients are averaged over
+the ranks (``training_params:grad_sync``), so a deterministic method ends with the single-process weights
+up to float rounding. The epoch metrics and the test evaluation (test split sharded over the ranks) are
+averaged over all ranks, and only rank 0 writes the checkpoint, ``log.csv``, ``config.json``, TensorBoard events and log lines. Every rank seeds the model
+initialisation with the run seed (identical weights) and then its own streams (noise, random starts) with
+``rank_seed(seed, rank)``; the checkpoint keeps every rank's RNG state (``rng_ranks``), so resuming with the
+same number of processes is exact too.
+
+``training_params:tensorboard`` (or ``--tensorboard DIR``) logs ``train/loss``, ``train/lr`` and
+``train/eps`` per optimiser step (the loss averaged over the step's micro-batches and all ranks), every
+per-epoch metric of ``log.csv`` as ``epoch/<name>`` and the test evaluation as ``eval/<name>``
+(:mod:`robustkern_cli.tensorboard`).
 """
 from __future__ import annotations
 
@@ -18,8 +34,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .config import save_config
 from .data import augment_batch, dataset_info, load_dataset, make_loader
@@ -27,6 +45,7 @@ from .errors import ConfigError
 from .evaluate import clean_metrics
 from .losses import LOSSES, EpsilonScheduler, StepState, check_available
 from .models import build_model_for
+from .tensorboard import is_finite_number, open_writer
 
 __all__ = ["TrainResult", "train", "default_run_dir", "build_optimizer", "build_lr_scheduler"]
 
@@ -36,6 +55,8 @@ class TrainResult:
     run_dir: Path
     history: list  # one dict of metrics per completed epoch
     model: torch.nn.Module
+    rank: int = 0  # this process's rank under torchrun (only rank 0 writes files)
+    world_size: int = 1
 
     @property
     def final(self) -> dict:
@@ -93,12 +114,52 @@ def _write_csv(path: Path, history: list) -> None:
 
 def train(cfg: dict, run_dir: str | Path | None = None, *, data_dir=None, download: bool = False,
           resume: str | Path | None = None, device: str = "cpu", progress: bool | None = None,
-          log: Callable[[str], None] | None = None) -> TrainResult:
+          log: Callable[[str], None] | None = None, tensorboard: str | Path | None = None) -> TrainResult:
     """Train as ``cfg`` says. ``resume``: a checkpoint.pt to continue from (its model, optimiser, schedules,
     metrics and RNG states are restored; ``cfg`` should be the checkpoint's config, possibly with a larger
-    ``training_params:epochs``)."""
+    ``training_params:epochs``). ``tensorboard``: a folder for TensorBoard events (default
+    ``training_params:tensorboard``; empty = none). Under torchrun this starts (and on return or error
+    destroys) the process group, unless the caller started one."""
+    with distributed.session(device) as ctx:
+        return _train(cfg, run_dir, ctx, data_dir=data_dir, download=download, resume=resume, progress=progress,
+                      log=log, tensorboard=tensorboard)
+
+
+def _train_loaders(cfg: dict, train_ds, test_ds, ctx: distributed.DistContext, gen: torch.Generator):
+    """(train loader, its GlobalBatchSampler or None, test loader of this rank's shard)."""
+    dcfg = cfg["data"]
+    if not ctx.enabled:
+        loader = make_loader(train_ds, dcfg["batch_size"], shuffle=dcfg["shuffle_train"], generator=gen,
+                             num_workers=dcfg["num_workers"])
+        return loader, None, make_loader(test_ds, dcfg["test_batch_size"])
+    bs, world = int(dcfg["batch_size"]), ctx.world_size
+    if bs < world:
+        raise ConfigError(f"data:batch_size ({bs}) is the global batch and must be at least the number of "
+                          f"processes ({world})")
+    sampler = distributed.GlobalBatchSampler(train_ds, bs, ctx.rank, world, dcfg["shuffle_train"], gen)
+    loader = DataLoader(train_ds, batch_sampler=sampler, generator=gen, num_workers=dcfg["num_workers"])
+    shard = Subset(test_ds, range(ctx.rank, len(test_ds), world))  # no padding: every example counted once
+    return loader, sampler, make_loader(shard, dcfg["test_batch_size"])
+
+
+def _test_metrics(model, test_loader, device, ctx) -> dict:
+    test = clean_metrics(model, test_loader, device)
+    if not ctx.enabled:
+        return test
+    tot = distributed.reduce_sums({"correct": test["acc"] * test["n"], "loss": test["loss"] * test["n"],
+                                   "n": test["n"]}, ctx)
+    n = max(tot["n"], 1)
+    return {"acc": round(tot["correct"]) / n, "loss": tot["loss"] / n}
+
+
+def _train(cfg, run_dir, ctx: distributed.DistContext, *, data_dir, download, resume, progress, log,
+           tensorboard) -> TrainResult:
+    if not ctx.is_main:
+        log = lambda s: None  # noqa: E731
+        progress = False
     log = log or (lambda s: print(s, file=sys.stderr))
     progress = sys.stderr.isatty() if progress is None else progress
+    device = ctx.device
     tp, dcfg = cfg["training_params"], cfg["data"]
     method = tp["method"]
     check_available(method, cfg)
@@ -108,32 +169,48 @@ def train(cfg: dict, run_dir: str | Path | None = None, *, data_dir=None, downlo
     train_ds = load_dataset(info.name, "train", data_dir, download, limit=dcfg["num_train"])
     test_ds = load_dataset(info.name, "test", data_dir, download, limit=dcfg["num_test"])
 
-    seed_everything(cfg["seed"])
+    seed_everything(cfg["seed"])  # every rank: the same initial weights
     model = build_model_for(cfg["model"]["name"], cfg["model"]["kwargs"], info.shape, info.num_classes)
     if tp["init_checkpoint"] and resume is None:
         load_weights(model, torch.load(tp["init_checkpoint"], map_location="cpu", weights_only=False))
     model.to(device)
+    if ctx.enabled:
+        seed_everything(distributed.rank_seed(cfg["seed"], ctx.rank))  # each rank its own noise
     opt = build_optimizer(model.parameters(), tp)
     sched = build_lr_scheduler(opt, tp)
     gen = torch.Generator()
     gen.manual_seed(cfg["seed"])
-    loader = make_loader(train_ds, dcfg["batch_size"], shuffle=dcfg["shuffle_train"], generator=gen,
-                         num_workers=dcfg["num_workers"])
-    test_loader = make_loader(test_ds, dcfg["test_batch_size"])
+    loader, sampler, test_loader = _train_loaders(cfg, train_ds, test_ds, ctx, gen)
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     start_epoch, history = 0, []
     if resume is not None:
-        ckpt = load_checkpoint(resume)
+        ckpt = load_checkpoint(resume)  # every rank loads the same file
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         if sched is not None and ckpt.get("lr_scheduler") is not None:
             sched.load_state_dict(ckpt["lr_scheduler"])
         start_epoch, history = int(ckpt["epoch"]), list(ckpt["metrics"])
-        set_rng_state(ckpt["rng"], gen)
+        per_rank = ckpt.get("rng_ranks")
+        if not ctx.enabled:
+            set_rng_state(ckpt["rng"], gen)
+        elif per_rank is not None and len(per_rank) == ctx.world_size:
+            set_rng_state(per_rank[ctx.rank], gen)
+        else:  # another number of processes: the batch order goes on (every rank's loader generator is the
+            if "loader" in ckpt["rng"]:  # same), the noise streams restart
+                gen.set_state(ckpt["rng"]["loader"])
+            seed_everything(distributed.rank_seed(int(cfg["seed"]) + start_epoch, ctx.rank))
+            log(f"note: {resume} was written by {len(per_rank) if per_rank else 1} process(es), this run has "
+                f"{ctx.world_size}: the random streams restart from new per-rank seeds")
         log(f"resumed from {resume} after epoch {start_epoch}")
-    save_config(cfg, run_dir / "config.json")
+    sync = distributed.GradientSync(model, ctx, method, tp.get("grad_sync", "auto"))
+    if ctx.is_main:
+        save_config(cfg, run_dir / "config.json")
+    if ctx.enabled:
+        log(f"distributed: {ctx.world_size} processes ({ctx.backend}), gradient sync '{sync.mode}', "
+            f"global batch {dcfg['batch_size']} split over the ranks")
 
     k = max(int(tp["batch_multiplier"]), 1)
     steps_per_epoch = max(math.ceil(len(loader) / k), 1)
@@ -141,51 +218,100 @@ def train(cfg: dict, run_dir: str | Path | None = None, *, data_dir=None, downlo
                                  tp["starting_epsilon"], tp["epsilon"], steps_per_epoch)
     state = StepState(steps_per_epoch=steps_per_epoch, max_eps=float(tp["epsilon"]))
     epochs = int(tp["epochs"])
+    tb_dir = tensorboard if tensorboard is not None else tp.get("tensorboard", "")
+    writer = open_writer(tb_dir) if tb_dir and ctx.is_main else None
     if start_epoch >= epochs:
         log(f"nothing to do: checkpoint is at epoch {start_epoch}, training_params:epochs is {epochs}")
-    for epoch in range(start_epoch, epochs):
-        t0 = time.perf_counter()
-        lr = opt.param_groups[0]["lr"]
-        model.train()
-        sums: dict = {}
-        n = 0
-        opt.zero_grad(set_to_none=True)
-        bar = tqdm(loader, disable=not progress, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
-        for i, (x, y) in enumerate(bar):
-            x = augment_batch(x.to(device), dcfg["augment"])
-            y = y.to(device)
-            state.epoch, state.batch_idx = epoch, i // k
-            state.eps = eps_sched.get_eps(epoch, i // k)
-            loss, metrics = loss_fn(model, x, y, cfg, state)
+    try:
+        for epoch in range(start_epoch, epochs):
+            row = _train_epoch(epoch, epochs, model, sync, loss_fn, loader, sampler, opt, cfg, state, eps_sched,
+                               k, ctx, writer, bool(tb_dir), progress)
+            if sched is not None:
+                sched.step()
+            sync.sync_buffers()  # rank 0's BatchNorm statistics everywhere, as DDP keeps them
+            if tp["eval_every"] > 0 and ((epoch + 1) % tp["eval_every"] == 0 or epoch + 1 == epochs):
+                test = _test_metrics(model, test_loader, device, ctx)
+                row.update(test_acc=test["acc"], test_loss=test["loss"])
+            row["seconds"] = round(time.perf_counter() - row.pop("_t0"), 3)
+            history.append(row)
+            rng_ranks = distributed.gather_objects(rng_state(gen), ctx)
+            if ctx.is_main:
+                content = dict(model=model.state_dict(), optimizer=opt.state_dict(),
+                               lr_scheduler=sched.state_dict() if sched is not None else None, config=cfg,
+                               epoch=epoch + 1, metrics=history, rng=rng_ranks[0], model_name=cfg["model"]["name"])
+                if ctx.enabled:
+                    content.update(rng_ranks=rng_ranks, world_size=ctx.world_size)
+                save_checkpoint(run_dir / "checkpoint.pt", **content)
+                if cfg["output"]["keep_epoch_checkpoints"]:
+                    save_checkpoint(run_dir / f"checkpoint_epoch{epoch + 1}.pt", **content)
+                _write_csv(run_dir / "log.csv", history)
+                if writer is not None:
+                    for key, v in row.items():
+                        if key != "epoch" and is_finite_number(v):
+                            writer.add_scalar(("eval/" if key.startswith("test_") else "epoch/") + key, v, epoch + 1)
+                    writer.flush()
+            log("epoch {epoch}/{total}: ".format(epoch=epoch + 1, total=epochs) + ", ".join(
+                f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items()
+                if key != "epoch"))
+        distributed.barrier(ctx)  # the last checkpoint is on disk before any rank returns
+    finally:
+        if writer is not None:
+            writer.close()
+    return TrainResult(run_dir=run_dir, history=history, model=model, rank=ctx.rank, world_size=ctx.world_size)
+
+
+def _train_epoch(epoch, epochs, model, sync, loss_fn, loader, sampler, opt, cfg, state, eps_sched, k, ctx, writer,
+                 log_steps: bool, progress: bool) -> dict:
+    """One epoch; returns its row of metrics (averaged over all examples of all ranks), ``_t0`` its start."""
+    tp, dcfg, device = cfg["training_params"], cfg["data"], ctx.device
+    t0 = time.perf_counter()
+    lr = opt.param_groups[0]["lr"]
+    model.train()
+    sums: dict = {}
+    n = 0
+    step_loss, step_n = 0.0, 0
+    opt.zero_grad(set_to_none=True)
+    bar = tqdm(loader, disable=not progress, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+    for i, (x, y) in enumerate(bar):
+        x = augment_batch(x.to(device), dcfg["augment"])
+        y = y.to(device)
+        state.epoch, state.batch_idx = epoch, i // k
+        state.eps = eps_sched.get_eps(epoch, i // k)
+        last = (i + 1) % k == 0 or i + 1 == len(loader)
+        # this rank's examples and its share of the global batch (all of it, weight 1, in a single process)
+        count, weight = (len(y), 1.0) if sampler is None else (sampler.local_count(i), sampler.loss_weight(i))
+        with sync.accumulate(last):
+            loss, metrics = loss_fn(sync.model_for_loss, x, y, cfg, state)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}, batch {i}: {metrics}")
-            (loss / k).backward()
-            if (i + 1) % k == 0 or i + 1 == len(loader):
-                if tp["grad_clip"] > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tp["grad_clip"])
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            for key, v in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(v) * len(y)
-            n += len(y)
-            if progress:
-                bar.set_postfix(loss=f"{sums['loss'] / n:.4f}" if "loss" in sums else None)
-        if sched is not None:
-            sched.step()
-        row = {"epoch": epoch + 1, "lr": lr, "eps": state.eps}
-        row.update({f"train_{key}": v / max(n, 1) for key, v in sums.items() if key != "eps"})
-        if tp["eval_every"] > 0 and ((epoch + 1) % tp["eval_every"] == 0 or epoch + 1 == epochs):
-            test = clean_metrics(model, test_loader, device)
-            row.update(test_acc=test["acc"], test_loss=test["loss"])
-        row["seconds"] = round(time.perf_counter() - t0, 3)
-        history.append(row)
-        content = dict(model=model.state_dict(), optimizer=opt.state_dict(),
-                       lr_scheduler=sched.state_dict() if sched is not None else None, config=cfg,
-                       epoch=epoch + 1, metrics=history, rng=rng_state(gen), model_name=cfg["model"]["name"])
-        save_checkpoint(run_dir / "checkpoint.pt", **content)
-        if cfg["output"]["keep_epoch_checkpoints"]:
-            save_checkpoint(run_dir / f"checkpoint_epoch{epoch + 1}.pt", **content)
-        _write_csv(run_dir / "log.csv", history)
-        log("epoch {epoch}/{total}: ".format(epoch=epoch + 1, total=epochs) + ", ".join(
-            f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items() if key != "epoch"))
-    return TrainResult(run_dir=run_dir, history=history, model=model)
+                raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}, batch {i}"
+                                         f"{f' (rank {ctx.rank})' if ctx.enabled else ''}: {metrics}")
+            (loss * weight / k if weight != 1.0 else loss / k).backward()
+        if last:
+            sync.synchronize()
+            if tp["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tp["grad_clip"])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for key, v in metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(v) * count
+        n += count
+        if log_steps:
+            step_loss += float(metrics.get("loss", loss.item())) * count
+            step_n += count
+            if last:
+                tot = distributed.reduce_sums({"loss": step_loss, "n": step_n}, ctx)
+                if writer is not None:
+                    step = epoch * state.steps_per_epoch + i // k
+                    writer.add_scalar("train/loss", tot["loss"] / max(tot["n"], 1), step)
+                    writer.add_scalar("train/lr", opt.param_groups[0]["lr"], step)
+                    writer.add_scalar("train/eps", state.eps, step)
+                step_loss, step_n = 0.0, 0
+        if progress:
+            bar.set_postfix(loss=f"{sums['loss'] / n:.4f}" if "loss" in sums else None)
+    sums["__n"] = n
+    sums = distributed.reduce_sums(sums, ctx)
+    n = sums.pop("__n")
+    row = {"epoch": epoch + 1, "lr": lr, "eps": state.eps}
+    row.update({f"train_{key}": v / max(n, 1) for key, v in sums.items() if key != "eps"})
+    row["_t0"] = t0
+    return row
