@@ -11,6 +11,7 @@ Providers
   robustkern       ``robustkern.bounds.crown_ibp_loss(bm, x, y, eps, beta=1, sound=False)`` (fused ReLU step
                    ``robustkern::crown_relu_backward`` and concretisation ops; on CPU they run the reference
                    implementation behind the custom op, whose backward recomputes the slopes)
+  robustkern-lf    the same with ``loss_fusion=True`` (one backward spec row; robustkern.bounds.loss_fusion)
   eager            the same graph code with the two ops replaced by their plain PyTorch formulas under
                    ordinary autograd (unfused: autograd keeps A+, A-, slopes): what the fusion saves
   auto_lirpa       auto_LiRPA ``compute_bounds(method="CROWN-IBP", bound_upper=False)``
@@ -40,20 +41,20 @@ from robustkern.bounds import BoundedModule, crown_ibp_loss, robust_cross_entrop
 from robustkern.reference import crown as ref_crown  # noqa: E402
 
 BENCH = "crown"
-PROVIDERS = ["plain", "robustkern-ibp", "robustkern", "eager", "auto_lirpa", "auto_lirpa-lf"]
+PROVIDERS = ["plain", "robustkern-ibp", "robustkern", "robustkern-lf", "eager", "auto_lirpa", "auto_lirpa-lf"]
 
 
 def setup(name, case, args):
     model = case.model
     if name == "plain":
         return (lambda: F.cross_entropy(model(case.x), case.y)), list(model.parameters())
-    if name in ("robustkern", "robustkern-ibp", "eager"):
+    if name in ("robustkern", "robustkern-ibp", "robustkern-lf", "eager"):
         bm = BoundedModule(model, case.x)
         beta = 0.0 if name == "robustkern-ibp" else 1.0
 
         def loss():
             if name != "eager":
-                return crown_ibp_loss(bm, case.x, case.y, case.eps, beta=beta)[0]
+                return crown_ibp_loss(bm, case.x, case.y, case.eps, beta=beta, loss_fusion=name == "robustkern-lf")[0]
             saved = rk_crown.crown_relu_backward, rk_crown.crown_concretize
             rk_crown.crown_relu_backward, rk_crown.crown_concretize = (ref_crown.crown_relu_backward,
                                                                      ref_crown.crown_concretize)

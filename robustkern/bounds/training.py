@@ -5,12 +5,23 @@ the margin lower bound mixes the CROWN-IBP and IBP bounds, ``lb = beta * lb_crow
 with ``beta`` going from 1 to 0 while eps ramps up (``crown_ibp_beta``), and the loss is
 ``kappa * CE(f(x), y) + (1 - kappa) * CE(-[0, lb], 0)``.
 
-Loss fusion. auto_LiRPA's loss fusion bounds the fused ``sum_j exp(z_j - z_y)`` from a one-row specification
-(it needs linear relaxations of exp/log, which robustkern does not have). What ``loss_fusion=True`` does here:
-the same bound as the default path — only the lower side is propagated backwards (one pass instead of
-two), starting from ``C`` so that the specification is folded into the final layer in the first step
-(``A = C W``, as IBP's fold) — and the IBP half is skipped when ``beta == 1``. It is accepted for API
-compatibility; the cost is still that of ``n_classes - 1`` specification rows, not one.
+Loss fusion (``loss_fusion=True``; Xu et al. 2020, auto_LiRPA's ``CrossEntropyWrapper`` with
+``bound_opts={"loss_fusion": True}``): the robust CE is bounded directly from one backward specification row
+(``robustkern.bounds.loss_fusion``) instead of the ``K - 1`` margins. With a shift ``M``, the CROWN-IBP and IBP
+upper bounds ``S_c, S_i`` of ``exp(-M) + sum_{j != y} exp(z_j - z_y - M)`` are mixed as auto_LiRPA's
+``examples/vision/cifar_training.py`` does (``ub = cub * factor + iub * (1 - factor)``, then
+``mean(log(ub) + max_input)``):
+
+    robust = M + log(beta * S_c + (1 - beta) * S_i)
+
+a bound on the robust CE for every beta (a convex combination of two upper bounds of the same sum). This
+mixes in the sum, not in the margins as the default path does, and by concavity of log it is >= ``beta * L_c
++ (1 - beta) * L_i`` of the two losses. ``info["lb"]`` is None (no margin bounds exist) and
+``info["fused_ub"]`` holds the per-example bounds. Differences from auto_LiRPA: ``M = max(0, max_j u_j)``
+(auto_LiRPA's ``max_input`` also includes the label's own 0 margin, so it is the same), the clean forward
+always runs first (auto_LiRPA skips ``regular_ce`` in training), ``kappa`` mixes in the clean CE like the
+default path (auto_LiRPA's example uses the robust loss alone there), and ``beta == 0`` skips the backward
+pass entirely (auto_LiRPA skips it only below ``factor < 1e-50``).
 """
 from __future__ import annotations
 
@@ -21,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .loss_fusion import fused_sum_bounds, log_bound
 from .module import BoundedModule, canonical_method
 from .spec import margin_spec, robust_cross_entropy
 
@@ -58,13 +70,24 @@ def crown_ibp_loss(bm: BoundedModule, x: Tensor, y: Tensor, eps, *, beta: float 
     ``robust`` (robust CE), ``lb`` (mixed margin lower bounds (B, K-1)) and ``logits``. The clean forward
     runs first (training-mode BatchNorm bounds then use the clean batch's statistics). ``sound=False`` by
     default: training needs no rounding-error widening. ``beta = 0`` is plain IBP, ``beta = 1`` plain
-    CROWN-IBP."""
+    CROWN-IBP. ``loss_fusion=True``: the robust CE is bounded directly from one backward specification row
+    (see the module docstring); then ``info["lb"]`` is None and ``info["fused_ub"]`` holds the per-example
+    robust CE bounds."""
     if not 0.0 <= beta <= 1.0 or not 0.0 <= kappa <= 1.0:
         raise ValueError(f"crown_ibp_loss: beta and kappa must lie in [0, 1], got {beta}, {kappa}")
     logits = bm(x)
     natural = F.cross_entropy(logits, y, reduction=reduction)
-    C = margin_spec(y, bm.num_outputs, dtype=logits.dtype)
     xs, eps_t, norm = bm._check_inputs(x, eps, norm, x_min, x_max)
+    if loss_fusion:
+        s_c, s_i, M = fused_sum_bounds(bm, xs, y, eps_t, norm, x_min=x_min, x_max=x_max, crown=beta > 0.0,
+                                       ibp=beta < 1.0, sound=sound, relu_lower=relu_lower,
+                                       check_values=False)
+        s = s_i if beta == 0.0 else s_c if beta == 1.0 else beta * s_c + (1 - beta) * s_i
+        fused = log_bound(s, M, sound, logits.dtype)
+        robust = fused.mean() if reduction == "mean" else fused.sum() if reduction == "sum" else fused
+        loss = kappa * natural + (1 - kappa) * robust
+        return loss, {"natural": natural, "robust": robust, "lb": None, "fused_ub": fused, "logits": logits}
+    C = margin_spec(y, bm.num_outputs, dtype=logits.dtype)
     if beta == 0.0:
         lb = bm._bounds(xs, eps_t, norm, "IBP", C, float(x_min), float(x_max), sound, True, False)[0]
     else:
