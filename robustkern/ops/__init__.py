@@ -2,7 +2,9 @@
 from .attacks import pgd_step
 from .crown import crown_concretize, crown_relu_backward
 from .interval import interval_affine, interval_conv2d, interval_input_box, interval_linear
+from .macer import macer_tail
 from .smoothing import smoothing_count, smoothing_noise
 
 __all__ = ["interval_linear", "interval_conv2d", "interval_affine", "interval_input_box", "pgd_step",
-           "smoothing_noise", "smoothing_count", "crown_relu_backward", "crown_concretize"]
+           "smoothing_noise", "smoothing_count", "crown_relu_backward", "crown_concretize",
+           "macer_tail"]

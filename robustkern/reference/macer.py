@@ -1,0 +1,187 @@
+"""Pure-PyTorch ground truth for MACER (Zhai et al., ICLR 2020, "MACER: Attack-free and Scalable Robust Training
+via Maximizing Certified Radius"; github.com/RuntianZ/macer ``macer.py``, commit 1b6837f).
+
+Two things live here:
+
+``macer_loss_reference`` / ``macer_train_reference``: a line-by-line transcription of the original training
+step in plain PyTorch (the independent implementation tests and benchmarks compare against). For a batch of B
+images, k noisy copies each (copies of one image contiguous, noise ``sigma * N(0, I)`` drawn for the
+(B*k, ...) tensor at once, as ``torch.randn_like``), one forward gives logits z (B, k, C) and
+
+    p_bar = mean_j softmax(z_j)                        CL = sum_b -log(p_bar[b, y_b] + 1e-10)
+    q_bar = mean_j softmax(beta z_j)                   (q1, q2), (i1, i2) = topk(q_bar, 2)
+    G     = {b : i1_b == y_b}                          xi_b = Phi^-1(q1_b) - Phi^-1(q2_b)
+    kept  = {b in G : xi_b is finite (not inf/NaN) and |xi_b| <= gamma}
+    RL    = sigma / 2 * sum_{b in kept} (gamma - xi_b)
+    loss  = (CL + lbd * RL) / B
+
+with ``Phi^-1(p) = sqrt(2) erfinv(2p - 1)`` exactly as ``torch.distributions.Normal(0, 1).icdf``. Nothing is
+detached; gradients flow through both terms of the shared forward.
+
+``macer_tail`` / ``macer_tail_backward``: the math contract of the fused op ``robustkern::macer_tail`` (the same
+CL/RL per example, float64-capable, computed in fp32 for fp16/bf16/fp32 logits), with three precise choices
+where the original leaves things to ``torch.topk`` and fp32 ``erfinv``:
+
+* the true label counts as top-1 when ``q_bar[y] >= q_bar[c]`` for every other c (ties go to the label; the
+  original's ``topk`` orders ties arbitrarily), and ``q2`` is the largest other entry, its index the first one
+  attaining it. Ties are not rare: at beta = 16 the softmax of a confident copy is exactly one-hot in fp32, so
+  q_bar is often a multiple of 1/k (e.g. two of four copies for the label, two for another class). Such a
+  tie gives xi = 0, rl = sigma/2 gamma and a zero gradient (saturated softmax), so it changes the reported
+  loss but hardly the training;
+* ``Phi^-1`` is accurate in the tails (``torch.special.ndtri`` here, Wichura's AS241 in the Triton kernel),
+  where the original's ``erfinv(2p - 1)`` rounds ``2p - 1`` to -1 for ``p < 2^-25`` and returns -inf. The
+  masks then differ only when ``q2 < 3e-8`` and ``xi <= gamma``; since ``q2 >= (1 - q1) / (C - 1)`` this
+  needs ``Phi^-1(q1) - Phi^-1(3e-8) <= gamma`` with ``1 - q1 <= 3e-8 (C - 1)``, impossible at the default
+  gamma = 8 for C < 10^5;
+* ``xi`` finite means ``0 < q2`` and ``q1 < 1`` (``Phi^-1(0) = -inf``, ``Phi^-1(1) = inf``), as in the original.
+
+Per example: ``cl[b] = -log(p_bar[b, y] + 1e-10)`` and ``rl[b] = sigma / 2 (gamma - xi_b)`` if b is kept else 0.
+The backward (for upstream gradients ``g_cl``, ``g_rl``) is, with ``s = softmax(z_j)``, ``t = softmax(beta z_j)``,
+``A_y = -g_rl sigma / 2 / phi(Phi^-1(q1))``, ``A_2 = g_rl sigma / 2 / phi(Phi^-1(q2))`` on kept examples (0
+otherwise) and ``a = -g_cl / (p_bar_y + 1e-10)``:
+
+    dL/dz[j, c] = a / k * s_y (delta_cy - s_c) + beta / k * t_c (A_y delta_cy + A_2 delta_c,i2 - A_y t_y - A_2 t_i2)
+
+using ``d Phi^-1(p) / dp = 1 / phi(Phi^-1(p))``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["macer_tail", "macer_tail_backward", "macer_loss_reference", "macer_train_reference",
+           "macer_tail_terms_reference"]
+
+_EPS_LOG = 1e-10          # the original's guard in log(p_bar + 1e-10)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _stats(logits: Tensor, labels: Tensor, beta: float, gamma: float):
+    """Softmax averages and the masking of the contract (module docstring), in the compute dtype."""
+    z = logits.to(_compute_dtype(logits))
+    k = z.shape[1]
+    s = torch.softmax(z, dim=2)
+    t = torch.softmax(z * beta, dim=2)
+    p_bar = s.sum(1) / k
+    q_bar = t.sum(1) / k
+    y = labels.view(-1, 1)
+    p_y = p_bar.gather(1, y).squeeze(1)
+    q1 = q_bar.gather(1, y).squeeze(1)
+    others = q_bar.scatter(1, y, -1.0)          # the label excluded (probabilities are >= 0)
+    q2, i2 = others.max(dim=1)                  # first maximum on ties, as torch.max on CPU and CUDA
+    correct = q1 >= q2
+    z1, z2 = torch.special.ndtri(q1), torch.special.ndtri(q2)
+    xi = z1 - z2
+    keep = correct & torch.isfinite(xi) & (xi <= gamma)
+    return z, s, t, p_y, q1, q2, i2, z1, z2, xi, keep
+
+
+def macer_tail(logits: Tensor, labels: Tensor, beta: float, gamma: float, sigma: float) -> tuple[Tensor, Tensor]:
+    """Per-example MACER terms ``(cl (B,), rl (B,))`` of logits (B, k, C) (module docstring); float64 for
+    float64 logits, else float32."""
+    if logits.shape[0] == 0:
+        dt = _compute_dtype(logits)
+        return logits.new_zeros(0, dtype=dt), logits.new_zeros(0, dtype=dt)
+    _, _, _, p_y, _, _, _, _, _, xi, keep = _stats(logits, labels, beta, gamma)
+    cl = -torch.log(p_y + _EPS_LOG)
+    rl = torch.where(keep, (sigma / 2.0) * (gamma - torch.where(keep, xi, 0.0)), 0.0)
+    return cl, rl
+
+
+def macer_tail_backward(grad_cl: Optional[Tensor], grad_rl: Optional[Tensor], logits: Tensor, labels: Tensor,
+                        beta: float, gamma: float, sigma: float) -> Tensor:
+    """Gradient of ``sum(grad_cl * cl + grad_rl * rl)`` with respect to ``logits`` (closed form, module
+    docstring); same dtype as ``logits``."""
+    if logits.shape[0] == 0:
+        return torch.zeros_like(logits)
+    z, s, t, p_y, q1, q2, i2, z1, z2, xi, keep = _stats(logits, labels, beta, gamma)
+    dt, k = z.dtype, z.shape[1]
+    g_cl = torch.zeros_like(p_y) if grad_cl is None else grad_cl.to(dt)
+    g_rl = torch.zeros_like(p_y) if grad_rl is None else grad_rl.to(dt)
+    y = labels.view(-1, 1, 1).expand(-1, k, 1)
+    j2 = i2.view(-1, 1, 1).expand(-1, k, 1)
+    half = sigma / 2.0
+    z1s, z2s = torch.where(keep, z1, 0.0), torch.where(keep, z2, 0.0)
+    a_y = torch.where(keep, -g_rl * half / (torch.exp(-0.5 * z1s * z1s) * _INV_SQRT_2PI), 0.0).view(-1, 1, 1)
+    a_2 = torch.where(keep, g_rl * half / (torch.exp(-0.5 * z2s * z2s) * _INV_SQRT_2PI), 0.0).view(-1, 1, 1)
+    t_y, t_2 = t.gather(2, y), t.gather(2, j2)
+    coef_s = (-g_cl / (p_y + _EPS_LOG) / k).view(-1, 1, 1) * s.gather(2, y)      # a / k * s_y
+    coef_t = (beta / k) * (a_y * t_y + a_2 * t_2)
+    grad = s.mul_(-coef_s).sub_(t.mul_(coef_t))                                   # s, t are fresh: reuse them
+    grad.scatter_add_(2, y, coef_s + (beta / k) * t_y * a_y)
+    grad.scatter_add_(2, j2, (beta / k) * t_2 * a_2)
+    return grad.to(logits.dtype)
+
+
+def macer_tail_terms_reference(outputs: Tensor, targets: Tensor, sigma: float, gamma: float, beta: float
+                               ) -> tuple[Tensor, Tensor]:
+    """The original's loss terms from logits ``outputs`` (B, k, C): ``(CL sum, RL sum)``, differentiable, in
+    the logits' dtype, with its ``topk`` and ``Normal(0, 1).icdf`` (``sqrt(2) erfinv(2p - 1)``)."""
+    def icdf(p):
+        return torch.erfinv(2 * p - 1) * math.sqrt(2)
+
+    outputs_softmax = F.softmax(outputs, dim=2).mean(1)
+    classification = F.nll_loss(torch.log(outputs_softmax + 1e-10), targets, reduction="sum")
+    beta_softmax = F.softmax(outputs * beta, dim=2).mean(1)
+    top_score, top_idx = torch.topk(beta_softmax, 2)
+    correct = top_idx[:, 0] == targets
+    out0, out1 = top_score[correct, 0], top_score[correct, 1]
+    neg_xi = icdf(out1) - icdf(out0)
+    kept = ~torch.isnan(neg_xi) & ~torch.isinf(neg_xi) & (torch.abs(neg_xi) <= gamma)
+    out0, out1 = out0[kept], out1[kept]
+    robustness = (icdf(out1) - icdf(out0) + gamma).sum() * sigma / 2
+    return classification, robustness
+
+
+def _noisy_copies(x: Tensor, sigma: float, k: int, noise: Optional[Tensor], generator) -> Tensor:
+    b = x.shape[0]
+    inputs = x.unsqueeze(1).expand(b, k, *x.shape[1:]).reshape(b * k, *x.shape[1:])
+    if noise is None:
+        noise = torch.randn(inputs.shape, dtype=inputs.dtype, device=inputs.device, generator=generator) * sigma
+    else:
+        noise = noise.reshape(inputs.shape).to(inputs.dtype) * sigma
+    return inputs + noise
+
+
+def macer_loss_reference(model, x: Tensor, y: Tensor, sigma: float, k: int = 16, lbd: float = 12.0,
+                         gamma: float = 8.0, beta: float = 16.0, noise: Optional[Tensor] = None,
+                         generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One MACER step's objective as RuntianZ/macer ``macer_train`` computes it, for the batch ``(x, y)``.
+
+    ``noise`` (B, k, *x.shape[1:]): standard-normal draws (multiplied by ``sigma`` here, as the original's
+    ``randn_like(inputs) * sigma``); default: ``torch.randn`` of shape (B*k, ...) from ``generator`` (the
+    original's order, so ``torch.manual_seed`` replays it). Returns ``(loss, CL / B, RL / B)`` with
+    ``loss = (CL + lbd RL) / B`` (the two terms are the per-example averages the original prints)."""
+    b = x.shape[0]
+    outputs = model(_noisy_copies(x, sigma, k, noise, generator))
+    outputs = outputs.reshape(b, k, -1)
+    cl, rl = macer_tail_terms_reference(outputs, y, sigma, gamma, beta)
+    loss = (cl + lbd * rl) / b
+    return loss, cl / b, rl / b
+
+
+def macer_train_reference(sigma, lbd, gauss_num, beta, gamma, num_classes, model, trainloader, optimizer, device,
+                          generator: Optional[torch.Generator] = None) -> tuple[float, float]:
+    """One epoch of the original ``macer_train`` (same arguments); returns the epoch's per-example averages
+    ``(CL, RL)`` (jh-jeong/smoothing-consistency's version returns them; the original prints them)."""
+    cl_total = rl_total = 0.0
+    total = 0
+    for inputs, targets in trainloader:
+        inputs, targets = inputs.to(device), targets.to(device)
+        loss, cl, rl = macer_loss_reference(model, inputs, targets, sigma, gauss_num, lbd, gamma, beta,
+                                            generator=generator)
+        total += len(inputs)
+        cl_total += cl.item() * len(inputs)
+        rl_total += rl.item() * len(inputs)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return cl_total / max(total, 1), rl_total / max(total, 1)
