@@ -12,8 +12,8 @@ from ._backend import BackendUnavailable, use_backend  # noqa: E402
 from ._info import info  # noqa: E402
 
 __all__ = ["__version__", "info", "use_backend", "BackendUnavailable", "nn", "ops", "reference", "bounds",
-           "attacks", "smoothing"]
-_LAZY = ("bounds", "attacks", "smoothing")
+           "attacks", "smoothing", "flatness"]
+_LAZY = ("bounds", "attacks", "smoothing", "flatness")
 
 
 def __getattr__(name):  # lazy: these import torch.fx, scipy, ...

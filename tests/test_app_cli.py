@@ -45,10 +45,8 @@ def test_missing_data_exits_3(tmp_path, capsys):
 
 
 def test_methods_without_their_library_part_exit_4(tmp_path, capsys):
-    assert main(["train", "-q", "-c", "macer_0.25", "--out", str(tmp_path)]) == 4
-    assert "robustkern.smoothing" in capsys.readouterr().err
-    assert main(["train", "-q", "-c", "lfr_mnist_0.3", "--out", str(tmp_path / "lfr")]) == 4
-    assert "robustkern.flatness" in capsys.readouterr().err
+    assert main(["train", "-q", "-c", "llm_mnist_0.4", "--out", str(tmp_path)]) == 4
+    assert "robustkern.bounds" in capsys.readouterr().err
 
 
 def test_certify_usage_and_data_errors(tmp_path, capsys):

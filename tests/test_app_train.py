@@ -96,10 +96,9 @@ def test_linear_and_smoothed_schedules_match_crown_ibp():
 
 
 def test_placeholders_and_unknown_methods():
-    with pytest.raises(MethodUnavailable, match="robustkern.smoothing"):
-        check_available("macer")
-    with pytest.raises(MethodUnavailable, match="lfr"):
-        check_available("lfr")
+    with pytest.raises(MethodUnavailable, match="robustkern.bounds"):
+        check_available("crown_ibp_ours")
+    check_available("lfr")  # wired to robustkern.flatness.lfr_loss (tests/test_flatness.py)
     with pytest.raises(ConfigError, match="unknown training method 'sgd'"):
         check_available("sgd")
     with pytest.raises(ConfigError, match="use method 'ibp' for pure IBP"):

@@ -183,11 +183,20 @@ def standard_loss(model, x, y, cfg, state):
 @register_loss("gaussian", defaults={"sigma": 0.25})
 def gaussian_loss(model, x, y, cfg, state):
     """Cohen et al.'s Gaussian data augmentation: cross-entropy on ``x + N(0, sigma^2)`` (pixel space, no
-    clipping; locuslab/smoothing code/train.py)."""
+    clipping; locuslab/smoothing code/train.py), the noise from robustkern.smoothing.gaussian_augment's
+    counter-based generator, one seed per step drawn from torch's global generator (replays on resume)."""
+    sm = library_part("robustkern.smoothing", "gaussian_augment", purpose="training method 'gaussian'")
     sigma = float(cfg["training_params"]["method_params"]["sigma"])
-    logits = model(x + torch.randn_like(x) * sigma)
+    logits = model(sm.gaussian_augment(x, sigma, seed=_noise_seed()))
     loss = F.cross_entropy(logits, y)
     return loss, {"loss": loss.item(), "acc": _accuracy(logits, y)}
+
+
+def _noise_seed() -> int:
+    """Seed of the counter-based noise of one loss call (robustkern.smoothing.augment), drawn from torch's
+    global generator: the training loop seeds it per run (and per rank) and checkpoints it, so the noise replays
+    on resume, and the noise itself comes from the fused counter-based kernel."""
+    return int(torch.randint(0, 2 ** 62, (1,)).item())
 
 
 _IBP_DEFAULTS = {"init_kappa": 1.0, "final_kappa": 0.5, "final_beta": 0.0, "bound_type": "interval"}
@@ -257,13 +266,87 @@ register_loss("crown_ibp", dict(_IBP_DEFAULTS, bound_type="crown-interval"),
 
 # Methods whose algorithms belong to library parts that do not exist yet (DESIGN.md: robustkern/smoothing,
 # attacks, flatness). Their recipes in python/configs carry the published parameters.
-placeholder("macer", "robustkern.smoothing", ("macer_loss",), "MACER, Zhai et al. 2020",
-            {"sigma": 0.25, "gauss_num": 16, "lbd": 12.0, "gamma": 8.0, "beta": 16.0, "deferred": False})
-placeholder("smoothadv", "robustkern.smoothing", ("smoothadv_loss",), "SmoothAdv, Salman et al. 2019",
-            {"sigma": 0.12, "attack": "PGD", "epsilon": 0.25, "num_steps": 10, "num_noise_vec": 2,
-             "train_multi_noise": True, "warmup": 10})
-placeholder("trades_rs", "robustkern.smoothing", ("trades_rs_loss",), "TRADES + random smoothing, Blum et al. 2020",
-            {"sigma": 0.12, "epsilon": 0.435, "num_steps": 10, "beta": 6.0, "distance": "l_2"})
+@register_loss("macer", {"sigma": 0.25, "gauss_num": 16, "lbd": 12.0, "gamma": 8.0, "beta": 16.0, "deferred": False},
+               ("robustkern.smoothing", ("macer_loss",)))
+def _macer(model, x, y, cfg, state):
+    """MACER (Zhai et al. 2020, RuntianZ/macer): ``(CL + lbd RL) / B`` over ``gauss_num`` noisy copies per image
+    in one forward (robustkern.smoothing.macer_loss). ``deferred``: lbd = 0 until the first LR decay (the first
+    ``lr_milestones`` entry, or ``lr_step``), jh-jeong/smoothing-consistency ``train_macer.py --deferred``."""
+    smoothing = library_part("robustkern.smoothing", "macer_loss", purpose="training method 'macer'")
+    tp = cfg["training_params"]
+    mp = tp["method_params"]
+    lbd = float(mp["lbd"])
+    if mp["deferred"]:
+        milestones = list(tp.get("lr_milestones") or [])
+        first_decay = milestones[0] if tp.get("lr_schedule") == "multistep" and milestones else (
+            tp.get("lr_step") if tp.get("lr_schedule") in ("step", "step_after_ramp") else 0)
+        if not first_decay:
+            raise ConfigError("method_params:deferred=true needs an LR decay to wait for: lr_schedule=multistep "
+                              "with lr_milestones, or lr_schedule=step with lr_step > 0")
+        if state.epoch < int(first_decay):
+            lbd = 0.0
+    loss, cl, rl = smoothing.macer_loss(model, x, y, float(mp["sigma"]), int(mp["gauss_num"]), lbd,
+                                        float(mp["gamma"]), float(mp["beta"]))
+    return loss, {"loss": loss.item(), "classification": cl.item(), "robustness": rl.item(), "lbd": lbd}
+
+
+
+
+@register_loss("smoothadv", {"sigma": 0.12, "attack": "PGD", "epsilon": 0.25, "num_steps": 10, "num_noise_vec": 2,
+                             "train_multi_noise": True, "warmup": 10},
+               ("robustkern.smoothing", ("smoothadv_loss", "smoothadv_warmup_eps")))
+def _smoothadv(model, x, y, cfg, state):
+    """SmoothAdv (Salman et al. 2019, train_pgd.py --adv-training --attack PGD): PGD-L2 on the soft smoothed
+    classifier with ``num_noise_vec`` noise draws, epsilon (pixel L2 units) warmed up over ``warmup`` epochs,
+    CE on the adversarial noisy copies. One optimizer step per batch: the original's step is on 256/m images."""
+    sm = library_part("robustkern.smoothing", "smoothadv_loss", "smoothadv_warmup_eps",
+                      purpose="training method 'smoothadv'")
+    mp = cfg["training_params"]["method_params"]
+    if mp["attack"] != "PGD":
+        raise ConfigError(f"method_params:attack must be 'PGD' (SmoothAdv's DDN attack is not implemented), got "
+                          f"'{mp['attack']}'")
+    eps = sm.smoothadv_warmup_eps(state.epoch, int(mp["warmup"]), float(mp["epsilon"]))
+    loss, parts = sm.smoothadv_loss(model, x, y, float(mp["sigma"]), eps, int(mp["num_steps"]),
+                                    int(mp["num_noise_vec"]), train_multi_noise=bool(mp["train_multi_noise"]),
+                                    seed=_noise_seed())
+    logits = parts["logits"]  # (B, m, K) with multi-noise, else (B, K)
+    copies = logits.shape[1] if logits.dim() == 3 else 1
+    acc = _accuracy(logits.reshape(-1, logits.shape[-1]), y.repeat_interleave(copies))
+    return loss, {"loss": loss.item(), "acc": acc, "eps": eps}
+
+
+@register_loss("trades_rs", {"sigma": 0.12, "epsilon": 0.435, "num_steps": 10, "beta": 6.0, "distance": "l_2"},
+               ("robustkern.smoothing", ("trades_rs_loss",)))
+def _trades_rs(model, x, y, cfg, state):
+    """TRADES + random smoothing (Blum et al. 2020, trades.py distance='l_2'): one noise draw shared by
+    CE(f(x+n), y) and beta * KL(f(x+n) || f(x'+n)) at the L2 PGD maximiser x' (step 2 eps / num_steps)."""
+    sm = library_part("robustkern.smoothing", "trades_rs_loss", purpose="training method 'trades_rs'")
+    mp = cfg["training_params"]["method_params"]
+    if mp["distance"] != "l_2":
+        raise ConfigError(f"method_params:distance must be 'l_2' for trades_rs, got '{mp['distance']}'")
+    loss, parts = sm.trades_rs_loss(model, x, y, float(mp["sigma"]), float(mp["epsilon"]),
+                                    num_steps=int(mp["num_steps"]), beta=float(mp["beta"]),
+                                    seed=_noise_seed())
+    return loss, {"loss": loss.item(), "acc": _accuracy(parts["logits"], y), "natural_ce": parts["natural"].item(),
+                  "robust_kl": parts["robust"].item(), "eps": float(mp["epsilon"])}
+
+
+@register_loss("consistency", {"sigma": 0.25, "num_noise_vec": 2, "lbd": 20.0, "eta": 0.5},
+               ("robustkern.smoothing", ("consistency_loss",)))
+def _consistency(model, x, y, cfg, state):
+    """Consistency regularisation (Jeong & Shin 2020, train_consistency.py): CE over ``num_noise_vec`` noisy
+    copies + lbd * mean KL(p_mean || p_j) + eta * H(p_mean). Defaults: the paper's CIFAR-10 sigma 0.25 recipe
+    (m 2, lbd 20, eta 0.5; lbd 10 for sigma 0.5 and 1.0). One optimizer step per batch of 256/m images."""
+    sm = library_part("robustkern.smoothing", "consistency_loss", purpose="training method 'consistency'")
+    mp = cfg["training_params"]["method_params"]
+    loss, parts = sm.consistency_loss(model, x, y, float(mp["sigma"]), int(mp["num_noise_vec"]), float(mp["lbd"]),
+                                      float(mp["eta"]), seed=_noise_seed())
+    logits = parts["logits"]
+    acc = _accuracy(logits.reshape(-1, logits.shape[-1]), y.repeat_interleave(logits.shape[1]))
+    return loss, {"loss": loss.item(), "acc": acc, "xent": parts["xent"].item(),
+                  "consistency": parts["consistency"].item()}
+
+
 _PGD_DEFAULTS = {"epsilon": 0.3, "step_size": 0.01, "num_steps": 40, "random_start": True, "steps_rule": "fixed",
                  "norm": "linf"}
 
@@ -293,8 +376,23 @@ def _trades(model, x, y, cfg, state):
     return loss, {"loss": loss.item(), "eps": mp["epsilon"]}
 
 
-placeholder("lfr", "robustkern.flatness", ("lfr_loss",), "local flatness regularisation, Xu et al. 2020",
-            {"epsilon": 0.3, "step_size": 0.01, "num_steps": 40, "lambada": 0.02, "norm": "l_inf"})
+@register_loss("lfr", {"epsilon": 0.3, "step_size": 0.01, "num_steps": 40, "lambada": 0.02, "norm": "l_inf"},
+               ("robustkern.flatness", ("lfr_loss",)))
+def _lfr(model, x, y, cfg, state):
+    """Local flatness regularisation (Xu et al. 2020): CE(f(x), y) + lambada * mean ||grad_x CE(f(x'))||_1 at
+    the point x' of the eps-ball where num_steps sign steps (model in eval mode) made the input-gradient norm
+    large (``robustkern.flatness.lfr_loss``; BatchNorm running statistics updated by the clean forward only)."""
+    flatness = library_part("robustkern.flatness", "lfr_loss", purpose="training method 'lfr'")
+    mp = cfg["training_params"]["method_params"]
+    if mp["norm"] not in ("l_inf", "l_2"):
+        raise ConfigError(f"method_params:norm must be 'l_inf' or 'l_2', got '{mp['norm']}'")
+    loss, natural, grad_norm = flatness.lfr_loss(model, x, y, epsilon=mp["epsilon"], step_size=mp["step_size"],
+                                                 perturb_steps=int(mp["num_steps"]), lam=mp["lambada"],
+                                                 norm=mp["norm"])
+    return loss, {"loss": loss.item(), "natural_ce": natural.item(), "loss_grad": grad_norm.item(),
+                  "eps": mp["epsilon"]}
+
+
 placeholder("crown_ibp_ours", "robustkern.bounds", ("optimized_slopes",),
             "CROWN-IBP with one-step optimised ReLU slopes, Lee et al. 2021 'Loss Landscape Matters'",
             {"final_kappa": 0.0, "final_beta": 1.0, "slope_init": "uniform", "slope_step": 2.0})
