@@ -53,8 +53,11 @@ def _train(model, epochs, adv_eps=0.0, seed=0):
 
 @functools.lru_cache(maxsize=None)
 def trained(kind="mlp", adv_eps=0.0):
-    """A trained digits model: ``kind`` 'mlp' or 'cnn' (with BatchNorm); PGD-AT when ``adv_eps`` > 0."""
-    model = mlp() if kind == "mlp" else cnn()
+    """A trained digits model: ``kind`` 'mlp' or 'cnn' (with BatchNorm); PGD-AT when ``adv_eps`` > 0. The
+    initialisation is seeded too, so the weights do not depend on which tests ran before in the process."""
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        model = mlp() if kind == "mlp" else cnn()
     return _train(model, epochs=15 if not adv_eps else 8, adv_eps=adv_eps)
 
 
