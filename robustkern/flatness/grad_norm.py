@@ -130,9 +130,11 @@ def _fused_module():
     return fused
 
 
-def _use_fused(model: nn.Module, backend: str) -> bool:
-    """Whether ``backend`` sends ``model`` (in its current train/eval mode) through the fused path."""
-    if backend == "torch":
+def _use_fused(model: nn.Module, backend: str, auto_on_cpu: bool = True) -> bool:
+    """Whether ``backend`` sends ``model`` (in its current train/eval mode) through the fused path.
+    ``auto_on_cpu=False``: ``"auto"`` keeps CPU work on torch (the double-backprop penalty, whose fused CPU path
+    runs the reference ops and measured 0.81-0.98x torch's speed; benchmarks/bench_flatness_fused.py)."""
+    if backend == "torch" or (backend == "auto" and not auto_on_cpu and not _on_gpu(model)):
         return False
     fused = _fused_module()
     if backend == "fused":
@@ -146,6 +148,11 @@ def _use_fused(model: nn.Module, backend: str) -> bool:
     return fused is not None and fused.supports(model)
 
 
+def _on_gpu(model: nn.Module) -> bool:
+    p = next(model.parameters(), None)
+    return p is not None and p.device.type != "cpu"
+
+
 def _fused_error(reason: str) -> Exception:
     from ..bounds.graph import UnsupportedLayerError
 
@@ -156,7 +163,7 @@ def _input_gradient(model: nn.Module, x: Tensor, y: Tensor, create_graph: bool, 
     """``(logits, g)``: ``logits = model(x)``, ``g = d(sum_i CE(logits_i, y_i)) / dx`` (per-example input
     gradients). With ``create_graph`` both carry autograd history (to the parameters, and to ``x`` when ``x``
     requires grad); without it ``g`` and ``logits`` are detached and no parameter gradient is accumulated."""
-    if _use_fused(model, backend):
+    if _use_fused(model, backend, auto_on_cpu=not create_graph):
         from . import fused
 
         return fused.input_gradient(model, x, y, create_graph=create_graph)

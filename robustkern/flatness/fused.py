@@ -1,0 +1,280 @@
+"""Input gradients of the cross-entropy whose own derivatives run through robustkern ops (second order made cheap).
+
+For a network ``f`` built from piecewise-linear layers (Linear, Conv2d, ReLU, AvgPool2d, eval-mode BatchNorm,
+Normalize, Flatten/reshape, Identity, eval-mode Dropout, ``+`` of branches) the per-example input gradient of
+``ell_i = CE(f(x_i), y_i)`` is ``g_i = J_i^T s_i`` with ``s_i = softmax(z_i) - onehot(y_i)`` (``z = f(x)``) and
+``J_i`` the logit Jacobian, which is piecewise constant in ``x`` (fixed by the ReLU masks). This module
+runs its own forward (ReLU masks recorded as bits by ``robustkern::relu_bits``; no activation kept beyond what the
+weight gradients need) and its own backward ``J^T`` from ops that are themselves differentiable:
+
+    seed             robustkern::softmax_ce_grad      (backward: the softmax curvature, fused)
+    Linear^T + mask  robustkern::linear_input_grad    (mask of the ReLU feeding the layer applied in the op;
+    Conv2d^T + mask  robustkern::conv2d_input_grad     backward = one forward GEMM/conv of the masked incoming
+                                                       gradient + one weight-gradient: ATen's fastest kernels,
+                                                       not its generic convolution double backward)
+    ReLU^T           robustkern::relu_masked          (where no layer absorbs it; linear: backward is itself)
+    AvgPool^T, BN^T, Normalize^T, reshape^T            linear maps with differentiable ATen backwards
+
+so ``torch.autograd`` of any function of the returned gradient w.r.t. the parameters (``create_graph=True``) is a
+double backward through these stages and equals PyTorch's double backprop (``torch.autograd.grad(...,
+create_graph=True)``) exactly up to rounding, wherever no pre-activation is exactly 0.
+
+``lfr_ascent_direction`` uses that ``J`` is locally constant: ``d/dx sum_i ||g_i||_p = J^T (diag p - p p^T) J v``,
+``v = d||g||_p / dg`` (``sign(g)`` for p = 1, ``g / ||g||_2`` for p = 2), computed as one forward-mode Jacobian
+product ``J v`` (the forward pass of the linearised network: no biases, the recorded masks), the softmax
+curvature (one fused op) and one backward product ``J^T``, with no autograd graph (Xu et al., "Adversarial
+Defense via Local Flatness Regularization", ICIP 2020, compute the same direction by double backprop).
+
+``supports(model)`` says whether the model can take this path (``unsupported_reason`` says why not): the model is
+captured with ``robustkern.bounds.graph.capture`` (torch.fx); layers outside the list above, BatchNorm in training
+mode (batch statistics couple the examples), Dropout in training mode and models fx cannot trace are refused.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..bounds.graph import BoundNode, UnsupportedLayerError, capture, normalize_params
+from ..ops.flatness import (conv2d_input_grad, linear_input_grad, relu_bits, relu_masked, softmax_ce_grad,
+                            softmax_curvature)
+
+__all__ = ["supports", "unsupported_reason", "input_gradient", "lfr_ascent_direction", "NORMS"]
+
+NORMS = (1, 2)
+_KINDS = {"input", "linear", "conv2d", "relu", "batchnorm", "normalize", "avgpool", "identity", "add", "reshape",
+          "meta", "output"}
+_CAPTURED: "weakref.WeakKeyDictionary[nn.Module, list[BoundNode] | str]" = weakref.WeakKeyDictionary()
+
+
+# ----------------------------------------------------------------------------------------------- capture
+def _capture(model: nn.Module) -> list[BoundNode] | str:
+    """The model's nodes (cached per model), or the reason it cannot be captured."""
+    try:
+        cached = _CAPTURED.get(model)
+    except TypeError:
+        cached = None
+    if cached is None:
+        try:
+            cached = capture(model)
+        except UnsupportedLayerError as e:
+            cached = str(e).replace("robustkern.bounds:", "robustkern.flatness.fused:", 1)
+        try:
+            _CAPTURED[model] = cached
+        except TypeError:
+            pass
+    return cached
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """None if ``input_gradient``/``lfr_ascent_direction`` support ``model`` in its current train/eval mode,
+    else why not (naming the layer). Training mode matters: BatchNorm and Dropout must be in eval mode."""
+    if not isinstance(model, nn.Module):
+        return f"expected an nn.Module, got {type(model).__name__}"
+    nodes = _capture(model)
+    if isinstance(nodes, str):
+        return nodes
+    for n in nodes:
+        if n.kind not in _KINDS:
+            return f"layer kind {n.kind!r} at '{n.path}' has no fused second-order path"
+        m = n.module
+        if n.kind == "batchnorm" and (m.training or m.running_mean is None):
+            return (f"{type(m).__name__} at '{n.path}' uses batch statistics (training mode or no running stats): "
+                    f"they couple the examples of a batch; put it in eval mode")
+        if n.kind == "identity" and isinstance(m, nn.Dropout) and m.training and m.p > 0:
+            return f"{type(m).__name__} at '{n.path}' is in training mode (random masks); put it in eval mode"
+    return None
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether the fused second-order path handles ``model`` (see ``unsupported_reason``)."""
+    return unsupported_reason(model) is None
+
+
+def _nodes(model: nn.Module) -> list[BoundNode]:
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise UnsupportedLayerError(f"robustkern.flatness.fused: {reason}")
+    return _CAPTURED[model] if model in _CAPTURED else capture(model)
+
+
+# ----------------------------------------------------------------------------------------------- layers
+def _channel_shape(like: Tensor) -> tuple[int, ...]:
+    return (1, -1) + (1,) * (like.dim() - 2)
+
+
+def _bn_scale(m: nn.Module, like: Tensor) -> Tensor:
+    """Eval-mode BatchNorm is ``x * scale + shift`` per channel; ``scale = weight / sqrt(running_var + eps)``."""
+    scale = torch.rsqrt(m.running_var.to(like.dtype) + m.eps)
+    if m.weight is not None:
+        scale = scale * m.weight
+    return scale.reshape(_channel_shape(like))
+
+
+def _pool_args(m: nn.AvgPool2d):
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    kernel = pair(m.kernel_size)
+    stride = pair(m.stride) if m.stride else kernel
+    return kernel, stride, pair(m.padding), m.ceil_mode, m.count_include_pad, m.divisor_override
+
+
+@dataclass
+class _Tape:
+    """What the hand-built backward needs from the forward: ReLU bits and input shapes, nothing else."""
+    bits: dict[str, Tensor] = field(default_factory=dict)
+    shapes: dict[str, torch.Size] = field(default_factory=dict)
+    logits: Tensor | None = None
+
+
+def _forward(nodes: list[BoundNode], x: Tensor, tangent: bool = False, tape: _Tape | None = None):
+    """Run the captured network on ``x``. With ``tangent=False`` records the tape (bits, shapes) and returns
+    ``(logits, tape)``; with ``tangent=True`` ``x`` is a tangent and the linearised network (no biases, the
+    tape's masks) maps it to ``J x``."""
+    tape = _Tape() if tape is None else tape
+    values: dict[str, object] = {}
+    out = None
+    for n in nodes:
+        k, m = n.kind, n.module
+        v = values[n.inputs[0]] if n.inputs else None
+        if k == "input":
+            r = x
+        elif k == "linear":
+            r = F.linear(v, m.weight, None if tangent else m.bias)
+        elif k == "conv2d":
+            r = F.conv2d(v, m.weight, None if tangent else m.bias, m.stride, m.padding, m.dilation, m.groups)
+        elif k == "relu":
+            if tangent:
+                r = relu_masked(v, tape.bits[n.name])
+            else:
+                r, tape.bits[n.name] = relu_bits(v)
+        elif k == "batchnorm":
+            r = v * _bn_scale(m, v) if tangent else F.batch_norm(v, m.running_mean, m.running_var, m.weight,
+                                                                   m.bias, False, 0.0, m.eps)
+        elif k == "normalize":
+            mean, std = (t.to(v.dtype).to(v.device).reshape(_channel_shape(v)) for t in normalize_params(m))
+            r = v / std if tangent else (v - mean) / std
+        elif k == "avgpool":
+            kernel, stride, pad, ceil, incl, div = _pool_args(m)
+            r = F.avg_pool2d(v, kernel, stride, pad, ceil, incl, div)
+        elif k == "identity":
+            r = v
+        elif k == "add":
+            r = values[n.inputs[0]] + values[n.inputs[1]]
+        elif k in ("reshape", "meta"):
+            r = n.call(values)
+        elif k == "output":
+            out = v
+            continue
+        else:  # excluded by unsupported_reason
+            raise AssertionError(k)
+        if not tangent and isinstance(r, Tensor):
+            tape.shapes[n.name] = r.shape
+        values[n.name] = r
+    return (out, tape) if not tangent else out
+
+
+def _backward(nodes: list[BoundNode], tape: _Tape, seed: Tensor) -> Tensor:
+    """``J^T seed`` through the captured network, with ops whose own backward is defined (see module doc). A
+    Linear/Conv2d fed by a ReLU that nothing else reads takes that ReLU's mask into its input-gradient op."""
+    by_name = {n.name: n for n in nodes}
+    grads: dict[str, Tensor] = {}
+
+    def give(name: str, g: Tensor) -> None:
+        grads[name] = g if name not in grads else grads[name] + g
+
+    for n in reversed(nodes):
+        k, m = n.kind, n.module
+        if k == "output":
+            give(n.inputs[0], seed)
+            continue
+        if k == "input":
+            return grads[n.name]
+        if k == "meta" or n.name not in grads:
+            continue
+        g = grads.pop(n.name)
+        src = n.inputs[0] if n.inputs else None
+        if k in ("linear", "conv2d"):
+            bits = None
+            feeder = by_name[src]
+            if feeder.kind == "relu" and feeder.users == 1:
+                bits, src = tape.bits[feeder.name], feeder.inputs[0]
+            if k == "linear":
+                r = linear_input_grad(g, m.weight, bits)
+            else:
+                r = conv2d_input_grad(g, m.weight, bits, tape.shapes[src], m.stride, m.padding, m.dilation,
+                                      m.groups)
+        elif k == "relu":
+            r = relu_masked(g, tape.bits[n.name])
+        elif k == "batchnorm":
+            r = g * _bn_scale(m, g)
+        elif k == "normalize":
+            r = g / normalize_params(m)[1].to(g.dtype).to(g.device).reshape(_channel_shape(g))
+        elif k == "avgpool":
+            kernel, stride, pad, ceil, incl, div = _pool_args(m)
+            like = g.new_zeros(()).expand(tape.shapes[src])
+            r = torch.ops.aten.avg_pool2d_backward(g, like, kernel, stride, pad, ceil, incl, div)
+        elif k == "identity":
+            r = g
+        elif k == "add":
+            give(n.inputs[1], g)
+            r = g
+        elif k == "reshape":
+            src = next(i for i in n.inputs if i in tape.shapes)
+            r = g.reshape(tape.shapes[src])
+        else:
+            raise AssertionError(k)
+        give(src, r)
+    raise AssertionError("the captured graph has no input node")
+
+
+def _check(model, x, y):
+    nodes = _nodes(model)
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError("robustkern.flatness.fused: x must be a floating-point tensor")
+    if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != x.shape[:1]:
+        raise ValueError(f"robustkern.flatness.fused: y must be int64 labels of shape ({x.shape[0]},)")
+    return nodes
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def input_gradient(model: nn.Module, x: Tensor, y: Tensor, *, create_graph: bool) -> tuple[Tensor, Tensor]:
+    """``(logits, grad)`` with ``logits = model(x)`` and ``grad = d(sum_i CE(logits_i, y_i)) / dx`` (per example;
+    scale by ``1/B`` for the mean). With ``create_graph=True`` both carry autograd history: differentiating a
+    function of ``grad`` (and of the logits) w.r.t. the parameters or ``x`` runs the double backward through
+    the ops listed in the module docstring. With ``create_graph=False`` neither does (no graph is built).
+    Raises ``UnsupportedLayerError`` when ``supports(model)`` is False."""
+    nodes = _check(model, x, y)
+    with torch.set_grad_enabled(create_graph):
+        logits, tape = _forward(nodes, x)
+        if logits.dim() != 2:
+            raise ValueError(f"robustkern.flatness.fused: the model must output (B, classes) logits, got shape "
+                             f"{tuple(logits.shape)}")
+        grad = _backward(nodes, tape, softmax_ce_grad(logits, y))
+    return logits, grad
+
+
+def _norm_gradient(g: Tensor, p) -> Tensor:
+    """``d ||g_i||_p / d g_i`` per example (0 where ``g_i = 0``, as ``torch.autograd`` gives for p = 2)."""
+    if p == 1:
+        return torch.sign(g)
+    flat = g.reshape(g.shape[0], -1)
+    norm = flat.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, flat / torch.where(norm > 0, norm, 1.0), 0.0).reshape(g.shape)
+
+
+def lfr_ascent_direction(model: nn.Module, x: Tensor, y: Tensor, p=1) -> Tensor:
+    """``d/dx sum_i ||grad_x CE(f(x_i), y_i)||_p`` (exact almost everywhere for the supported piecewise-linear
+    networks): ``J^T (diag p - p p^T) J v`` with ``v = d||g||_p/dg``, one forward-mode product, one fused
+    curvature, one backward product; no graph is kept (the result has no autograd history). ``p`` in (1, 2).
+    This is the inner ascent direction of LFR (Xu et al. 2020) before its sign is taken."""
+    if p not in NORMS:
+        raise ValueError(f"robustkern.flatness.fused: p must be one of {NORMS}, got {p!r}")
+    nodes = _check(model, x, y)
+    with torch.no_grad():
+        logits, tape = _forward(nodes, x.detach())
+        g = _backward(nodes, tape, softmax_ce_grad(logits, y))
+        jv = _forward(nodes, _norm_gradient(g, p), tangent=True, tape=tape)
+        return _backward(nodes, tape, softmax_curvature(logits, jv))
