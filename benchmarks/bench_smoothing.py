@@ -1,7 +1,10 @@
 """Randomized-smoothing certification throughput (Cohen et al. 2019): s per image and noisy samples/s.
 
-Providers (same model, same images, fp32 unless stated; N0 selection + N estimation samples per image)
+Providers (same model, same images, same N0 + N samples per image, same batch of 400 samples per forward on
+CPU (--batch), same threads; fp32 unless stated)
   forward          the model's bare forward on batches of noisy copies (noise drawn outside the timing): floor
+  forward-cl       the same forward as Smooth runs it on CPU: a channels-last copy of the model, Flatten ->
+                   Linear reading the channels-last activations in place (robustkern's floor)
   cohen            robustkern.reference.smoothing.CohenSmooth.certify, image by image, batch 400 (Cohen's loop)
   robustkern       Smooth(...).certify_batch, counter-based (philox) noise, all images in shared forwards
   robustkern-bf16  the same with dtype=torch.bfloat16 (certifies the bf16 base classifier)
@@ -9,7 +12,7 @@ Providers (same model, same images, fp32 unless stated; N0 selection + N estimat
 
 On CPU the default N is far below the paper's 100,000 (2 shared cores) and is printed with the table.
 
-    PYTHONPATH=python:. python benchmarks/bench_smoothing.py --write-results
+    PYTHONPATH=python:. python benchmarks/bench_smoothing.py --threads 1 --write-results
 """
 from __future__ import annotations
 
@@ -41,12 +44,18 @@ def main(argv=None):
     ap.add_argument("--n", default=None, help="N per model, comma-separated (default: CPU 2000,200; GPU 100000)")
     ap.add_argument("--n0", type=int, default=100)
     ap.add_argument("--images", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=1000, help="robustkern samples per forward")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="robustkern samples per forward (default: 400 on CPU, as Cohen's loop; 1000 on GPU)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--sigma", type=float, default=0.25)
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch is None:
+        args.batch = 1000 if device.type == "cuda" else 400
     models = args.models.split(",")
     ns = [int(v) for v in args.n.split(",")] if args.n else ([100_000] * len(models) if device.type == "cuda"
                                                               else [2000, 200][:len(models)])
@@ -61,8 +70,11 @@ def main(argv=None):
         n_fwd = -(-args.images * per_image // fwd_batch)          # ceil: every sample goes through the model
         noisy = torch.rand(fwd_batch, 3, 32, 32, device=device)
         cohen = CohenSmooth(model, 10, args.sigma)
+        model_cl = Smooth(model, 10, args.sigma, channels_last=True)._model(True)
+        noisy_cl = noisy.contiguous(memory_format=torch.channels_last)
         fns = {
             "forward": lambda: [model(noisy) for _ in range(n_fwd)],
+            "forward-cl": lambda: [model_cl(noisy_cl) for _ in range(n_fwd)],
             "cohen": lambda: [cohen.certify(x[i], args.n0, n, 0.001, 400) for i in range(args.images)],
             "robustkern": lambda: Smooth(model, 10, args.sigma).certify_batch(x, args.n0, n, 0.001, args.batch, seed=0),
             "robustkern-bf16": lambda: Smooth(model, 10, args.sigma, dtype=torch.bfloat16).certify_batch(

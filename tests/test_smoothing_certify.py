@@ -137,9 +137,38 @@ def test_bf16_and_channels_last_modes():
     p32, r32 = Smooth(net, 3, 0.25).certify_batch(x, 10, 100, 0.1, 64, seed=1)
     pb, rb = Smooth(net, 3, 0.25, dtype=torch.bfloat16).certify_batch(x, 10, 100, 0.1, 64, seed=1)
     pc, rc = Smooth(net, 3, 0.25, channels_last=True).certify_batch(x, 10, 100, 0.1, 64, seed=1)
+    pn, rn = Smooth(net, 3, 0.25, channels_last=False).certify_batch(x, 10, 100, 0.1, 64, seed=1)
     assert pb.shape == (2,) and rb.dtype == torch.float64 and (rb >= 0).all()
-    assert torch.equal(pc, p32) and torch.allclose(rc, r32)
+    assert torch.equal(pc, p32) and torch.allclose(rc, r32) and torch.equal(pn, p32) and torch.allclose(rn, r32)
     assert net[0].weight.dtype == torch.float32                # the user's model is left alone
+    assert net[0].weight.is_contiguous() and isinstance(net[1], torch.nn.Flatten)
+
+
+def test_channels_last_copy_folds_flatten_and_follows_the_users_model():
+    """The channels-last copy reads Flatten -> Linear in place (permuted columns: the same logits up to
+    rounding) and is refreshed from the user's model at every call (weights changed in between)."""
+    from robustkern.smoothing.core import _ChannelsLastFlattenLinear
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 5),
+                              torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    x = torch.rand(2, 3, 6, 6)
+    smooth = Smooth(net, 3, 0.5, channels_last=True)
+    _, _, counts = smooth.certify_batch(x, 10, 200, 0.1, 64, seed=3, return_counts=True)
+    _, _, want = Smooth(net, 3, 0.5, channels_last=False).certify_batch(x, 10, 200, 0.1, 64, seed=3,
+                                                                         return_counts=True)
+    assert torch.equal(counts, want)
+    copy_m = smooth._model(True)
+    assert any(isinstance(m, _ChannelsLastFlattenLinear) for m in copy_m.modules())
+    xc = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(copy_m(xc), net(x), atol=1e-5)
+        net[3].weight.mul_(-1.0)                              # the user changes the model
+        net[5].bias.add_(torch.tensor([5.0, 0.0, 0.0]))       # now class 0 always wins
+    _, _, counts = smooth.certify_batch(x, 10, 200, 0.1, 64, seed=3, return_counts=True)
+    _, _, want = Smooth(net, 3, 0.5, channels_last=False).certify_batch(x, 10, 200, 0.1, 64, seed=3,
+                                                                         return_counts=True)
+    assert torch.equal(counts, want) and int(counts[:, :, 0].sum()) == 2 * 210
 
 
 def test_functional_certify_batch_and_abstain():

@@ -1,18 +1,18 @@
 // CPU kernels of the randomized-smoothing ops (robustkern_ext::smoothing_noise / smoothing_count), bit-identical
-// to the pure-PyTorch specification in robustkern/reference/smoothing.py:
+// to the pure-PyTorch specification in robustkern/reference/smoothing.py: for block j = e / 4 of row r,
 //
-//   (o0, o1, _, _) = Philox4x32-10(counter = (e, sample[r], image[r], stream[r]), key = (seed_lo, seed_hi))
-//   u1 = (o0 + 1/2) 2^-32, u2 = (o1 + 1/2) 2^-32                    (float64, exact)
-//   z  = fp32( sqrt(-2 log u1) cos(2 pi u2) )                        (float64, rounded once)
-//   v  = fp32(x[src[r], e]) + fp32(sigma) * z                        (fp32: a product, then a sum)
+//   (o0, o1, o2, o3) = Philox4x32-10(counter = (j, sample[r], image[r], stream[r]), key = (seed_lo, seed_hi))
+//   U(o) = (o + 1/2) 2^-32; rho = sqrt(-2 log U(o0|o2)), theta = fl(2 pi U(o1|o3))   (float64, exact U)
+//   z[4j..4j+3] = fp32(rho_A cos theta_A, rho_A sin theta_A, rho_B cos theta_B, rho_B sin theta_B)
+//   v  = fp32(x[src[r], e]) + fp32(sigma) * z[e]                     (fp32: a product, then a sum)
 //   out[r, e] = cast_out( (v - mean[c]) / std[c] )                   (fp32; cast with round-to-nearest-even)
 //
-// Rows (one noisy copy each) are split across threads with at::parallel_for; each row is processed in chunks:
-// the Philox rounds run as a plain loop over 32-bit lanes (vectorised: 32x32->64-bit products), then the
-// float64 Box-Muller (log / cos by ATen's own float64 CPU kernels, as in the reference), then the fused
-// noise + normalisation + cast.
-// No -ffast-math and no FMA contraction (the x86-64 baseline has no FMA): the fp32 product and sum round
-// separately, as in the reference.
+// Rows (one noisy copy each) are split across threads with at::parallel_for; each row is processed in chunks
+// of kChunk elements: the normals (on AVX2 + FMA CPUs by csrc/cpu/smoothing_normal_avx2.cpp, with its own
+// float64 log / sin / cos; elsewhere by the portable path below: the Philox rounds as a plain loop, log / cos /
+// sin by ATen's own float64 CPU kernels, as in the reference), then the fused noise + normalisation + cast.
+// This file is compiled without -ffast-math and without FMA (the x86-64 baseline has none): the fp32 product
+// and sum round separately, as in the reference.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -29,6 +30,14 @@
 #include "robustkern/check.h"
 
 namespace robustkern {
+namespace smoothing_detail {  // csrc/cpu/smoothing_normal_avx2.cpp
+bool have_avx2_fma();
+// z[i] = the fp32 normal of counter (e0 + i, c1, c2, c3) for i < n, rounded up to a multiple of 16 (z must
+// hold that many); e0 a multiple of 4
+void normal_chunk_avx2(uint32_t e0, int64_t n, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t key0,
+                       uint32_t key1, float* z);
+}  // namespace smoothing_detail
+
 namespace {
 
 constexpr uint32_t kM0 = 0xD2511F53u;  // Philox4x32 multipliers
@@ -40,13 +49,13 @@ constexpr double kInv2to32 = 1.0 / 4294967296.0;
 constexpr int64_t kChunk = 2048;      // elements of one row per Philox / Box-Muller pass
 constexpr int64_t kGrain = 32768;     // elements per parallel task
 
-// The first two output words of Philox4x32-10 for counters (e[i], c1, c2, c3), i in [0, n).
-inline void philox_chunk(const uint32_t e0, const int64_t n, const uint32_t c1_, const uint32_t c2_,
+// The four output words of Philox4x32-10 for counters (j0 + i, c1, c2, c3), i in [0, n).
+inline void philox_chunk(const uint32_t j0, const int64_t n, const uint32_t c1_, const uint32_t c2_,
                          const uint32_t c3_, const uint32_t key0, const uint32_t key1, uint32_t* __restrict__ out0,
-                         uint32_t* __restrict__ out1) {
+                         uint32_t* __restrict__ out1, uint32_t* __restrict__ out2, uint32_t* __restrict__ out3) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    uint32_t c0 = e0 + static_cast<uint32_t>(i), c1 = c1_, c2 = c2_, c3 = c3_;
+    uint32_t c0 = j0 + static_cast<uint32_t>(i), c1 = c1_, c2 = c2_, c3 = c3_;
     uint32_t k0 = key0, k1 = key1;
     for (int round = 0; round < 10; ++round) {
       const uint64_t p0 = static_cast<uint64_t>(kM0) * c0;
@@ -62,7 +71,15 @@ inline void philox_chunk(const uint32_t e0, const int64_t n, const uint32_t c1_,
     }
     out0[i] = c0;
     out1[i] = c1;
+    out2[i] = c2;
+    out3[i] = c3;
   }
+}
+
+// ROBUSTKERN_SMOOTHING_PORTABLE=1 forces the portable path (tests compare the two on the same machine).
+inline bool portable_forced() {
+  const char* v = std::getenv("ROBUSTKERN_SMOOTHING_PORTABLE");
+  return v != nullptr && v[0] == '1';
 }
 
 template <typename Out>
@@ -78,21 +95,65 @@ struct NoiseArgs {
   const float* std;        // (C,) or nullptr
   float sigma;
   uint32_t key0, key1;
+  bool vector;             // use the AVX2 + FMA normals
+  bool channels_last;      // write out (R, C, H, W) in channels-last memory
+  int64_t channels;
   int64_t rows, d, hw;     // hw: elements per channel
 };
 
-template <typename Out, bool kNorm>
+// The portable path: the Philox rounds as a plain (auto-vectorised) loop, log / cos / sin by ATen's own
+// float64 kernels (the ones the reference calls; serial here, inside at::parallel_for). Buffers: o (4 kBlk
+// words), rho (2 kBlk: A then B), theta, cos, sin (2 kBlk each); t_* wrap them.
+constexpr int64_t kBlk = kChunk / 4;  // Philox blocks per chunk
+struct PortableBuffers {
+  std::vector<uint32_t> o = std::vector<uint32_t>(4 * kBlk);
+  std::vector<double> f = std::vector<double>(8 * kBlk);
+  at::Tensor rho, theta, cs, sn;
+  PortableBuffers() {
+    const auto dopt = at::TensorOptions().dtype(at::kDouble);
+    rho = at::from_blob(f.data(), {2 * kBlk}, dopt);
+    theta = at::from_blob(f.data() + 2 * kBlk, {2 * kBlk}, dopt);
+    cs = at::from_blob(f.data() + 4 * kBlk, {2 * kBlk}, dopt);
+    sn = at::from_blob(f.data() + 6 * kBlk, {2 * kBlk}, dopt);
+  }
+};
+
+inline void normal_chunk_portable(uint32_t e0, int64_t n, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t key0,
+                                  uint32_t key1, PortableBuffers& b, float* z) {
+  const int64_t nb = (n + 3) / 4;
+  uint32_t* o = b.o.data();
+  philox_chunk(e0 / 4, nb, c1, c2, c3, key0, key1, o, o + kBlk, o + 2 * kBlk, o + 3 * kBlk);
+  double* rho = b.f.data();
+  double* theta = rho + 2 * kBlk;
+  for (int p = 0; p < 2; ++p) {  // pair A: words 0, 1; pair B: words 2, 3
+    const uint32_t* orho = o + (2 * p) * kBlk;
+    const uint32_t* otheta = o + (2 * p + 1) * kBlk;
+#pragma omp simd
+    for (int64_t i = 0; i < nb; ++i) {
+      rho[p * kBlk + i] = (static_cast<double>(orho[i]) + 0.5) * kInv2to32;
+      theta[p * kBlk + i] = kTwoPi * ((static_cast<double>(otheta[i]) + 0.5) * kInv2to32);
+    }
+  }
+  at::log_(b.rho);
+  at::cos_out(b.cs, b.theta);
+  at::sin_out(b.sn, b.theta);
+  const double* cs = rho + 4 * kBlk;
+  const double* sn = rho + 6 * kBlk;
+  for (int64_t i = 0; i < nb; ++i) {
+    const double ra = std::sqrt(-2.0 * rho[i]), rb = std::sqrt(-2.0 * rho[kBlk + i]);
+    const double v[4] = {ra * cs[i], ra * sn[i], rb * cs[kBlk + i], rb * sn[kBlk + i]};
+    for (int w = 0; w < 4 && 4 * i + w < n; ++w) z[4 * i + w] = static_cast<float>(v[w]);
+  }
+}
+
+template <typename Out, bool kNorm, bool kCL>
 void noise_rows(const NoiseArgs& a, Out* __restrict__ out, int64_t begin, int64_t end) {
-  alignas(64) uint32_t o0[kChunk];
-  alignas(64) uint32_t o1[kChunk];
-  alignas(64) double u1[kChunk];
-  alignas(64) double u2[kChunk];
+  // AVX2 + FMA: Philox and Box-Muller with csrc/cpu/smoothing_normal_avx2.cpp's own float64 log / cos;
+  // otherwise the portable path. The buffers of the portable path are only touched there.
+  const bool vector = a.vector;
   alignas(64) float z[kChunk];
-  // log and cos run as ATen's own (vectorised) float64 kernels, the ones the reference calls; serial here
-  // (inside at::parallel_for)
-  const auto dopt = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor t1 = at::from_blob(u1, {kChunk}, dopt);
-  at::Tensor t2 = at::from_blob(u2, {kChunk}, dopt);
+  std::optional<PortableBuffers> pb;
+  if (!vector) pb.emplace();
   const float sigma = a.sigma;
   for (int64_t r = begin; r < end; ++r) {
     const float* __restrict__ xr = a.x + a.src[r] * a.d;
@@ -102,35 +163,27 @@ void noise_rows(const NoiseArgs& a, Out* __restrict__ out, int64_t begin, int64_
     const uint32_t stream = static_cast<uint32_t>(a.counter[3 * r + 2]);
     for (int64_t e0 = 0; e0 < a.d; e0 += kChunk) {
       const int64_t n = std::min(kChunk, a.d - e0);
-      philox_chunk(static_cast<uint32_t>(e0), n, sample, image, stream, a.key0, a.key1, o0, o1);
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        u1[i] = (static_cast<double>(o0[i]) + 0.5) * kInv2to32;
-        u2[i] = kTwoPi * ((static_cast<double>(o1[i]) + 0.5) * kInv2to32);
-      }
-      if (n == kChunk) {
-        at::log_(t1);
-        at::cos_(t2);
+      if (vector) {
+        smoothing_detail::normal_chunk_avx2(static_cast<uint32_t>(e0), n, sample, image, stream, a.key0, a.key1,
+                                            z);
       } else {
-        at::Tensor s1 = t1.narrow(0, 0, n), s2 = t2.narrow(0, 0, n);
-        at::log_(s1);
-        at::cos_(s2);
+        normal_chunk_portable(static_cast<uint32_t>(e0), n, sample, image, stream, a.key0, a.key1, *pb, z);
       }
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) z[i] = static_cast<float>(std::sqrt(-2.0 * u1[i]) * u2[i]);
-      if constexpr (kNorm) {
-        // runs of one channel inside the chunk
+      if constexpr (kNorm || kCL) {
+        // runs of one channel inside the chunk; channels-last output: element (c, p) of the row at p C + c
         int64_t i = 0;
         while (i < n) {
           const int64_t e = e0 + i;
           const int64_t c = e / a.hw;
           const int64_t stop = std::min(n, (c + 1) * a.hw - e0);
-          const float m = a.mean[c], s = a.std[c];
+          const float m = kNorm ? a.mean[c] : 0.0f, s = kNorm ? a.std[c] : 1.0f;
+          Out* __restrict__ ob = kCL ? orow + c - (c * a.hw) * a.channels : orow;
+          const int64_t step = kCL ? a.channels : 1;
 #pragma omp simd
           for (int64_t j = i; j < stop; ++j) {
             const float noise = sigma * z[j];
             const float v = xr[e0 + j] + noise;
-            orow[e0 + j] = cast_out<Out>((v - m) / s);
+            ob[(e0 + j) * step] = cast_out<Out>(kNorm ? (v - m) / s : v);
           }
           i = stop;
         }
@@ -150,9 +203,15 @@ void noise_launch(const NoiseArgs& a, Out* out) {
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, a.d));
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     if (a.mean != nullptr) {
-      noise_rows<Out, true>(a, out, begin, end);
+      if (a.channels_last) {
+        noise_rows<Out, true, true>(a, out, begin, end);
+      } else {
+        noise_rows<Out, true, false>(a, out, begin, end);
+      }
+    } else if (a.channels_last) {
+      noise_rows<Out, false, true>(a, out, begin, end);
     } else {
-      noise_rows<Out, false>(a, out, begin, end);
+      noise_rows<Out, false, false>(a, out, begin, end);
     }
   });
 }
@@ -185,7 +244,10 @@ at::Tensor smoothing_noise_cpu(const at::Tensor& x, const at::Tensor& src, const
     shape.push_back(x.size(k));
     d *= x.size(k);
   }
-  at::Tensor out = at::empty(shape, x.options().dtype(out_dtype));
+  // the output takes x's memory format: channels-last when x is (strictly) channels-last contiguous
+  const bool channels_last = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty(shape, x.options().dtype(out_dtype).memory_format(
+                                        channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   if (rows == 0 || d == 0) return out;
   TORCH_CHECK(d < (int64_t(1) << 32), op, ": an image may have at most 2^32 - 1 elements");
   const int64_t images = x.size(0);
@@ -222,11 +284,14 @@ at::Tensor smoothing_noise_cpu(const at::Tensor& x, const at::Tensor& src, const
   a.src = sp;
   a.counter = cp;
   a.sigma = static_cast<float>(sigma);  // torch.tensor(sigma, dtype=float32): round to nearest even
+  a.vector = smoothing_detail::have_avx2_fma() && !portable_forced();
   a.key0 = static_cast<uint32_t>(seed_bits);
   a.key1 = static_cast<uint32_t>(seed_bits >> 32);
   a.rows = rows;
   a.d = d;
   a.hw = d / channels;
+  a.channels = channels;
+  a.channels_last = channels_last;
 
   switch (out_dtype) {
     case at::kFloat:

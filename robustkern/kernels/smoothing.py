@@ -2,17 +2,21 @@
 Adversarial Robustness via Randomized Smoothing").
 
 ``smoothing_noise``: noisy, normalised copies of images, the Gaussian noise generated in the kernel from a
-counter-based generator, never materialised in memory on its own. For row ``r`` and flat NCHW element ``e``:
+counter-based generator, never materialised in memory on its own. For row ``r`` and flat NCHW element ``e``,
+block ``j = e // 4`` and lane ``l = e % 4``:
 
-    (o0, o1, _, _) = Philox4x32-10(counter = (e, sample[r], image[r], stream[r]), key = (seed_lo, seed_hi))
-    z = fp32( sqrt(-2 log((o0 + 1/2) 2^-32)) cos(2 pi (o1 + 1/2) 2^-32) )     (Box-Muller in float64)
+    (o0, o1, o2, o3) = Philox4x32-10(counter = (j, sample[r], image[r], stream[r]), key = (seed_lo, seed_hi))
+    (u, t) = (o0, o1) if l < 2 else (o2, o3);  rho = sqrt(-2 log((u + 1/2) 2^-32)), theta = 2 pi (t + 1/2) 2^-32
+    z = fp32( rho cos theta if l is even else rho sin theta )                  (Box-Muller in float64)
     out[r, e] = cast( ((x[src[r], e] + fp32(sigma) z) - mean[c]) / std[c] )   (fp32, IEEE division)
 
 ``tl.philox`` is Salmon et al.'s Philox4x32-10 (the Random123 known-answer vectors hold), the same function
 as ``robustkern.reference.smoothing.philox4x32``. Box-Muller runs in float64 and is rounded once to fp32 so
-that backends whose float64 ``log``/``cos`` differ by an ulp still produce the same fp32 noise (except on a
-double-rounding tie, probability ~2^-29 per element). On a GPU the compiler may contract ``x + sigma * z``
-into an FMA, a difference of at most one fp32 rounding from the reference.
+that backends whose float64 ``log``/``cos``/``sin`` differ by an ulp still produce the same fp32 noise (except
+within an ulp or two of an fp32 rounding boundary, probability ~1e-8 per element). Each program evaluates
+Philox per element (four times per block; the CPU kernel shares one call among the block's four elements).
+On a GPU the compiler may contract ``x + sigma * z`` into an FMA, a difference of at most one fp32 rounding
+from the reference.
 
 ``smoothing_count``: argmax of each row of logits (the first maximum, as ``torch.argmax``) and a histogram
 per group (``counts[group[r], argmax_r] += 1``) with atomic adds, so votes never leave the device.
@@ -37,12 +41,18 @@ _TORCH_TO_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.fl
 # ================================================================================================ device code
 @triton.jit
 def _normal_from_counter(elem, sample, image, stream, seed):
-    """Standard normal (fp32) of the uint32 counter (elem, sample, image, stream) under the int64 seed."""
-    o0, o1, _, _ = tl.philox(seed, elem, sample, image, stream)
-    u1 = (o0.to(tl.float64) + 0.5) * 2.3283064365386963e-10
-    u2 = (o1.to(tl.float64) + 0.5) * 2.3283064365386963e-10
-    r = tl.sqrt(-2.0 * tl.log(u1))  # float64: IEEE sqrt
-    return (r * tl.cos(6.283185307179586 * u2)).to(tl.float32)
+    """Standard normal (fp32) of element ``elem`` (uint32) of counter (sample, image, stream) under the int64
+    seed: lane elem % 4 of Philox block elem // 4."""
+    o0, o1, o2, o3 = tl.philox(seed, elem >> 2, sample, image, stream)
+    lane = elem & 3
+    second = lane >= 2
+    u = tl.where(second, o2, o0)
+    t = tl.where(second, o3, o1)
+    u1 = (u.to(tl.float64) + 0.5) * 2.3283064365386963e-10
+    theta = 6.283185307179586 * ((t.to(tl.float64) + 0.5) * 2.3283064365386963e-10)
+    rho = tl.sqrt(-2.0 * tl.log(u1))  # float64: IEEE sqrt
+    trig = tl.where((lane & 1) == 0, tl.cos(theta), tl.sin(theta))
+    return (rho * trig).to(tl.float32)
 
 
 def _noise_configs():

@@ -31,16 +31,25 @@ def _run(name: str, device: torch.device, *args):
     return run("smoothing", name, device, *args)
 
 
+def _channels_last(x: Tensor) -> bool:
+    """x is strictly channels-last: 4-D, channels-last contiguous and not NCHW contiguous."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 # ----------------------------------------------------------------------------------------------- noise
 @torch.library.custom_op("robustkern::smoothing_noise", mutates_args=())
 def _smoothing_noise(x: Tensor, src: Tensor, counter: Tensor, seed: Tensor, sigma: float, mean: Optional[Tensor],
                      std: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
-    return _run("smoothing_noise", x.device, x, src, counter, seed, sigma, mean, std, out_dtype)
+    out = _run("smoothing_noise", x.device, x, src, counter, seed, sigma, mean, std, out_dtype)
+    if _channels_last(x) and not out.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)     # the backends without a channels-last write
+    return out
 
 
 @_smoothing_noise.register_fake
 def _(x, src, counter, seed, sigma, mean, std, out_dtype):
-    return x.new_empty((src.shape[0],) + tuple(x.shape[1:]), dtype=out_dtype)
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    return torch.empty((src.shape[0],) + tuple(x.shape[1:]), dtype=out_dtype, device=x.device, memory_format=fmt)
 
 
 def _noise_setup(ctx, inputs, output):
@@ -70,7 +79,8 @@ def smoothing_noise(x: Tensor, src: Tensor, counter: Tensor, seed, sigma: float,
     ``x`` (I, C, ...) float, read in fp32 (the noise is added in fp32 before the cast to ``out_dtype``);
     ``src`` (R,) int64 in [0, I); ``counter`` (R, 3) int64, each entry in [0, 2^32); ``seed`` an int or a (1,)
     int64 tensor in [0, 2^63); ``mean``/``std`` (C,) per-channel normalisation (Cohen's NormalizeLayer).
-    Returns (R, C, ...) of ``out_dtype``. Differentiable in ``x``."""
+    Returns (R, C, ...) of ``out_dtype``, in channels-last memory when ``x`` is (strictly) channels-last (the
+    C++ kernel writes it so directly; the values do not depend on the layout). Differentiable in ``x``."""
     op = "smoothing_noise"
     if not x.is_floating_point():
         raise TypeError(f"{op}: x must be a floating tensor, got {x.dtype}")

@@ -20,7 +20,14 @@ Options. ``mean``/``std``: the input normalisation, fused into the noise kernel 
 the network *without* its normalisation layer); the noise is still added in pixel space, before it.
 ``dtype=torch.bfloat16``: the noisy input (computed in fp32) is cast to bf16 and a bf16 copy of the base
 classifier runs; the certificate is then for that bf16 classifier f', not for the fp32 model.
-``channels_last``: the model and noisy batches use channels-last memory. ``cuda_graphs``: on CUDA, the
+``channels_last``: the model (a private copy) and the noisy batches use channels-last memory; ``None``
+(default) picks it on the CPU for 4-D images with ``rng="philox"``, where oneDNN's convolutions run faster
+on it (the small CNN's 3-channel first convolution about 3x), and not on CUDA nor for ``rng="torch"``. A
+``Flatten`` followed by a ``Linear`` inside an ``nn.Sequential`` of that copy then reads the channels-last
+activations in place, with the ``Linear``'s columns permuted to (H, W, C) order instead of copying the
+activations back to NCHW. Channels-last changes the summation order of convolutions and of that ``Linear``
+(logits differ in the last bits, as between any two convolution algorithms); a ``ReLU`` right after a
+convolution / ``Linear`` / batch norm of that copy runs in place. ``cuda_graphs``: on CUDA, the
 steady-state forward (noise, model, count) of full batches is captured once and replayed.
 Kernel choice that depends on batch size (cudnn.benchmark, split-K) can make f differ across batch sizes;
 pin algorithms for strictly batch-size-independent results.
@@ -57,7 +64,8 @@ class Smooth:
     def __init__(self, base_classifier: torch.nn.Module, num_classes: int, sigma: float, *,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                  input_shape: Optional[Sequence[int]] = None, rng: str = "philox",
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False, cuda_graphs: bool = False,
+                 dtype: torch.dtype = torch.float32, channels_last: Optional[bool] = None,
+                 cuda_graphs: bool = False,
                  store_noise: bool = False):
         if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
@@ -156,21 +164,44 @@ class Smooth:
             raise ValueError(f"image shape {shape} has {shape[0]} channels but mean/std have "
                              f"{self.mean.numel()}")
 
-    def _model(self):
-        if self._model_cache is None:
+    def _use_channels_last(self, batch: Tensor) -> bool:
+        if self.channels_last is None:                # rng="torch" replays Cohen's loop: his model as is
+            return batch.dim() == 4 and batch.device.type == "cpu" and self.rng == "philox"
+        return bool(self.channels_last) and batch.dim() == 4
+
+    def _sync_copies(self) -> None:
+        """Refresh the private model copies from the user's model, in place (the user may have trained it since
+        the last call; captured CUDA graphs keep pointing at the same storages)."""
+        if self._model_cache is None or self._model_cache[1] is self.base_classifier:
+            return
+        copy_m = self._model_cache[1]
+        with torch.inference_mode():
+            for mine, theirs in zip(list(copy_m.parameters()) + list(copy_m.buffers()),
+                                    list(self.base_classifier.parameters()) + list(self.base_classifier.buffers())):
+                mine.copy_(theirs)
+            for mod in copy_m.modules():
+                if isinstance(mod, _ChannelsLastFlattenLinear):
+                    mod.refresh()
+
+    def _model(self, channels_last: bool = False):
+        key = (channels_last,)
+        if self._model_cache is None or self._model_cache[0] != key:
             m = self.base_classifier
+            if self.dtype != torch.float32 or channels_last:
+                m = copy.deepcopy(m)                  # the user's model is left alone
             if self.dtype != torch.float32:
-                m = copy.deepcopy(m).to(self.dtype)
-            if self.channels_last:
-                m = m.to(memory_format=torch.channels_last)
-            self._model_cache = m
-        return self._model_cache
+                m = m.to(self.dtype)
+            if channels_last:
+                m = _relu_in_place(_fold_flatten_linear(m.to(memory_format=torch.channels_last)))
+            self._model_cache = (key, m.eval())
+        return self._model_cache[1]
 
     def _forward(self, batch: Tensor) -> Tensor:
-        if self.channels_last and batch.dim() == 4:
+        cl = self._use_channels_last(batch)
+        if cl:
             batch = batch.contiguous(memory_format=torch.channels_last)
         try:
-            logits = self._model()(batch)
+            logits = self._model(cl)(batch)
         except RuntimeError as e:
             raise ValueError(f"the base classifier failed on a batch of shape {tuple(batch.shape)} "
                              f"(is the image shape right?): {e}") from e
@@ -184,8 +215,9 @@ class Smooth:
     def _counts(self, x: Tensor, streams, batch_size: int, seed, indices) -> Tensor:
         """(B, S, K) int64 vote counts of the S streams ``[(stream id, num samples)]`` for each image."""
         batch_size = _check_num("batch_size", batch_size)
-        self._model().eval()
-        with torch.no_grad():
+        self.base_classifier.eval()
+        with torch.inference_mode():
+            self._sync_copies()
             if self.rng == "torch":
                 return self._counts_torch(x, streams, batch_size, seed)
             return self._counts_philox(x, streams, batch_size, seed, indices)
@@ -213,6 +245,8 @@ class Smooth:
         seed_t = torch.tensor([int(seed)], dtype=torch.int64, device=dev)
         mean, std = self._norm(dev)
         xf = x.detach().float().contiguous()
+        if self._use_channels_last(xf):
+            xf = xf.contiguous(memory_format=torch.channels_last)   # the noise kernel then writes channels-last
         counts = torch.zeros((b * n_streams, self.num_classes), dtype=torch.int64, device=dev)
         total = b * per_image
         for lo in range(0, total, batch_size):
@@ -289,3 +323,60 @@ def certify_batch(base_classifier: torch.nn.Module, x: Tensor, num_classes: int,
     """Functional form of ``Smooth(base_classifier, num_classes, sigma, **smooth_kwargs).certify_batch(...)``."""
     smooth = Smooth(base_classifier, num_classes, sigma, **smooth_kwargs)
     return smooth.certify_batch(x, n0, n, alpha, batch_size, seed=seed, indices=indices)
+
+
+class _ChannelsLastFlattenLinear(torch.nn.Module):
+    """``Linear(Flatten(x))`` for a channels-last (N, C, H, W) ``x`` without the copy back to NCHW: the NHWC
+    memory is flattened as it lies, against the weight's columns permuted from (C, H, W) to (H, W, C) order
+    (the same products, summed in another order). Other inputs take the plain path."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.linear = linear
+        self._permuted = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.linear.weight, self.linear.bias
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            n, c, h, wd = x.shape
+            key = (c, h, wd, w.dtype, w.device)
+            if key not in self._permuted:
+                self._permuted[key] = self._permute(c, h, wd)
+            return torch.nn.functional.linear(x.permute(0, 2, 3, 1).reshape(n, -1), self._permuted[key], b)
+        return self.linear(x.flatten(1))
+
+    def _permute(self, c: int, h: int, wd: int) -> Tensor:
+        w = self.linear.weight.detach()
+        return w.reshape(w.shape[0], c, h, wd).permute(0, 2, 3, 1).reshape(w.shape[0], -1).clone()
+
+    def refresh(self) -> None:
+        """Recompute the permuted weights in place after the Linear's weight changed."""
+        for (c, h, wd, _, _), t in self._permuted.items():
+            t.copy_(self._permute(c, h, wd))
+
+
+def _fold_flatten_linear(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace each ``Flatten(1, -1)`` directly followed by a ``Linear`` inside an ``nn.Sequential`` of
+    ``model`` (a private copy, changed in place) by ``_ChannelsLastFlattenLinear``."""
+    for seq in [m for m in model.modules() if isinstance(m, torch.nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            fl, lin = seq._modules[a], seq._modules[b]
+            if isinstance(fl, torch.nn.Flatten) and fl.start_dim == 1 and fl.end_dim == -1 and \
+                    isinstance(lin, torch.nn.Linear):
+                seq._modules[a] = torch.nn.Identity()
+                seq._modules[b] = _ChannelsLastFlattenLinear(lin)
+    return model
+
+
+def _relu_in_place(model: torch.nn.Module) -> torch.nn.Module:
+    """In a private copy: make each ``ReLU`` that directly follows a convolution, a ``Linear`` or a batch norm
+    inside an ``nn.Sequential`` work in place (that output is a fresh tensor nothing else reads), saving an
+    allocation and a pass over the activations per layer."""
+    fresh = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm2d, torch.nn.BatchNorm1d, _ChannelsLastFlattenLinear)
+    for seq in [m for m in model.modules() if isinstance(m, torch.nn.Sequential)]:
+        children = list(seq.children())
+        for prev, cur in zip(children, children[1:]):
+            if type(cur) is torch.nn.ReLU and isinstance(prev, fresh):
+                cur.inplace = True
+    return model
