@@ -393,6 +393,29 @@ def _lfr(model, x, y, cfg, state):
                   "eps": mp["epsilon"]}
 
 
+@register_loss("grad_norm", {"lam": 0.1, "p": 2, "power": 2, "method": "double_backprop", "h": 0.0},
+               ("robustkern.flatness", ("input_grad_norm",)))
+def _grad_norm(model, x, y, cfg, state):
+    """Input-gradient-norm regularisation: ``CE(f(x), y) + lam * mean_i ||grad_x CE(f(x_i), y_i)||_p ** power``
+    (double backpropagation, Drucker & LeCun 1992; Ross & Doshi-Velez 2018 with p = power = 2; Finlay & Oberman
+    2021 by finite differences, ``method = "finite_difference"`` with step ``h``, 0 = the library's default).
+    The clean loss reuses the forward of ``robustkern.flatness.input_grad_norm``."""
+    flatness = library_part("robustkern.flatness", "input_grad_norm", purpose="training method 'grad_norm'")
+    mp = cfg["training_params"]["method_params"]
+    for key, allowed in (("p", (1, 2)), ("power", (1, 2)), ("method", ("double_backprop", "finite_difference"))):
+        if mp[key] not in allowed:
+            raise ConfigError(f"method_params:{key} must be one of {allowed}, got {mp[key]!r}")
+    if mp["h"] < 0 or (mp["h"] > 0 and mp["method"] != "finite_difference"):
+        raise ConfigError(f"method_params:h is the finite-difference step (>= 0, 0 = default), got {mp['h']!r}")
+    norms, logits = flatness.input_grad_norm(model, x, y, p=int(mp["p"]), method=mp["method"],
+                                             h=float(mp["h"]) or None, return_logits=True)
+    natural = F.cross_entropy(logits, y)
+    penalty = norms.pow(mp["power"]).mean()
+    loss = natural + mp["lam"] * penalty
+    return loss, {"loss": loss.item(), "acc": _accuracy(logits, y), "natural_ce": natural.item(),
+                  "grad_penalty": penalty.item()}
+
+
 placeholder("crown_ibp_ours", "robustkern.bounds", ("optimized_slopes",),
             "CROWN-IBP with one-step optimised ReLU slopes, Lee et al. 2021 'Loss Landscape Matters'",
             {"final_kappa": 0.0, "final_beta": 1.0, "slope_init": "uniform", "slope_step": 2.0})
