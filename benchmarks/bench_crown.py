@@ -9,8 +9,8 @@ Providers
   plain            forward + cross-entropy of the model: the floor
   robustkern-ibp   robustkern IBP loss (sound=False), for scale
   robustkern       ``robustkern.bounds.crown_ibp_loss(bm, x, y, eps, beta=1, sound=False)`` (fused ReLU step
-                   ``robustkern::crown_relu_backward`` and concretisation ops; on CPU they run the reference
-                   implementation behind the custom op, whose backward recomputes the slopes)
+                   ``robustkern::crown_relu_backward`` and concretisation ops; on CPU their C++ kernels, whose
+                   single-pass backward recomputes the slopes)
   robustkern-lf    the same with ``loss_fusion=True`` (one backward spec row; robustkern.bounds.loss_fusion)
   eager            the same graph code with the two ops replaced by their plain PyTorch formulas under
                    ordinary autograd (unfused: autograd keeps A+, A-, slopes): what the fusion saves

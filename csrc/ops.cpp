@@ -1,5 +1,5 @@
 // Every schema of the robustkern_ext library, once. The kernels are registered per device in
-// csrc/cpu/interval_cpu.cpp, csrc/cpu/smoothing_cpu.cpp (CPU only) and csrc/cuda/interval_cuda_glue.cpp;
+// csrc/cpu/interval_cpu.cpp, csrc/cpu/smoothing_cpu.cpp, csrc/cpu/crown_cpu.cpp (CPU only) and csrc/cuda/interval_cuda_glue.cpp;
 // the public ops (robustkern::*, with fake tensors and autograd) are Python custom ops in robustkern/ops/
 // that call these.
 #include <Python.h>
@@ -55,6 +55,14 @@ TORCH_LIBRARY(robustkern_ext, m) {
   m.def(
       "smoothing_noise(Tensor x, Tensor src, Tensor counter, Tensor seed, float sigma, Tensor? mean, "
       "Tensor? std, ScalarType out_dtype) -> Tensor");
+  m.def("crown_relu_backward(Tensor A, Tensor lower, Tensor upper, int mode, bool upper_side) -> (Tensor, Tensor)");
+  m.def(
+      "crown_relu_backward_grad(Tensor A, Tensor lower, Tensor upper, int mode, bool upper_side, Tensor g_A, "
+      "Tensor g_bias, bool need_lu) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "crown_concretize(Tensor A, Tensor bias, Tensor mid, Tensor rad, Tensor? center, Tensor? eps, "
+      "bool upper_side) -> Tensor");
+  m.def("crown_concretize_grad(Tensor A, Tensor mid, Tensor rad, Tensor g, bool upper_side) -> (Tensor, Tensor, Tensor)");
   m.def("smoothing_count(Tensor logits, Tensor group, int num_groups) -> Tensor");
   m.def("build_info() -> str", &build_info);
 }

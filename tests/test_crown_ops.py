@@ -1,5 +1,5 @@
-"""CROWN ops (robustkern::crown_relu_backward, robustkern::crown_concretize): Triton (interpreted, tiny shapes)
-and reference agree, opcheck, gradcheck in float64, the relaxation is valid, bad input."""
+"""CROWN ops (robustkern::crown_relu_backward, robustkern::crown_concretize): Triton (interpreted, tiny shapes),
+C++ (forward and the fused backward ops) and reference agree, opcheck, gradcheck in float64, the relaxation is valid, bad input."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -14,7 +14,8 @@ from robustkern.reference.crown import relu_relaxation  # noqa: E402
 from robustkern.testing import backends_for  # noqa: E402
 
 BACKENDS = [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else [], id=b)
-            for b in backends_for("cpu") if b in ("reference", "triton")]
+            for b in backends_for("cpu") if b in ("reference", "cpp", "triton")]
+needs_cpp = pytest.mark.skipif("cpp" not in backends_for("cpu"), reason="the compiled extension is not available")
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
 
@@ -125,3 +126,86 @@ def test_empty_batch():
     A = torch.zeros(0, 3, 5)
     out, b = crown_relu_backward(A, torch.zeros(0, 5), torch.zeros(0, 5))
     assert out.shape == (0, 3, 5) and b.shape == (0, 3)
+
+
+def _relu_grads(backend, A, lo, hi, mode, upper_side, gA, gb):
+    with use_backend(backend):
+        a, l, u = (t.clone().requires_grad_() for t in (A, lo, hi))
+        out, b = crown_relu_backward(a, l, u, mode, upper_side)
+        torch.autograd.backward((out, b), (gA, gb))
+    return a.grad, l.grad, u.grad
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+@pytest.mark.parametrize("upper_side", [False, True])
+def test_cpp_fused_relu_backward_grad_matches_differentiable_formulas(dtype, mode, upper_side):
+    # N > 2048: more than one block of the blocked C++ pass; degenerate/stable neurons included by make()
+    A, lo, hi = make(B=2, S=3, N=2100, dtype=dtype, seed=1)
+    g = torch.Generator().manual_seed(2)
+    gA, gb = torch.randn(A.shape, generator=g, dtype=dtype), torch.randn(2, 3, generator=g, dtype=dtype)
+    got = _relu_grads("cpp", A, lo, hi, mode, upper_side, gA, gb)
+    want = _relu_grads("reference", A, lo, hi, mode, upper_side, gA, gb)
+    for x, w in zip(got, want):
+        torch.testing.assert_close(x, w, **TOL[dtype])
+    # only A needs a gradient: the op skips the sums for lower/upper
+    with use_backend("cpp"):
+        a = A.clone().requires_grad_()
+        out, b = crown_relu_backward(a, lo, hi, mode, upper_side)
+        torch.autograd.backward((out, b), (gA, gb))
+    torch.testing.assert_close(a.grad, want[0], **TOL[dtype])
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("upper_side", [False, True])
+def test_cpp_fused_concretize_grad_matches_differentiable_formulas(dtype, upper_side):
+    A, lo, hi = make(B=2, S=3, N=2100, dtype=dtype, seed=3)
+    A[:, :, :4] = 0.0                      # sign(0) = 0
+    bias = torch.randn(2, 3, dtype=dtype)
+    mid, rad = (lo + hi) / 2, (hi - lo) / 2
+    g = torch.randn(2, 3, dtype=dtype)
+    grads = {}
+    for backend in ("cpp", "reference"):
+        with use_backend(backend):
+            ts = [t.clone().requires_grad_() for t in (A, bias, mid, rad)]
+            crown_concretize(*ts, upper_side=upper_side).backward(g)
+        grads[backend] = [t.grad for t in ts]
+    for x, w in zip(grads["cpp"], grads["reference"]):
+        torch.testing.assert_close(x, w, **TOL[dtype])
+
+
+@needs_cpp
+@pytest.mark.parametrize("mode", [0, 3])
+def test_cpp_opcheck_and_gradcheck(mode):
+    A, lo, hi = make(B=2, S=2, N=6)
+    lo[:, :3] -= 0.05
+    hi[:, :3] += 0.07
+    bias = torch.randn(2, 2, dtype=torch.float64)
+    mid, rad = (lo + hi) / 2, (hi - lo) / 2
+    with use_backend("cpp"):
+        torch.library.opcheck(torch.ops.robustkern.crown_relu_backward.default, (A, lo, hi, mode, False))
+        torch.library.opcheck(torch.ops.robustkern.crown_concretize.default, (A, bias, mid, rad, None, None, True))
+        ts = tuple(t.clone().requires_grad_() for t in (A, lo, hi))
+        # first order: the fused C++ backward; second order: the differentiable formulas
+        torch.autograd.gradcheck(lambda a, l, u: crown_relu_backward(a, l, u, mode, True), ts)
+        torch.autograd.gradgradcheck(lambda a, l, u: crown_relu_backward(a, l, u, mode, False), ts)
+        cs = tuple(t.clone().requires_grad_() for t in (A, bias, mid, rad))
+        torch.autograd.gradcheck(lambda a, b, m, r: crown_concretize(a, b, m, r), cs)
+
+
+@needs_cpp
+def test_cpp_kernels_reject_bad_input():
+    A, lo, hi = make()
+    ext = torch.ops.robustkern_ext
+    with pytest.raises(RuntimeError, match="crown_relu_backward: lower(_in)? must have shape"):
+        ext.crown_relu_backward(A, lo[:1], hi, 0, False)
+    with pytest.raises(RuntimeError, match="mode must be 0..3"):
+        ext.crown_relu_backward(A, lo, hi, 7, False)
+    with pytest.raises(RuntimeError, match="crown_relu_backward_grad: g_bias(_in)? must have shape"):
+        ext.crown_relu_backward_grad(A, lo, hi, 0, False, A, lo, True)
+    with pytest.raises(RuntimeError, match="give both center and eps"):
+        ext.crown_concretize(A, torch.zeros(2, 3, dtype=A.dtype), lo, hi, lo, None, False)
+    with pytest.raises(RuntimeError, match="crown_concretize_grad: rad(_in)? has dtype"):
+        ext.crown_concretize_grad(A, lo, hi.float(), torch.zeros(2, 3, dtype=A.dtype), False)

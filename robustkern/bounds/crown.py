@@ -5,12 +5,15 @@ h``), one per side); every node maps it to its inputs:
 
 =========== =====================================================================================
 linear      ``A <- A W``, ``c += A b``
-conv2d      ``A <- conv_transpose2d(A, W)`` (output_padding chosen so the input size comes back),
-            ``c += sum A b``
+conv2d      ``A <- conv_transpose2d(A, W)`` (output_padding chosen so the input size comes back; the B*S
+            rows as one batch, channels-last), ``c += sum A b``
 batchnorm,  per-channel affine ``(scale, shift)`` from ``ibp.affine_params`` (eval: running statistics,
-normalize   training: the clean batch's): ``A <- A scale``, ``c += sum A shift``
+normalize   training: the clean batch's): ``A <- A scale``, ``c += sum A shift``; a BatchNorm right after a
+            linear/conv layer that has no other user and a weight smaller than ``A`` is folded into it
+            (``W' = scale W``, ``b' = scale b + shift``: one step, no pass over ``A``)
 avgpool     the adjoint of the (linear) pooling, ``aten.avg_pool2d_backward``
-relu        ``robustkern::crown_relu_backward`` with the bounds of the ReLU's input (fused sign split)
+relu        ``robustkern::crown_relu_backward`` with the bounds of the ReLU's input (fused sign split); on a
+            channels-last ``A`` it runs on the (B, S, H*W*C) layout with the bounds permuted to match
 add         ``A`` flows to both branches and is accumulated (reverse topological order)
 reshape     ``A`` reshaped to the input's shape (per example)
 =========== =====================================================================================
@@ -45,6 +48,11 @@ from .graph import BoundNode
 from .ibp import Box, affine_params
 
 __all__ = ["node_shapes", "backward_bound", "crown_bounds"]
+
+# Transposed convolutions of ``A`` run channels-last (see ``_gemm_step``); False: contiguous NCHW.
+CHANNELS_LAST = True
+# Fold a BatchNorm into the linear/conv layer before it (see ``_step``); False: a separate affine step.
+FOLD_BATCHNORM = True
 
 
 def node_shapes(nodes: list[BoundNode], model, x1: Tensor) -> dict[str, tuple]:
@@ -102,6 +110,16 @@ class _Ctx:
         self.mode = mode
         self._params: dict = {}
 
+    def relu_bounds_channels_last(self, name: str):
+        """``relu_bounds[name]`` permuted from (B, C*H*W) to the (B, H*W*C) order of channels-last ``A``."""
+        key = ("channels_last", name)
+        bounds = self.relu_bounds[name]
+        if key not in self._params or self._params[key][0] is not bounds:  # (CROWN replaces the bounds)
+            c, h, w = self.shapes[name]
+            self._params[key] = (bounds, tuple(t.reshape(-1, c, h, w).permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+                                               for t in bounds))
+        return self._params[key][1]
+
     def weight(self, node: BoundNode):
         key = node.name
         if key not in self._params:
@@ -118,32 +136,65 @@ class _Ctx:
         return self._params[key]
 
 
+def _channel_sums(A: Tensor) -> Tensor:
+    """(B, S, C): ``A`` (B, S, C, ...) summed over the dimensions after the channel one."""
+    return A.sum(tuple(range(3, A.dim()))) if A.dim() > 3 else A
+
+
+def _gemm_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, w: Tensor, b: Tensor | None):
+    """``A`` through a linear (``A W``) or conv2d layer (``conv_transpose2d(A, W)`` on the B*S rows as one batch,
+    channels-last: the layout in which CPU (oneDNN) transposed convolutions are fastest; the ReLU step keeps
+    it) with weight ``w`` and bias ``b``. Returns ``[(input, A_in)], bias term, False``."""
+    src = node.inputs[0]
+    bias = (_channel_sums(A) * b).sum(-1) if b is not None else None
+    if node.kind == "linear":
+        return [(src, torch.matmul(A, w))], bias, False
+    m = node.module
+    cin, hin, win = ctx.shapes[src]
+    o, ho, wo = A.shape[2:]
+    flat = A.reshape(B * S, o, ho, wo)
+    if CHANNELS_LAST:
+        flat = flat.contiguous(memory_format=torch.channels_last)
+    opad = []
+    for size, osz, k, s, p, d in zip((hin, win), (ho, wo), w.shape[2:], m.stride, m.padding, m.dilation):
+        opad.append(size - ((osz - 1) * s - 2 * p + d * (k - 1) + 1))
+    A_in = F.conv_transpose2d(flat, w, None, m.stride, m.padding, tuple(opad), m.groups, m.dilation)
+    return [(src, A_in.reshape(B, S, cin, hin, win))], bias, False
+
+
+def _is_channels_last(A: Tensor) -> bool:
+    """Whether ``A`` (B, S, C, H, W) is laid out as (B, S, H, W, C) (a channels-last transposed convolution's
+    output), with more than one channel."""
+    return A.dim() == 5 and A.shape[2] > 1 and A.permute(0, 1, 3, 4, 2).is_contiguous()
+
+
 def _step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int) -> tuple[list[tuple[str, Tensor]], Tensor | None,
                                                                            bool]:
     """Map ``A`` (coefficients of ``node``'s output) to its inputs. Returns [(input, A_in)], the bias term
     (B, S) or None, and for a ReLU whether it is the upper side (handled by the caller)."""
     kind = node.kind
     shapes = ctx.shapes
-    if kind == "linear":
+    if kind in ("linear", "conv2d"):
         w, b = ctx.weight(node)
-        bias = (A * b).flatten(2).sum(-1) if b is not None else None
-        return [(node.inputs[0], torch.matmul(A, w))], bias, False
-    if kind == "conv2d":
-        m = node.module
-        w, b = ctx.weight(node)
-        src = node.inputs[0]
-        cin, hin, win = shapes[src]
-        o, ho, wo = A.shape[2:]
-        flat = A.reshape(B * S, o, ho, wo)
-        opad = []
-        for size, osz, k, s, p, d in zip((hin, win), (ho, wo), w.shape[2:], m.stride, m.padding, m.dilation):
-            opad.append(size - ((osz - 1) * s - 2 * p + d * (k - 1) + 1))
-        A_in = F.conv_transpose2d(flat, w, None, m.stride, m.padding, tuple(opad), m.groups, m.dilation)
-        bias = (A.sum((-1, -2)) * b).sum(-1) if b is not None else None
-        return [(src, A_in.reshape(B, S, cin, hin, win))], bias, False
+        return _gemm_step(ctx, node, A, B, S, w, b)
+    if kind == "batchnorm":
+        src = ctx.by_name[node.inputs[0]]
+        w = ctx.weight(src)[0] if src.kind in ("linear", "conv2d") else None
+        if FOLD_BATCHNORM and w is not None and src.users == 1 and w.shape[0] == A.shape[2] and \
+                w.numel() <= A.numel():
+            # fold the per-channel affine map into the layer before it (its only user): one GEMM step with
+            # W' = scale W (per output channel), b' = scale b + shift, no pass over A for the BatchNorm;
+            # only where W is smaller than A (convolutions; not a wide linear layer, whose W' and its
+            # gradient would cost more than the passes over A they save)
+            scale, shift = ctx.affine(node)
+            w, b = ctx.weight(src)
+            w = w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
+            b = shift if b is None else b * scale + shift
+            return _gemm_step(ctx, src, A, B, S, w, b)
     if kind in ("batchnorm", "normalize"):
         scale, shift = ctx.affine(node)
-        return [(node.inputs[0], A * _cview(scale, A.dim()))], (A * _cview(shift, A.dim())).flatten(2).sum(-1), False
+        bias = (_channel_sums(A) * shift).sum(-1)
+        return [(node.inputs[0], A * _cview(scale, A.dim()))], bias, False
     if kind == "avgpool":
         m = node.module
         src = node.inputs[0]
@@ -186,9 +237,16 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
                 continue
             if node.kind == "relu":
                 src = node.inputs[0]
-                l, u = ctx.relu_bounds[src]
-                A_new, b = crown_relu_backward(A.reshape(B, S, -1), l, u, ctx.mode, upper)
-                outs, bterm = [(src, A_new.reshape(A.shape))], b
+                if _is_channels_last(A):  # the ReLU step on the (B, S, H*W*C) layout, bounds permuted to match
+                    l, u = ctx.relu_bounds_channels_last(src)
+                    A_hwc = A.permute(0, 1, 3, 4, 2)
+                    A_new, b = crown_relu_backward(A_hwc.reshape(B, S, -1), l, u, ctx.mode, upper)
+                    A_new = A_new.reshape(A_hwc.shape).permute(0, 1, 4, 2, 3)
+                else:
+                    l, u = ctx.relu_bounds[src]
+                    A_new, b = crown_relu_backward(A.reshape(B, S, -1), l, u, ctx.mode, upper)
+                    A_new = A_new.reshape(A.shape)
+                outs, bterm = [(src, A_new)], b
             else:
                 outs, bterm, _ = _step(ctx, node, A, B, S)
             if bterm is not None:

@@ -2,11 +2,13 @@
 
 The math and the float64 ground truth are in ``robustkern.reference.crown``. Each op is a
 ``torch.library.custom_op`` that runs the Triton kernel (``robustkern.kernels.crown``; CUDA, or CPU under
-``TRITON_INTERPRET=1``) or the pure-PyTorch reference. There is no C++ kernel for this family yet:
-``auto`` skips the compiled backends for these ops (``robustkern._backend.select(device, op=...)``), and
-requesting ``cpp``/``cuda`` explicitly raises ``BackendUnavailable``.
+``TRITON_INTERPRET=1``), the C++ CPU kernel (``csrc/cpu/crown_cpu.cpp``; ``auto`` picks it on CPU when the
+extension has the op) or the pure-PyTorch reference. There is no CUDA C++ kernel: on CUDA ``auto`` picks
+Triton, and requesting ``cuda`` raises ``BackendUnavailable``.
 
-Backward passes are written with differentiable PyTorch ops (so double backward works) and save only the
+Backward passes are written with differentiable PyTorch ops (so double backward works); when the ``cpp``
+backend runs and no double backward is recorded they call the single-pass C++ backward ops instead
+(``robustkern_ext::crown_relu_backward_grad``, ``crown_concretize_grad`` (box only)). Both save only the
 op's inputs: the ReLU step saves ``A`` and the bounds ``(l, u)``, and recomputes the slopes and the sign split
 from them, instead of keeping ``A+``, ``A-`` and four slope tensors as auto_LiRPA's ``ClampedMultiplication``
 does. Gradients with respect to ``l, u`` flow through the upper line ``d_u(l, u)``, ``b_u(l, u)`` (and
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..reference.crown import RELU_LOWER_MODES
+from .._backend import select
 from ._dispatch import fresh, run
 
 __all__ = ["crown_relu_backward", "crown_concretize", "RELU_LOWER_MODES"]
@@ -82,10 +85,42 @@ def _upper_line_grads(lower: Tensor, upper: Tensor, g_du: Tensor, g_bu: Tensor):
     return g_l, g_u
 
 
+_FUSED_FAKES: set = set()  # the compiled backward ops whose fake kernels are registered
+
+
+def _fused_backward(device: torch.device, name: str) -> bool:
+    """Whether the compiled single-pass backward op ``name`` runs: the backend chosen for ``device`` is
+    ``cpp`` and has the op, and no double backward is being recorded (grad mode is off inside a backward
+    pass unless ``create_graph=True``; the compiled op is not differentiable). Registers its fake kernel on
+    first use (the op exists only once the extension is loaded)."""
+    if torch.is_grad_enabled() or select(device, op=name) != "cpp":
+        return False
+    if name not in _FUSED_FAKES:
+        if name == "crown_relu_backward_grad":
+            @torch.library.register_fake("robustkern_ext::crown_relu_backward_grad")
+            def _(A, lower, upper, mode, upper_side, g_A, g_bias, need_lu):
+                lu = (torch.empty_like(lower), torch.empty_like(upper)) if need_lu else \
+                    (lower.new_empty(0), upper.new_empty(0))
+                return (torch.empty_like(A),) + lu
+        else:
+            @torch.library.register_fake("robustkern_ext::crown_concretize_grad")
+            def _(A, mid, rad, g, upper_side):
+                return torch.empty_like(A), torch.empty_like(mid), torch.empty_like(rad)
+        _FUSED_FAKES.add(name)
+    return True
+
+
 def _relu_backward(ctx, g_A, g_bias):
     from ..reference.crown import relu_relaxation
 
     A, lower, upper = ctx.saved_tensors
+    if _fused_backward(A.device, "crown_relu_backward_grad"):
+        need_lu = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        g_A = torch.zeros_like(A) if g_A is None else g_A
+        g_bias = A.new_zeros(A.shape[:2]) if g_bias is None else g_bias
+        grad_A, grad_l, grad_u = torch.ops.robustkern_ext.crown_relu_backward_grad(
+            A, lower, upper, ctx.mode, ctx.upper_side, g_A, g_bias, need_lu)
+        return grad_A, (grad_l if need_lu else None), (grad_u if need_lu else None), None, None
     d_l, d_u, b_u = (t.unsqueeze(1) for t in relu_relaxation(lower, upper, ctx.mode))
     pos = A > 0
     zero = torch.zeros((), dtype=A.dtype, device=A.device)
@@ -162,6 +197,9 @@ def _concretize_backward(ctx, g):
     gs = g.unsqueeze(-1)
     g_center = g_eps = None
     if not ctx.l2:
+        if _fused_backward(A.device, "crown_concretize_grad"):
+            grad_A, g_mid, g_rad = torch.ops.robustkern_ext.crown_concretize_grad(A, mid, rad, g, ctx.upper_side)
+            return grad_A, g, g_mid, g_rad, None, None, None
         grad_A = gs * (mid.unsqueeze(1) + sign * torch.sign(A) * rad.unsqueeze(1))
         g_mid = (gs * A).sum(1)
         g_rad = sign * (gs * A.abs()).sum(1)
