@@ -125,10 +125,40 @@ def test_reference_backward_equals_autograd_of_the_original():
 def test_opcheck(bk):
     z, y = _logits(b=3, k=2, c=4, dtype=torch.float32)
     with backend(bk):
-        torch.library.opcheck(torch.ops.robustkern.macer_tail.default,
-                              (z.clone().requires_grad_(), y, BETA, GAMMA, SIGMA))
-        torch.library.opcheck(torch.ops.robustkern.macer_tail_backward.default,
-                              (torch.rand(3), torch.rand(3), z, y, BETA, GAMMA, SIGMA))
+        for cache in (False, True):
+            torch.library.opcheck(torch.ops.robustkern.macer_tail.default,
+                                  (z.clone().requires_grad_(), y, BETA, GAMMA, SIGMA, cache))
+            _, _, coef, i2, s, t = torch.ops.robustkern.macer_tail(z, y, BETA, GAMMA, SIGMA, cache)
+            torch.library.opcheck(torch.ops.robustkern.macer_tail_backward.default,
+                                  (torch.rand(3), torch.rand(3), z, y, i2, coef, s, t, BETA))
+
+
+@pytest.mark.parametrize("bk", backend_params())
+@pytest.mark.parametrize("cache", [False, True])
+def test_saved_coefficients_give_the_closed_form_backward(bk, cache):
+    """The forward op's saved (B, 3) coefficients and runner-up index (and, with ``cache``, the per-copy
+    softmaxes), turned into the gradient by the backward op, equal the closed-form backward computed from the
+    logits alone (float64 reference), kept and dropped examples both present."""
+    z, y = _logits(b=16, seed=2, scale=0.3)
+    kept = _kept(z, y)
+    assert 0 < int(kept.sum()) < 16
+    g = torch.Generator().manual_seed(3)
+    g_cl, g_rl = torch.randn(16, generator=g, dtype=torch.float64), torch.randn(16, generator=g, dtype=torch.float64)
+    want = ref.macer_tail_backward(g_cl, g_rl, z, y, BETA, GAMMA, SIGMA)
+    _, _, c64, i64, s64, t64 = ref.macer_tail_fwd(z, y, BETA, GAMMA, SIGMA, cache)
+    assert s64.shape == t64.shape == ((16, K, C) if cache else (0,))
+    if cache:
+        torch.testing.assert_close(t64, torch.softmax(BETA * z, 2), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(ref.macer_tail_bwd(g_cl, g_rl, z, y, i64, c64, s64, t64, BETA), want, rtol=1e-12,
+                               atol=1e-14)
+    with backend(bk):
+        cl, rl, coef, i2, s, t = torch.ops.robustkern.macer_tail(z.float(), y, BETA, GAMMA, SIGMA, cache)
+        got = torch.ops.robustkern.macer_tail_backward(g_cl.float(), g_rl.float(), z.float(), y, i2, coef, s, t,
+                                                       BETA)
+    assert coef.shape == (16, 3) and i2.dtype == torch.int64
+    assert torch.equal(i2[kept], i64[kept]) and torch.all(coef[~kept, 1:] == 0)
+    torch.testing.assert_close(coef.double(), c64, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("bk", backend_params())
@@ -374,21 +404,17 @@ def test_app_trains_macer_on_digits(tmp_path, one_thread):
 
 
 # ------------------------------------------------------------------------------------------------ training
-def _train_digits(method, sigma, epochs=20, lbd=4.0, seed=0):
-    """The digits MLP trained with Adam (lr 3e-3, batch 100) on Gaussian augmentation (cross-entropy of one
-    noisy copy) or MACER (k = 16, gamma 8, beta 16), identical initialisation, batches and noise generator."""
-    torch.manual_seed(seed)
-    model = mlp()
+def _epochs(model, opt, method, sigma, epochs, g, lbd=4.0, k=16):
+    """``epochs`` passes over the digits training set (batches of 100, order and noise from ``g``): Gaussian
+    augmentation (cross-entropy of one noisy copy) or MACER (k copies, gamma 8, beta 16)."""
     xtr, ytr, _, _ = digits()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed + 1)
     model.train()
     for _ in range(epochs):
         perm = torch.randperm(len(ytr), generator=g)
         for i in range(0, len(ytr), 100):
             x, y = xtr[perm[i:i + 100]], ytr[perm[i:i + 100]]
             if method == "macer":
-                loss = macer_loss(model, x, y, sigma, k=16, lbd=lbd, generator=g)[0]
+                loss = macer_loss(model, x, y, sigma, k=k, lbd=lbd, generator=g)[0]
             else:
                 loss = F.cross_entropy(model(x + sigma * torch.randn(x.shape, generator=g)), y)
             opt.zero_grad()
@@ -399,22 +425,38 @@ def _train_digits(method, sigma, epochs=20, lbd=4.0, seed=0):
 
 @pytest.mark.slow
 def test_macer_certifies_larger_radii_than_gaussian_augmentation(one_thread):
-    """sigma = 0.5, 20 epochs each, 150 test images certified (Cohen: n0 32, n 2000, alpha 0.01, same noise).
-    On this small MLP MACER trades clean accuracy for radius: its ACR is within about +-0.02 of Gaussian
-    augmentation's (+0.02 to -0.01 over seeds 0-4), while the fraction certified at radius 1.5 sigma is about
-    twice as large (0.14-0.19 vs 0.06-0.09 over seeds 0-3, +0.047 at the least). Asserted: the latter by a
-    clear margin, and an ACR at least that of Gaussian augmentation minus 0.02."""
+    """The issue's check: on the digits MLP, MACER gives a higher average certified radius (ACR = mean of
+    radius * 1[correct]) than Gaussian augmentation at the same sigma. Fair and cheap: 10 epochs of Gaussian
+    augmentation (Adam, lr 3e-3), then 10 further epochs of each method from that same checkpoint (same weights,
+    optimizer state, batch order and noise generator); the 397 test images certified with Cohen's CERTIFY
+    (n0 32, n 2000, alpha 0.01, the same noise for both).
+
+    sigma = 0.25, lbd = 4, k = 16: the ACR gap MACER - Gaussian over training seeds 0-9 is 0.0089, 0.0107,
+    0.0157, 0.0171, 0.0173, 0.0162, 0.0210, 0.0165, 0.0158, 0.0145 (ACR about 0.45 -> 0.47; mean 0.0154, sd
+    0.0035), so 0.005 (mean - 3 sd, below the smallest of the ten) is the asserted margin, on seed 0 (the
+    smallest gap of the ten). At sigma = 0.5 the gap is within about +-0.02 and changes sign with the seed;
+    at sigma = 1.0 (lbd 12) it is positive but the ACR is only about 0.07-0.10. MACER must not buy its radii
+    by collapsing: its certified accuracy at radius 0 stays within 0.05 of Gaussian augmentation's (seeds 0-9:
+    at most 0.026 lower)."""
     from robustkern.smoothing import certify_batch
 
-    sigma = 0.5
+    sigma, seed = 0.25, 0
     _, _, xte, yte = digits()
-    x, y = xte[:150], yte[:150]
+    torch.manual_seed(seed)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed + 1)
+    _epochs(model, opt, "gaussian", sigma, 10, g)
+    checkpoint = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), g.get_state())
     result = {}
     for method in ("gaussian", "macer"):
-        model = _train_digits(method, sigma)
-        pred, radius = certify_batch(model, x, 10, sigma, 32, 2000, 0.01, 8192, seed=0)
-        r = radius * (pred == y)
-        result[method] = (float(r.mean()), float((r >= 1.5 * sigma).float().mean()))
-    (acr_g, far_g), (acr_m, far_m) = result["gaussian"], result["macer"]
-    assert far_m >= far_g + 0.03, result
-    assert acr_m >= acr_g - 0.02, result
+        model.load_state_dict(checkpoint[0])
+        opt.load_state_dict(checkpoint[1])
+        g.set_state(checkpoint[2])
+        _epochs(model, opt, method, sigma, 10, g)
+        pred, radius = certify_batch(model, xte, 10, sigma, 32, 2000, 0.01, 8192, seed=0)
+        correct = pred == yte
+        result[method] = (float((radius * correct).mean()), float(correct.float().mean()))
+    (acr_g, acc_g), (acr_m, acc_m) = result["gaussian"], result["macer"]
+    assert acr_m > acr_g + 0.005, result
+    assert acc_m >= acc_g - 0.05, result

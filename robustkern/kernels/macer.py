@@ -4,8 +4,9 @@ logits of k noisy copies per example to the per-example classification and robus
 The math contract (masking, tie rules, the closed-form backward) is ``robustkern.reference.macer``. One program
 per example; the k copies are read in blocks of ``BLOCK_K`` rows, all C classes in one block of ``BLOCK_C``
 columns (C <= ``MAX_CLASSES``; larger C runs the reference). Everything is computed in fp32 whatever the logits'
-dtype. The forward reads the logits once; the backward recomputes the softmax averages (one read) and then
-writes the gradient (a second read), so nothing but the two (B,) outputs is stored between the passes.
+dtype. The forward reads the logits once and writes cl, rl and, for the backward, three coefficients and the
+runner-up's index per example (``macer_tail_fwd``); the backward reads the logits once more, recomputing the
+per-copy softmaxes, and writes the gradient (``macer_tail_bwd``).
 
 ``Phi^-1`` (``_ndtri``) is Wichura's algorithm AS241 (Applied Statistics 37, 1988), PPND16 coefficients,
 evaluated in fp32: three rational approximations (|p - 1/2| <= 0.425; r = sqrt(-log(min(p, 1-p))) <= 5; r > 5),
@@ -24,7 +25,7 @@ import triton.language as tl
 
 from ..reference import macer as _ref
 
-__all__ = ["macer_tail", "macer_tail_backward", "ndtri", "MAX_CLASSES"]
+__all__ = ["macer_tail", "macer_tail_backward", "macer_tail_fwd", "macer_tail_bwd", "ndtri", "MAX_CLASSES"]
 
 Tensor = torch.Tensor
 MAX_CLASSES = 16384
@@ -132,8 +133,9 @@ def _tail_stats(z_ptr, y_ptr, b, K, C, stride_b, stride_k, beta, gamma, cols, cm
 
 
 @triton.jit
-def _macer_fwd_kernel(z_ptr, y_ptr, cl_ptr, rl_ptr, K, C, stride_b, stride_k, beta, gamma, half_sigma,
-                      BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+def _macer_fwd_kernel(z_ptr, y_ptr, cl_ptr, rl_ptr, coef_ptr, i2_ptr, K, C, stride_b, stride_k, beta, gamma,
+                      half_sigma, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """cl, rl and the backward's per-example coefficients (``robustkern.reference.macer.macer_tail_fwd``)."""
     b = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -143,24 +145,30 @@ def _macer_fwd_kernel(z_ptr, y_ptr, cl_ptr, rl_ptr, K, C, stride_b, stride_k, be
     rl = tl.where(keep, half_sigma * (gamma - tl.where(keep, xi, 0.0)), 0.0)
     tl.store(cl_ptr + b, cl)
     tl.store(rl_ptr + b, rl)
-
-
-@triton.jit
-def _macer_bwd_kernel(z_ptr, y_ptr, gcl_ptr, grl_ptr, gz_ptr, K, C, stride_b, stride_k, beta, gamma,
-                      half_sigma, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    y, p_y, z1, z2, xi, keep, i2 = _tail_stats(z_ptr, y_ptr, b, K, C, stride_b, stride_k, beta, gamma, cols,
-                                               cmask, BLOCK_K, BLOCK_C)
-    g_cl = tl.load(gcl_ptr + b).to(tl.float32)
-    g_rl = tl.load(grl_ptr + b).to(tl.float32)
-    a = -g_cl / (p_y + 1e-10) / K
     z1s = tl.where(keep, z1, 0.0)
     z2s = tl.where(keep, z2, 0.0)
     inv_sqrt_2pi = 0.3989422804014327
-    a_y = tl.where(keep, -g_rl * half_sigma / (tl.exp(-0.5 * z1s * z1s) * inv_sqrt_2pi), 0.0) * (beta / K)
-    a_2 = tl.where(keep, g_rl * half_sigma / (tl.exp(-0.5 * z2s * z2s) * inv_sqrt_2pi), 0.0) * (beta / K)
+    scale = half_sigma * beta / K
+    tl.store(coef_ptr + b * 3, -1.0 / (p_y + 1e-10) / K)
+    tl.store(coef_ptr + b * 3 + 1, tl.where(keep, -scale / (tl.exp(-0.5 * z1s * z1s) * inv_sqrt_2pi), 0.0))
+    tl.store(coef_ptr + b * 3 + 2, tl.where(keep, scale / (tl.exp(-0.5 * z2s * z2s) * inv_sqrt_2pi), 0.0))
+    tl.store(i2_ptr + b, i2.to(tl.int64))
+
+
+@triton.jit
+def _macer_bwd_kernel(z_ptr, y_ptr, i2_ptr, coef_ptr, gcl_ptr, grl_ptr, gz_ptr, K, C, stride_b, stride_k, beta,
+                      BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One pass over the k copies with the forward's saved coefficients (``macer_tail_bwd``)."""
+    b = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    y = tl.load(y_ptr + b).to(tl.int32)
+    i2 = tl.load(i2_ptr + b).to(tl.int32)
+    g_cl = tl.load(gcl_ptr + b).to(tl.float32)
+    g_rl = tl.load(grl_ptr + b).to(tl.float32)
+    a = g_cl * tl.load(coef_ptr + b * 3)
+    a_y = g_rl * tl.load(coef_ptr + b * 3 + 1)
+    a_2 = g_rl * tl.load(coef_ptr + b * 3 + 2)
     is_y = (cols == y)[None, :]
     is_2 = (cols == i2)[None, :]
     base = z_ptr + b.to(tl.int64) * stride_b
@@ -194,39 +202,56 @@ def _prepare(logits: Tensor) -> Tensor:
     return logits if logits.stride(2) == 1 else logits.contiguous()
 
 
-def macer_tail(logits: Tensor, labels: Tensor, beta: float, gamma: float, sigma: float) -> tuple[Tensor, Tensor]:
-    """See ``robustkern.reference.macer.macer_tail`` (same signature; computed in fp32)."""
+def macer_tail_fwd(logits: Tensor, labels: Tensor, beta: float, gamma: float, sigma: float, cache: bool = False
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """See ``robustkern.reference.macer.macer_tail_fwd`` (same signature; computed in fp32). The kernels
+    recompute the softmaxes in the backward; the cache (``cache=True``, which ``robustkern.ops.macer_tail`` asks
+    for only on the reference path) comes from the reference."""
     b, k, c = logits.shape
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    if c > MAX_CLASSES:
-        return _ref.macer_tail(logits, labels, beta, gamma, sigma)
-    cl = torch.empty(b, dtype=torch.float32, device=logits.device)
-    rl = torch.empty(b, dtype=torch.float32, device=logits.device)
-    if b == 0:
-        return cl.to(out_dtype), rl.to(out_dtype)
-    z = _prepare(logits)
-    block_k, block_c = _blocks(k, c)
-    _macer_fwd_kernel[(b,)](z, labels.contiguous(), cl, rl, k, c, z.stride(0), z.stride(1), float(beta),
-                            float(gamma), float(sigma) / 2.0, BLOCK_K=block_k, BLOCK_C=block_c)
-    return cl.to(out_dtype), rl.to(out_dtype)
+    if c > MAX_CLASSES or cache:
+        return _ref.macer_tail_fwd(logits, labels, beta, gamma, sigma, cache)
+    dev = logits.device
+    cl, rl = torch.empty(b, dtype=torch.float32, device=dev), torch.empty(b, dtype=torch.float32, device=dev)
+    coef = torch.empty((b, 3), dtype=torch.float32, device=dev)
+    i2 = torch.empty(b, dtype=torch.int64, device=dev)
+    if b:
+        z = _prepare(logits)
+        block_k, block_c = _blocks(k, c)
+        _macer_fwd_kernel[(b,)](z, labels.contiguous(), cl, rl, coef, i2, k, c, z.stride(0), z.stride(1),
+                                float(beta), float(gamma), float(sigma) / 2.0, BLOCK_K=block_k, BLOCK_C=block_c)
+    empty = logits.new_empty((0,), dtype=out_dtype)
+    return cl.to(out_dtype), rl.to(out_dtype), coef.to(out_dtype), i2, empty, empty.clone()
 
 
-def macer_tail_backward(grad_cl: Tensor, grad_rl: Tensor, logits: Tensor, labels: Tensor, beta: float,
-                        gamma: float, sigma: float) -> Tensor:
-    """See ``robustkern.reference.macer.macer_tail_backward`` (computed in fp32)."""
+def macer_tail_bwd(grad_cl: Tensor, grad_rl: Tensor, logits: Tensor, labels: Tensor, i2: Tensor, coef: Tensor,
+                   s_cache: Tensor, t_cache: Tensor, beta: float) -> Tensor:
+    """See ``robustkern.reference.macer.macer_tail_bwd`` (computed in fp32; a non-empty softmax cache is used
+    by the reference)."""
     b, k, c = logits.shape
-    if c > MAX_CLASSES:
-        return _ref.macer_tail_backward(grad_cl, grad_rl, logits, labels, beta, gamma, sigma)
+    if c > MAX_CLASSES or s_cache.numel():
+        return _ref.macer_tail_bwd(grad_cl, grad_rl, logits, labels, i2, coef, s_cache, t_cache, beta)
     if b == 0:
         return torch.zeros_like(logits)
     z = _prepare(logits).contiguous()       # the gradient is written with the logits' strides
     grad = torch.empty_like(z)
-    gcl = grad_cl.float().contiguous()
-    grl = grad_rl.float().contiguous()
     block_k, block_c = _blocks(k, c)
-    _macer_bwd_kernel[(b,)](z, labels.contiguous(), gcl, grl, grad, k, c, z.stride(0), z.stride(1), float(beta),
-                            float(gamma), float(sigma) / 2.0, BLOCK_K=block_k, BLOCK_C=block_c)
+    _macer_bwd_kernel[(b,)](z, labels.contiguous(), i2.contiguous(), coef.float().contiguous(),
+                            grad_cl.float().contiguous(), grad_rl.float().contiguous(), grad, k, c, z.stride(0),
+                            z.stride(1), float(beta), BLOCK_K=block_k, BLOCK_C=block_c)
     return grad.to(logits.dtype)
+
+
+def macer_tail(logits: Tensor, labels: Tensor, beta: float, gamma: float, sigma: float) -> tuple[Tensor, Tensor]:
+    """See ``robustkern.reference.macer.macer_tail`` (same signature; computed in fp32)."""
+    return macer_tail_fwd(logits, labels, beta, gamma, sigma)[:2]
+
+
+def macer_tail_backward(grad_cl: Tensor, grad_rl: Tensor, logits: Tensor, labels: Tensor, beta: float,
+                        gamma: float, sigma: float) -> Tensor:
+    """See ``robustkern.reference.macer.macer_tail_backward`` (computed in fp32): the two kernels in turn."""
+    _, _, coef, i2, s_cache, t_cache = macer_tail_fwd(logits, labels, beta, gamma, sigma)
+    return macer_tail_bwd(grad_cl, grad_rl, logits, labels, i2, coef, s_cache, t_cache, beta)
 
 
 def ndtri(p: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """Pure-PyTorch ground truth for MACER (Zhai et al., ICLR 2020, "MACER: Attack-free and Scalable Robust Training
 via Maximizing Certified Radius"; github.com/RuntianZ/macer ``macer.py``, commit 1b6837f).
 
-Two things live here:
+Three things live here:
 
 ``macer_loss_reference`` / ``macer_train_reference``: a line-by-line transcription of the original training
 step in plain PyTorch (the independent implementation tests and benchmarks compare against). For a batch of B
@@ -43,6 +43,12 @@ otherwise) and ``a = -g_cl / (p_bar_y + 1e-10)``:
     dL/dz[j, c] = a / k * s_y (delta_cy - s_c) + beta / k * t_c (A_y delta_cy + A_2 delta_c,i2 - A_y t_y - A_2 t_i2)
 
 using ``d Phi^-1(p) / dp = 1 / phi(Phi^-1(p))``.
+
+``macer_tail_fwd`` / ``macer_tail_bwd``: the same two functions split the way the op runs them (and the CPU
+implementation of ``robustkern::macer_tail`` / ``macer_tail_backward``): the forward also returns the three
+per-example scalars of the gradient, ``a / k``, ``beta / k A_y``, ``beta / k A_2`` for unit upstream gradients,
+the runner-up's index ``i2`` and optionally the per-copy softmaxes ``s``, ``t``; the backward scales the scalars
+by ``g_cl``, ``g_rl`` and forms the gradient from ``s`` and ``t`` (recomputed when not kept) in a few passes.
 """
 from __future__ import annotations
 
@@ -53,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["macer_tail", "macer_tail_backward", "macer_loss_reference", "macer_train_reference",
+__all__ = ["macer_tail", "macer_tail_backward", "macer_tail_fwd", "macer_tail_bwd", "macer_loss_reference", "macer_train_reference",
            "macer_tail_terms_reference"]
 
 _EPS_LOG = 1e-10          # the original's guard in log(p_bar + 1e-10)
@@ -118,6 +124,71 @@ def macer_tail_backward(grad_cl: Optional[Tensor], grad_rl: Optional[Tensor], lo
     grad = s.mul_(-coef_s).sub_(t.mul_(coef_t))                                   # s, t are fresh: reuse them
     grad.scatter_add_(2, y, coef_s + (beta / k) * t_y * a_y)
     grad.scatter_add_(2, j2, (beta / k) * t_2 * a_2)
+    return grad.to(logits.dtype)
+
+
+def macer_tail_fwd(logits: Tensor, labels: Tensor, beta: float, gamma: float, sigma: float, cache: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``macer_tail`` plus what its backward needs: ``(cl, rl, coef (B, 3), i2 (B,) int64, s, t)`` with
+    ``coef[b] = (-1 / (k (p_y + 1e-10)), -beta/k sigma/2 / phi(Phi^-1(q1)), beta/k sigma/2 / phi(Phi^-1(q2)))``
+    (the last two 0 where b is not kept), ``i2`` the index of ``q2``, and, when ``cache``, the per-copy softmaxes
+    ``s = softmax(z)``, ``t = softmax(beta z)`` (B, k, C) (else two empty tensors).
+    ``macer_tail_bwd`` turns them into the gradient without recomputing the averages, their top-2 and
+    ``Phi^-1`` (nor, with the cache, the softmaxes: the original's autograd keeps the same two tensors)."""
+    dt = _compute_dtype(logits)
+    b, k, c = logits.shape
+    if b == 0:
+        empty = (0, k, c) if cache else (0,)
+        return (logits.new_zeros(0, dtype=dt), logits.new_zeros(0, dtype=dt), logits.new_zeros((0, 3), dtype=dt),
+                logits.new_zeros(0, dtype=torch.int64), logits.new_zeros(empty, dtype=dt),
+                logits.new_zeros(empty, dtype=dt))
+    z = logits if logits.dtype == dt else logits.to(dt)
+    s = torch.softmax(z, dim=2)
+    t = torch.softmax(z * beta, dim=2)
+    yv = labels.view(-1, 1)
+    p_y = s.mean(1).gather(1, yv).squeeze(1)
+    q_bar = t.mean(1)
+    q1 = q_bar.gather(1, yv).squeeze(1)
+    q2, i2 = q_bar.scatter_(1, yv, -1.0).max(dim=1)                             # label excluded; first max
+    zz = torch.special.ndtri(torch.stack([q1, q2], 1))                          # (Phi^-1(q1), Phi^-1(q2))
+    xi = zz[:, 0] - zz[:, 1]
+    # given q1 >= q2, xi is finite, +inf or NaN (never -inf), and ``xi <= gamma`` is False for the last two
+    keep = (q1 >= q2) & (xi <= gamma)
+    half = sigma / 2.0
+    p_eps = p_y + _EPS_LOG
+    cl = p_eps.log().neg_()
+    rl = torch.where(keep, (gamma - xi) * half, 0.0)
+    w = zz.square().mul_(0.5).exp_().mul_(beta / k * half / _INV_SQRT_2PI)   # beta/k sigma/2 / phi(Phi^-1(q))
+    w[:, 0].neg_()
+    w = torch.where(keep.unsqueeze(1), w, 0.0)
+    coef = torch.cat([p_eps.reciprocal_().mul_(-1.0 / k).unsqueeze(1), w], 1)
+    if not cache:
+        s, t = logits.new_empty((0,), dtype=dt), logits.new_empty((0,), dtype=dt)
+    return cl, rl, coef, i2, s, t
+
+
+def macer_tail_bwd(grad_cl: Tensor, grad_rl: Tensor, logits: Tensor, labels: Tensor, i2: Tensor, coef: Tensor,
+                   s_cache: Tensor, t_cache: Tensor, beta: float) -> Tensor:
+    """The gradient of ``sum(grad_cl * cl + grad_rl * rl)`` with respect to ``logits`` from ``macer_tail_fwd``'s
+    ``i2``, ``coef`` and softmaxes (recomputed from ``logits`` when the cache is empty); with
+    ``a / k = grad_cl coef[:, 0]``, ``beta / k A_y = grad_rl coef[:, 1]``, ``beta / k A_2 = grad_rl coef[:, 2]``
+    it is the module docstring's closed form. Same dtype as ``logits``."""
+    b, k, c = logits.shape
+    if b == 0:
+        return torch.zeros_like(logits)
+    dt = coef.dtype
+    if s_cache.numel():
+        s, t = s_cache, t_cache
+    else:
+        z = logits.to(dt)
+        s, t = torch.softmax(z, dim=2), torch.softmax(z * beta, dim=2)
+    idx = torch.stack([labels, i2], 1).unsqueeze(1).expand(b, k, 2)       # (label, runner-up) per copy
+    g = torch.stack([grad_cl, grad_rl, grad_rl], 1).to(dt).mul_(coef)     # (a / k, beta/k A_y, beta/k A_2)
+    a_sel = t.gather(2, idx).mul_(g[:, 1:].unsqueeze(1))                  # (beta/k A_y t_y, beta/k A_2 t_2)
+    coef_s = s.gather(2, idx[..., :1]).mul_(g[:, :1].unsqueeze(1))        # a / k * s_y
+    grad = (t * a_sel.sum(2, keepdim=True).neg_()).addcmul_(s, coef_s, value=-1.0)
+    a_sel[..., :1] += coef_s
+    grad.scatter_add_(2, idx, a_sel)
     return grad.to(logits.dtype)
 
 
