@@ -178,14 +178,17 @@ def main(argv=None):
     keys = ["model", "method", "batch", "setting"]
     text = common.table(rows, keys, device, ours="robustkern", floor="plain")
     verdict = []
+
+    def _verdict(speed):  # same-path rows of one run differ by up to +-5% on the shared 2-core machine
+        return "met" if speed >= 1.0 else ("parity, within the 5% run-to-run noise" if speed >= 0.95 else "NOT met")
+
     for name in models:
         for method in args.methods.split(","):
             by = {r.provider: r for r in rows if r.case["model"] == name and r.case["method"] == method}
             if "robustkern" in by:
                 speed = common.ratio(by["reference"], by["robustkern"])
                 verdict.append(f"- {name} / {method}: reference / robustkern = {speed:.2f}"
-                               + (f" (CPU target: not slower: {'met' if speed >= 0.95 else 'NOT met'})"
-                                  if device.type == "cpu" else ""))
+                               + (f" (CPU target: not slower: {_verdict(speed)})" if device.type == "cpu" else ""))
     body = "\n".join([text, "", *verdict, *skipped])
     print(body)
     if args.write_results:
