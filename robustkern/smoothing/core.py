@@ -28,7 +28,11 @@ activations in place, with the ``Linear``'s columns permuted to (H, W, C) order 
 activations back to NCHW. Channels-last changes the summation order of convolutions and of that ``Linear``
 (logits differ in the last bits, as between any two convolution algorithms); a ``ReLU`` right after a
 convolution / ``Linear`` / batch norm of that copy runs in place. ``cuda_graphs``: on CUDA, the
-steady-state forward (noise, model, count) of full batches is captured once and replayed.
+steady-state forward (noise, model, count) of full batches is captured once and replayed. ``compile``:
+``True`` runs the full batches of the ``rng="philox"`` loop through a ``torch.compile`` (inductor, frozen
+weights) copy of the model, ``"auto"`` (default) does so only on the CPU once the ``Smooth`` has enough work
+to amortise compiling, never for small calls such as the tests' (see ``compiled_forward``); the logits then
+equal the eager ones up to rounding.
 Kernel choice that depends on batch size (cudnn.benchmark, split-K) can make f differ across batch sizes;
 pin algorithms for strictly batch-size-independent results.
 """
@@ -44,6 +48,7 @@ from torch import Tensor
 
 from ..ops.smoothing import STREAM_ESTIMATION, STREAM_PREDICT, STREAM_SELECTION, smoothing_count, smoothing_noise
 from . import statistics
+from .compiled_forward import CompiledForward
 
 __all__ = ["Smooth", "certify_batch"]
 
@@ -65,7 +70,7 @@ class Smooth:
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                  input_shape: Optional[Sequence[int]] = None, rng: str = "philox",
                  dtype: torch.dtype = torch.float32, channels_last: Optional[bool] = None,
-                 cuda_graphs: bool = False,
+                 cuda_graphs: bool = False, compile="auto",
                  store_noise: bool = False):
         if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
@@ -89,6 +94,7 @@ class Smooth:
         self.stored_noise: list = []        # (noisy batch, src, counter) per forward when store_noise
         self._model_cache = None
         self._graphs = None
+        self._compiled = CompiledForward(compile)
 
     # ------------------------------------------------------------------------------------------ Cohen's API
     def certify(self, x: Tensor, n0: int, n: int, alpha: float, batch_size: int, *, seed: Optional[int] = None,
@@ -196,12 +202,14 @@ class Smooth:
             self._model_cache = (key, m.eval())
         return self._model_cache[1]
 
-    def _forward(self, batch: Tensor) -> Tensor:
+    def _forward(self, batch: Tensor, compiled: bool = False) -> Tensor:
         cl = self._use_channels_last(batch)
         if cl:
             batch = batch.contiguous(memory_format=torch.channels_last)
         try:
-            logits = self._model(cl)(batch)
+            logits = self._compiled(self._model(cl), self.base_classifier, batch) if compiled else None
+            if logits is None:
+                logits = self._model(cl)(batch)
         except RuntimeError as e:
             raise ValueError(f"the base classifier failed on a batch of shape {tuple(batch.shape)} "
                              f"(is the image shape right?): {e}") from e
@@ -249,6 +257,9 @@ class Smooth:
             xf = xf.contiguous(memory_format=torch.channels_last)   # the noise kernel then writes channels-last
         counts = torch.zeros((b * n_streams, self.num_classes), dtype=torch.int64, device=dev)
         total = b * per_image
+        compiled = self._compiled.wanted(xf, self.rng, total, total // batch_size)
+        if compiled:
+            self._compiled.drop_if_stale(self.base_classifier)
         for lo in range(0, total, batch_size):
             g = torch.arange(lo, min(lo + batch_size, total), dtype=torch.int64, device=dev)
             img, r = g // per_image, g % per_image
@@ -261,7 +272,8 @@ class Smooth:
             noisy = smoothing_noise(xf, img, counter, seed_t, self.sigma, mean=mean, std=std, out_dtype=self.dtype)
             if self.store_noise:
                 self.stored_noise.append((noisy.clone(), img.clone(), counter.clone()))
-            counts += smoothing_count(self._forward(noisy), group, b * n_streams)
+            counts += smoothing_count(self._forward(noisy, compiled and g.numel() == batch_size), group,
+                                      b * n_streams)
         return counts.view(b, n_streams, self.num_classes)
 
     def _counts_torch(self, x, streams, batch_size, seed) -> Tensor:
