@@ -268,9 +268,12 @@ def test_fused_epilogue_backward_equals_pytorch_formulas(dtype):
     differentiable PyTorch formulas it replaces."""
     from robustkern.ops.interval import _epilogue_grads
 
-    for shape in [(3, 4), (2, 4, 3, 5)]:
+    for shape, layout in [((3, 4), None), ((2, 4, 3, 5), None), ((2, 4, 3, 5), torch.channels_last),
+                          ((1, 300, 2, 1), None)]:
         pm, pr = box(*shape, dtype=dtype)
         gm, gr = torch.randn(*shape, dtype=dtype), torch.randn(*shape, dtype=dtype)
+        if layout is not None:  # NHWC boxes and gradients: the kernel's [B*H*W][C] rows path
+            pm, pr, gm, gr = (t.contiguous(memory_format=layout) for t in (pm, pr, gm, gr))
         for epi in epilogues(shape[1], dtype):
             args = (pm, pr, epi.get("scale"), epi.get("shift"), epi.get("relu", False), gm, gr)
             with torch.enable_grad():

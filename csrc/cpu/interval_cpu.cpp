@@ -74,6 +74,10 @@ void box_epilogue_range(const BoxEpilogue<T>& p, const Step& step, int64_t begin
       const T* __restrict__ bias = p.bias != nullptr ? p.bias + row * p.bias_row_stride : nullptr;
       const auto run = [&](auto has_bias) {
         constexpr bool kBias = decltype(has_bias)::value;
+        // omp simd: the iterations are independent; without it the compiler must assume that the stores
+        // to the box may alias the per-channel constants read along the run, and keeps the loop scalar
+        // (channels-last boxes take this path: it ran ~4x slower than the channel-plane path below).
+#pragma omp simd
         for (int64_t j = i; j < stop; ++j) {
           const int64_t c = j - offset;
           step(j, kScale ? scale[c] : one, kScale ? shift[c] : zero, kBias ? bias[c] : zero);
@@ -88,6 +92,7 @@ void box_epilogue_range(const BoxEpilogue<T>& p, const Step& step, int64_t begin
       const T a = kScale ? scale[c] : one;
       const T sh = kScale ? shift[c] : zero;
       const T b = p.bias != nullptr ? p.bias[(plane / C) * p.bias_row_stride + c] : zero;
+#pragma omp simd
       for (int64_t j = i; j < stop; ++j) step(j, a, sh, b);
       i = stop;
     }

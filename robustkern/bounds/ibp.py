@@ -31,6 +31,9 @@ from .graph import BoundNode, normalize_params
 
 __all__ = ["Box", "Ball", "plan_fusion", "propagate"]
 
+# Convolutions on CPU run on channels-last boxes (see _gemm); a switch for benchmarks and tests.
+CHANNELS_LAST_CPU = True
+
 
 @dataclass
 class Box:
@@ -164,7 +167,14 @@ def _gemm(node: BoundNode, box: Box, weight, bias, epi: dict, sound: bool, retur
     m = node.module
     if node.kind == "linear":
         return interval_linear(box.mid, box.rad, weight, bias, sound=sound, return_pre=return_pre, **epi)
-    return interval_conv2d(box.mid, box.rad, weight, bias, m.stride, m.padding, m.dilation, m.groups,
+    mid, rad = box.mid, box.rad
+    if CHANNELS_LAST_CPU and mid.device.type == "cpu" and not mid.is_contiguous(memory_format=torch.channels_last):
+        # oneDNN's convolutions, forward and backward, run faster on channels-last (NHWC) boxes on CPU and an
+        # NCHW backward pays a layout copy of the input gradient; the boxes stay NHWC from here (the interval
+        # ops and the fused epilogue backward handle both layouts), so only the first convolution converts.
+        mid = mid.contiguous(memory_format=torch.channels_last)
+        rad = rad.contiguous(memory_format=torch.channels_last)
+    return interval_conv2d(mid, rad, weight, bias, m.stride, m.padding, m.dilation, m.groups,
                            sound=sound, return_pre=return_pre, **epi)
 
 

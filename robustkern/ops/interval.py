@@ -176,14 +176,20 @@ def _linear_backward(ctx, gm, gr, gpm, gpr):
     mid, rad, weight, scale, shift, pre_mid, pre_rad = ctx.saved_tensors
     need = ctx.needs_input_grad
     gm, gr, g_scale, g_shift = _gemm_output_grads(ctx, (mid.shape[0], weight.shape[-2]), mid, gm, gr, gpm, gpr)
-    absw = weight.abs()
+    absw = weight.abs() if need[1] else None
     g_mid = g_rad = g_w = g_b = None
     if weight.dim() == 2:
         if need[0]:
             g_mid = gm @ weight
         if need[1]:
             g_rad = gr @ absw
-        if need[2]:
+        if need[2] and not torch.is_grad_enabled():
+            # No double backward recorded: accumulate in one buffer (one (N, K) temporary, for sign(W),
+            # instead of four; on CPU each fresh large buffer costs page faults as well as a pass).
+            g_w = torch.mm(gr.t(), rad)
+            g_w.mul_(torch.sign(weight))
+            g_w.addmm_(gm.t(), mid)
+        elif need[2]:
             g_w = gm.t() @ mid + torch.sign(weight) * (gr.t() @ rad)
         if ctx.has_bias and need[3]:
             g_b = gm.sum(0)
