@@ -178,7 +178,7 @@ class TinyResCNN(nn.Module):
         return self.fc(h.view(h.size(0), -1))
 
 
-def _model(kind):
+def _model_rgb(kind):
     torch.manual_seed(0)
     if kind == "mlp":
         m, shape = TinyMLP(), (6, 3, 4)
@@ -202,13 +202,35 @@ def _torch_grad(m, x, y):
     return z, g, xx
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+class GreyCNN(nn.Module):
+    """One input channel (the im2col weight gradient and col2im input gradient of robustkern.flatness.fused_step),
+    stride 2 with padding, a stride-1 VALID conv, Flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 3, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(3, 4, 2)
+        self.fc = nn.Linear(4 * 3 * 3, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.relu(self.c2(F.relu(self.c1(x)))), 1))
+
+
+def _model(kind):
+    if kind == "grey":
+        torch.manual_seed(0)
+        return GreyCNN().double().eval(), torch.randn(5, 1, 7, 7, dtype=D), torch.randint(0, 4, (5,))
+    return _model_rgb(kind)
+
+
+@pytest.mark.parametrize("impl", ["ops", "step"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "grey"])
 @pytest.mark.parametrize("p", [1, 2])
-def test_input_gradient_and_double_backward_match_torch(kind, p):
+def test_input_gradient_and_double_backward_match_torch(kind, p, impl):
     m, x, y = _model(kind)
     assert fused.supports(m)
     z_t, g_t, _ = _torch_grad(m, x, y)
-    z_f, g_f = fused.input_gradient(m, x, y, create_graph=True)
+    z_f, g_f = fused.input_gradient(m, x, y, create_graph=True, impl=impl)
     torch.testing.assert_close(z_f, z_t, **TOL[D])
     torch.testing.assert_close(g_f, g_t, **TOL[D])
     assert g_f.abs().max() > 0
@@ -219,32 +241,56 @@ def test_input_gradient_and_double_backward_match_torch(kind, p):
     got = torch.autograd.grad(pen_f, params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[D])
-    _, g0 = fused.input_gradient(m, x, y, create_graph=False)
+    _, g0 = fused.input_gradient(m, x, y, create_graph=False, impl=impl)
     assert g0.grad_fn is None
     torch.testing.assert_close(g0, g_t.detach(), **TOL[D])
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("impl", ["ops", "step"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "grey"])
 @pytest.mark.parametrize("p", [1, 2])
-def test_lfr_ascent_direction_matches_double_backprop(kind, p):
+def test_lfr_ascent_direction_matches_double_backprop(kind, p, impl):
     m, x, y = _model(kind)
     _, g, xx = _torch_grad(m, x, y)
     want, = torch.autograd.grad(g.flatten(1).norm(p=p, dim=1).sum(), xx)
-    got = fused.lfr_ascent_direction(m, x, y, p=p)
+    got = fused.lfr_ascent_direction(m, x, y, p=p, impl=impl)
     assert got.grad_fn is None
     assert want.abs().max() > 0
     torch.testing.assert_close(got, want, **TOL[D])
 
 
-def test_gradient_wrt_input_through_fused_graph():
-    """create_graph=True also differentiates in x: J^T (diag p - p p^T) J v, like torch."""
-    m, x, y = _model("cnn")
+@pytest.mark.parametrize("impl", ["ops", "step"])
+@pytest.mark.parametrize("kind", ["cnn", "grey"])
+def test_gradient_wrt_input_through_fused_graph(kind, impl):
+    """create_graph=True also differentiates in x: J^T (diag p - p p^T) J v, like torch; with the logits in the
+    loss too (both adjoints of the step's node at once)."""
+    m, x, y = _model(kind)
     _, g_t, xx = _torch_grad(m, x, y)
-    want, = torch.autograd.grad(g_t.pow(2).sum(), xx)
+    z_t = m(xx)
+    params = list(m.parameters())
+    want = torch.autograd.grad(g_t.pow(2).sum() + z_t.sin().sum(), [xx] + params)
     x2 = x.clone().requires_grad_(True)
-    _, g_f = fused.input_gradient(m, x2, y, create_graph=True)
-    got, = torch.autograd.grad(g_f.pow(2).sum(), x2)
-    torch.testing.assert_close(got, want, **TOL[D])
+    z_f, g_f = fused.input_gradient(m, x2, y, create_graph=True, impl=impl)
+    got = torch.autograd.grad(g_f.pow(2).sum() + z_f.sin().sum(), [x2] + params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[D])
+
+
+def test_step_impl_logits_only_and_third_order():
+    """The one-node step: a loss of the logits alone gives the ordinary gradients; differentiating its double
+    backward again raises (the op-based impl keeps every order)."""
+    m, x, y = _model("grey")
+    params = list(m.parameters())
+    z, _ = fused.input_gradient(m, x, y, create_graph=True, impl="step")
+    want = torch.autograd.grad(F.cross_entropy(m(x), y), params)
+    for a, b in zip(torch.autograd.grad(F.cross_entropy(z, y), params), want):
+        torch.testing.assert_close(a, b, **TOL[D])
+    _, g = fused.input_gradient(m, x, y, create_graph=True, impl="step")
+    first = torch.autograd.grad(g.pow(2).sum(), params[0], create_graph=True)[0]
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(first.sum(), params[0])
+    with pytest.raises(ValueError, match="impl"):
+        fused.input_gradient(m, x, y, create_graph=False, impl="fast")
 
 
 @pytest.mark.parametrize("layer,why", [(nn.MaxPool2d(2), "MaxPool2d"), (nn.Tanh(), "Tanh")])
@@ -265,3 +311,34 @@ def test_training_mode_batchnorm_and_bad_arguments():
         fused.input_gradient(m, x, y[:-1], create_graph=False)
     with pytest.raises(ValueError, match="p must be"):
         fused.lfr_ascent_direction(m, x, y, p=3)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 4, 7, 3, 2, 1), (2, 3, 5, 9, 4, 3, 2), (2, 2, 3, 8, 4, 2, 0),
+                                   (1, 2, 2, 5, 2, 3, 0)])
+def test_conv_t_phases_equals_transposed_convolution(shape):
+    from robustkern.flatness.fused_step import conv_t_phases
+
+    b, ci, co, h, k, s, p = shape
+    x, w = _x((b, ci, h, h + 1)), _x((co, ci, k, k), seed=1)
+    g = _x(F.conv2d(x, w, None, s, p).shape, seed=2)
+    want = torch.ops.aten.convolution_backward(g, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], 1,
+                                               [True, False, False])[0]
+    torch.testing.assert_close(conv_t_phases(g, w, x.shape, (s, s), (p, p)), want, **TOL[D])
+
+
+@pytest.mark.parametrize("kind", ["cnn", "grey"])
+def test_step_kernel_choices_match_torch(kind, monkeypatch):
+    """Every kernel choice of the step (phases for all strided layers, no fold) still equals double backprop."""
+    from robustkern.flatness import fused_step
+
+    monkeypatch.setattr(fused_step, "PHASES_MIN_PIXELS", 0)
+    monkeypatch.setattr(fused_step, "FOLD_MAX_IN", 0)
+    m, x, y = _model(kind)
+    _, g_t, xx = _torch_grad(m, x, y)
+    params = list(m.parameters())
+    want = torch.autograd.grad(g_t.abs().sum() + m(xx).logsumexp(1).sum(), [xx] + params)
+    x2 = x.clone().requires_grad_(True)
+    z, g = fused.input_gradient(m, x2, y, create_graph=True, impl="step")
+    got = torch.autograd.grad(g.abs().sum() + z.logsumexp(1).sum(), [x2] + params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[D])

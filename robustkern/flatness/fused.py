@@ -25,6 +25,12 @@ product ``J v`` (the forward pass of the linearised network: no biases, the reco
 curvature (one fused op) and one backward product ``J^T``, with no autograd graph (Xu et al., "Adversarial
 Defense via Local Flatness Regularization", ICIP 2020, compute the same direction by double backprop).
 
+On CPU (``impl="auto"``) both functions take ``robustkern.flatness.fused_step`` instead: the same products
+with plain ATen calls, the whole input-gradient pass one autograd node whose double backward is hand-written
+(the op chain above cost ~0.1 ms of custom-op dispatch per op, and its bit masks save nothing on CPU, where the
+ReLU outputs are kept for the weight gradients anyway). ``impl="ops"`` forces the op chain (every order of
+differentiation; the step's double backward is once-differentiable).
+
 ``supports(model)`` says whether the model can take this path (``unsupported_reason`` says why not): the model is
 captured with ``robustkern.bounds.graph.capture`` (torch.fx); layers outside the list above, BatchNorm in training
 mode (batch statistics couple the examples), Dropout in training mode and models fx cannot trace are refused.
@@ -240,13 +246,34 @@ def _check(model, x, y):
 
 
 # ----------------------------------------------------------------------------------------------- public API
-def input_gradient(model: nn.Module, x: Tensor, y: Tensor, *, create_graph: bool) -> tuple[Tensor, Tensor]:
+IMPLS = ("auto", "ops", "step")
+
+
+def input_gradient(model: nn.Module, x: Tensor, y: Tensor, *, create_graph: bool,
+                   impl: str = "auto") -> tuple[Tensor, Tensor]:
     """``(logits, grad)`` with ``logits = model(x)`` and ``grad = d(sum_i CE(logits_i, y_i)) / dx`` (per example;
     scale by ``1/B`` for the mean). With ``create_graph=True`` both carry autograd history: differentiating a
     function of ``grad`` (and of the logits) w.r.t. the parameters or ``x`` runs the double backward through
     the ops listed in the module docstring. With ``create_graph=False`` neither does (no graph is built).
-    Raises ``UnsupportedLayerError`` when ``supports(model)`` is False."""
+    Raises ``UnsupportedLayerError`` when ``supports(model)`` is False.
+
+    ``impl``: ``"ops"`` builds the pass from the ``robustkern::`` ops above (differentiable to any order; ReLU
+    masks kept as bits); ``"step"`` is ``robustkern.flatness.fused_step``: the whole pass as one autograd node
+    with a hand-written double backward (plain ATen calls, no per-op dispatch; a third derivative raises);
+    ``"auto"``: ``"step"`` on CPU (faster than ``"ops"`` there and at parity with PyTorch's double backprop,
+    benchmarks/bench_flatness_fused.py), ``"ops"`` elsewhere."""
+    if impl not in IMPLS:
+        raise ValueError(f"robustkern.flatness.fused: impl must be one of {IMPLS}, got {impl!r}")
     nodes = _check(model, x, y)
+    if impl == "step" or (impl == "auto" and x.device.type == "cpu"):
+        from .fused_step import input_gradient_pass
+
+        with torch.set_grad_enabled(create_graph):
+            logits, grad = input_gradient_pass(nodes, x, y)
+        if logits.dim() != 2:
+            raise ValueError(f"robustkern.flatness.fused: the model must output (B, classes) logits, got shape "
+                             f"{tuple(logits.shape)}")
+        return logits, grad
     with torch.set_grad_enabled(create_graph):
         logits, tape = _forward(nodes, x)
         if logits.dim() != 2:
@@ -265,14 +292,21 @@ def _norm_gradient(g: Tensor, p) -> Tensor:
     return torch.where(norm > 0, flat / torch.where(norm > 0, norm, 1.0), 0.0).reshape(g.shape)
 
 
-def lfr_ascent_direction(model: nn.Module, x: Tensor, y: Tensor, p=1) -> Tensor:
+def lfr_ascent_direction(model: nn.Module, x: Tensor, y: Tensor, p=1, impl: str = "auto") -> Tensor:
     """``d/dx sum_i ||grad_x CE(f(x_i), y_i)||_p`` (exact almost everywhere for the supported piecewise-linear
     networks): ``J^T (diag p - p p^T) J v`` with ``v = d||g||_p/dg``, one forward-mode product, one fused
     curvature, one backward product; no graph is kept (the result has no autograd history). ``p`` in (1, 2).
-    This is the inner ascent direction of LFR (Xu et al. 2020) before its sign is taken."""
+    This is the inner ascent direction of LFR (Xu et al. 2020) before its sign is taken. ``impl`` as in
+    ``input_gradient`` (``"step"``: the same products with plain ATen calls, the CPU default)."""
     if p not in NORMS:
         raise ValueError(f"robustkern.flatness.fused: p must be one of {NORMS}, got {p!r}")
     nodes = _check(model, x, y)
+    if impl not in IMPLS:
+        raise ValueError(f"robustkern.flatness.fused: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "step" or (impl == "auto" and x.device.type == "cpu"):
+        from .fused_step import lfr_direction
+
+        return lfr_direction(nodes, x.detach(), y, lambda g: _norm_gradient(g, p))
     with torch.no_grad():
         logits, tape = _forward(nodes, x.detach())
         g = _backward(nodes, tape, softmax_ce_grad(logits, y))

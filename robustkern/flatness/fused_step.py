@@ -1,0 +1,429 @@
+"""The whole input-gradient pass as one autograd node with a hand-written double backward (the CPU fast path).
+
+``fused.input_gradient(create_graph=True)`` on CPU runs ``_InputGradientPass``: one ``torch.autograd.Function``
+whose forward takes ``x`` and the parameters and returns ``(z, g)``, the logits and the per-example input
+gradient ``g = J^T s`` of ``sum_i CE(z_i, y_i)`` (``s = softmax(z) - onehot(y)``; ``J`` the logit Jacobian,
+fixed by the ReLU masks), and whose backward is the double backward written out. For an incoming ``(u, h)``
+(the adjoints of ``z`` and ``g``):
+
+    1. tangent pass      ``t = J h`` through the linearised network (no biases; ReLU masks from the saved
+                         ReLU outputs, ``1[relu(a) > 0] = 1[a > 0]``), and at every Linear/Conv2d/BatchNorm the
+                         parameter gradient of ``<h, J^T s>`` at fixed ``s``: ``G_n^T t_in`` (``G_n`` = the
+                         input-gradient pass at the layer's output, ``t_in`` the tangent at its input);
+    2. seed              ``u + (diag p - p p^T) t_out`` (``p = softmax(z)``: the derivative of the seed ``s``);
+    3. backward          through the network's forward graph: the ordinary parameter gradients (and ``x``'s).
+
+Per Linear/Conv2d that is the same six products as PyTorch's double backprop (forward, input-gradient pass,
+tangent, backward, two weight gradients), with one Python-level autograd node for the whole pass instead of
+one per op (the ``robustkern::`` op chain of ``fused.py`` cost ~0.1 ms of dispatch per op on CPU), ATen called
+directly with only the needed outputs (``convolution_backward`` with one output mask, ``threshold_backward`` for
+the masks read from the ReLU outputs), no products towards ``x`` unless ``x`` requires grad, and two kernel
+choices measured on one core: a layer with few input channels (the first layer of an image model) takes its
+input gradient as a GEMM + ``fold`` (col2im, 3-5x faster than oneDNN's transposed convolution with 1 output
+channel) and, with one input channel, its weight gradient as ``unfold`` + one GEMM (2.4-2.8x); a strided
+layer's transposed convolution runs in channels-last (1.2-2x). Tried and dropped: both weight gradients of a
+Conv2d as one product on batch-concatenated operands (the concatenation cost more than it saved), the whole
+pass in channels-last (slower for stride-1 layers). Measured (bench_flatness_fused, 1 thread, batch 128,
+DM MNIST small/medium/large): 1.04x / 1.01x / 1.04x PyTorch's double backprop in a quiet run (0.94-1.06x in
+noisy ones): both run the same oneDNN products, so what is left to win is small; the LFR direction
+(``lfr_direction``: no graph at all) 1.42x / 1.19x / 1.28x.
+
+The backward is itself not differentiable (``once_differentiable``: a third derivative raises); the op-based
+path of ``robustkern.flatness.fused`` (``impl="ops"``) keeps every order. Exact as PyTorch's double backprop
+wherever no pre-activation is exactly 0 (equal in float64 up to rounding; tests/test_flatness_fused.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..bounds.graph import BoundNode, normalize_params
+
+__all__ = ["input_gradient_pass", "lfr_direction"]
+
+_PARAM_KINDS = ("linear", "conv2d", "batchnorm")
+_aten = torch.ops.aten
+
+
+def _channel_shape(like: Tensor) -> tuple[int, ...]:
+    return (1, -1) + (1,) * (like.dim() - 2)
+
+
+def _pool_args(m):
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    kernel = pair(m.kernel_size)
+    stride = pair(m.stride) if m.stride else kernel
+    return kernel, stride, pair(m.padding), m.ceil_mode, m.count_include_pad, m.divisor_override
+
+
+def _bn_inv_std(m, like: Tensor) -> Tensor:
+    return torch.rsqrt(m.running_var.to(like.dtype) + m.eps).reshape(_channel_shape(like))
+
+
+def _bn_scale(m, like: Tensor) -> Tensor:
+    s = _bn_inv_std(m, like)
+    return s * m.weight.reshape(_channel_shape(like)) if m.weight is not None else s
+
+
+def _conv_args(m):
+    return list(m.stride), list(m.padding), list(m.dilation), False, [0, 0], m.groups
+
+
+FOLD_MAX_IN = 4
+PHASES_MIN_PIXELS = 256
+
+
+def conv_t_phases(g: Tensor, w: Tensor, in_shape, stride, padding) -> Tensor:
+    """The input gradient of a strided ``conv2d(., w, stride, padding)`` (dilation 1, one group) as ``s_h * s_w``
+    stride-1 forward convolutions, one per output phase: the input position ``y' = s*q + a`` of the padded input
+    receives the taps ``kh = a + s*m`` from ``oy = q - m``, a full correlation of ``g`` with the flipped sub-kernel
+    ``w[:, :, a::s, b::s]``. Same sums as the transposed convolution; oneDNN's forward convolution ran the
+    26x26 and 28x28 strided layers of the DM models 1.2-2.2x faster this way than its transposed one."""
+    b_, _, _, _ = g.shape
+    c_in, sh, sw, ph, pw = w.shape[1], stride[0], stride[1], padding[0], padding[1]
+    hp, wp = in_shape[2] + 2 * ph, in_shape[3] + 2 * pw
+    dxp = g.new_zeros(b_, c_in, hp, wp)
+    for a in range(sh):
+        for b in range(sw):
+            wa = w[:, :, a::sh, b::sw]
+            ma, mb = wa.shape[2], wa.shape[3]
+            if ma == 0 or mb == 0:
+                continue
+            out = F.conv2d(g, wa.transpose(0, 1).flip(2, 3), None, 1, (ma - 1, mb - 1))
+            na, nb = min(-(-(hp - a) // sh), out.shape[2]), min(-(-(wp - b) // sw), out.shape[3])
+            dxp[:, :, a::sh, b::sw][:, :, :na, :nb] = out[:, :, :na, :nb]
+    return dxp[:, :, ph:ph + in_shape[2], pw:pw + in_shape[3]].contiguous()
+
+
+def _conv_t(g: Tensor, m, like: Tensor) -> Tensor:
+    """Input gradient of ``conv2d(., m.weight)`` (the transposed convolution) given the output gradient ``g``;
+    ``like`` is the layer's input (its shape and memory format are used, not its values). For a layer with few
+    input channels (the first layer of an image model) one GEMM ``W^T g`` per example and a ``fold`` (col2im):
+    oneDNN's transposed convolution with 1 output channel measured 3-5x slower than that on one core."""
+    w = m.weight
+    if m.groups == 1 and w.shape[1] <= FOLD_MAX_IN and tuple(m.dilation) == (1, 1) and isinstance(m.padding,
+                                                                                                  tuple):
+        b, c_out, oh, ow = g.shape
+        cols = torch.matmul(w.reshape(c_out, -1).t(), g.reshape(b, c_out, oh * ow))
+        return F.fold(cols, like.shape[2:], w.shape[2:], padding=m.padding, stride=m.stride)
+    if (max(m.stride) > 1 and m.groups == 1 and tuple(m.dilation) == (1, 1) and isinstance(m.padding, tuple)
+            and like.shape[2] * like.shape[3] >= PHASES_MIN_PIXELS):
+        return conv_t_phases(g, w, like.shape, m.stride, m.padding)
+    if not CHANNELS_LAST and g.dim() == 4 and max(m.stride) > 1:
+        # oneDNN's strided transposed convolution: 1.2-2x faster in channels-last, conversions included
+        cl = torch.channels_last
+        like = torch.empty(like.shape, dtype=like.dtype, device=like.device, memory_format=cl)
+        return _aten.convolution_backward(g.contiguous(memory_format=cl), like, m.weight, None, *_conv_args(m),
+                                          [True, False, False])[0].contiguous()
+    return _aten.convolution_backward(g, like, m.weight, None, *_conv_args(m), [True, False, False])[0]
+
+
+def _conv_wgrad(g: Tensor, inp: Tensor, m) -> Tensor:
+    """Weight gradient of ``conv2d(inp, m.weight)`` given the output gradient ``g``. With one input channel
+    (the first layer of a grey-scale model) one GEMM of the ``unfold``-ed input (im2col) and ``g`` viewed as
+    (B*H'*W', C_out): 2.4-2.8x faster than oneDNN's weight gradient there on one core."""
+    w = m.weight
+    if m.groups == 1 and w.shape[1] == 1 and tuple(m.dilation) == (1, 1) and isinstance(m.padding, tuple):
+        b, c_out, oh, ow = g.shape
+        cols = F.unfold(inp, w.shape[2:], padding=m.padding, stride=m.stride)  # (B, kH*kW, H'*W')
+        gm = g.permute(0, 2, 3, 1).reshape(b * oh * ow, c_out)
+        return cols.transpose(0, 1).reshape(cols.shape[1], -1).matmul(gm).t().reshape(w.shape)
+    return _aten.convolution_backward(g, inp, m.weight, None, *_conv_args(m), [False, True, False])[1]
+
+
+class _Pass:
+    """The captured network and what the forward keeps, shared by forward and backward."""
+
+    def __init__(self, nodes: list[BoundNode]):
+        self.nodes = nodes
+        self.by_name = {n.name: n for n in nodes}
+        self.shapes: dict[str, torch.Size] = {}
+        self.saved_index: dict[str, int] = {}   # node name -> index in ctx.saved_tensors (forward values)
+        self.grad_index: dict[str, int] = {}    # param layer -> index of G_n (input-gradient pass at its output)
+
+    # --- the linear maps of one node -------------------------------------------------------------------
+    def vjp(self, n: BoundNode, g: Tensor, saved) -> Tensor:
+        """``J_n^T g`` for the node's (first) input; masks from the saved ReLU outputs."""
+        k, m = n.kind, n.module
+        if k == "linear":
+            return g.matmul(m.weight)
+        if k == "conv2d":
+            return _conv_t(g, m, saved[self.saved_index[n.inputs[0]]])
+        if k == "relu":
+            return _aten.threshold_backward(g, saved[self.saved_index[n.name]], 0)
+        if k == "batchnorm":
+            return g * _bn_scale(m, g)
+        if k == "normalize":
+            return g / normalize_params(m)[1].to(g.dtype).to(g.device).reshape(_channel_shape(g))
+        if k == "avgpool":
+            kernel, stride, pad, ceil, incl, div = _pool_args(m)
+            like = g.new_zeros(()).expand(self.shapes[n.inputs[0]])
+            return _aten.avg_pool2d_backward(g, like, kernel, stride, pad, ceil, incl, div)
+        if k == "identity":
+            return g
+        raise AssertionError(k)
+
+    def jvp(self, n: BoundNode, t: dict, saved):
+        """``J_n t`` (the linearised node: no bias, the recorded mask)."""
+        k, m = n.kind, n.module
+        v = t[n.inputs[0]] if n.inputs else None
+        if k == "linear":
+            return F.linear(v, m.weight)
+        if k == "conv2d":
+            return F.conv2d(v, m.weight, None, m.stride, m.padding, m.dilation, m.groups)
+        if k == "relu":
+            return _aten.threshold_backward(v, saved[self.saved_index[n.name]], 0)
+        if k == "batchnorm":
+            return v * _bn_scale(m, v)
+        if k == "normalize":
+            return v / normalize_params(m)[1].to(v.dtype).to(v.device).reshape(_channel_shape(v))
+        if k == "avgpool":
+            kernel, stride, pad, ceil, incl, div = _pool_args(m)
+            return F.avg_pool2d(v, kernel, stride, pad, ceil, incl, div)
+        if k == "identity":
+            return v
+        if k == "add":
+            return t[n.inputs[0]] + t[n.inputs[1]]
+        if k in ("reshape", "meta"):
+            return n.call(t)
+        raise AssertionError(k)
+
+    def input_side(self) -> set[str]:
+        """Nodes between the input and the first parameter layer (their gradients only feed ``x``'s)."""
+        side: set[str] = set()
+        for n in self.nodes:
+            if n.kind == "input" or (n.kind in ("normalize", "identity", "reshape", "meta")
+                                     and n.inputs and all(i in side for i in n.inputs)):
+                side.add(n.name)
+        return side
+
+    def transpose(self, seed: Tensor, saved, on_node=None, need_input: bool = True) -> Tensor | None:
+        """``J^T seed`` from the output to the input node; ``on_node(n, g_out)`` sees the gradient at the
+        output of every node on the way (before it is propagated). ``need_input=False`` skips the products
+        that only lead to the input's gradient (returns None)."""
+        grads: dict[str, Tensor] = {}
+        skip = set() if need_input else self.input_side()
+
+        def give(name, g):
+            if name in skip:
+                return
+            grads[name] = g if name not in grads else grads[name] + g
+
+        for n in reversed(self.nodes):
+            k = n.kind
+            if k == "output":
+                give(n.inputs[0], seed)
+                continue
+            if k == "input":
+                return grads.get(n.name) if need_input else None
+            if k == "meta" or n.name not in grads:
+                continue
+            g = grads.pop(n.name)
+            if on_node is not None:
+                on_node(n, g)
+            if k == "add":
+                give(n.inputs[0], g)
+                give(n.inputs[1], g)
+            elif k == "reshape":
+                src = next(i for i in n.inputs if i in self.shapes)
+                give(src, _layout(g.reshape(self.shapes[src])))
+            elif n.inputs[0] not in skip:
+                give(n.inputs[0], self.vjp(n, g, saved))
+        raise AssertionError("the captured graph has no input node")
+
+
+CHANNELS_LAST = False
+
+
+def _layout(v: Tensor) -> Tensor:
+    """4-D images in channels-last memory format (oneDNN's native layout on CPU: its strided transposed
+    convolutions ran ~3x faster so, and no reorder copies are made); values unchanged."""
+    return v.contiguous(memory_format=torch.channels_last) if CHANNELS_LAST and v.dim() == 4 else v
+
+
+def _forward_values(p: _Pass, x: Tensor):
+    """Run the network; returns (logits, values kept for the backward by node name)."""
+    values: dict[str, object] = {}
+    keep: dict[str, Tensor] = {}
+    out = None
+    for n in p.nodes:
+        k, m = n.kind, n.module
+        v = values[n.inputs[0]] if n.inputs else None
+        if k == "input":
+            r = _layout(x)
+        elif k == "linear":
+            r = F.linear(v, m.weight, m.bias)
+            keep[n.inputs[0]] = v
+        elif k == "conv2d":
+            r = F.conv2d(v, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+            keep[n.inputs[0]] = v
+        elif k == "relu":
+            r = torch.relu(v)
+            keep[n.name] = r
+        elif k == "batchnorm":
+            r = F.batch_norm(v, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+            if m.weight is not None:
+                keep[n.inputs[0]] = v
+        elif k == "normalize":
+            mean, std = (t.to(v.dtype).to(v.device).reshape(_channel_shape(v)) for t in normalize_params(m))
+            r = (v - mean) / std
+        elif k == "avgpool":
+            kernel, stride, pad, ceil, incl, div = _pool_args(m)
+            r = F.avg_pool2d(v, kernel, stride, pad, ceil, incl, div)
+        elif k == "identity":
+            r = v
+        elif k == "add":
+            r = values[n.inputs[0]] + values[n.inputs[1]]
+        elif k in ("reshape", "meta"):
+            r = n.call(values)
+        elif k == "output":
+            out = v
+            continue
+        else:
+            raise AssertionError(k)
+        if isinstance(r, Tensor):
+            p.shapes[n.name] = r.shape
+        values[n.name] = r
+    return out, keep
+
+
+class _InputGradientPass(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p: _Pass, params: list, y: Tensor, x: Tensor, *flat: Tensor):
+        ctx.params = params
+        z, keep = _forward_values(p, x)
+        if z.dim() != 2:
+            raise ValueError(f"robustkern.flatness.fused: the model must output (B, classes) logits, got shape "
+                             f"{tuple(z.shape)}")
+        s = _seed(z, y)
+        grads_at: dict[str, Tensor] = {}
+
+        def record(n, g):
+            if n.kind in _PARAM_KINDS:
+                grads_at[n.name] = g
+
+        keep_list = list(keep.values())
+        p.saved_index = {name: i for i, name in enumerate(keep)}
+        g = p.transpose(s, keep_list, record)
+        p.grad_index = {name: len(keep_list) + i for i, name in enumerate(grads_at)}
+        ctx.p = p
+        ctx.save_for_backward(*keep_list, *grads_at.values(), z)
+        return z, g.contiguous()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, adj_z, adj_g):
+        p: _Pass = ctx.p
+        saved = ctx.saved_tensors
+        z = saved[-1]
+        grads: dict[int, Tensor] = {}   # id(param) -> gradient
+
+        def add(param, value):
+            if param is None or value is None:
+                return
+            grads[id(param)] = value if id(param) not in grads else grads[id(param)] + value
+
+        # 1. tangent pass and the parameter gradients of <h, J^T s> at fixed s
+        seed_adj = adj_z if adj_z is not None else torch.zeros_like(z)
+        if adj_g is not None:
+            t: dict[str, object] = {}
+            out_name = None
+            for n in p.nodes:
+                if n.kind == "input":
+                    t[n.name] = _layout(adj_g)
+                    continue
+                if n.kind == "output":
+                    out_name = n.inputs[0]
+                    continue
+                if n.kind in _PARAM_KINDS and n.name in p.grad_index:
+                    G, tin, m = saved[p.grad_index[n.name]], t[n.inputs[0]], n.module
+                    if n.kind == "linear":
+                        add(m.weight, G.reshape(-1, G.shape[-1]).t().matmul(tin.reshape(-1, tin.shape[-1])))
+                    elif n.kind == "conv2d":
+                        add(m.weight, _conv_wgrad(G, tin, m))
+                    elif m.weight is not None:  # batchnorm: <h, G * w * inv_std> in w
+                        dims = [0] + list(range(2, G.dim()))
+                        add(m.weight, (G * tin).sum(dims) * _bn_inv_std(m, G).flatten())
+                t[n.name] = p.jvp(n, t, saved)
+            tout = t[out_name]
+            del t
+            # 2. the seed's derivative: (diag p - p p^T) t_out
+            prob = torch.softmax(z, dim=-1)
+            seed_adj = seed_adj + prob * (tout - (prob * tout).sum(-1, keepdim=True))
+
+        # 3. the ordinary backward through the forward graph
+        def on_node(n, delta):
+            m = n.module
+            if n.kind == "linear":
+                a = saved[p.saved_index[n.inputs[0]]]
+                d2, a2 = delta.reshape(-1, delta.shape[-1]).t(), a.reshape(-1, a.shape[-1])
+                if id(m.weight) in grads:  # accumulate in place: one pass over the (large) weight gradient
+                    grads[id(m.weight)] = grads[id(m.weight)].addmm_(d2, a2)
+                else:
+                    add(m.weight, d2.matmul(a2))
+                if m.bias is not None:
+                    add(m.bias, delta.reshape(-1, delta.shape[-1]).sum(0))
+            elif n.kind == "conv2d":
+                a = saved[p.saved_index[n.inputs[0]]]
+                add(m.weight, _conv_wgrad(delta, a, m))
+                if m.bias is not None:
+                    add(m.bias, delta.sum((0, 2, 3)))
+            elif n.kind == "batchnorm":
+                dims = [0] + list(range(2, delta.dim()))
+                if m.weight is not None:
+                    a = saved[p.saved_index[n.inputs[0]]]
+                    xhat = (a - m.running_mean.to(a.dtype).reshape(_channel_shape(a))) * _bn_inv_std(m, a)
+                    add(m.weight, (delta * xhat).sum(dims))
+                if m.bias is not None:
+                    add(m.bias, delta.sum(dims))
+
+        dx = p.transpose(seed_adj, saved, on_node, need_input=ctx.needs_input_grad[3])
+        if dx is not None:
+            dx = dx.contiguous()
+        return (None, None, None, dx if ctx.needs_input_grad[3] else None,
+                *(grads.get(id(q)) if need else None for q, need in zip(ctx.params, ctx.needs_input_grad[4:])))
+
+
+def _params(nodes: list[BoundNode]) -> list[Tensor]:
+    out, seen = [], set()
+    for n in nodes:
+        if n.kind in _PARAM_KINDS:
+            for q in (n.module.weight, n.module.bias):
+                if q is not None and id(q) not in seen:
+                    seen.add(id(q))
+                    out.append(q)
+    return out
+
+
+def input_gradient_pass(nodes: list[BoundNode], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(logits, g)`` as one autograd node whose backward is the hand-written double backward (module doc)."""
+    params = _params(nodes)
+    return _InputGradientPass.apply(_Pass(nodes), params, y, x, *params)
+
+
+def _seed(z: Tensor, y: Tensor) -> Tensor:
+    return torch.softmax(z, dim=-1).scatter_add(-1, y.unsqueeze(-1), z.new_full((z.shape[0], 1), -1.0))
+
+
+def lfr_direction(nodes: list[BoundNode], x: Tensor, y: Tensor, dual) -> Tensor:
+    """``J^T (diag p - p p^T) J v`` with ``v = dual(g)``, ``g = J^T s`` (``fused.lfr_ascent_direction``), with
+    plain ATen calls and no graph: one forward, two transposed passes, one tangent pass."""
+    p = _Pass(nodes)
+    with torch.no_grad():
+        z, keep = _forward_values(p, x)
+        saved = list(keep.values())
+        p.saved_index = {name: i for i, name in enumerate(keep)}
+        g = p.transpose(_seed(z, y), saved)
+        t: dict[str, object] = {}
+        out = None
+        for n in p.nodes:
+            if n.kind == "input":
+                t[n.name] = _layout(dual(g))
+            elif n.kind == "output":
+                out = t[n.inputs[0]]
+            else:
+                t[n.name] = p.jvp(n, t, saved)
+        prob = torch.softmax(z, dim=-1)
+        return p.transpose(prob * (out - (prob * out).sum(-1, keepdim=True)), saved).contiguous()
