@@ -345,3 +345,32 @@ def test_check_values_false_skips_only_the_value_checks():
         bm.compute_bounds(x, -0.1, check_values=False)
     with pytest.raises(ValueError, match="must have shape"):
         bm.compute_bounds(torch.rand(2, 3, 6, 6), 0.1, check_values=False)
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_channels_last_cpu_boxes_give_the_same_bounds_and_gradients(monkeypatch, train_mode):
+    """robustkern.bounds.ibp.CHANNELS_LAST_CPU (boxes kept NHWC after the first convolution on the CPU) changes
+    only the memory format: bounds and parameter gradients equal those of the NCHW path (float64, where
+    summation order differences are far below the tolerance), with BatchNorm in eval and training mode."""
+    from robustkern.bounds import ibp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                          nn.Linear(5 * 2 * 2, 7), nn.ReLU(), nn.Linear(7, 4)).double().train(train_mode)
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    C = margin_spec(torch.tensor([0, 2, 3]), 4)
+    results = []
+    for flag in (True, False):
+        monkeypatch.setattr(ibp, "CHANNELS_LAST_CPU", flag)
+        model.zero_grad()
+        bm = BoundedModule(model, x)
+        bm(x)
+        lb, ub = bm.compute_bounds(x, 0.02, C=C)
+        (robust_cross_entropy(lb) + ub.sum()).backward()
+        results.append((lb.detach(), ub.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l1, u1, g1), (l2, u2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(u1, u2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
