@@ -5,8 +5,8 @@ inputs for every provider:
   plain            CE(f(x), y): the floor any regulariser adds to
   db-torch         CE + lam * mean ||grad_x CE||_1 by PyTorch double backprop (``autograd.grad(create_graph=True)``)
   db-robustkern    the same penalty by ``robustkern.flatness.input_grad_norm(p=1)`` (backend auto: the fused
-                   second-order path when ``robustkern.flatness.fused`` supports the model in its mode, else
-                   PyTorch; the note says which)
+                   second-order path when ``robustkern.flatness.fused`` supports the model in its mode and the
+                   device (on the CPU auto keeps the penalty on PyTorch), else PyTorch; the note says which)
   fd-robustkern    the same penalty by ``input_grad_norm(method="finite_difference")`` (central difference, the
                    clean forward shared with the CE: forwards of B and 2B examples, an input-only backward,
                    first-order backprop to the parameters)
@@ -100,22 +100,27 @@ def providers(model, x, y, spec, steps):
 
 
 def _fused_note(model) -> tuple[str, str]:
-    """(penalty path, LFR inner-search path) the auto backend takes for ``model`` in its current mode."""
+    """(penalty path, LFR inner-search path) the auto backend takes for ``model`` in its current mode, as
+    ``robustkern.flatness.grad_norm`` decides it (on the CPU auto keeps the double-backprop penalty on torch)."""
     try:
         from robustkern.flatness import fused
+        from robustkern.flatness.grad_norm import _use_fused
     except ImportError:
         return "torch (fused path absent)", "torch (fused path absent)"
-    def path():
+
+    def path(auto_on_cpu):
+        if _use_fused(model, "auto", auto_on_cpu=auto_on_cpu):
+            return "fused"
         reason = fused.unsupported_reason(model)
         if reason is None:
-            return "fused"
+            return "torch (auto's choice on this device)"
         short = reason.replace("robustkern.flatness.fused: ", "").split(";")[0].split(" (")[0].split(":")[0]
         return f"torch ({short})"
 
     mode = model.training
-    outer = path()
+    outer = path(auto_on_cpu=False)
     model.eval()
-    inner = path()
+    inner = path(auto_on_cpu=True)
     model.train(mode)
     return outer, inner
 
