@@ -203,16 +203,21 @@ def smoothadv_attack(model, x: Tensor, y: Tensor, sigma: float, epsilon: float, 
     The model runs in eval mode without parameter gradients during the attack (as train_pgd.py sets it), its
     mode and flags restored after. ``eps_units="256"`` reads ``epsilon`` in SmoothAdv's 1/256 units (64 ->
     0.25). Returns the adversarial images x + delta (B, C, ...); x must lie in [0, 1]."""
-    fn = "smoothadv_attack"
+    eps, steps, m, noise, seed = _smoothadv_setup("smoothadv_attack", model, x, y, sigma, epsilon, eps_units,
+                                                  num_steps, num_noise_vec, noise, seed, generator)
+    with _attack_mode(model):
+        return _smoothadv_pgd(model, x, y, noise, eps, steps, seed, generator)
+
+
+def _smoothadv_setup(fn, model, x, y, sigma, epsilon, eps_units, num_steps, num_noise_vec, noise, seed, generator):
+    """Checks shared by the SmoothAdv entry points; ``(eps, steps, m, noise (B, m, ...), seed)``."""
     sigma = _check_common(fn, model, x, y, sigma)
     eps, steps = _check_eps_steps(fn, _epsilon(fn, epsilon, eps_units), num_steps)
     m = _check_copies(fn, num_noise_vec)
     _check_range(fn, x)
     if seed is not None:
         seed = check_seed(seed, fn)
-    noise = _noise(fn, x, sigma, m, noise, seed, generator)
-    with _attack_mode(model):
-        return _smoothadv_pgd(model, x, y, noise, eps, steps, seed, generator)
+    return eps, steps, m, _noise(fn, x, sigma, m, noise, seed, generator), seed
 
 
 def smoothadv_loss(model, x: Tensor, y: Tensor, sigma: float, epsilon: float, num_steps: int,
@@ -232,14 +237,8 @@ def smoothadv_loss(model, x: Tensor, y: Tensor, sigma: float, epsilon: float, nu
     call on the whole batch (the eval-mode attack treats images independently). The epsilon warm-up is the
     caller's: ``epsilon = smoothadv_warmup_eps(epoch, warmup, eps)``. ``parts``: ``logits`` ((B, m, K) or
     (B, K)) and ``x_adv``."""
-    fn = "smoothadv_loss"
-    sigma = _check_common(fn, model, x, y, sigma)
-    eps, steps = _check_eps_steps(fn, _epsilon(fn, epsilon, eps_units), num_steps)
-    m = _check_copies(fn, num_noise_vec)
-    _check_range(fn, x)
-    if seed is not None:
-        seed = check_seed(seed, fn)
-    noise = _noise(fn, x, sigma, m, noise, seed, generator)
+    eps, steps, m, noise, seed = _smoothadv_setup("smoothadv_loss", model, x, y, sigma, epsilon, eps_units,
+                                                  num_steps, num_noise_vec, noise, seed, generator)
     with _attack_mode(model):
         x_adv = _smoothadv_pgd(model, x, y, noise, eps, steps, seed, generator)
     if faithful:
