@@ -192,11 +192,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args, device = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env = common.Environment.capture(device)
-    print(f"device: {env.device}\ntorch {env.torch}, triton {env.triton}, commit {env.commit}\n"
-          f"command: {env.command}")
+    env = common.start(device, args.threads)
     rows = []
     for name, batch in zip(args.models, args.batch):
         for bn_mode in args.bn_modes:

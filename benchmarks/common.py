@@ -97,6 +97,16 @@ class Environment:
                    command=command)
 
 
+def start(device: torch.device, threads: int = 0) -> "Environment":
+    """Set the torch thread count (0: leave torch's default), capture and print the environment."""
+    if threads:
+        torch.set_num_threads(threads)
+    env = Environment.capture(device)
+    print(f"device: {env.device}\ntorch {env.torch}, triton {env.triton}, commit {env.commit}\n"
+          f"command: {env.command}")
+    return env
+
+
 # ----------------------------------------------------------------------------------------------- measurement
 @dataclass
 class Timing:
