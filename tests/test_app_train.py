@@ -208,6 +208,49 @@ def test_one_epoch_of_each_method_on_digits(tmp_path, method):
     assert res.final["test_acc"] > 0.3, res.final
 
 
+
+_P = "training_params:method_params:"
+
+
+@pytest.mark.parametrize("method,params,radii", [
+    ("trades", [_P + "epsilon=0.1", _P + "step_size=0.05", _P + "num_steps=2"], [0.1]),
+    ("pgd", [_P + "epsilon=0.1", _P + "step_size=0.05", _P + "num_steps=2"], [0.1]),
+    ("lfr", [_P + "epsilon=0.1", _P + "num_steps=2"], [0.1]),
+    ("trades_rs", [_P + "epsilon=0.3", _P + "num_steps=2"], [0.3]),
+    # SmoothAdv: epsilon 0.5 (L2, [0, 1] pixels) warmed up over 4 epochs: 0.125 in epoch 1, 0.25 in epoch 2
+    ("smoothadv", [_P + "epsilon=0.5", _P + "warmup=4", _P + "num_steps=2"], [0.125, 0.25]),
+    ("gaussian", [], None),  # no radius: nothing logged, not a misleading 0
+])
+def test_logged_eps_is_the_radius_the_method_uses(tmp_path, method, params, radii):
+    """The ``eps`` of log.csv, of the log line and of TensorBoard's train/eps is the method's own radius (it was
+    the certified-training schedule's epsilon, 0 here, for every method); a method without one logs none."""
+    import csv as _csv
+
+    from robustkern_cli import tensorboard as tb
+
+    epochs = len(radii) if radii else 1
+    cfg = cfg_for("digits_standard", f"training_params:method={method}", f"training_params:epochs={epochs}",
+                  "data:num_train=64", "data:batch_size=32", "training_params:eval_every=0", *params)
+    lines = []
+    res = train(cfg, tmp_path / "run", tensorboard=tmp_path / "tb", progress=False, log=lines.append)
+    rows = list(_csv.DictReader((tmp_path / "run" / "log.csv").read_text().splitlines()))
+    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    steps = tb.read_scalars(tmp_path / "tb")
+    assert len(rows) == len(epoch_lines) == epochs and [s for s, _ in steps["train/loss"]] == list(range(2 * epochs))
+    if radii is None:
+        assert all("eps" not in row for row in res.history) and "eps" not in rows[0]
+        assert "train/eps" not in steps and "epoch/eps" not in steps
+        assert not any(", eps=" in line for line in epoch_lines)
+        return
+    assert [row["eps"] for row in res.history] == pytest.approx(radii)
+    assert [float(row["eps"]) for row in rows] == pytest.approx(radii)
+    assert [v for _, v in steps["train/eps"]] == pytest.approx([r for r in radii for _ in range(2)])
+    assert [v for _, v in steps["epoch/eps"]] == pytest.approx(radii)
+    for line, r in zip(epoch_lines, radii):
+        assert f", eps={r:.4g}," in line, line
+    assert not any(key == "train_eps" for key in res.final)
+
+
 def test_grad_norm_loss_is_ce_plus_squared_input_gradient_norm():
     """The app's grad_norm method: CE + lam * mean ||grad_x CE_i||_2^2, against torch's own double backprop."""
     from robustkern_cli.losses import LOSSES, StepState

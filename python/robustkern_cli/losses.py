@@ -3,7 +3,13 @@
 ``LOSSES[name](model, x, y, cfg, state) -> (loss, metrics)``: ``cfg`` is the whole config (the method's
 parameters are ``cfg["training_params"]["method_params"]``), ``state`` a :class:`StepState` with the epoch,
 the step and the scheduled epsilon; ``metrics`` maps names to floats (averaged over the epoch by the loop, the
-batch sizes as weights). ``METHOD_DEFAULTS[name]`` are the method's parameters, filled into ``method_params``
+batch sizes as weights). ``metrics["eps"]`` is special: a method with a perturbation radius reports the radius
+it used on this step there (not averaged; the loop logs it as ``eps``), in the units of the method's own
+parameter: the scheduled ``training_params:epsilon`` (``state.eps``) for IBP/CROWN-IBP, ``method_params:epsilon``
+for pgd, trades (L-inf or L2 per ``distance``), trades_rs (L2) and lfr, and for smoothadv the L2 radius on
+[0, 1] pixels after the warm-up (``method_params:epsilon``'s units; SmoothAdv's train_pgd.py takes 1/256
+units, 64 -> 0.25). Methods without a radius leave it out, so no misleading 0 is logged.
+``METHOD_DEFAULTS[name]`` are the method's parameters, filled into ``method_params``
 before command-line overrides, so they are the valid override keys.
 
 Methods whose library part is not in this installation are registered through :func:`placeholder`: calling
@@ -31,7 +37,9 @@ _REQUIRES: dict[str, tuple[str, tuple[str, ...]]] = {}  # method -> (module, att
 
 @dataclass
 class StepState:
-    """What a loss may know about where training is. ``cache`` persists across steps (not checkpointed)."""
+    """What a loss may know about where training is. ``eps`` is the certified-training schedule's epsilon
+    (IBP/CROWN-IBP); methods with their own radius ignore it. ``cache`` persists across steps (not
+    checkpointed)."""
     epoch: int = 0
     batch_idx: int = 0
     steps_per_epoch: int = 1
@@ -362,7 +370,7 @@ def _pgd_at(model, x, y, cfg, state):
     eps, alpha = mp["epsilon"], mp["step_size"]
     steps = mp["num_steps"] if mp["steps_rule"] == "fixed" else attacks.madry_steps(eps, alpha)
     loss = attacks.pgd_at_loss(model, x, y, eps, alpha, steps, norm=mp["norm"], random_start=mp["random_start"])
-    return loss, {"loss": loss.item(), "eps": eps, "steps": steps}
+    return loss, {"loss": loss.item(), "eps": float(eps), "steps": steps}
 
 
 @register_loss("trades", {"epsilon": 0.031, "step_size": 0.007, "num_steps": 10, "beta": 6.0,
@@ -373,7 +381,7 @@ def _trades(model, x, y, cfg, state):
     mp = cfg["training_params"]["method_params"]
     loss = attacks.trades_loss(model, x, y, step_size=mp["step_size"], epsilon=mp["epsilon"],
                                perturb_steps=mp["num_steps"], beta=mp["beta"], distance=mp["distance"])
-    return loss, {"loss": loss.item(), "eps": mp["epsilon"]}
+    return loss, {"loss": loss.item(), "eps": float(mp["epsilon"])}
 
 
 @register_loss("lfr", {"epsilon": 0.3, "step_size": 0.01, "num_steps": 40, "lambada": 0.02, "norm": "l_inf"},
@@ -390,7 +398,7 @@ def _lfr(model, x, y, cfg, state):
                                                  perturb_steps=int(mp["num_steps"]), lam=mp["lambada"],
                                                  norm=mp["norm"])
     return loss, {"loss": loss.item(), "natural_ce": natural.item(), "loss_grad": grad_norm.item(),
-                  "eps": mp["epsilon"]}
+                  "eps": float(mp["epsilon"])}
 
 
 @register_loss("grad_norm", {"lam": 0.1, "p": 2, "power": 2, "method": "double_backprop", "h": 0.0},

@@ -107,7 +107,7 @@ class EventFileWriter:
         self.logdir.mkdir(parents=True, exist_ok=True)
         EventFileWriter._count += 1
         name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
-                f"{EventFileWriter._count}")
+                f"{EventFileWriter._count:06d}")  # padded: name order is creation order (read_scalars)
         self.path = self.logdir / name
         self._file = open(self.path, "wb")
         self._pending: list[bytes] = []

@@ -22,6 +22,12 @@ same number of processes is exact too.
 ``train/eps`` per optimiser step (the loss averaged over the step's micro-batches and all ranks), every
 per-epoch metric of ``log.csv`` as ``epoch/<name>`` and the test evaluation as ``eval/<name>``
 (:mod:`robustkern_cli.tensorboard`).
+
+``eps`` (the ``log.csv`` column, the log line, ``train/eps``) is the radius the method itself used on the
+step, as its loss reports it in ``metrics["eps"]`` (:mod:`robustkern_cli.losses`): the scheduled epsilon for
+IBP/CROWN-IBP, the method's own ``method_params:epsilon`` for pgd, trades, trades_rs and lfr, SmoothAdv's
+warmed-up epsilon. The epoch's value is that of its last step. A method without a radius (standard, gaussian,
+macer, consistency, grad_norm) reports none, and then no ``eps`` is logged (no column or an empty cell).
 """
 from __future__ import annotations
 
@@ -270,6 +276,7 @@ def _train_epoch(epoch, epochs, model, sync, loss_fn, loader, sampler, opt, cfg,
     sums: dict = {}
     n = 0
     step_loss, step_n = 0.0, 0
+    eps = None  # the radius the method used on the last step, None for a method without one
     opt.zero_grad(set_to_none=True)
     bar = tqdm(loader, disable=not progress, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
     for i, (x, y) in enumerate(bar):
@@ -292,8 +299,10 @@ def _train_epoch(epoch, epochs, model, sync, loss_fn, loader, sampler, opt, cfg,
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tp["grad_clip"])
             opt.step()
             opt.zero_grad(set_to_none=True)
+        eps = float(metrics["eps"]) if "eps" in metrics else None
         for key, v in metrics.items():
-            sums[key] = sums.get(key, 0.0) + float(v) * count
+            if key != "eps":
+                sums[key] = sums.get(key, 0.0) + float(v) * count
         n += count
         if log_steps:
             step_loss += float(metrics.get("loss", loss.item())) * count
@@ -304,14 +313,15 @@ def _train_epoch(epoch, epochs, model, sync, loss_fn, loader, sampler, opt, cfg,
                     step = epoch * state.steps_per_epoch + i // k
                     writer.add_scalar("train/loss", tot["loss"] / max(tot["n"], 1), step)
                     writer.add_scalar("train/lr", opt.param_groups[0]["lr"], step)
-                    writer.add_scalar("train/eps", state.eps, step)
+                    if eps is not None:
+                        writer.add_scalar("train/eps", eps, step)
                 step_loss, step_n = 0.0, 0
         if progress:
             bar.set_postfix(loss=f"{sums['loss'] / n:.4f}" if "loss" in sums else None)
     sums["__n"] = n
     sums = distributed.reduce_sums(sums, ctx)
     n = sums.pop("__n")
-    row = {"epoch": epoch + 1, "lr": lr, "eps": state.eps}
-    row.update({f"train_{key}": v / max(n, 1) for key, v in sums.items() if key != "eps"})
+    row = {"epoch": epoch + 1, "lr": lr} if eps is None else {"epoch": epoch + 1, "lr": lr, "eps": eps}
+    row.update({f"train_{key}": v / max(n, 1) for key, v in sums.items()})
     row["_t0"] = t0
     return row
