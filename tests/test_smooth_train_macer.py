@@ -335,6 +335,89 @@ def test_macer_loss_bad_input():
         macer_loss(model, x, y, 0.25, lbd=-1.0)
 
 
+
+@pytest.mark.parametrize("bk", backend_params())
+def test_macer_loss_without_value_checks_is_identical_on_valid_input(bk):
+    """check_values=False changes nothing on valid input: the same loss terms and parameter gradients, bit for
+    bit, from explicit noise and from counter-based noise; and macer_train passes it on (same weights)."""
+    x, _, noise = _batch(n=4, k=2)
+    torch.manual_seed(0)
+    model = mlp()
+    with torch.no_grad():
+        y = model(x).argmax(1)                              # labels the model gets right: kept examples
+    with backend(bk):
+        for source in ({"noise": noise}, {"seed": 11}):
+            runs = []
+            for check in (True, False):
+                m = copy.deepcopy(model)
+                out = macer_loss(m, x, y, 0.25, k=2, lbd=3.0, check_values=check, **source)
+                out[0].backward()
+                runs.append((out, [p.grad for p in m.parameters()]))
+            (out_a, g_a), (out_b, g_b) = runs
+            assert out_a[2].item() > 0                      # the robustness term takes part
+            for a, b in zip(out_a + tuple(g_a), out_b + tuple(g_b)):
+                assert torch.equal(a, b)
+    loader = [(x[:2], y[:2]), (x[2:], y[2:])]
+    trained = []
+    for check in (True, False):
+        m = copy.deepcopy(model)
+        r = macer_train(0.25, 3.0, 2, BETA, GAMMA, 10, m, loader, torch.optim.SGD(m.parameters(), lr=0.1), "cpu",
+                        generator=torch.Generator().manual_seed(2), check_values=check)
+        trained.append((r, m))
+    assert trained[0][0] == trained[1][0]
+    for p, q in zip(trained[0][1].parameters(), trained[1][1].parameters()):
+        assert torch.equal(p, q)
+
+
+def test_macer_loss_value_checks_still_raise_by_default():
+    """check_values=True (the default) still rejects NaN inputs and labels outside [0, C)."""
+    x, y, _ = _batch()
+    model = mlp()
+    for check in ({}, {"check_values": True}):
+        with pytest.raises(ValueError, match="x contains NaN"):
+            macer_loss(model, torch.where(torch.arange(x.numel()).view_as(x) == 5, float("nan"), x), y, 0.25, k=2,
+                       **check)
+        with pytest.raises(ValueError, match="labels must be >= 0, got -1"):
+            macer_loss(model, x, torch.where(y == y[0], -1, y), 0.25, k=2, **check)
+        with pytest.raises(ValueError, match="< the number of classes 10, got 12"):
+            macer_loss(model, x, torch.where(y == y[0], 12, y), 0.25, k=2, **check)
+    # the argument checks stay without value checks
+    with pytest.raises(ValueError, match="y must be"):
+        macer_loss(model, x, y.int(), 0.25, check_values=False)
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        macer_loss(model, x, y, 0.0, check_values=False)
+
+
+class _HostSync(Exception):
+    pass
+
+
+@pytest.mark.parametrize("bk", backend_params())
+def test_macer_loss_without_value_checks_reads_no_tensor_value(bk, monkeypatch):
+    """With check_values=False, macer_loss reads no tensor value on the host: Tensor.item / __bool__ / __int__ /
+    __float__ / tolist (the ways a check syncs) raise while it runs, forward and backward (noise given; with
+    the counter-based noise too on Triton). The same patch
+    catches the default call's checks, so the test would notice a check that sneaks back."""
+    x, y, noise = _batch(n=4, k=2)
+    model = mlp()
+
+    def sync(self, *args, **kwargs):
+        raise _HostSync("a tensor value was read on the host")
+
+    with backend(bk):
+        want = macer_loss(model, x, y, 0.25, k=2, noise=noise, check_values=False)[0].item()
+        with monkeypatch.context() as mp:
+            for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
+                mp.setattr(torch.Tensor, name, sync)
+            loss, cl, rl = macer_loss(model, x, y, 0.25, k=2, noise=noise, check_values=False)
+            loss.backward()
+            if bk == "triton":  # counter-based noise (the reference noise op reads its seed tensor on the host)
+                macer_loss(model, x, y, 0.25, k=2, seed=4, check_values=False)[0].backward()
+            with pytest.raises(_HostSync):
+                macer_loss(model, x, y, 0.25, k=2, noise=noise)
+        assert loss.item() == want
+
+
 def test_macer_train_deferred_epochs_and_reference_loop():
     """One epoch of macer_train equals the transcription of the original's loop (same generator); with
     deferred_epochs the robustness term does not reach the weights."""

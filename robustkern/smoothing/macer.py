@@ -61,7 +61,7 @@ def _noisy_copies(x: Tensor, sigma: float, k: int, seed, noise: Optional[Tensor]
 
 def macer_loss(model: torch.nn.Module, x: Tensor, y: Tensor, sigma: float, k: int = 16, lbd: float = 12.0,
                gamma: float = 8.0, beta: float = 16.0, *, seed: Optional[int] = None, noise: Optional[Tensor] = None,
-               generator: Optional[torch.Generator] = None, faithful: bool = False
+               generator: Optional[torch.Generator] = None, faithful: bool = False, check_values: bool = True
                ) -> tuple[Tensor, Tensor, Tensor]:
     """MACER's objective for one batch: ``(loss, CL / B, RL / B)`` with ``loss = (CL + lbd RL) / B`` (module
     docstring); the two terms are the per-example averages the original prints.
@@ -86,6 +86,14 @@ def macer_loss(model: torch.nn.Module, x: Tensor, y: Tensor, sigma: float, k: in
     class at the top of ``q_bar`` (the fused op gives them to the label), ``Phi^-1`` of values below 3e-8 (the
     fused op is accurate; the original returns -inf and drops the example, which changes nothing at
     gamma = 8, see ``robustkern.reference.macer``) and low-precision logits (the fused op computes in fp32).
+
+    ``check_values=False`` skips the checks that read tensor values (NaN in ``x``, ``0 <= y < C``): each is a
+    host-device sync, which stalls a GPU training loop's stream (the CPU waits before it can queue the model's
+    forward, and again before the tail), so a loop whose inputs are known to be valid may turn them off, as with
+    ``BoundedModule.compute_bounds(..., check_values=False)``. Shapes, dtypes and the numeric arguments (sigma,
+    k, lbd, gamma, beta) are always checked. Invalid values are then not diagnosed here: NaN in ``x`` gives a
+    NaN loss, an out-of-range label torch's own indexing error (reference) or an out-of-row read (the Triton
+    kernel indexes the logits with it). ``faithful`` runs the original's arithmetic as it is either way.
     """
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
         raise ValueError(f"macer: x must be a float tensor (batch, ...), got "
@@ -103,16 +111,16 @@ def macer_loss(model: torch.nn.Module, x: Tensor, y: Tensor, sigma: float, k: in
     lbd = _finite("lbd", lbd, nonneg=True)
     gamma = _finite("gamma", gamma, nonneg=True)
     beta = _finite("beta", beta, positive=True)
-    if bool(torch.isnan(x).any()):
+    if check_values and bool(torch.isnan(x).any()):
         raise ValueError("macer: x contains NaN")
-    if bool((y < 0).any()):
+    if check_values and bool((y < 0).any()):
         raise ValueError(f"macer: labels must be >= 0, got {int(y.min())}")
 
     logits = model(_noisy_copies(x, sigma, k, seed, noise, generator))
     if logits.dim() != 2 or logits.shape[0] != b * k:
         raise ValueError(f"macer: the model must return (B*k, C) = ({b * k}, C) logits, got {tuple(logits.shape)}")
     c = logits.shape[1]
-    if bool((y >= c).any()):
+    if check_values and bool((y >= c).any()):
         raise ValueError(f"macer: labels must be < the number of classes {c}, got {int(y.max())}")
     logits = logits.reshape(b, k, c)
     if faithful:
@@ -127,7 +135,7 @@ def macer_loss(model: torch.nn.Module, x: Tensor, y: Tensor, sigma: float, k: in
 def macer_train(sigma: float, lbd: float, gauss_num: int, beta: float, gamma: float, num_classes: int,
                 model: torch.nn.Module, trainloader, optimizer: torch.optim.Optimizer, device, *,
                 epoch: Optional[int] = None, deferred_epochs: int = 0, generator: Optional[torch.Generator] = None,
-                faithful: bool = False) -> tuple[float, float]:
+                faithful: bool = False, check_values: bool = True) -> tuple[float, float]:
     """One epoch of MACER with the original's arguments (RuntianZ/macer ``macer_train(sigma, lbd, gauss_num,
     beta, gamma, num_classes, model, trainloader, optimizer, device)``): for each batch, ``macer_loss``,
     ``optimizer.zero_grad()``, ``loss.backward()``, ``optimizer.step()``. Returns the epoch's per-example
@@ -139,7 +147,7 @@ def macer_train(sigma: float, lbd: float, gauss_num: int, beta: float, gamma: fl
     ``epoch < deferred_epochs`` (0-based ``epoch``; that script zeroes lbd for ``epoch <= lr_step_size``, i.e.
     pass ``deferred_epochs = lr_step_size + 1`` to match it). The robustness term is still computed and
     reported then. Noise comes from ``generator`` (default: the global generator) in the original's order;
-    ``faithful`` as in ``macer_loss``."""
+    ``faithful`` and ``check_values`` as in ``macer_loss``."""
     if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 2:
         raise ValueError(f"macer: num_classes must be an integer >= 2, got {num_classes!r}")
     if deferred_epochs and epoch is None:
@@ -152,7 +160,7 @@ def macer_train(sigma: float, lbd: float, gauss_num: int, beta: float, gamma: fl
     for inputs, targets in trainloader:
         inputs, targets = inputs.to(device), targets.to(device)
         loss, cl, rl = macer_loss(model, inputs, targets, sigma, gauss_num, lbd, gamma, beta, generator=generator,
-                                  faithful=faithful)
+                                  faithful=faithful, check_values=check_values)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
