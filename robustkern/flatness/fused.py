@@ -31,6 +31,9 @@ with plain ATen calls, the whole input-gradient pass one autograd node whose dou
 ReLU outputs are kept for the weight gradients anyway). ``impl="ops"`` forces the op chain (every order of
 differentiation; the step's double backward is once-differentiable).
 
+The graph walk itself (values by node name, ``+`` of branches, reshapes, gradients summed over a value's users)
+is ``robustkern.flatness._walk``, shared by both; each supplies only its per-layer maps.
+
 ``supports(model)`` says whether the model can take this path (``unsupported_reason`` says why not): the model is
 captured with ``robustkern.bounds.graph.capture`` (torch.fx); layers outside the list above, BatchNorm in training
 mode (batch statistics couple the examples), Dropout in training mode and models fx cannot trace are refused.
@@ -41,12 +44,12 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bounds.graph import BoundNode, UnsupportedLayerError, capture, normalize_params
+from ..bounds.graph import BoundNode, UnsupportedLayerError, capture
 from ..ops.flatness import (conv2d_input_grad, linear_input_grad, relu_bits, relu_masked, softmax_ce_grad,
                             softmax_curvature)
+from . import _walk as walk
 
 __all__ = ["supports", "unsupported_reason", "input_gradient", "lfr_ascent_direction", "NORMS"]
 
@@ -107,133 +110,55 @@ def _nodes(model: nn.Module) -> list[BoundNode]:
     return _CAPTURED[model] if model in _CAPTURED else capture(model)
 
 
-# ----------------------------------------------------------------------------------------------- layers
-def _channel_shape(like: Tensor) -> tuple[int, ...]:
-    return (1, -1) + (1,) * (like.dim() - 2)
-
-
-def _bn_scale(m: nn.Module, like: Tensor) -> Tensor:
-    """Eval-mode BatchNorm is ``x * scale + shift`` per channel; ``scale = weight / sqrt(running_var + eps)``."""
-    scale = torch.rsqrt(m.running_var.to(like.dtype) + m.eps)
-    if m.weight is not None:
-        scale = scale * m.weight
-    return scale.reshape(_channel_shape(like))
-
-
-def _pool_args(m: nn.AvgPool2d):
-    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
-    kernel = pair(m.kernel_size)
-    stride = pair(m.stride) if m.stride else kernel
-    return kernel, stride, pair(m.padding), m.ceil_mode, m.count_include_pad, m.divisor_override
-
-
+# ----------------------------------------------------------------------------------------------- passes
 @dataclass
 class _Tape:
-    """What the hand-built backward needs from the forward: ReLU bits and input shapes, nothing else."""
+    """What the hand-built backward needs from the forward: ReLU bits and output shapes, nothing else."""
     bits: dict[str, Tensor] = field(default_factory=dict)
     shapes: dict[str, torch.Size] = field(default_factory=dict)
-    logits: Tensor | None = None
 
 
-def _forward(nodes: list[BoundNode], x: Tensor, tangent: bool = False, tape: _Tape | None = None):
-    """Run the captured network on ``x``. With ``tangent=False`` records the tape (bits, shapes) and returns
-    ``(logits, tape)``; with ``tangent=True`` ``x`` is a tangent and the linearised network (no biases, the
-    tape's masks) maps it to ``J x``."""
-    tape = _Tape() if tape is None else tape
-    values: dict[str, object] = {}
-    out = None
-    for n in nodes:
-        k, m = n.kind, n.module
-        v = values[n.inputs[0]] if n.inputs else None
-        if k == "input":
-            r = x
-        elif k == "linear":
-            r = F.linear(v, m.weight, None if tangent else m.bias)
-        elif k == "conv2d":
-            r = F.conv2d(v, m.weight, None if tangent else m.bias, m.stride, m.padding, m.dilation, m.groups)
-        elif k == "relu":
-            if tangent:
-                r = relu_masked(v, tape.bits[n.name])
-            else:
-                r, tape.bits[n.name] = relu_bits(v)
-        elif k == "batchnorm":
-            r = v * _bn_scale(m, v) if tangent else F.batch_norm(v, m.running_mean, m.running_var, m.weight,
-                                                                   m.bias, False, 0.0, m.eps)
-        elif k == "normalize":
-            mean, std = (t.to(v.dtype).to(v.device).reshape(_channel_shape(v)) for t in normalize_params(m))
-            r = v / std if tangent else (v - mean) / std
-        elif k == "avgpool":
-            kernel, stride, pad, ceil, incl, div = _pool_args(m)
-            r = F.avg_pool2d(v, kernel, stride, pad, ceil, incl, div)
-        elif k == "identity":
-            r = v
-        elif k == "add":
-            r = values[n.inputs[0]] + values[n.inputs[1]]
-        elif k in ("reshape", "meta"):
-            r = n.call(values)
-        elif k == "output":
-            out = v
-            continue
-        else:  # excluded by unsupported_reason
-            raise AssertionError(k)
-        if not tangent and isinstance(r, Tensor):
-            tape.shapes[n.name] = r.shape
-        values[n.name] = r
-    return (out, tape) if not tangent else out
+def _forward(nodes: list[BoundNode], x: Tensor) -> tuple[Tensor, _Tape]:
+    """Run the captured network on ``x``; returns ``(logits, tape)`` (the ReLU masks as bits, the shapes)."""
+    tape = _Tape()
+
+    def layer(n: BoundNode, v: Tensor) -> Tensor:
+        if n.kind == "relu":
+            r, tape.bits[n.name] = relu_bits(v)
+            return r
+        return walk.layer_forward(n, v)
+
+    return walk.forward(nodes, x, layer, tape.shapes), tape
+
+
+def _tangent(nodes: list[BoundNode], tape: _Tape, t: Tensor) -> Tensor:
+    """``J t``: the tangent ``t`` through the linearised network (no biases, the tape's masks)."""
+    def layer(n: BoundNode, v: Tensor) -> Tensor:
+        return relu_masked(v, tape.bits[n.name]) if n.kind == "relu" else walk.layer_jvp(n, v)
+
+    return walk.forward(nodes, t, layer)
 
 
 def _backward(nodes: list[BoundNode], tape: _Tape, seed: Tensor) -> Tensor:
     """``J^T seed`` through the captured network, with ops whose own backward is defined (see module doc). A
     Linear/Conv2d fed by a ReLU that nothing else reads takes that ReLU's mask into its input-gradient op."""
     by_name = {n.name: n for n in nodes}
-    grads: dict[str, Tensor] = {}
 
-    def give(name: str, g: Tensor) -> None:
-        grads[name] = g if name not in grads else grads[name] + g
-
-    for n in reversed(nodes):
-        k, m = n.kind, n.module
-        if k == "output":
-            give(n.inputs[0], seed)
-            continue
-        if k == "input":
-            return grads[n.name]
-        if k == "meta" or n.name not in grads:
-            continue
-        g = grads.pop(n.name)
-        src = n.inputs[0] if n.inputs else None
-        if k in ("linear", "conv2d"):
-            bits = None
-            feeder = by_name[src]
-            if feeder.kind == "relu" and feeder.users == 1:
-                bits, src = tape.bits[feeder.name], feeder.inputs[0]
-            if k == "linear":
-                r = linear_input_grad(g, m.weight, bits)
-            else:
-                r = conv2d_input_grad(g, m.weight, bits, tape.shapes[src], m.stride, m.padding, m.dilation,
+    def vjp(n: BoundNode, g: Tensor) -> tuple[str, Tensor]:
+        k, m, src = n.kind, n.module, n.inputs[0]
+        if k == "relu":
+            return src, relu_masked(g, tape.bits[n.name])
+        if k not in ("linear", "conv2d"):
+            return src, walk.layer_vjp(n, g, tape.shapes)
+        bits, feeder = None, by_name[src]
+        if feeder.kind == "relu" and feeder.users == 1:
+            bits, src = tape.bits[feeder.name], feeder.inputs[0]
+        if k == "linear":
+            return src, linear_input_grad(g, m.weight, bits)
+        return src, conv2d_input_grad(g, m.weight, bits, tape.shapes[src], m.stride, m.padding, m.dilation,
                                       m.groups)
-        elif k == "relu":
-            r = relu_masked(g, tape.bits[n.name])
-        elif k == "batchnorm":
-            r = g * _bn_scale(m, g)
-        elif k == "normalize":
-            r = g / normalize_params(m)[1].to(g.dtype).to(g.device).reshape(_channel_shape(g))
-        elif k == "avgpool":
-            kernel, stride, pad, ceil, incl, div = _pool_args(m)
-            like = g.new_zeros(()).expand(tape.shapes[src])
-            r = torch.ops.aten.avg_pool2d_backward(g, like, kernel, stride, pad, ceil, incl, div)
-        elif k == "identity":
-            r = g
-        elif k == "add":
-            give(n.inputs[1], g)
-            r = g
-        elif k == "reshape":
-            src = next(i for i in n.inputs if i in tape.shapes)
-            r = g.reshape(tape.shapes[src])
-        else:
-            raise AssertionError(k)
-        give(src, r)
-    raise AssertionError("the captured graph has no input node")
+
+    return walk.transpose(nodes, seed, vjp, tape.shapes)
 
 
 def _check(model, x, y):
@@ -310,5 +235,5 @@ def lfr_ascent_direction(model: nn.Module, x: Tensor, y: Tensor, p=1, impl: str 
     with torch.no_grad():
         logits, tape = _forward(nodes, x.detach())
         g = _backward(nodes, tape, softmax_ce_grad(logits, y))
-        jv = _forward(nodes, _norm_gradient(g, p), tangent=True, tape=tape)
+        jv = _tangent(nodes, tape, _norm_gradient(g, p))
         return _backward(nodes, tape, softmax_curvature(logits, jv))

@@ -31,6 +31,9 @@ noisy ones): both run the same oneDNN products, so what is left to win is small;
 The backward is itself not differentiable (``once_differentiable``: a third derivative raises); the op-based
 path of ``robustkern.flatness.fused`` (``impl="ops"``) keeps every order. Exact as PyTorch's double backprop
 wherever no pre-activation is exactly 0 (equal in float64 up to rounding; tests/test_flatness_fused.py).
+
+The forward, tangent and transposed passes walk the captured graph with ``robustkern.flatness._walk`` (shared
+with ``fused.py``); this module supplies the per-layer maps (``_Pass.vjp``/``jvp``) and the parameter gradients.
 """
 from __future__ import annotations
 
@@ -39,32 +42,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..bounds.graph import BoundNode, normalize_params
+from ..bounds.graph import BoundNode
+from . import _walk as walk
+from ._walk import bn_inv_std, channel_shape
 
 __all__ = ["input_gradient_pass", "lfr_direction"]
 
 _PARAM_KINDS = ("linear", "conv2d", "batchnorm")
 _aten = torch.ops.aten
-
-
-def _channel_shape(like: Tensor) -> tuple[int, ...]:
-    return (1, -1) + (1,) * (like.dim() - 2)
-
-
-def _pool_args(m):
-    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
-    kernel = pair(m.kernel_size)
-    stride = pair(m.stride) if m.stride else kernel
-    return kernel, stride, pair(m.padding), m.ceil_mode, m.count_include_pad, m.divisor_override
-
-
-def _bn_inv_std(m, like: Tensor) -> Tensor:
-    return torch.rsqrt(m.running_var.to(like.dtype) + m.eps).reshape(_channel_shape(like))
-
-
-def _bn_scale(m, like: Tensor) -> Tensor:
-    s = _bn_inv_std(m, like)
-    return s * m.weight.reshape(_channel_shape(like)) if m.weight is not None else s
 
 
 def _conv_args(m):
@@ -138,14 +123,13 @@ class _Pass:
 
     def __init__(self, nodes: list[BoundNode]):
         self.nodes = nodes
-        self.by_name = {n.name: n for n in nodes}
         self.shapes: dict[str, torch.Size] = {}
         self.saved_index: dict[str, int] = {}   # node name -> index in ctx.saved_tensors (forward values)
         self.grad_index: dict[str, int] = {}    # param layer -> index of G_n (input-gradient pass at its output)
 
-    # --- the linear maps of one node -------------------------------------------------------------------
+    # --- the linear maps of one layer (the rest of the graph is walked by robustkern.flatness._walk) -------
     def vjp(self, n: BoundNode, g: Tensor, saved) -> Tensor:
-        """``J_n^T g`` for the node's (first) input; masks from the saved ReLU outputs."""
+        """``J_n^T g`` for the layer's input; masks from the saved ReLU outputs."""
         k, m = n.kind, n.module
         if k == "linear":
             return g.matmul(m.weight)
@@ -153,42 +137,13 @@ class _Pass:
             return _conv_t(g, m, saved[self.saved_index[n.inputs[0]]])
         if k == "relu":
             return _aten.threshold_backward(g, saved[self.saved_index[n.name]], 0)
-        if k == "batchnorm":
-            return g * _bn_scale(m, g)
-        if k == "normalize":
-            return g / normalize_params(m)[1].to(g.dtype).to(g.device).reshape(_channel_shape(g))
-        if k == "avgpool":
-            kernel, stride, pad, ceil, incl, div = _pool_args(m)
-            like = g.new_zeros(()).expand(self.shapes[n.inputs[0]])
-            return _aten.avg_pool2d_backward(g, like, kernel, stride, pad, ceil, incl, div)
-        if k == "identity":
-            return g
-        raise AssertionError(k)
+        return walk.layer_vjp(n, g, self.shapes)
 
-    def jvp(self, n: BoundNode, t: dict, saved):
-        """``J_n t`` (the linearised node: no bias, the recorded mask)."""
-        k, m = n.kind, n.module
-        v = t[n.inputs[0]] if n.inputs else None
-        if k == "linear":
-            return F.linear(v, m.weight)
-        if k == "conv2d":
-            return F.conv2d(v, m.weight, None, m.stride, m.padding, m.dilation, m.groups)
-        if k == "relu":
+    def jvp(self, n: BoundNode, v: Tensor, saved) -> Tensor:
+        """``J_n v`` for the layer's input value ``v`` (the linearised layer: no bias, the recorded mask)."""
+        if n.kind == "relu":
             return _aten.threshold_backward(v, saved[self.saved_index[n.name]], 0)
-        if k == "batchnorm":
-            return v * _bn_scale(m, v)
-        if k == "normalize":
-            return v / normalize_params(m)[1].to(v.dtype).to(v.device).reshape(_channel_shape(v))
-        if k == "avgpool":
-            kernel, stride, pad, ceil, incl, div = _pool_args(m)
-            return F.avg_pool2d(v, kernel, stride, pad, ceil, incl, div)
-        if k == "identity":
-            return v
-        if k == "add":
-            return t[n.inputs[0]] + t[n.inputs[1]]
-        if k in ("reshape", "meta"):
-            return n.call(t)
-        raise AssertionError(k)
+        return walk.layer_jvp(n, v)
 
     def input_side(self) -> set[str]:
         """Nodes between the input and the first parameter layer (their gradients only feed ``x``'s)."""
@@ -203,35 +158,18 @@ class _Pass:
         """``J^T seed`` from the output to the input node; ``on_node(n, g_out)`` sees the gradient at the
         output of every node on the way (before it is propagated). ``need_input=False`` skips the products
         that only lead to the input's gradient (returns None)."""
-        grads: dict[str, Tensor] = {}
-        skip = set() if need_input else self.input_side()
+        return walk.transpose(self.nodes, seed, lambda n, g: (n.inputs[0], self.vjp(n, g, saved)), self.shapes,
+                              on_node, set() if need_input else self.input_side(), _layout)
 
-        def give(name, g):
-            if name in skip:
-                return
-            grads[name] = g if name not in grads else grads[name] + g
+    def tangent(self, t: Tensor, saved, on_layer=None) -> Tensor:
+        """``J t`` through the linearised network; ``on_layer(n, t_in)`` sees the tangent at the input of every
+        layer (before the layer's map)."""
+        def layer(n: BoundNode, v: Tensor) -> Tensor:
+            if on_layer is not None:
+                on_layer(n, v)
+            return self.jvp(n, v, saved)
 
-        for n in reversed(self.nodes):
-            k = n.kind
-            if k == "output":
-                give(n.inputs[0], seed)
-                continue
-            if k == "input":
-                return grads.get(n.name) if need_input else None
-            if k == "meta" or n.name not in grads:
-                continue
-            g = grads.pop(n.name)
-            if on_node is not None:
-                on_node(n, g)
-            if k == "add":
-                give(n.inputs[0], g)
-                give(n.inputs[1], g)
-            elif k == "reshape":
-                src = next(i for i in n.inputs if i in self.shapes)
-                give(src, _layout(g.reshape(self.shapes[src])))
-            elif n.inputs[0] not in skip:
-                give(n.inputs[0], self.vjp(n, g, saved))
-        raise AssertionError("the captured graph has no input node")
+        return walk.forward(self.nodes, _layout(t), layer)
 
 
 CHANNELS_LAST = False
@@ -244,49 +182,20 @@ def _layout(v: Tensor) -> Tensor:
 
 
 def _forward_values(p: _Pass, x: Tensor):
-    """Run the network; returns (logits, values kept for the backward by node name)."""
-    values: dict[str, object] = {}
+    """Run the network; returns (logits, values kept for the backward by node name): the inputs of the
+    Linear/Conv2d/BatchNorm layers (a BatchNorm's only when it has a weight) and the ReLU outputs."""
     keep: dict[str, Tensor] = {}
-    out = None
-    for n in p.nodes:
-        k, m = n.kind, n.module
-        v = values[n.inputs[0]] if n.inputs else None
-        if k == "input":
-            r = _layout(x)
-        elif k == "linear":
-            r = F.linear(v, m.weight, m.bias)
+
+    def layer(n: BoundNode, v: Tensor) -> Tensor:
+        k = n.kind
+        if k == "relu":
+            keep[n.name] = r = torch.relu(v)
+            return r
+        if k in ("linear", "conv2d") or (k == "batchnorm" and n.module.weight is not None):
             keep[n.inputs[0]] = v
-        elif k == "conv2d":
-            r = F.conv2d(v, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
-            keep[n.inputs[0]] = v
-        elif k == "relu":
-            r = torch.relu(v)
-            keep[n.name] = r
-        elif k == "batchnorm":
-            r = F.batch_norm(v, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
-            if m.weight is not None:
-                keep[n.inputs[0]] = v
-        elif k == "normalize":
-            mean, std = (t.to(v.dtype).to(v.device).reshape(_channel_shape(v)) for t in normalize_params(m))
-            r = (v - mean) / std
-        elif k == "avgpool":
-            kernel, stride, pad, ceil, incl, div = _pool_args(m)
-            r = F.avg_pool2d(v, kernel, stride, pad, ceil, incl, div)
-        elif k == "identity":
-            r = v
-        elif k == "add":
-            r = values[n.inputs[0]] + values[n.inputs[1]]
-        elif k in ("reshape", "meta"):
-            r = n.call(values)
-        elif k == "output":
-            out = v
-            continue
-        else:
-            raise AssertionError(k)
-        if isinstance(r, Tensor):
-            p.shapes[n.name] = r.shape
-        values[n.name] = r
-    return out, keep
+        return walk.layer_forward(n, v)
+
+    return walk.forward(p.nodes, _layout(x), layer, p.shapes), keep
 
 
 class _InputGradientPass(torch.autograd.Function):
@@ -328,27 +237,19 @@ class _InputGradientPass(torch.autograd.Function):
         # 1. tangent pass and the parameter gradients of <h, J^T s> at fixed s
         seed_adj = adj_z if adj_z is not None else torch.zeros_like(z)
         if adj_g is not None:
-            t: dict[str, object] = {}
-            out_name = None
-            for n in p.nodes:
-                if n.kind == "input":
-                    t[n.name] = _layout(adj_g)
-                    continue
-                if n.kind == "output":
-                    out_name = n.inputs[0]
-                    continue
-                if n.kind in _PARAM_KINDS and n.name in p.grad_index:
-                    G, tin, m = saved[p.grad_index[n.name]], t[n.inputs[0]], n.module
-                    if n.kind == "linear":
-                        add(m.weight, G.reshape(-1, G.shape[-1]).t().matmul(tin.reshape(-1, tin.shape[-1])))
-                    elif n.kind == "conv2d":
-                        add(m.weight, _conv_wgrad(G, tin, m))
-                    elif m.weight is not None:  # batchnorm: <h, G * w * inv_std> in w
-                        dims = [0] + list(range(2, G.dim()))
-                        add(m.weight, (G * tin).sum(dims) * _bn_inv_std(m, G).flatten())
-                t[n.name] = p.jvp(n, t, saved)
-            tout = t[out_name]
-            del t
+            def param_grads(n, tin):
+                if n.name not in p.grad_index:
+                    return
+                G, m = saved[p.grad_index[n.name]], n.module
+                if n.kind == "linear":
+                    add(m.weight, G.reshape(-1, G.shape[-1]).t().matmul(tin.reshape(-1, tin.shape[-1])))
+                elif n.kind == "conv2d":
+                    add(m.weight, _conv_wgrad(G, tin, m))
+                elif m.weight is not None:  # batchnorm: <h, G * w * inv_std> in w
+                    dims = [0] + list(range(2, G.dim()))
+                    add(m.weight, (G * tin).sum(dims) * bn_inv_std(m, G).flatten())
+
+            tout = p.tangent(adj_g, saved, param_grads)
             # 2. the seed's derivative: (diag p - p p^T) t_out
             prob = torch.softmax(z, dim=-1)
             seed_adj = seed_adj + prob * (tout - (prob * tout).sum(-1, keepdim=True))
@@ -374,7 +275,7 @@ class _InputGradientPass(torch.autograd.Function):
                 dims = [0] + list(range(2, delta.dim()))
                 if m.weight is not None:
                     a = saved[p.saved_index[n.inputs[0]]]
-                    xhat = (a - m.running_mean.to(a.dtype).reshape(_channel_shape(a))) * _bn_inv_std(m, a)
+                    xhat = (a - m.running_mean.to(a.dtype).reshape(channel_shape(a))) * bn_inv_std(m, a)
                     add(m.weight, (delta * xhat).sum(dims))
                 if m.bias is not None:
                     add(m.bias, delta.sum(dims))
@@ -416,14 +317,6 @@ def lfr_direction(nodes: list[BoundNode], x: Tensor, y: Tensor, dual) -> Tensor:
         saved = list(keep.values())
         p.saved_index = {name: i for i, name in enumerate(keep)}
         g = p.transpose(_seed(z, y), saved)
-        t: dict[str, object] = {}
-        out = None
-        for n in p.nodes:
-            if n.kind == "input":
-                t[n.name] = _layout(dual(g))
-            elif n.kind == "output":
-                out = t[n.inputs[0]]
-            else:
-                t[n.name] = p.jvp(n, t, saved)
+        out = p.tangent(dual(g), saved)
         prob = torch.softmax(z, dim=-1)
         return p.transpose(prob * (out - (prob * out).sum(-1, keepdim=True)), saved).contiguous()
