@@ -158,6 +158,27 @@ def test_cpp_fused_relu_backward_grad_matches_differentiable_formulas(dtype, mod
 
 
 @needs_cpp
+@pytest.mark.parametrize("upper_side", [False, True])
+def test_cpp_large_outputs_with_huge_page_advice_match_reference(upper_side):
+    # outputs of >= 8 MB are allocated with madvise(MADV_HUGEPAGE) on their 2 MB-aligned interior
+    # (csrc/include/robustkern/alloc.h): the advice must not change a value, including the first and last
+    # elements outside the aligned interior
+    A, lo, hi = make(B=2, S=3, N=(9 << 20) // 24 + 5, dtype=torch.float32, seed=4)
+    assert A.nbytes >= 8 << 20
+    g = torch.Generator().manual_seed(5)
+    gA, gb = torch.randn(A.shape, generator=g), torch.randn(2, 3, generator=g)
+    want = R.crown_relu_backward(A, lo, hi, 0, upper_side)
+    with use_backend("cpp"):
+        got = crown_relu_backward(A, lo, hi, 0, upper_side)
+    for x, w in zip(got, want):
+        torch.testing.assert_close(x, w, **TOL[torch.float32])
+    got = _relu_grads("cpp", A, lo, hi, 0, upper_side, gA, gb)
+    want = _relu_grads("reference", A, lo, hi, 0, upper_side, gA, gb)
+    for x, w in zip(got, want):
+        torch.testing.assert_close(x, w, **TOL[torch.float32])
+
+
+@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("upper_side", [False, True])
 def test_cpp_fused_concretize_grad_matches_differentiable_formulas(dtype, upper_side):

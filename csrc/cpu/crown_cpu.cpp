@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "robustkern/alloc.h"
 #include "robustkern/check.h"
 
 namespace {
@@ -134,11 +135,11 @@ std::tuple<at::Tensor, at::Tensor> crown_relu_backward_cpu(const at::Tensor& A_i
   check_relu_args(op, A_in, lower_in, upper_in, mode);
   const at::Tensor A = A_in.contiguous(), lower = lower_in.contiguous(), upper = upper_in.contiguous();
   const int64_t B = A.size(0), S = A.size(1), N = A.size(2);
-  at::Tensor out = at::empty_like(A);
+  at::Tensor out = robustkern::empty_huge_like(A);
   at::Tensor bias = at::empty({B, S}, A.options());
   if (B * S == 0) return {out, bias};
   if (N == 0) return {out, bias.zero_()};
-  at::Tensor coef = at::empty({B, 4, N}, A.options());
+  at::Tensor coef = robustkern::empty_huge({B, 4, N}, A.options());
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "crown_relu_backward_cpu", [&] {
     relu_backward_typed<scalar_t>(A.data_ptr<scalar_t>(), lower.data_ptr<scalar_t>(), upper.data_ptr<scalar_t>(),
                                   mode, upper_side, out.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
@@ -255,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crown_relu_backward_grad_cpu(
   const at::Tensor A = A_in.contiguous(), lower = lower_in.contiguous(), upper = upper_in.contiguous();
   const at::Tensor gA = g_A_in.contiguous(), gb = g_bias_in.contiguous();
   const int64_t B = A.size(0), S = A.size(1), N = A.size(2);
-  at::Tensor grad_A = at::empty_like(A);
+  at::Tensor grad_A = robustkern::empty_huge_like(A);
   // without need_lu the gradients of lower/upper are not computed (returned empty)
   at::Tensor grad_l = need_lu ? at::zeros_like(lower) : at::empty({0}, A.options());
   at::Tensor grad_u = need_lu ? at::zeros_like(upper) : at::empty({0}, A.options());
@@ -402,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crown_concretize_grad_cpu(const a
   CHECK_SHAPE(op, rad_in, B, N);
   CHECK_SHAPE(op, g_in, B, S);
   const at::Tensor A = A_in.contiguous(), mid = mid_in.contiguous(), rad = rad_in.contiguous(), g = g_in.contiguous();
-  at::Tensor grad_A = at::empty_like(A);
+  at::Tensor grad_A = robustkern::empty_huge_like(A);
   at::Tensor g_mid = at::zeros_like(mid), g_rad = at::zeros_like(rad);
   if (B * N == 0) return {grad_A, g_mid, g_rad};
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "crown_concretize_grad_cpu", [&] {

@@ -18,6 +18,7 @@
 #include <tuple>
 #include <vector>
 
+#include "robustkern/alloc.h"
 #include "robustkern/check.h"
 
 namespace {
@@ -200,6 +201,8 @@ Grads interval_epilogue_backward_cpu(const at::Tensor& pm_in, const at::Tensor& 
   const at::Tensor sc = scale ? scale->contiguous() : at::Tensor();
   const at::Tensor sh = shift ? shift->contiguous() : at::Tensor();
   at::Tensor g_pm = at::empty_like(pm), g_pr = at::empty_like(pr);
+  robustkern::advise_huge_pages(g_pm);
+  robustkern::advise_huge_pages(g_pr);
   at::Tensor g_scale = at::zeros({C}, pm.options()), g_shift = at::zeros({C}, pm.options());
   AT_DISPATCH_FLOATING_TYPES(pm.scalar_type(), "interval_epilogue_backward_cpu", [&] {
     const scalar_t* s_ptr = scale ? sc.data_ptr<scalar_t>() : nullptr;
