@@ -65,13 +65,14 @@ def _version(module: str) -> str:
 
 
 def git_commit() -> str:
-    """The checked-out commit (short), with ``+dirty`` when the work tree differs, or ``none``."""
+    """The checked-out commit (short), with ``+dirty`` when the work tree differs; where there is no git
+    repository (a copy of the work tree, as on the GPU machine) ``$ROBUSTKERN_GIT_COMMIT`` or ``none``."""
     root = BENCH_DIR.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "none"
+        return os.environ.get("ROBUSTKERN_GIT_COMMIT") or "none"
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
     return head + ("+dirty" if dirty.strip() else "")
 
