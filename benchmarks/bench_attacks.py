@@ -5,8 +5,8 @@ Providers (L-inf, random start, cross-entropy, model in eval mode, the same inpu
   eager         ``robustkern.reference.attacks.plain_pgd`` (a plain torchattacks-like loop, six element-wise ops
                 per step)
   torchattacks  ``torchattacks.PGD(model, eps, alpha, steps, random_start=True)`` when installed
-  robustkern    ``robustkern.attacks.pgd`` (fused ``pgd_step`` op; on CPU its reference backend, since the
-                compiled extension has no pgd_step kernel and Triton runs on CPU only interpreted)
+  robustkern    ``robustkern.attacks.pgd`` (fused ``pgd_step`` op; on CPU the compiled C++ kernel
+                ``csrc/cpu/attacks_cpu.cpp``, called directly in the loop, or the reference without the extension)
   robustkern-graph  ``pgd(..., cuda_graph=True)``: the k-step loop replayed as a CUDA graph (CUDA only)
 
 Models: ``mnist_small`` (MNIST CNN, 1x28x28, eps 0.3, alpha 0.01) and ``preact_resnet18`` (CIFAR, 3x32x32,

@@ -1,5 +1,6 @@
 // Every schema of the robustkern_ext library, once. The kernels are registered per device in
-// csrc/cpu/interval_cpu.cpp, csrc/cpu/smoothing_cpu.cpp, csrc/cpu/crown_cpu.cpp (CPU only) and csrc/cuda/interval_cuda_glue.cpp;
+// csrc/cpu/interval_cpu.cpp, csrc/cpu/smoothing_cpu.cpp, csrc/cpu/crown_cpu.cpp, csrc/cpu/attacks_cpu.cpp (CPU only)
+// and csrc/cuda/interval_cuda_glue.cpp;
 // the public ops (robustkern::*, with fake tensors and autograd) are Python custom ops in robustkern/ops/
 // that call these.
 #include <Python.h>
@@ -64,5 +65,6 @@ TORCH_LIBRARY(robustkern_ext, m) {
       "bool upper_side) -> Tensor");
   m.def("crown_concretize_grad(Tensor A, Tensor mid, Tensor rad, Tensor g, bool upper_side) -> (Tensor, Tensor, Tensor)");
   m.def("smoothing_count(Tensor logits, Tensor group, int num_groups) -> Tensor");
+  m.def("pgd_step(Tensor x_adv, Tensor grad, Tensor x_orig, Tensor eps, Tensor alpha, str norm) -> Tensor");
   m.def("build_info() -> str", &build_info);
 }

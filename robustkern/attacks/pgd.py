@@ -8,8 +8,8 @@ intersected with [0, 1]:
     x_{k+1} = clip_[0,1]( Pi_B( x_k + alpha * s_k ) ),   s_k = sign(g_k) (L-inf) or g_k / |g_k|_2 (L2)
     g_k     = d/dx' sum_b L(f(x'_b), y_b)  at x_k
 
-Each step is the fused op ``robustkern.ops.pgd_step`` (its reference function directly when the op would
-dispatch to the reference anyway). Only the input gradient is computed
+Each step is the fused op ``robustkern.ops.pgd_step`` (on CPU its C++ kernel, or its reference function when
+there is none, called directly: the loop needs no autograd through the step). Only the input gradient is computed
 (``torch.autograd.grad`` w.r.t. the input: no weight gradients are formed or accumulated, parameters'
 ``requires_grad`` is left alone). With ``restarts = R > 1`` the R random starts are stacked along the batch
 and attacked in one forward/backward per step (``batch_restarts=True``); per example the first restart that
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
-from ..ops.attacks import _pgd_step
+from ..ops.attacks import _pgd_step, compiled_pgd_step
 from ..reference.attacks import pgd_step as _reference_step
 
 __all__ = ["pgd", "fgsm", "attack_objective", "Attack", "PGD", "PGDL2", "FGSM"]
@@ -61,6 +61,10 @@ def check_budget(fn: str, x: Tensor, y: Tensor, eps, alpha=None, steps: int | No
         raise ValueError(f"{fn}: loss must be one of {LOSSES}, got {loss!r}")
     for name, v, strict in (("eps", eps, False), ("alpha", alpha, True)):
         if v is None:
+            continue
+        if _is_number(v):  # the usual case, checked without making tensors
+            if (v <= 0 if strict else v < 0) or not math.isfinite(v):
+                raise ValueError(f"{fn}: {name} must be {'> 0' if strict else '>= 0'} and finite, got {v}")
             continue
         t = torch.as_tensor(v)
         if not t.is_floating_point() and not _is_number(v):
@@ -110,8 +114,8 @@ def _success(logits: Tensor, y: Tensor, targeted: bool) -> Tensor:
 def random_start_point(x: Tensor, eps: Tensor, norm: str) -> Tensor:
     """A uniform point of the L-inf ball, or (L2) a Gaussian direction at radius ``r ~ U(0, eps)``, in [0, 1]."""
     e = _rows(eps, x.dim())
-    if norm == "linf":
-        return (x + (torch.rand_like(x) * 2 - 1) * e).clamp(0, 1)
+    if norm == "linf":  # clamp(x + (2u - 1) e, 0, 1), in place on u's buffer (the same roundings)
+        return torch.rand_like(x).mul_(2).sub_(1).mul_(e).add_(x).clamp_(0, 1)
     d = torch.randn_like(x)
     n = _rows(torch.linalg.vector_norm(d.reshape(x.shape[0], -1), dim=1), x.dim()).clamp_min(1e-12)
     r = torch.rand_like(n)
@@ -120,25 +124,38 @@ def random_start_point(x: Tensor, eps: Tensor, norm: str) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------- the loop
 def _step_fn(device: torch.device):
-    """The step to call in the loop, chosen once per attack (inputs are checked once by ``pgd``): the raw
-    ``robustkern::pgd_step`` op, or, when that op would run the reference anyway (CPU without a compiled
-    kernel), the reference function itself, saving the op's per-call dispatch (about 0.15 ms on CPU)."""
-    backend = _backend.select(device)
-    if backend == "reference" or (backend in ("cpp", "cuda") and not hasattr(torch.ops.robustkern_ext, "pgd_step")
-                                  and device.type == "cpu" and _backend.requested_backend() == "auto"):
+    """The step to call in the loop, chosen once per attack. ``pgd`` checks the inputs once and the loop never
+    differentiates through a step (its inputs are detached), so on CPU the loop calls the compiled kernel
+    ``torch.ops.robustkern_ext.pgd_step`` directly, or, when the op would run the reference (no compiled
+    kernel), the reference function itself: either way without the custom op's Python dispatch (about 0.1 ms
+    per call on CPU). Elsewhere the ``robustkern::pgd_step`` op."""
+    backend = _backend.select(device, op="pgd_step")
+    if backend == "reference":
         return _reference_step
+    if backend == "cpp":
+        return compiled_pgd_step()
     return _pgd_step
+
+
+def _objective_sum(logits: Tensor, y: Tensor, loss: str, targeted: bool) -> Tensor:
+    """``attack_objective(...).sum()``; for CE as one ``reduction="sum"`` call, which has the same input
+    gradient bit for bit (NLL's backward writes ``-1`` at the label either way) without the per-example
+    losses and the extra ``sum`` node (tests/test_attacks_cpp.py checks the attack is unchanged)."""
+    if loss == "ce":
+        total = F.cross_entropy(logits, y, reduction="sum")
+        return -total if targeted else total
+    return attack_objective(logits, y, loss, targeted).sum()
 
 
 def _steps(model, x, y, adv, eps, alpha, steps, norm, loss, targeted, check=True):
     step = _step_fn(x.device)
+    eps, alpha = eps.detach(), alpha.detach()
     for i in range(steps):
         adv = adv.detach().requires_grad_(True)
         logits = model(adv)
         if check and i == 0:
             check_labels("pgd", y, logits.shape[1], "target" if targeted else "label")
-        obj = attack_objective(logits, y, loss, targeted).sum()
-        grad, = torch.autograd.grad(obj, adv)
+        grad, = torch.autograd.grad(_objective_sum(logits, y, loss, targeted), adv)
         adv = step(adv.detach(), grad, x, eps, alpha, norm)
     return adv.detach()
 

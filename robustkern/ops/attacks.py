@@ -5,13 +5,15 @@
     L-inf:  clip_[0,1]( min(max(x_adv + alpha sign(grad), x_orig - eps), x_orig + eps) )
     L2:     clip_[0,1]( x_orig + d min(1, eps / |d|_2) ),  d = x_adv + alpha grad / (|grad|_2 + 1e-10) - x_orig
 
-in one pass (Triton: one program per block for L-inf, one per example row for L2). It is a
-``torch.library.custom_op`` whose body asks ``robustkern._backend.select`` which implementation runs: the
-Triton kernel (``robustkern.kernels.attacks``), a compiled kernel (``torch.ops.robustkern_ext.pgd_step``, when
-the extension has one) or the reference (``robustkern.reference.attacks``). The compiled extension has no
-``pgd_step`` today: an automatically chosen ``cpp``/``cuda`` backend falls back to the reference, an explicitly
-requested one raises ``BackendUnavailable``. The backward pass is the vector-Jacobian product of the
-reference formula (first order only: ``sign`` has zero derivative, so nothing flows into ``grad`` for L-inf).
+in one pass (Triton: one program per block for L-inf, one per example row for L2; C++ CPU: one pass for
+L-inf, three passes over each cache-resident row for L2). It is a ``torch.library.custom_op`` whose body asks
+``robustkern._backend.select`` which implementation runs: the Triton kernel (``robustkern.kernels.attacks``),
+the compiled CPU kernel (``torch.ops.robustkern_ext.pgd_step``, ``csrc/cpu/attacks_cpu.cpp``: L-inf
+bit-identical to the reference, L2 equal up to the rounding of the two norms) or the reference
+(``robustkern.reference.attacks``). There is no CUDA C++ kernel: on CUDA ``auto`` picks Triton, and an
+explicitly requested ``cuda`` backend raises ``BackendUnavailable`` (as ``cpp`` does with an extension built
+before the kernel existed). The backward pass is the vector-Jacobian product of the reference formula (first
+order only: ``sign`` has zero derivative, so nothing flows into ``grad`` for L-inf).
 """
 from __future__ import annotations
 
@@ -37,8 +39,22 @@ def _pgd_step(x_adv: Tensor, grad: Tensor, x_orig: Tensor, eps: Tensor, alpha: T
 
 
 @_pgd_step.register_fake
-def _(x_adv, grad, x_orig, eps, alpha, norm):
+def _fake(x_adv, grad, x_orig, eps, alpha, norm):
     return torch.empty_like(x_adv, memory_format=torch.contiguous_format)
+
+
+_COMPILED_FAKE: list[bool] = []
+
+
+def compiled_pgd_step():
+    """The compiled CPU kernel ``torch.ops.robustkern_ext.pgd_step.default`` itself (no autograd, no input
+    checks, no backend choice), for callers that have checked their inputs once and need no gradient through
+    the step (``robustkern.attacks.pgd``'s loop); registers the raw op's fake kernel on first use (the op
+    exists only once the extension is loaded)."""
+    if not _COMPILED_FAKE:
+        torch.library.register_fake("robustkern_ext::pgd_step")(_fake)
+        _COMPILED_FAKE.append(True)
+    return torch.ops.robustkern_ext.pgd_step.default
 
 
 def _setup(ctx, inputs, output):
