@@ -230,3 +230,44 @@ def test_cpp_kernels_reject_bad_input():
         ext.crown_concretize(A, torch.zeros(2, 3, dtype=A.dtype), lo, hi, lo, None, False)
     with pytest.raises(RuntimeError, match="crown_concretize_grad: rad(_in)? has dtype"):
         ext.crown_concretize_grad(A, lo, hi.float(), torch.zeros(2, 3, dtype=A.dtype), False)
+
+
+_HUGE_PAGE_PROBE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import robustkern._ext
+assert robustkern._ext.load()
+A = torch.randn(2, 3, 700000)
+lo, hi = -torch.rand(2, 700000), torch.rand(2, 700000)
+out, _ = torch.ops.robustkern_ext.crown_relu_backward(A, lo, hi, 0, False)
+p = out.data_ptr()
+flags = None
+for line in open("/proc/self/smaps"):
+    head = line.split()
+    if "-" in head[0] and len(head) >= 5:
+        lo_, hi_ = (int(v, 16) for v in head[0].split("-"))
+        inside = lo_ <= p + (4 << 20) < hi_
+    elif head[0] == "VmFlags:" and inside:
+        flags = head[1:]
+print("hg" in flags)
+"""
+
+
+@needs_cpp
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+@pytest.mark.parametrize("setting, advised", [(None, True), ("0", False)])
+def test_large_outputs_are_advised_onto_huge_pages_unless_turned_off(setting, advised):
+    # csrc/include/robustkern/alloc.h: a >= 8 MB output's memory carries MADV_HUGEPAGE (VmFlags "hg"),
+    # and ROBUSTKERN_HUGE_PAGES=0 turns the advice off
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "ROBUSTKERN_HUGE_PAGES"}
+    if setting is not None:
+        env["ROBUSTKERN_HUGE_PAGES"] = setting
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", _HUGE_PAGE_PROBE.format(root=root)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(advised)

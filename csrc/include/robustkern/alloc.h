@@ -8,11 +8,14 @@
 // (madvise(MADV_HUGEPAGE), which is what PyTorch's own THP_MEM_ALLOC_ENABLE=1 does for every allocation;
 // robustkern does it only for its own large outputs and needs no environment variable). Where the system
 // has transparent huge pages off, or the call fails, nothing changes: the advice is a hint.
+// ROBUSTKERN_HUGE_PAGES=0 turns the advice off (read once per process).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -23,10 +26,18 @@ namespace robustkern {
 // Smallest allocation advised (smaller ones are usually recycled by the allocator, already faulted in).
 constexpr size_t kHugeAdviseMinBytes = size_t(8) << 20;
 
+inline bool huge_pages_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("ROBUSTKERN_HUGE_PAGES");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return enabled;
+}
+
 inline void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const size_t nbytes = t.nbytes();
-  if (!t.is_cpu() || nbytes < kHugeAdviseMinBytes) return;
+  if (!t.is_cpu() || nbytes < kHugeAdviseMinBytes || !huge_pages_enabled()) return;
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t start = (p + kHuge - 1) & ~(kHuge - 1);
