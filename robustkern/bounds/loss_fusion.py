@@ -60,6 +60,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._backend import ieee_fp32
 from ..reference.interval import gamma, unit_roundoff
 from .crown import crown_bounds, node_shapes
 from .ibp import Box, propagate
@@ -126,10 +127,10 @@ def _check_labels(y, B: int, K: int):
         raise ValueError(f"fused_robust_ce_upper: at most 4096 classes are supported, got {K}")
 
 
-def fused_sum_bounds(bm: BoundedModule, x: Tensor, y: Tensor, eps, norm: float = math.inf, *,
-                     x_min: float = 0.0, x_max: float = 1.0, crown: bool = True, ibp: bool = True,
-                     method: str = "CROWN-IBP", sound: bool = True, relu_lower: str = "adaptive",
-                     crown_batch_size: int | None = None, check_values: bool = True):
+def _fused_sum_bounds(bm: BoundedModule, x: Tensor, y: Tensor, eps, norm: float = math.inf, *,
+                      x_min: float = 0.0, x_max: float = 1.0, crown: bool = True, ibp: bool = True,
+                      method: str = "CROWN-IBP", sound: bool = True, relu_lower: str = "adaptive",
+                      crown_batch_size: int | None = None, check_values: bool = True):
     """Upper bounds of the shifted sum ``S_M = exp(-M) + sum_{j != y} exp(z_j - z_y - M)`` over the ball:
     returns ``(s_backward, s_ibp, M)`` (each (B,); a side not requested is None), computed in float64 when
     ``sound`` else in the model's precision. ``M`` (B,) is detached. ``CE <= M + log(s)`` for either bound and
@@ -173,6 +174,16 @@ def fused_sum_bounds(bm: BoundedModule, x: Tensor, y: Tensor, eps, norm: float =
         s_back = torch.where(torch.isnan(s_back), torch.full_like(s_back, math.inf), s_back)
     return s_back, s_ibp, M
 
+
+
+def fused_sum_bounds(bm: BoundedModule, x: Tensor, *args, **kwargs):
+    if isinstance(x, Tensor) and x.is_cuda:  # IEEE fp32 products: TF32 would break the rounding-error bounds
+        with ieee_fp32():
+            return _fused_sum_bounds(bm, x, *args, **kwargs)
+    return _fused_sum_bounds(bm, x, *args, **kwargs)
+
+
+fused_sum_bounds.__doc__ = _fused_sum_bounds.__doc__ + "\n\n    On CUDA every product runs in IEEE fp32 (no TF32)."
 
 def log_bound(s: Tensor, M: Tensor, sound: bool, work: torch.dtype) -> Tensor:
     """``M + log(s)`` rounded up to ``work`` when ``sound`` (``log`` within 1 ulp, the sum by ``gamma_2``)."""

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .graph import BoundNode, capture
 from .ibp import Box, plan_fusion, propagate
+from .._backend import ieee_fp32
 
 __all__ = ["BoundedModule"]
 
@@ -210,9 +211,18 @@ class BoundedModule(nn.Module):
                            relu_lower, crown_batch_size, input_box=(mid, rad))
         return out[0], out[1]
 
-    def _bounds(self, x, eps, norm, method, C, x_min, x_max, sound, bound_lower, bound_upper, relu_lower="adaptive",
-                crown_batch_size=None, input_box=None, with_ibp: bool = False, check_values: bool = True):
-        """(lb, ub[, ibp_lb, ibp_ub]) after the checks: the engine behind compute_bounds(_box)."""
+    def _bounds(self, x, *args, **kwargs):
+        """(lb, ub[, ibp_lb, ibp_ub]) after the checks: the engine behind compute_bounds(_box). On CUDA every
+        product inside it (the ops' GEMMs and the engine's own matmul/bmm/conv_transpose2d) runs in IEEE fp32:
+        TF32 would break the rounding-error bounds (``robustkern._backend.ieee_fp32``)."""
+        if x.is_cuda:
+            with ieee_fp32():
+                return self._bounds_engine(x, *args, **kwargs)
+        return self._bounds_engine(x, *args, **kwargs)
+
+    def _bounds_engine(self, x, eps, norm, method, C, x_min, x_max, sound, bound_lower, bound_upper,
+                       relu_lower="adaptive", crown_batch_size=None, input_box=None, with_ibp: bool = False,
+                       check_values: bool = True):
         if C is not None:
             C = self._check_spec(C, x, check_values)
         stats = self._training_bn_stats(x)
