@@ -3,7 +3,10 @@ import os
 import pytest
 import torch
 
-# Triton kernels run on the CPU only under the interpreter, which must be on before they are defined.
+# Triton kernels run on the CPU only under the interpreter, which must be on before they are defined. Only this
+# file sets TRITON_INTERPRET, and only without CUDA, so that a GPU run tests the compiled kernels
+# (tests/test_suite_devices.py checks both, against the value found at start-up).
+TRITON_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -1,5 +1,8 @@
 """BoundedModule IBP on whole models: agreement with an independent float64 IBP, soundness (random and
-PGD-maximised points, L-inf and L2), BatchNorm modes, specifications, per-node bounds, bad input."""
+PGD-maximised points, L-inf and L2), BatchNorm modes, specifications, per-node bounds, bad input. The agreement
+and soundness tests also run on CUDA (marked gpu; tests/_devices.py ``bound_device``) for each GPU backend, with
+cuDNN choosing convolution algorithms by heuristics and by timing, TF32 disallowed by the user's flags; and on
+CUDA the bounds must not use TF32 when the user allows it."""
 import math
 
 import pytest
@@ -12,8 +15,16 @@ from robustkern.bounds import BoundedModule, UnsupportedLayerError, margin_spec,
 from robustkern.reference.ibp_model import naive_ibp, record_bn_stats
 from robustkern.testing import assert_box_contains, backends_for
 
-# Whole-model tests use the compiled/reference backends; the interpreted Triton kernels are tested per op.
+import _devices
+from _devices import (GPU_BOUND_BACKENDS, CUDNN_BENCHMARK, Fp32GemmRecorder, bound_backend_device_params,
+                      cuda_settings, skip_unavailable, tf32_allowed)
+
+bound_device = _devices.bound_device  # the fixture
+
+# Whole-model tests use the compiled/reference backends on the CPU (the interpreted Triton kernels are tested
+# per op), and every GPU backend on CUDA (bound_device: cudnn.benchmark off and on).
 MODEL_BACKENDS = backends_for("cpu", include_interpreter=False)
+MODEL_CASES = bound_backend_device_params(MODEL_BACKENDS)
 
 
 def random_sequential(seed: int, in_ch=2, size=6, classes=4, bn=True):
@@ -94,7 +105,7 @@ def count_violations(model, x, eps, norm, C, lb, ub, samples=32, pgd_steps=20):
     S, B = C.shape[1], x.shape[0]
     rep = lambda t: t.repeat(2 * S, *[1] * (t.dim() - 1))  # noqa: E731
     xr, er, Cr = rep(x), rep(eps), rep(C)
-    w = torch.zeros(2 * S, B, S)
+    w = torch.zeros(2 * S, B, S, device=x.device)
     for s in range(S):
         w[2 * s, :, s], w[2 * s + 1, :, s] = 1.0, -1.0
     w = w.reshape(2 * S * B, S)
@@ -115,21 +126,25 @@ def count_violations(model, x, eps, norm, C, lb, ub, samples=32, pgd_steps=20):
     return viol
 
 
-@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+@pytest.mark.parametrize("backend, bound_device", MODEL_CASES, indirect=["bound_device"])
 @pytest.mark.parametrize("seed", range(6))
-def test_matches_independent_float64_ibp(backend, seed):
+def test_matches_independent_float64_ibp(backend, bound_device, seed):
+    skip_unavailable(backend, bound_device)
     model = random_sequential(seed)
     x = torch.rand(3, 2, 6, 6)
     y = torch.randint(0, 4, (3,))
     C = margin_spec(y, 4)
     eps = 0.05
-    bm = BoundedModule(model, x)
     lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
-    ref_lb, ref_ub = naive_ibp(model.double(), lo.double(), hi.double(), C.double())
+    ref_lb, ref_ub = naive_ibp(model.double(), lo.double(), hi.double(), C.double())   # on the CPU
     model.float()
+    model, x, C = model.to(bound_device), x.to(bound_device), C.to(bound_device)
+    bm = BoundedModule(model, x)
     with use_backend(backend):
         lb, ub = bm.compute_bounds(x, eps, C=C, sound=False)
         slb, sub = bm.compute_bounds(x, eps, C=C, sound=True)
+    assert lb.device == x.device
+    lb, ub, slb, sub = lb.cpu(), ub.cpu(), slb.cpu(), sub.cpu()
     scale = ref_ub.abs().max() + ref_lb.abs().max()
     torch.testing.assert_close(lb.double(), ref_lb, atol=float(scale) * 1e-5, rtol=1e-5)
     torch.testing.assert_close(ub.double(), ref_ub, atol=float(scale) * 1e-5, rtol=1e-5)
@@ -137,30 +152,33 @@ def test_matches_independent_float64_ibp(backend, seed):
     assert_box_contains(slb, sub, ref_lb, ref_ub, "sound float32 IBP")
 
 
-@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+@pytest.mark.parametrize("backend, bound_device", MODEL_CASES, indirect=["bound_device"])
 @pytest.mark.parametrize("norm", [math.inf, 2])
 @pytest.mark.parametrize("seed", range(4))
-def test_no_point_leaves_the_bounds(backend, norm, seed):
+def test_no_point_leaves_the_bounds(backend, bound_device, norm, seed):
+    skip_unavailable(backend, bound_device)
     torch.manual_seed(seed)
-    model = random_sequential(100 + seed)
-    x = torch.rand(4, 2, 6, 6)
-    C = margin_spec(torch.randint(0, 4, (4,)), 4)
-    eps = torch.tensor([0.0, 0.02, 0.1, 0.3]) * (3 if norm == 2 else 1)
+    model = random_sequential(100 + seed).to(bound_device)
+    x = torch.rand(4, 2, 6, 6).to(bound_device)
+    C = margin_spec(torch.randint(0, 4, (4,)), 4).to(bound_device)
+    eps = (torch.tensor([0.0, 0.02, 0.1, 0.3]) * (3 if norm == 2 else 1)).to(bound_device)
     with use_backend(backend):
         lb, ub = BoundedModule(model, x).compute_bounds(x, eps, norm=norm, C=C)
     assert count_violations(model, x, eps, norm, C, lb, ub) == 0
 
 
-@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+@pytest.mark.parametrize("backend, bound_device", MODEL_CASES, indirect=["bound_device"])
 @pytest.mark.parametrize("norm", [math.inf, 2])
-def test_residual_model_is_sound_and_per_node_bounds_hold(backend, norm):
+def test_residual_model_is_sound_and_per_node_bounds_hold(backend, bound_device, norm):
+    skip_unavailable(backend, bound_device)
     model = Residual().eval()
     with torch.no_grad():
         model.bn1.running_var.uniform_(0.5, 2)
         model.bn1.running_mean.uniform_(-0.3, 0.3)
-    x = torch.rand(3, 1, 6, 6)
-    C = margin_spec(torch.tensor([0, 1, 3]), 4)
-    eps = torch.full((3,), 0.08)
+    model = model.to(bound_device)
+    x = torch.rand(3, 1, 6, 6).to(bound_device)
+    C = margin_spec(torch.tensor([0, 1, 3]), 4).to(bound_device)
+    eps = torch.full((3,), 0.08, device=bound_device)
     bm = BoundedModule(model, x)
     with use_backend(backend):
         lb, ub = bm.compute_bounds(x, eps, norm=norm, C=C)
@@ -179,6 +197,34 @@ def test_residual_model_is_sound_and_per_node_bounds_hold(backend, norm):
                 assert bool((acts[path] >= lo).all() and (acts[path] <= hi).all()), path
     for h in hooks:
         h.remove()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BOUND_BACKENDS)
+@pytest.mark.parametrize("cudnn_benchmark", CUDNN_BENCHMARK)
+@pytest.mark.parametrize("method", ["IBP", "CROWN-IBP", "CROWN"])
+@pytest.mark.parametrize("sound", [False, True])
+def test_cuda_bounds_use_no_tf32_when_the_user_allows_it(backend, cudnn_benchmark, method, sound):
+    """No TF32 inside bound computations (DESIGN.md): with TF32 allowed by the user's flags (cuDNN's default),
+    every float32 matmul and convolution of a bound computation that reaches ATen runs with TF32 off, the bounds
+    equal those computed with TF32 disallowed (TF32 keeps 10 mantissa bits: ~1e-3 relative per product), and
+    the user's flags are as they were."""
+    skip_unavailable(backend, "cuda")
+    model = random_sequential(7).cuda()
+    x = torch.rand(4, 2, 6, 6).cuda()
+    C = margin_spec(torch.randint(0, 4, (4,)), 4).cuda()
+    bm = BoundedModule(model, x)
+    with use_backend(backend):
+        with cuda_settings(cudnn_benchmark, tf32=False):
+            want = bm.compute_bounds(x, 0.05, C=C, method=method, sound=sound)
+        with cuda_settings(cudnn_benchmark, tf32=True):
+            with Fp32GemmRecorder("cuda") as rec:
+                got = bm.compute_bounds(x, 0.05, C=C, method=method, sound=sound)
+            assert tf32_allowed() == (True, True)
+    assert rec.with_tf32() == [], f"TF32 allowed in the bound computation for {rec.with_tf32()}"
+    scale = float(want[1].abs().max() + want[0].abs().max())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=scale * 1e-5, rtol=1e-5)
 
 
 def test_fused_and_unfused_agree_and_all_nodes_reachable():
@@ -311,17 +357,19 @@ def test_robust_cross_entropy_matches_definition():
     torch.testing.assert_close(C[0], torch.tensor([[-1.0, 0, 1], [0, -1, 1]]))
 
 
-@pytest.mark.parametrize("backend", MODEL_BACKENDS)
-def test_l2_dual_norm_bound_is_exact_for_an_affine_model(backend):
+@pytest.mark.parametrize("backend, bound_device", MODEL_CASES, indirect=["bound_device"])
+def test_l2_dual_norm_bound_is_exact_for_an_affine_model(backend, bound_device):
     """Normalize -> Linear: the bound is eps * ||row of W diag(1/std)||_2 (exact); PGD gets within 1% of it,
     so the property tests' L2 attack can find a violation, and shrinking the bound by 2% is caught."""
+    skip_unavailable(backend, bound_device)
     model = nn.Sequential(robustkern.nn.Normalize([0.5, 0.5], [0.3, 0.6]), nn.Flatten(), nn.Linear(8, 3)).eval()
-    x = torch.rand(2, 2, 2, 2) * 0.5 + 0.25
-    C = margin_spec(torch.tensor([0, 2]), 3)
-    eps = torch.full((2,), 0.1)
+    model = model.to(bound_device)
+    x = (torch.rand(2, 2, 2, 2) * 0.5 + 0.25).to(bound_device)
+    C = margin_spec(torch.tensor([0, 2]), 3).to(bound_device)
+    eps = torch.full((2,), 0.1, device=bound_device)
     with use_backend(backend):
         lb, ub = BoundedModule(model, x).compute_bounds(x, eps, norm=2, C=C)
-    w = (C @ (model[2].weight / torch.tensor([0.3, 0.6]).repeat_interleave(4)))  # (B, S, 8)
+    w = (C @ (model[2].weight / torch.tensor([0.3, 0.6], device=bound_device).repeat_interleave(4)))  # (B, S, 8)
     z = spec_values(model, x, C)
     torch.testing.assert_close(ub - z, 0.1 * w.norm(dim=2), atol=1e-5, rtol=1e-4)
     assert count_violations(model, x, eps, 2, C, lb, ub) == 0

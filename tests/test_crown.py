@@ -1,6 +1,7 @@
 """CROWN-IBP and CROWN on whole models: agreement with an independent dense float64 implementation, soundness
 (random and PGD points, L-inf and L2, residual model), tightness against IBP, options, training loss,
-verified accuracy, bad input."""
+verified accuracy, bad input. The agreement and soundness tests also run on CUDA (marked gpu; the default
+backend, Triton; tests/_devices.py ``bound_device``: cudnn.benchmark off and on, TF32 disallowed)."""
 import math
 
 import pytest
@@ -10,7 +11,11 @@ from torch import nn
 from robustkern.bounds import (BoundedModule, crown_ibp_beta, crown_ibp_loss, margin_spec, robust_cross_entropy,
                                smoothed_eps, verified_accuracy)
 from robustkern.reference.crown import dense_crown
+import _devices
+from _devices import bound_device_params
 from test_bounds_ibp import Residual, count_violations, random_sequential, spec_values
+
+bound_device = _devices.bound_device  # the fixture
 
 METHODS = ["CROWN-IBP", "CROWN"]
 
@@ -26,19 +31,23 @@ def violations(model, x, eps, norm, C, lb, ub, **kw):
         model.float()
 
 
+@pytest.mark.parametrize("bound_device", bound_device_params(), indirect=True)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("seed", range(3))
-def test_matches_independent_dense_float64_crown(method, seed):
+def test_matches_independent_dense_float64_crown(method, seed, bound_device):
     model = random_sequential(seed)
     x = torch.rand(3, 2, 6, 6)
     C = margin_spec(torch.randint(0, 4, (3,)), 4)
     eps = 0.05
+    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    ref_lb, ref_ub = dense_crown(model.double(), lo.double(), hi.double(), C.double(), method=method.lower())
+    model.float()                                                       # the reference: float64 on the CPU
+    model, x, C = model.to(bound_device), x.to(bound_device), C.to(bound_device)
     bm = BoundedModule(model, x)
     lb, ub = bm.compute_bounds(x, eps, C=C, method=method, sound=False)
     slb, sub = bm.compute_bounds(x, eps, C=C, method=method, sound=True)
-    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
-    ref_lb, ref_ub = dense_crown(model.double(), lo.double(), hi.double(), C.double(), method=method.lower())
-    model.float()
+    assert lb.device == x.device
+    lb, ub, slb, sub = lb.cpu(), ub.cpu(), slb.cpu(), sub.cpu()
     scale = float(ref_ub.abs().max() + ref_lb.abs().max())
     torch.testing.assert_close(lb.double(), ref_lb, atol=scale * 1e-5, rtol=1e-5)
     torch.testing.assert_close(ub.double(), ref_ub, atol=scale * 1e-5, rtol=1e-5)
@@ -47,29 +56,32 @@ def test_matches_independent_dense_float64_crown(method, seed):
     assert bool((slb <= lb + scale * 1e-5).all() and (sub >= ub - scale * 1e-5).all())
 
 
+@pytest.mark.parametrize("bound_device", bound_device_params(), indirect=True)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("norm", [math.inf, 2])
 @pytest.mark.parametrize("seed", range(2))
-def test_no_point_leaves_the_bounds(method, norm, seed):
+def test_no_point_leaves_the_bounds(method, norm, seed, bound_device):
     torch.manual_seed(seed)
-    model = random_sequential(200 + seed)
-    x = torch.rand(4, 2, 6, 6)
-    C = margin_spec(torch.randint(0, 4, (4,)), 4)
-    eps = torch.tensor([0.0, 0.02, 0.1, 0.3]) * (3 if norm == 2 else 1)
+    model = random_sequential(200 + seed).to(bound_device)
+    x = torch.rand(4, 2, 6, 6).to(bound_device)
+    C = margin_spec(torch.randint(0, 4, (4,)), 4).to(bound_device)
+    eps = (torch.tensor([0.0, 0.02, 0.1, 0.3]) * (3 if norm == 2 else 1)).to(bound_device)
     lb, ub = BoundedModule(model, x).compute_bounds(x, eps, norm=norm, C=C, method=method)
     assert violations(model, x, eps, norm, C, lb, ub, samples=12, pgd_steps=10) == 0
 
 
+@pytest.mark.parametrize("bound_device", bound_device_params(), indirect=True)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("norm", [math.inf, 2])
-def test_residual_model_is_sound(method, norm):
+def test_residual_model_is_sound(method, norm, bound_device):
     model = Residual().eval()
     with torch.no_grad():
         model.bn1.running_var.uniform_(0.5, 2)
         model.bn1.running_mean.uniform_(-0.3, 0.3)
-    x = torch.rand(3, 1, 6, 6)
-    C = margin_spec(torch.tensor([0, 1, 3]), 4)
-    eps = torch.full((3,), 0.08 * (3 if norm == 2 else 1))
+    model = model.to(bound_device)
+    x = torch.rand(3, 1, 6, 6).to(bound_device)
+    C = margin_spec(torch.tensor([0, 1, 3]), 4).to(bound_device)
+    eps = torch.full((3,), 0.08 * (3 if norm == 2 else 1), device=bound_device)
     bm = BoundedModule(model, x)
     lb, ub = bm.compute_bounds(x, eps, norm=norm, C=C, method=method, crown_batch_size=20)
     assert violations(model, x, eps, norm, C, lb, ub, samples=12, pgd_steps=10) == 0

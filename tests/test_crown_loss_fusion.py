@@ -1,7 +1,9 @@
 """Loss fusion (``robustkern.bounds.loss_fusion``): the fused upper bound of the robust cross-entropy against an
 independent dense float64 implementation of the same relaxation, soundness (random and PGD points; float32 and
 float64; L-inf and L2), exactness at eps 0 and the exact optimum of a linear model, relation to the plain
-CROWN-IBP and IBP robust CE, the training loss's beta mixing, gradients, bad input."""
+CROWN-IBP and IBP robust CE, the training loss's beta mixing, gradients, bad input. The agreement and soundness
+tests also run on CUDA (marked gpu; tests/_devices.py ``bound_device``: cudnn.benchmark off and on, TF32
+disallowed)."""
 import math
 
 import pytest
@@ -12,7 +14,11 @@ from torch import nn
 from robustkern.bounds import BoundedModule, crown_ibp_loss, margin_spec, robust_cross_entropy
 from robustkern.bounds.loss_fusion import exp_chord_upper, fused_robust_ce_upper
 from robustkern.reference.crown import dense_crown
+import _devices
+from _devices import bound_device_params
 from test_bounds_ibp import Residual, project, random_sequential
+
+bound_device = _devices.bound_device  # the fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread avoids OpenMP stalls on shared cores
 
@@ -51,23 +57,26 @@ def dense_fused_bound(model, x, y, eps):
     return M[:, 0] + torch.log(torch.exp(-M[:, 0]) + d.sum(1) + U[:, 0])
 
 
+@pytest.mark.parametrize("bound_device", bound_device_params(), indirect=True)
 @pytest.mark.parametrize("seed", range(3))
-def test_matches_independent_dense_float64(seed):
+def test_matches_independent_dense_float64(seed, bound_device):
     model = mlp(seed)
     x, y = torch.rand(4, 2, 2, 2, dtype=torch.float64), torch.randint(0, 5, (4,))
-    bm = BoundedModule(model, x)
-    for eps in (0.05, 0.2):
-        ref = dense_fused_bound(model, x, y, eps)
-        got = fused_robust_ce_upper(bm, x, y, eps, sound=False)
-        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
-        sound = fused_robust_ce_upper(bm, x, y, eps, sound=True)
+    refs = {eps: dense_fused_bound(model, x, y, eps) for eps in (0.05, 0.2)}   # on the CPU
+    model, xd, yd = model.to(bound_device), x.to(bound_device), y.to(bound_device)
+    bm = BoundedModule(model, xd)
+    for eps, ref in refs.items():
+        got = fused_robust_ce_upper(bm, xd, yd, eps, sound=False)
+        assert got.device == xd.device
+        torch.testing.assert_close(got.cpu(), ref, rtol=1e-10, atol=1e-10)
+        sound = fused_robust_ce_upper(bm, xd, yd, eps, sound=True).cpu()
         assert bool((sound >= ref).all()) and float((sound - ref).detach().max()) < 1e-9
 
 
 def ce_violations(model, x, y, eps, norm, bound, samples=16, pgd_steps=15):
     """Points of the ball (random, and PGD ascending CE from a random start) where CE exceeds the bound."""
     shape = (-1,) + (1,) * (x.dim() - 1)
-    ev = torch.as_tensor(eps, dtype=x.dtype).expand(x.shape[0])
+    ev = torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(x.shape[0])
     viol = 0
     with torch.no_grad():
         for _ in range(samples):
@@ -89,13 +98,14 @@ def ce_violations(model, x, y, eps, norm, bound, samples=16, pgd_steps=15):
     return viol
 
 
+@pytest.mark.parametrize("bound_device", bound_device_params(), indirect=True)
 @pytest.mark.parametrize("method", ["CROWN-IBP", "CROWN", "IBP"])
 @pytest.mark.parametrize("norm", [math.inf, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sound_at_random_and_pgd_points(method, norm, dtype):
+def test_sound_at_random_and_pgd_points(method, norm, dtype, bound_device):
     for seed in range(2):
-        model = random_sequential(seed).to(dtype)
-        x, y = torch.rand(4, 2, 6, 6, dtype=dtype), torch.randint(0, 4, (4,))
+        model = random_sequential(seed).to(dtype).to(bound_device)
+        x, y = torch.rand(4, 2, 6, 6, dtype=dtype).to(bound_device), torch.randint(0, 4, (4,)).to(bound_device)
         bm = BoundedModule(model, x)
         eps = 0.05 if norm == math.inf else 0.3
         ub = fused_robust_ce_upper(bm, x, y, eps, norm, method=method)
@@ -105,9 +115,10 @@ def test_sound_at_random_and_pgd_points(method, norm, dtype):
         model.to(dtype)
 
 
-def test_sound_on_residual_model():
-    model = Residual().eval()
-    x, y = torch.rand(3, 1, 6, 6), torch.randint(0, 4, (3,))
+@pytest.mark.parametrize("bound_device", bound_device_params(), indirect=True)
+def test_sound_on_residual_model(bound_device):
+    model = Residual().eval().to(bound_device)
+    x, y = torch.rand(3, 1, 6, 6).to(bound_device), torch.randint(0, 4, (3,)).to(bound_device)
     ub = fused_robust_ce_upper(BoundedModule(model, x), x, y, 0.03)
     assert ce_violations(model.double(), x.double(), y, 0.03, math.inf, ub.double()) == 0
 

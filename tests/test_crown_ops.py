@@ -1,20 +1,19 @@
-"""CROWN ops (robustkern::crown_relu_backward, robustkern::crown_concretize): Triton (interpreted, tiny shapes),
-C++ (forward and the fused backward ops) and reference agree, opcheck, gradcheck in float64, the relaxation is valid, bad input."""
+"""CROWN ops (robustkern::crown_relu_backward, robustkern::crown_concretize): Triton (interpreted on the CPU with
+tiny shapes, compiled on CUDA when a GPU is present: tests/_devices.py), C++ (forward and the fused backward ops)
+and reference agree, opcheck, gradcheck in float64, the relaxation is valid, bad input."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from _devices import backend_device_params, device_params, sized, to
+from robustkern import use_backend
+from robustkern.ops import crown_concretize, crown_relu_backward
+from robustkern.reference import crown as R
+from robustkern.reference.crown import relu_relaxation
+from robustkern.testing import backends_for
 
-from robustkern import use_backend  # noqa: E402
-from robustkern.ops import crown_concretize, crown_relu_backward  # noqa: E402
-from robustkern.reference import crown as R  # noqa: E402
-from robustkern.reference.crown import relu_relaxation  # noqa: E402
-from robustkern.testing import backends_for  # noqa: E402
-
-BACKENDS = [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else [], id=b)
-            for b in backends_for("cpu") if b in ("reference", "cpp", "triton")]
+BACKENDS = backend_device_params("reference", "cpp", "triton")
 needs_cpp = pytest.mark.skipif("cpp" not in backends_for("cpu"), reason="the compiled extension is not available")
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
@@ -32,39 +31,43 @@ def make(B=2, S=3, N=37, dtype=torch.float64, seed=0):
     return A, lo, hi
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# N = 37: one block of the Triton kernels; on CUDA N = 2100 also loops over three blocks of 1024
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", [0, 1, 2, 3])
 @pytest.mark.parametrize("upper_side", [False, True])
-def test_relu_backward_matches_reference(backend, dtype, mode, upper_side):
-    A, lo, hi = make(dtype=dtype)
+def test_relu_backward_matches_reference(backend, device, dtype, mode, upper_side):
+    A, lo, hi = make(N=sized(device, 37, 2100), dtype=dtype)
     want = R.crown_relu_backward(A, lo, hi, mode, upper_side)
     with use_backend(backend):
-        got = crown_relu_backward(A, lo, hi, mode, upper_side)
+        got = crown_relu_backward(*to(device, A, lo, hi), mode, upper_side)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, **TOL[dtype])
+        assert g.device.type == device
+        torch.testing.assert_close(g.cpu(), w, **TOL[dtype])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("l2", [False, True])
 @pytest.mark.parametrize("upper_side", [False, True])
-def test_concretize_matches_reference(backend, dtype, l2, upper_side):
-    A, lo, hi = make(dtype=dtype)
+def test_concretize_matches_reference(backend, device, dtype, l2, upper_side):
+    A, lo, hi = make(N=sized(device, 37, 2100), dtype=dtype)
     bias = torch.randn(2, 3, dtype=dtype)
     mid, rad = (lo + hi) / 2, (hi - lo) / 2
     center, eps = (mid + 0.01, torch.tensor([0.3, 2.0], dtype=dtype)) if l2 else (None, None)
     want = R.crown_concretize(A, bias, mid, rad, center, eps, upper_side)
     with use_backend(backend):
-        got = crown_concretize(A, bias, mid, rad, center, eps, upper_side)
-    torch.testing.assert_close(got, want, **TOL[dtype])
+        got = crown_concretize(*to(device, A, bias, mid, rad, center, eps), upper_side)
+    assert got.device.type == device
+    torch.testing.assert_close(got.cpu(), want, **TOL[dtype])
 
 
-def test_relaxation_is_valid_and_bias_is_consistent():
-    A, lo, hi = make(N=200)
+@pytest.mark.parametrize("device", device_params())
+def test_relaxation_is_valid_and_bias_is_consistent(device):
+    A, lo, hi = to(device, *make(N=200))     # auto backend: C++ or the reference on the CPU, Triton on CUDA
     for mode in range(4):
         d_l, d_u, b_u = relu_relaxation(lo, hi, mode)
-        t = torch.rand(50, *lo.shape, dtype=lo.dtype)
+        t = torch.rand(50, *lo.shape, dtype=lo.dtype, device=device)
         z = lo + t * (hi - lo)
         assert bool((torch.relu(z) <= d_u * z + b_u + 1e-12).all())
         assert bool((torch.relu(z) >= d_l * z - 1e-12).all())

@@ -2,29 +2,35 @@
 softmax_curvature, softmax_curvature_backward, conv2d_input_grad, linear_input_grad) and
 robustkern.flatness.fused: every backend against the float64 reference, opcheck, gradcheck and gradgradcheck;
 input gradients, parameter gradients of ||grad_x CE||_p and the LFR ascent direction against PyTorch's double
-backprop (float64, tiny MLP and CNN with stride/padding); unsupported models refused with a reason."""
-import os
+backprop (float64, tiny MLP and CNN with stride/padding); unsupported models refused with a reason.
+The Triton kernels run interpreted on the CPU (tiny shapes), and compiled on CUDA when a GPU is present
+(tests/_devices.py), against the reference computed on the CPU."""
+import copy
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import gradcheck, gradgradcheck
+from torch.library import opcheck
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.autograd import gradcheck, gradgradcheck  # noqa: E402
-from torch.library import opcheck  # noqa: E402
+from _devices import backend_device_params, device_params, sized, to
+from robustkern import use_backend
+from robustkern.bounds.graph import UnsupportedLayerError
+from robustkern.flatness import fused
+from robustkern.ops import flatness as O
+from robustkern.reference import flatness_ops as R
 
-from robustkern import use_backend  # noqa: E402
-from robustkern.bounds.graph import UnsupportedLayerError  # noqa: E402
-from robustkern.flatness import fused  # noqa: E402
-from robustkern.ops import flatness as O  # noqa: E402
-from robustkern.reference import flatness_ops as R  # noqa: E402
-from robustkern.testing import backends_for  # noqa: E402
-
-BACKENDS = [pytest.param(b, marks=[pytest.mark.triton] if b == "triton" else [], id=b)
-            for b in backends_for("cpu") if b in ("reference", "triton")]
+BACKENDS = backend_device_params("reference", "triton")
 D = torch.float64
 TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float64: dict(atol=1e-13, rtol=1e-12)}
+# Compiled for a GPU, Triton evaluates fp32 tl.exp as ex2.approx and fp32 division as div.full (<= 2 ulp each;
+# PyTorch and the interpreter round to 1/2 ulp). softmax_curvature_backward cancels products |g a| ~ 10:
+# perturbing every exp and division of the fp32 reference formula by up to 2 ulp (uniformly, 300 draws) moved its
+# outputs up to 2e-6 from the float64 reference on these inputs, C = 1 ... 370 (2.2e-6 from the fp32 reference,
+# over TOL). So fp32 on CUDA is compared with the float64 reference at an atol of 4e-6. float64 (libdevice exp,
+# IEEE division) keeps TOL.
+CUDA_FP32_TOL = dict(atol=4e-6, rtol=1e-5)
 
 
 def _x(shape, dtype=D, seed=0):
@@ -34,15 +40,18 @@ def _x(shape, dtype=D, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------- ops
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("shape", [(3, 5, 7), (2, 8), (1,), (4, 3, 2, 3)])
-def test_relu_bits_layout_and_masked(backend, shape):
+def test_relu_bits_layout_and_masked(backend, device, shape):
+    shape = sized(device, shape, (shape[0] * 257,) + shape[1:])   # on CUDA: several blocks of the kernels
     x = _x(shape, torch.float32)
     g = _x(shape, torch.float32, seed=1)
     with use_backend(backend):
-        y, bits = O.relu_bits(x)
-        packed = O.relu_pack_mask(x)
-        masked = O.relu_masked(g, bits)
+        y, bits = O.relu_bits(x.to(device))
+        packed = O.relu_pack_mask(x.to(device))
+        masked = O.relu_masked(*to(device, g, bits))
+    assert {t.device.type for t in (y, bits, packed, masked)} == {device}
+    y, bits, packed, masked = (t.cpu() for t in (y, bits, packed, masked))
     flat = (x > 0).reshape(-1).tolist()
     assert bits.dtype == torch.uint8 and bits.shape == ((len(flat) + 7) // 8,)
     assert [(int(bits[i // 8]) >> (i % 8)) & 1 for i in range(len(flat))] == [int(f) for f in flat]
@@ -63,17 +72,27 @@ def test_relu_masked_empty_and_bad_bits():
         O.relu_bits(torch.ones(3, dtype=torch.int64))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("C", [1, 3, 10])
-def test_softmax_ops_match_reference(backend, dtype, C):
+def test_softmax_ops_match_reference(backend, device, dtype, C):
+    C = sized(device, C, 37 * C)                                    # on CUDA: rows of up to 370 classes
     z, v, g = (_x((5, C), dtype, seed=s) * 3 for s in range(3))
     y = torch.randint(0, C, (5,), generator=torch.Generator().manual_seed(4))
     want = (R.softmax_ce_grad(z, y), R.softmax_curvature(z, v), R.softmax_curvature_backward(z, v, g))
+    zd, vd, gd, yd = to(device, z, v, g, y)
     with use_backend(backend):
-        got = (O.softmax_ce_grad(z, y), O.softmax_curvature(z, v), O.softmax_curvature_backward(z, v, g))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, **TOL[dtype])
+        got = (O.softmax_ce_grad(zd, yd), O.softmax_curvature(zd, vd), O.softmax_curvature_backward(zd, vd, gd))
+    fast_math = device == "cuda" and dtype == torch.float32
+    if fast_math:  # against the float64 reference of the same inputs, at CUDA_FP32_TOL (see there)
+        z64, v64, g64 = z.double(), v.double(), g.double()
+        ref64 = (R.softmax_ce_grad(z64, y), R.softmax_curvature(z64, v64), R.softmax_curvature_backward(z64, v64, g64))
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.device.type == device and a.dtype == dtype
+        if fast_math:
+            torch.testing.assert_close(a.cpu().double(), ref64[i], **CUDA_FP32_TOL)
+        else:
+            torch.testing.assert_close(a.cpu(), b, **TOL[dtype])
     # the reference states the calculus: the CE gradient and its Hessian-vector product, via autograd
     zz = z.detach().to(D).requires_grad_(True)
     ce_grad, = torch.autograd.grad(F.cross_entropy(zz, y, reduction="sum"), zz, create_graph=True)
@@ -84,9 +103,9 @@ def test_softmax_ops_match_reference(backend, dtype, C):
     torch.testing.assert_close(want[2].to(D), third, **TOL[dtype])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("masked", [False, True])
-def test_layer_input_grads_match_autograd(backend, masked):
+def test_layer_input_grads_match_autograd(backend, device, masked):
     a = _x((2, 3, 7, 6))
     bits = R.relu_pack_mask(a) if masked else None
     x_in = (a.relu() if masked else a).requires_grad_(True)
@@ -99,10 +118,11 @@ def test_layer_input_grads_match_autograd(backend, masked):
     w2, g2 = _x((4, 6), seed=4), _x((5, 4), seed=5)
     want2 = (g2 @ w2) * ((a2 > 0) if masked else 1)
     with use_backend(backend):
-        got = O.conv2d_input_grad(g, w, bits, a.shape, 2, 1)
-        got2 = O.linear_input_grad(g2, w2, bits2)
-    torch.testing.assert_close(got, want, **TOL[D])
-    torch.testing.assert_close(got2, want2, **TOL[D])
+        got = O.conv2d_input_grad(*to(device, g, w, bits), a.shape, 2, 1)
+        got2 = O.linear_input_grad(*to(device, g2, w2, bits2))
+    assert got.device.type == got2.device.type == device
+    torch.testing.assert_close(got.cpu(), want, **TOL[D])
+    torch.testing.assert_close(got2.cpu(), want2, **TOL[D])
 
 
 def _op_cases():
@@ -223,40 +243,50 @@ def _model(kind):
     return _model_rgb(kind)
 
 
+def _on(device, m, x, y):
+    """A copy of the model, and the batch, on ``device`` (the reference keeps the CPU originals)."""
+    return (copy.deepcopy(m).to(device),) + to(device, x, y)
+
+
+# On CUDA the fused path's ops (``auto``) run the compiled Triton kernels, in float64; the reference is PyTorch's
+# double backprop on the CPU.
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("impl", ["ops", "step"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "grey"])
 @pytest.mark.parametrize("p", [1, 2])
-def test_input_gradient_and_double_backward_match_torch(kind, p, impl):
+def test_input_gradient_and_double_backward_match_torch(kind, p, impl, device):
     m, x, y = _model(kind)
     assert fused.supports(m)
     z_t, g_t, _ = _torch_grad(m, x, y)
-    z_f, g_f = fused.input_gradient(m, x, y, create_graph=True, impl=impl)
-    torch.testing.assert_close(z_f, z_t, **TOL[D])
-    torch.testing.assert_close(g_f, g_t, **TOL[D])
+    md, xd, yd = _on(device, m, x, y)
+    z_f, g_f = fused.input_gradient(md, xd, yd, create_graph=True, impl=impl)
+    assert z_f.device.type == g_f.device.type == device
+    torch.testing.assert_close(z_f.cpu(), z_t, **TOL[D])
+    torch.testing.assert_close(g_f.cpu(), g_t, **TOL[D])
     assert g_f.abs().max() > 0
-    params = list(m.parameters())
     pen_t = F.cross_entropy(z_t, y) + g_t.flatten(1).norm(p=p, dim=1).sum()
-    pen_f = F.cross_entropy(z_f, y) + g_f.flatten(1).norm(p=p, dim=1).sum()
-    want = torch.autograd.grad(pen_t, params)
-    got = torch.autograd.grad(pen_f, params)
+    pen_f = F.cross_entropy(z_f, yd) + g_f.flatten(1).norm(p=p, dim=1).sum()
+    want = torch.autograd.grad(pen_t, list(m.parameters()))
+    got = torch.autograd.grad(pen_f, list(md.parameters()))
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, **TOL[D])
-    _, g0 = fused.input_gradient(m, x, y, create_graph=False, impl=impl)
+        torch.testing.assert_close(a.cpu(), b, **TOL[D])
+    _, g0 = fused.input_gradient(md, xd, yd, create_graph=False, impl=impl)
     assert g0.grad_fn is None
-    torch.testing.assert_close(g0, g_t.detach(), **TOL[D])
+    torch.testing.assert_close(g0.cpu(), g_t.detach(), **TOL[D])
 
 
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("impl", ["ops", "step"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "grey"])
 @pytest.mark.parametrize("p", [1, 2])
-def test_lfr_ascent_direction_matches_double_backprop(kind, p, impl):
+def test_lfr_ascent_direction_matches_double_backprop(kind, p, impl, device):
     m, x, y = _model(kind)
     _, g, xx = _torch_grad(m, x, y)
     want, = torch.autograd.grad(g.flatten(1).norm(p=p, dim=1).sum(), xx)
-    got = fused.lfr_ascent_direction(m, x, y, p=p, impl=impl)
-    assert got.grad_fn is None
+    got = fused.lfr_ascent_direction(*_on(device, m, x, y), p=p, impl=impl)
+    assert got.grad_fn is None and got.device.type == device
     assert want.abs().max() > 0
-    torch.testing.assert_close(got, want, **TOL[D])
+    torch.testing.assert_close(got.cpu(), want, **TOL[D])
 
 
 @pytest.mark.parametrize("impl", ["ops", "step"])

@@ -1,18 +1,16 @@
 """Triton interval (IBP) kernels against the reference (robustkern.reference.interval).
 
-Runs the kernels in Triton's CPU interpreter (TRITON_INTERPRET=1, set before the kernels are defined) on tiny
-shapes, or on CUDA when the interpreter is off and a GPU is present. Checks, for float32 and float64:
+Runs the kernels in Triton's CPU interpreter on tiny shapes when there is no GPU (tests/conftest.py then sets
+TRITON_INTERPRET=1 before any kernel is defined; no test module sets it), or compiled on CUDA when a GPU is
+present. Checks, for float32 and float64:
 the centre matches the reference; the radius matches it and is never smaller beyond rounding; and, for
 ``sound=True`` in float32, that the returned real box contains the float64 reference box computed from the
 same (float32-valued) inputs: the floating-point soundness property.
 """
 import inspect
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 

@@ -1,6 +1,7 @@
 """MACER (Zhai et al. ICLR 2020): the fused tail op robustkern::macer_tail against its float64 reference on every
-backend (values, gradients, opcheck), macer_loss against the transcription of the original, bad input, and a
-training check on the digits data (MACER certifies a larger average radius than Gaussian augmentation)."""
+backend (values, gradients, opcheck; Triton interpreted on the CPU, or compiled on CUDA when a GPU is present:
+tests/_devices.py), macer_loss against the transcription of the original, bad input, and a training check on
+the digits data (MACER certifies a larger average radius than Gaussian augmentation)."""
 import copy
 import math
 
@@ -12,8 +13,9 @@ from torch import nn
 from robustkern.ops import macer_tail
 from robustkern.reference import macer as ref
 from robustkern.smoothing import macer_loss, macer_train
-from robustkern.testing import backend, backend_params as _all_backend_params
+from robustkern.testing import backend
 
+from _devices import backend_device_params, sized, to
 from _digits import digits, mlp
 
 B, K, C = 5, 3, 7
@@ -21,8 +23,9 @@ SIGMA, GAMMA, BETA = 0.25, 8.0, 16.0
 
 
 def backend_params():
-    """The backends with a macer_tail implementation here (no compiled kernel: reference and Triton)."""
-    return [p for p in _all_backend_params() if p.values[0] in ("reference", "triton")]
+    """(backend, device) pairs with a macer_tail implementation here (no compiled kernel: the reference on the
+    CPU, Triton interpreted on the CPU or compiled on CUDA). The references are computed on the CPU."""
+    return backend_device_params("reference", "triton")
 
 
 def _logits(b=B, k=K, c=C, scale=0.15, seed=0, dtype=torch.float64):
@@ -51,8 +54,10 @@ def test_reference_tail_equals_the_original_terms():
         assert torch.all(rl[~kept] == 0) and torch.all(rl[kept] > 0)
 
 
-def test_ndtri_accuracy():
-    """The kernels' fp32 AS241 Phi^-1 against scipy's float64 ndtri over (1e-38, 1)."""
+@pytest.mark.parametrize("bk, device", backend_device_params("triton"))
+def test_ndtri_accuracy(bk, device):
+    """The kernels' fp32 AS241 Phi^-1 (interpreted on the CPU, compiled on CUDA) against scipy's float64 ndtri
+    over (1e-38, 1)."""
     sp = pytest.importorskip("scipy.special")
     from robustkern.kernels.macer import ndtri
 
@@ -60,23 +65,25 @@ def test_ndtri_accuracy():
     p = torch.cat([torch.rand(3000, generator=g), 10 ** (-38 * torch.rand(3000, generator=g)),
                    1 - torch.rand(500, generator=g) * 1e-6, torch.tensor([0.5, 0.075, 0.925, 1e-30])]).float()
     p = p[(p > 0) & (p < 1)]
-    got = ndtri(p).double()
+    got = ndtri(p.to(device)).double().cpu()
     want = torch.from_numpy(sp.ndtri(p.double().numpy()))
     err = (got - want).abs()
     assert float((err / want.abs().clamp_min(1e-3)).max()) < 1e-6, float(err.max())
-    assert torch.equal(ndtri(torch.tensor([0.0, 1.0])), torch.tensor([-math.inf, math.inf]))
+    assert torch.equal(ndtri(torch.tensor([0.0, 1.0], device=device)).cpu(), torch.tensor([-math.inf, math.inf]))
 
 
 # ------------------------------------------------------------------------------------------------ op values
-@pytest.mark.parametrize("bk", backend_params())
-def test_tail_matches_float64_reference(bk):
-    z, y = _logits()
+@pytest.mark.parametrize("bk, device", backend_params())
+def test_tail_matches_float64_reference(bk, device):
+    z, y = _logits(b=sized(device, B, 300))
     want_cl, want_rl = ref.macer_tail(z, y, BETA, GAMMA, SIGMA)
     f32_cl, f32_rl = ref.macer_tail(z.float(), y, BETA, GAMMA, SIGMA)      # PyTorch's own fp32 error
     for dtype in (torch.float32, torch.float64):
         with backend(bk):
-            cl, rl = macer_tail(z.to(dtype), y, beta=BETA, gamma=GAMMA, sigma=SIGMA)
+            cl, rl = macer_tail(*to(device, z.to(dtype), y), beta=BETA, gamma=GAMMA, sigma=SIGMA)
         assert cl.dtype == rl.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert cl.device.type == rl.device.type == device
+        cl, rl = cl.cpu(), rl.cpu()
         exact = dtype == torch.float64 and bk == "reference"
         for got, want, own in ((cl, want_cl, f32_cl), (rl, want_rl, f32_rl)):
             if exact:
@@ -86,18 +93,19 @@ def test_tail_matches_float64_reference(bk):
                 assert torch.all((got.double() - want).abs() <= bound), (got, want)
 
 
-@pytest.mark.parametrize("bk", backend_params())
-def test_tail_grads_match_reference(bk):
-    z, y = _logits()
+@pytest.mark.parametrize("bk, device", backend_params())
+def test_tail_grads_match_reference(bk, device):
+    b = sized(device, B, 300)
+    z, y = _logits(b=b)
     g = torch.Generator().manual_seed(1)
-    g_cl, g_rl = torch.randn(B, generator=g, dtype=torch.float64), torch.randn(B, generator=g, dtype=torch.float64)
+    g_cl, g_rl = torch.randn(b, generator=g, dtype=torch.float64), torch.randn(b, generator=g, dtype=torch.float64)
     want = ref.macer_tail_backward(g_cl, g_rl, z, y, BETA, GAMMA, SIGMA)
-    zf = z.float().requires_grad_()
+    zf = z.float().to(device).requires_grad_()
     with backend(bk):
-        cl, rl = macer_tail(zf, y, beta=BETA, gamma=GAMMA, sigma=SIGMA)
-        (cl * g_cl.float() + rl * g_rl.float()).sum().backward()
-    assert zf.grad.dtype == torch.float32
-    torch.testing.assert_close(zf.grad.double(), want, rtol=1e-4, atol=1e-5)
+        cl, rl = macer_tail(zf, y.to(device), beta=BETA, gamma=GAMMA, sigma=SIGMA)
+        (cl * g_cl.float().to(device) + rl * g_rl.float().to(device)).sum().backward()
+    assert zf.grad.dtype == torch.float32 and zf.grad.device.type == device
+    torch.testing.assert_close(zf.grad.double().cpu(), want, rtol=1e-4, atol=1e-5)
 
 
 def test_reference_backward_is_the_derivative():
@@ -121,21 +129,21 @@ def test_reference_backward_equals_autograd_of_the_original():
     torch.testing.assert_close(got, zz.grad, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("bk", backend_params())
-def test_opcheck(bk):
-    z, y = _logits(b=3, k=2, c=4, dtype=torch.float32)
+@pytest.mark.parametrize("bk, device", backend_params())
+def test_opcheck(bk, device):
+    z, y = to(device, *_logits(b=3, k=2, c=4, dtype=torch.float32))
     with backend(bk):
         for cache in (False, True):
             torch.library.opcheck(torch.ops.robustkern.macer_tail.default,
                                   (z.clone().requires_grad_(), y, BETA, GAMMA, SIGMA, cache))
             _, _, coef, i2, s, t = torch.ops.robustkern.macer_tail(z, y, BETA, GAMMA, SIGMA, cache)
             torch.library.opcheck(torch.ops.robustkern.macer_tail_backward.default,
-                                  (torch.rand(3), torch.rand(3), z, y, i2, coef, s, t, BETA))
+                                  (*to(device, torch.rand(3), torch.rand(3)), z, y, i2, coef, s, t, BETA))
 
 
-@pytest.mark.parametrize("bk", backend_params())
+@pytest.mark.parametrize("bk, device", backend_params())
 @pytest.mark.parametrize("cache", [False, True])
-def test_saved_coefficients_give_the_closed_form_backward(bk, cache):
+def test_saved_coefficients_give_the_closed_form_backward(bk, device, cache):
     """The forward op's saved (B, 3) coefficients and runner-up index (and, with ``cache``, the per-copy
     softmaxes), turned into the gradient by the backward op, equal the closed-form backward computed from the
     logits alone (float64 reference), kept and dropped examples both present."""
@@ -151,61 +159,67 @@ def test_saved_coefficients_give_the_closed_form_backward(bk, cache):
         torch.testing.assert_close(t64, torch.softmax(BETA * z, 2), rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(ref.macer_tail_bwd(g_cl, g_rl, z, y, i64, c64, s64, t64, BETA), want, rtol=1e-12,
                                atol=1e-14)
+    zd, yd, gd_cl, gd_rl = to(device, z.float(), y, g_cl.float(), g_rl.float())
     with backend(bk):
-        cl, rl, coef, i2, s, t = torch.ops.robustkern.macer_tail(z.float(), y, BETA, GAMMA, SIGMA, cache)
-        got = torch.ops.robustkern.macer_tail_backward(g_cl.float(), g_rl.float(), z.float(), y, i2, coef, s, t,
-                                                       BETA)
+        cl, rl, coef, i2, s, t = torch.ops.robustkern.macer_tail(zd, yd, BETA, GAMMA, SIGMA, cache)
+        got = torch.ops.robustkern.macer_tail_backward(gd_cl, gd_rl, zd, yd, i2, coef, s, t, BETA)
+    assert got.device.type == coef.device.type == device
+    got, coef, i2 = got.cpu(), coef.cpu(), i2.cpu()
     assert coef.shape == (16, 3) and i2.dtype == torch.int64
     assert torch.equal(i2[kept], i64[kept]) and torch.all(coef[~kept, 1:] == 0)
     torch.testing.assert_close(coef.double(), c64, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("bk", backend_params())
-def test_many_classes_loop_over_copies(bk):
+@pytest.mark.parametrize("bk, device", backend_params())
+def test_many_classes_loop_over_copies(bk, device):
     """C = 1500: the kernel holds 2048 columns and reads the k = 5 copies two rows at a time (three blocks)."""
     z, y = _logits(b=2, k=5, c=1500, scale=0.05, dtype=torch.float32)
     g = torch.tensor([0.7, -1.3])
     want = ref.macer_tail(z.double(), y, BETA, GAMMA, SIGMA)
     want_grad = ref.macer_tail_backward(g.double(), 2 * g.double(), z.double(), y, BETA, GAMMA, SIGMA)
-    zz = z.clone().requires_grad_()
+    zz = z.clone().to(device).requires_grad_()
     with backend(bk):
-        cl, rl = macer_tail(zz, y, beta=BETA, gamma=GAMMA, sigma=SIGMA)
-        (cl * g + rl * 2 * g).sum().backward()
+        cl, rl = macer_tail(zz, y.to(device), beta=BETA, gamma=GAMMA, sigma=SIGMA)
+        (cl * g.to(device) + rl * 2 * g.to(device)).sum().backward()
     assert int(_kept(z.double(), y).sum()) >= 1
+    assert cl.device.type == zz.grad.device.type == device
     for a, w in zip((cl, rl), want):
-        torch.testing.assert_close(a.double(), w, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(zz.grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.double().cpu(), w, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(zz.grad.double().cpu(), want_grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("bk", backend_params())
-def test_odd_shapes_noncontiguous_and_empty(bk):
+@pytest.mark.parametrize("bk, device", backend_params())
+def test_odd_shapes_noncontiguous_and_empty(bk, device):
     z, y = _logits(b=4, k=5, c=11, dtype=torch.float32)
-    zt = z.transpose(0, 1).contiguous().transpose(0, 1)               # (4, 5, 11), non-contiguous
+    zd, yd = to(device, z, y)
+    zt = zd.transpose(0, 1).contiguous().transpose(0, 1)              # (4, 5, 11), non-contiguous
     assert not zt.is_contiguous()
     want = ref.macer_tail(z.double(), y, BETA, GAMMA, SIGMA)
     with backend(bk):
-        got = macer_tail(zt, y, beta=BETA, gamma=GAMMA, sigma=SIGMA)
-        empty = macer_tail(torch.zeros(0, 3, 4), torch.zeros(0, dtype=torch.int64))
-        single = macer_tail(z[:, :1], y, beta=BETA, gamma=GAMMA, sigma=SIGMA)   # k = 1
+        got = macer_tail(zt, yd, beta=BETA, gamma=GAMMA, sigma=SIGMA)
+        empty = macer_tail(*to(device, torch.zeros(0, 3, 4), torch.zeros(0, dtype=torch.int64)))
+        single = macer_tail(zd[:, :1], yd, beta=BETA, gamma=GAMMA, sigma=SIGMA)   # k = 1
     for a, w in zip(got, want):
-        torch.testing.assert_close(a.double(), w, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.double().cpu(), w, rtol=1e-4, atol=1e-5)
     assert empty[0].shape == (0,) and empty[1].shape == (0,)
     for a, w in zip(single, ref.macer_tail(z[:, :1].double(), y, BETA, GAMMA, SIGMA)):
-        torch.testing.assert_close(a.double(), w, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.double().cpu(), w, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ edge cases
-@pytest.mark.parametrize("bk", backend_params())
-def test_no_example_kept_gives_zero_robustness_and_gradient(bk):
+@pytest.mark.parametrize("bk, device", backend_params())
+def test_no_example_kept_gives_zero_robustness_and_gradient(bk, device):
     z, y = _logits(dtype=torch.float32)
     wrong = (y + 1) % C                                                # the label is never top-1
     z = z.clone()
     z[torch.arange(B), :, wrong] += 1.0
+    z, y = to(device, z, y)
     zz = z.requires_grad_()
     with backend(bk):
         cl, rl = macer_tail(zz, y, beta=BETA, gamma=GAMMA, sigma=SIGMA)
         rl.sum().backward()
+    assert rl.device.type == zz.grad.device.type == device
     assert torch.all(rl == 0) and torch.all(zz.grad == 0)
     assert torch.all(cl > 0)
     with backend(bk):                                                  # gamma = 0: the hinge keeps nothing
@@ -213,8 +227,8 @@ def test_no_example_kept_gives_zero_robustness_and_gradient(bk):
     assert torch.all(rl0 == 0)
 
 
-@pytest.mark.parametrize("bk", backend_params())
-def test_saturated_and_near_one_probabilities(bk):
+@pytest.mark.parametrize("bk, device", backend_params())
+def test_saturated_and_near_one_probabilities(bk, device):
     """p1 = 1 in fp32 (Phi^-1 infinite: dropped, finite gradient), p1 near 1 but xi <= gamma (kept), a
     confident but wrong example."""
     z = torch.zeros(3, 2, 4)
@@ -223,10 +237,12 @@ def test_saturated_and_near_one_probabilities(bk):
     z[1, :, 1] = 0.25             # q1 ~ 0.95: kept, xi ~ 3.2
     z[1, :, 3] = 0.05
     z[2, :, 3] = 5.0              # wrong
-    zz = z.clone().requires_grad_()
+    zz = z.clone().to(device).requires_grad_()
     with backend(bk):
-        cl, rl = macer_tail(zz, y, beta=BETA, gamma=GAMMA, sigma=SIGMA)
+        cl, rl = macer_tail(zz, y.to(device), beta=BETA, gamma=GAMMA, sigma=SIGMA)
         (cl.sum() + rl.sum()).backward()
+    assert rl.device.type == zz.grad.device.type == device
+    cl, rl = cl.cpu(), rl.cpu()
     want_cl, want_rl = ref.macer_tail(z.double(), y, BETA, GAMMA, SIGMA)
     assert rl[0] == 0 and rl[2] == 0 and rl[1] > 0
     torch.testing.assert_close(rl.double(), want_rl, rtol=1e-4, atol=1e-5)
@@ -237,8 +253,8 @@ def test_saturated_and_near_one_probabilities(bk):
     torch.testing.assert_close(rl_o.double(), want_rl.sum(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("bk", backend_params())
-def test_exact_tie_goes_to_the_label(bk):
+@pytest.mark.parametrize("bk, device", backend_params())
+def test_exact_tie_goes_to_the_label(bk, device):
     """beta z saturates the softmax, so q_bar is a multiple of 1/k and exact ties are common: the op counts a
     tie between the label and another class as correctly classified (xi = 0, rl = sigma/2 gamma); the
     original's torch.topk orders ties arbitrarily."""
@@ -247,8 +263,9 @@ def test_exact_tie_goes_to_the_label(bk):
     z[:, 1, 3] = 10.0                                                   # q_bar = (0, 1/2, 0, 1/2, 0)
     y = torch.tensor([1, 3])
     with backend(bk):
-        _, rl = macer_tail(z, y, beta=BETA, gamma=GAMMA, sigma=SIGMA)
-    torch.testing.assert_close(rl, torch.full((2,), SIGMA / 2 * GAMMA))
+        _, rl = macer_tail(*to(device, z, y), beta=BETA, gamma=GAMMA, sigma=SIGMA)
+    assert rl.device.type == device
+    torch.testing.assert_close(rl.cpu(), torch.full((2,), SIGMA / 2 * GAMMA))
 
 
 def test_tail_bad_input():
@@ -336,13 +353,13 @@ def test_macer_loss_bad_input():
 
 
 
-@pytest.mark.parametrize("bk", backend_params())
-def test_macer_loss_without_value_checks_is_identical_on_valid_input(bk):
+@pytest.mark.parametrize("bk, device", backend_params())
+def test_macer_loss_without_value_checks_is_identical_on_valid_input(bk, device):
     """check_values=False changes nothing on valid input: the same loss terms and parameter gradients, bit for
     bit, from explicit noise and from counter-based noise; and macer_train passes it on (same weights)."""
-    x, _, noise = _batch(n=4, k=2)
+    x, _, noise = to(device, *_batch(n=4, k=2))
     torch.manual_seed(0)
-    model = mlp()
+    model = mlp().to(device)
     with torch.no_grad():
         y = model(x).argmax(1)                              # labels the model gets right: kept examples
     with backend(bk):
@@ -361,8 +378,8 @@ def test_macer_loss_without_value_checks_is_identical_on_valid_input(bk):
     trained = []
     for check in (True, False):
         m = copy.deepcopy(model)
-        r = macer_train(0.25, 3.0, 2, BETA, GAMMA, 10, m, loader, torch.optim.SGD(m.parameters(), lr=0.1), "cpu",
-                        generator=torch.Generator().manual_seed(2), check_values=check)
+        r = macer_train(0.25, 3.0, 2, BETA, GAMMA, 10, m, loader, torch.optim.SGD(m.parameters(), lr=0.1), device,
+                        generator=torch.Generator(device).manual_seed(2), check_values=check)
         trained.append((r, m))
     assert trained[0][0] == trained[1][0]
     for p, q in zip(trained[0][1].parameters(), trained[1][1].parameters()):
@@ -392,14 +409,14 @@ class _HostSync(Exception):
     pass
 
 
-@pytest.mark.parametrize("bk", backend_params())
-def test_macer_loss_without_value_checks_reads_no_tensor_value(bk, monkeypatch):
+@pytest.mark.parametrize("bk, device", backend_params())
+def test_macer_loss_without_value_checks_reads_no_tensor_value(bk, device, monkeypatch):
     """With check_values=False, macer_loss reads no tensor value on the host: Tensor.item / __bool__ / __int__ /
     __float__ / tolist (the ways a check syncs) raise while it runs, forward and backward (noise given; with
     the counter-based noise too on Triton). The same patch
     catches the default call's checks, so the test would notice a check that sneaks back."""
-    x, y, noise = _batch(n=4, k=2)
-    model = mlp()
+    x, y, noise = to(device, *_batch(n=4, k=2))
+    model = mlp().to(device)
 
     def sync(self, *args, **kwargs):
         raise _HostSync("a tensor value was read on the host")

@@ -7,7 +7,10 @@ import torch
 from robustkern import _ext
 from robustkern.ops import smoothing_noise
 from robustkern.reference import smoothing as ref
-from robustkern.testing import backend, backend_params
+from robustkern.testing import backend
+
+from _devices import backend_device_params, to
+from test_smoothing_ops import assert_noise_is_reference
 
 PATHS = ["vector", "portable"]
 
@@ -77,19 +80,23 @@ def test_block_layout_and_independence():
     assert float((r2 > 2 * 2.302585).double().mean()) == pytest.approx(0.1, abs=0.004)
 
 
-@pytest.mark.parametrize("bk", backend_params())
-def test_channels_last_input_gives_channels_last_output(bk):
+@pytest.mark.parametrize("bk, device", backend_device_params())
+def test_channels_last_input_gives_channels_last_output(bk, device):
     """A channels-last x gives a channels-last output on every backend (the C++ kernel writes it directly),
-    with the same values as the NCHW reference; opcheck checks the fake tensor's strides."""
+    with the same values as the NCHW reference (on CUDA up to the contraction of x + sigma z, as in
+    test_smoothing_ops.py); opcheck checks the fake tensor's strides."""
     x = torch.rand(2, 3, 5, 7).contiguous(memory_format=torch.channels_last)
     src = torch.tensor([0, 1, 1])
     counter = torch.tensor([[0, 1, 2], [1, 2, 3], [5, 6, 2 ** 32 - 1]])
     mean, std = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.5, 0.6, 0.7])
+    xd, srcd, counterd = to(device, x, src, counter)
+    assert xd.is_contiguous(memory_format=torch.channels_last)
     with backend(bk):
         for m, s in ((None, None), (mean, std)):
-            got = smoothing_noise(x, src, counter, 3, 0.3, mean=m, std=s)
-            want = ref.smoothing_noise(x.contiguous(), src, counter, torch.tensor([3]), 0.3, m, s, torch.float32)
-            assert torch.equal(got, want) and not got.is_contiguous()
-            assert got.is_contiguous(memory_format=torch.channels_last)
+            got = smoothing_noise(xd, srcd, counterd, 3, 0.3, mean=to(device, m)[0], std=to(device, s)[0])
+            assert not got.is_contiguous() and got.is_contiguous(memory_format=torch.channels_last)
+            assert_noise_is_reference(got, device, x.contiguous(), src, counter, torch.tensor([3]), 0.3, m, s,
+                                      torch.float32)
         torch.library.opcheck(torch.ops.robustkern.smoothing_noise.default,
-                              (x, src, counter, torch.tensor([3]), 0.3, mean, std, torch.bfloat16))
+                              (xd, srcd, counterd, torch.tensor([3], device=device), 0.3, *to(device, mean, std),
+                               torch.bfloat16))
