@@ -343,25 +343,14 @@ def test_training_mode_batchnorm_and_bad_arguments():
         fused.lfr_ascent_direction(m, x, y, p=3)
 
 
-@pytest.mark.parametrize("shape", [(3, 2, 4, 7, 3, 2, 1), (2, 3, 5, 9, 4, 3, 2), (2, 2, 3, 8, 4, 2, 0),
-                                   (1, 2, 2, 5, 2, 3, 0)])
-def test_conv_t_phases_equals_transposed_convolution(shape):
-    from robustkern.flatness.fused_step import conv_t_phases
-
-    b, ci, co, h, k, s, p = shape
-    x, w = _x((b, ci, h, h + 1)), _x((co, ci, k, k), seed=1)
-    g = _x(F.conv2d(x, w, None, s, p).shape, seed=2)
-    want = torch.ops.aten.convolution_backward(g, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], 1,
-                                               [True, False, False])[0]
-    torch.testing.assert_close(conv_t_phases(g, w, x.shape, (s, s), (p, p)), want, **TOL[D])
-
-
+@pytest.mark.parametrize("strided_cl", [True, False])
 @pytest.mark.parametrize("kind", ["cnn", "grey"])
-def test_step_kernel_choices_match_torch(kind, monkeypatch):
-    """Every kernel choice of the step (phases for all strided layers, no fold) still equals double backprop."""
+def test_step_kernel_choices_match_torch(kind, strided_cl, monkeypatch):
+    """The strided layers of these models take the fold by default; without it they run the channels-last
+    transposed convolution (strided_cl) or ATen's NCHW one: every choice still equals double backprop."""
     from robustkern.flatness import fused_step
 
-    monkeypatch.setattr(fused_step, "PHASES_MIN_PIXELS", 0)
+    monkeypatch.setattr(fused_step, "STRIDED_CHANNELS_LAST", strided_cl)
     monkeypatch.setattr(fused_step, "FOLD_MAX_IN", 0)
     m, x, y = _model(kind)
     _, g_t, xx = _torch_grad(m, x, y)

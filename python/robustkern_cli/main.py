@@ -44,6 +44,14 @@ def _config_from(args, base_cfg=None) -> dict:
                        fill_defaults=_fill_all, base_cfg=base_cfg)
 
 
+def _keep_freed_memory() -> bool:
+    """The command's CPU work allocates the same tensor sizes every step: keep freed memory in the process so
+    that pages are not faulted in and zeroed again each step (robustkern.cpu_malloc; off with
+    ROBUSTKERN_KEEP_FREED_MEMORY=0)."""
+    from robustkern import cpu_malloc
+    return cpu_malloc.enabled_by_env() and cpu_malloc.keep_freed_memory()
+
+
 def _progress(args) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
@@ -515,6 +523,7 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     if args.threads:
         torch.set_num_threads(args.threads)
+    _keep_freed_memory()
     try:
         return int(args.func(args) or EXIT_OK)
     except ConfigError as exc:

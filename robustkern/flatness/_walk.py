@@ -136,16 +136,15 @@ def forward(nodes: list[BoundNode], x: Tensor, layer: Callable[[BoundNode, Tenso
 
 
 def transpose(nodes: list[BoundNode], seed: Tensor, vjp: Callable[[BoundNode, Tensor], tuple[str, Tensor]],
-              shapes: dict, on_node: Callable[[BoundNode, Tensor], None] | None = None, skip=frozenset(),
-              layout: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
+              shapes: dict, on_node: Callable[[BoundNode, Tensor], None] | None = None,
+              skip=frozenset()) -> Tensor | None:
     """``J^T seed`` from the output node back to the input node (None if no gradient reaches it).
 
     ``vjp(n, g)`` -> ``(name, gradient)``: a layer node's transposed map of its output gradient ``g``, and the
     node that receives it (the layer's input, or the input of a node the layer absorbs, such as a ReLU whose
     mask it applies; an absorbed node then receives no gradient and is passed over). ``shapes``: the output
     shapes ``forward`` recorded. ``on_node(n, g)`` sees the gradient at the output of every node reached
-    (before it is propagated). Nodes in ``skip`` receive nothing (and layers feeding them are not transposed).
-    ``layout`` is applied to the gradient a reshape passes back."""
+    (before it is propagated). Nodes in ``skip`` receive nothing (and layers feeding them are not transposed)."""
     grads: dict[str, Tensor] = {}
 
     def give(name: str, g: Tensor) -> None:
@@ -170,8 +169,7 @@ def transpose(nodes: list[BoundNode], seed: Tensor, vjp: Callable[[BoundNode, Te
             give(n.inputs[1], g)
         elif k == "reshape":
             src = next(i for i in n.inputs if i in shapes)
-            r = g.reshape(shapes[src])
-            give(src, r if layout is None else layout(r))
+            give(src, g.reshape(shapes[src]))
         elif k == "identity":
             give(n.inputs[0], g)
         elif n.inputs[0] not in skip:

@@ -17,16 +17,20 @@ Per Linear/Conv2d that is the same six products as PyTorch's double backprop (fo
 tangent, backward, two weight gradients), with one Python-level autograd node for the whole pass instead of
 one per op (the ``robustkern::`` op chain of ``fused.py`` cost ~0.1 ms of dispatch per op on CPU), ATen called
 directly with only the needed outputs (``convolution_backward`` with one output mask, ``threshold_backward`` for
-the masks read from the ReLU outputs), no products towards ``x`` unless ``x`` requires grad, and two kernel
-choices measured on one core: a layer with few input channels (the first layer of an image model) takes its
-input gradient as a GEMM + ``fold`` (col2im, 3-5x faster than oneDNN's transposed convolution with 1 output
-channel) and, with one input channel, its weight gradient as ``unfold`` + one GEMM (2.4-2.8x); a strided
-layer's transposed convolution runs in channels-last (1.2-2x). Tried and dropped: both weight gradients of a
-Conv2d as one product on batch-concatenated operands (the concatenation cost more than it saved), the whole
-pass in channels-last (slower for stride-1 layers). Measured (bench_flatness_fused, 1 thread, batch 128,
-DM MNIST small/medium/large): 1.04x / 1.01x / 1.04x PyTorch's double backprop in a quiet run (0.94-1.06x in
-noisy ones): both run the same oneDNN products, so what is left to win is small; the LFR direction
-(``lfr_direction``: no graph at all) 1.42x / 1.19x / 1.28x.
+the masks read from the ReLU outputs), no products towards ``x`` unless ``x`` requires grad, and kernel
+choices measured on one core (``_conv_t``, ``_conv_wgrad``): a strided layer with few input channels takes its
+input gradient as a GEMM + ``fold`` (col2im), other strided layers run oneDNN's transposed convolution in
+channels-last, and a layer with one input channel its weight gradient as ``unfold`` + one GEMM. Tried and
+dropped: both weight gradients of a Conv2d as one product on batch-concatenated operands (the concatenation
+cost more than it saved), the whole pass in channels-last (slower for stride-1 layers), a strided transposed
+convolution as one stride-1 convolution per output phase (faster than NCHW in isolation, slower than
+channels-last), ReLU masks applied in place (no change). Measured (bench_flatness_fused, 1 thread, batch 128,
+DM MNIST small/medium/large, quiet machine): 1.15x / 0.96x / 1.08x PyTorch's double backprop. Both run the
+same oneDNN products, and the user CPU time of the two is equal to 1-3%; the difference is system time: the
+page faults glibc's allocator causes when it returns freed blocks to the kernel and maps fresh ones (10-28 k
+faults per step on mnist_medium, varying from run to run for either). With ``mallopt`` thresholds that keep
+freed memory (``robustkern.cpu_malloc``), both steps are ~20% faster and equal. The LFR direction
+(``lfr_direction``: no graph at all) is 1.48x / 1.25x / 1.35x PyTorch's double backprop.
 
 The backward is itself not differentiable (``once_differentiable``: a third derivative raises); the op-based
 path of ``robustkern.flatness.fused`` (``impl="ops"``) keeps every order. Exact as PyTorch's double backprop
@@ -56,48 +60,26 @@ def _conv_args(m):
     return list(m.stride), list(m.padding), list(m.dilation), False, [0, 0], m.groups
 
 
-FOLD_MAX_IN = 4
-PHASES_MIN_PIXELS = 256
-
-
-def conv_t_phases(g: Tensor, w: Tensor, in_shape, stride, padding) -> Tensor:
-    """The input gradient of a strided ``conv2d(., w, stride, padding)`` (dilation 1, one group) as ``s_h * s_w``
-    stride-1 forward convolutions, one per output phase: the input position ``y' = s*q + a`` of the padded input
-    receives the taps ``kh = a + s*m`` from ``oy = q - m``, a full correlation of ``g`` with the flipped sub-kernel
-    ``w[:, :, a::s, b::s]``. Same sums as the transposed convolution; oneDNN's forward convolution ran the
-    26x26 and 28x28 strided layers of the DM models 1.2-2.2x faster this way than its transposed one."""
-    b_, _, _, _ = g.shape
-    c_in, sh, sw, ph, pw = w.shape[1], stride[0], stride[1], padding[0], padding[1]
-    hp, wp = in_shape[2] + 2 * ph, in_shape[3] + 2 * pw
-    dxp = g.new_zeros(b_, c_in, hp, wp)
-    for a in range(sh):
-        for b in range(sw):
-            wa = w[:, :, a::sh, b::sw]
-            ma, mb = wa.shape[2], wa.shape[3]
-            if ma == 0 or mb == 0:
-                continue
-            out = F.conv2d(g, wa.transpose(0, 1).flip(2, 3), None, 1, (ma - 1, mb - 1))
-            na, nb = min(-(-(hp - a) // sh), out.shape[2]), min(-(-(wp - b) // sw), out.shape[3])
-            dxp[:, :, a::sh, b::sw][:, :, :na, :nb] = out[:, :, :na, :nb]
-    return dxp[:, :, ph:ph + in_shape[2], pw:pw + in_shape[3]].contiguous()
+FOLD_MAX_IN = 4          # a strided layer with at most this many input channels: input gradient by GEMM + fold
+STRIDED_CHANNELS_LAST = True   # other strided layers: oneDNN's transposed convolution in channels-last
 
 
 def _conv_t(g: Tensor, m, like: Tensor) -> Tensor:
     """Input gradient of ``conv2d(., m.weight)`` (the transposed convolution) given the output gradient ``g``;
-    ``like`` is the layer's input (its shape and memory format are used, not its values). For a layer with few
-    input channels (the first layer of an image model) one GEMM ``W^T g`` per example and a ``fold`` (col2im):
-    oneDNN's transposed convolution with 1 output channel measured 3-5x slower than that on one core."""
+    ``like`` is the layer's input (its shape is used, not its values). Kernel choices measured on one core
+    (AMD EPYC, batch 128, the DM MNIST layers): a strided layer with few input channels (the first layer of an
+    image model) takes one GEMM ``W^T g`` per example and a ``fold`` (col2im): 3x faster than oneDNN's
+    transposed convolution with 1 output channel; other strided layers run oneDNN in channels-last (up to 1.4x,
+    conversions included); stride-1 layers run ATen's NCHW kernel, which was fastest for them (fold and
+    channels-last 1.6x slower there)."""
     w = m.weight
-    if m.groups == 1 and w.shape[1] <= FOLD_MAX_IN and tuple(m.dilation) == (1, 1) and isinstance(m.padding,
-                                                                                                  tuple):
+    plain = m.groups == 1 and tuple(m.dilation) == (1, 1) and isinstance(m.padding, tuple)
+    strided = g.dim() == 4 and max(m.stride) > 1
+    if strided and plain and w.shape[1] <= FOLD_MAX_IN:
         b, c_out, oh, ow = g.shape
         cols = torch.matmul(w.reshape(c_out, -1).t(), g.reshape(b, c_out, oh * ow))
         return F.fold(cols, like.shape[2:], w.shape[2:], padding=m.padding, stride=m.stride)
-    if (max(m.stride) > 1 and m.groups == 1 and tuple(m.dilation) == (1, 1) and isinstance(m.padding, tuple)
-            and like.shape[2] * like.shape[3] >= PHASES_MIN_PIXELS):
-        return conv_t_phases(g, w, like.shape, m.stride, m.padding)
-    if not CHANNELS_LAST and g.dim() == 4 and max(m.stride) > 1:
-        # oneDNN's strided transposed convolution: 1.2-2x faster in channels-last, conversions included
+    if strided and STRIDED_CHANNELS_LAST:
         cl = torch.channels_last
         like = torch.empty(like.shape, dtype=like.dtype, device=like.device, memory_format=cl)
         return _aten.convolution_backward(g.contiguous(memory_format=cl), like, m.weight, None, *_conv_args(m),
@@ -159,7 +141,7 @@ class _Pass:
         output of every node on the way (before it is propagated). ``need_input=False`` skips the products
         that only lead to the input's gradient (returns None)."""
         return walk.transpose(self.nodes, seed, lambda n, g: (n.inputs[0], self.vjp(n, g, saved)), self.shapes,
-                              on_node, set() if need_input else self.input_side(), _layout)
+                              on_node, set() if need_input else self.input_side())
 
     def tangent(self, t: Tensor, saved, on_layer=None) -> Tensor:
         """``J t`` through the linearised network; ``on_layer(n, t_in)`` sees the tangent at the input of every
@@ -169,16 +151,7 @@ class _Pass:
                 on_layer(n, v)
             return self.jvp(n, v, saved)
 
-        return walk.forward(self.nodes, _layout(t), layer)
-
-
-CHANNELS_LAST = False
-
-
-def _layout(v: Tensor) -> Tensor:
-    """4-D images in channels-last memory format (oneDNN's native layout on CPU: its strided transposed
-    convolutions ran ~3x faster so, and no reorder copies are made); values unchanged."""
-    return v.contiguous(memory_format=torch.channels_last) if CHANNELS_LAST and v.dim() == 4 else v
+        return walk.forward(self.nodes, t, layer)
 
 
 def _forward_values(p: _Pass, x: Tensor):
@@ -195,7 +168,7 @@ def _forward_values(p: _Pass, x: Tensor):
             keep[n.inputs[0]] = v
         return walk.layer_forward(n, v)
 
-    return walk.forward(p.nodes, _layout(x), layer, p.shapes), keep
+    return walk.forward(p.nodes, x, layer, p.shapes), keep
 
 
 class _InputGradientPass(torch.autograd.Function):
