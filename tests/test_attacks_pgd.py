@@ -158,3 +158,34 @@ def test_cuda_graph_loop_matches_eager(norm):
     x2 = torch.rand_like(x)  # new inputs through the same graph
     torch.testing.assert_close(pgd(model, x2, y, eps, alpha, 5, norm, random_start=False, cuda_graph=True),
                                pgd(model, x2, y, eps, alpha, 5, norm, random_start=False), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)                           # in place: the captured graph sees it
+    torch.testing.assert_close(pgd(model, x2, y, eps, alpha, 5, norm, random_start=False, cuda_graph=True),
+                               pgd(model, x2, y, eps, alpha, 5, norm, random_start=False), atol=1e-5, rtol=0)
+    model[0].weight.data = model[0].weight.data * 0.5       # reallocated: a new capture, not stale memory
+    torch.testing.assert_close(pgd(model, x2, y, eps, alpha, 5, norm, random_start=False, cuda_graph=True),
+                               pgd(model, x2, y, eps, alpha, 5, norm, random_start=False), atol=1e-5, rtol=0)
+
+
+def test_graph_key_follows_where_the_parameters_live():
+    """A captured loop reads the addresses it was captured with: in-place updates keep the key (the replay sees
+    them), reallocated parameters or buffers, another mode or shape give a new key (a new capture)."""
+    from robustkern.attacks.pgd import graph_key
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    x = torch.rand(2, 4)
+    key = graph_key(model, x, 5, "linf", "ce", False)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)                       # optimizer.step(): in place
+        model.load_state_dict(model.state_dict())       # copies into the same storage
+    assert graph_key(model, x, 5, "linf", "ce", False) == key
+    assert graph_key(model, x, 6, "linf", "ce", False) != key
+    assert graph_key(model, torch.rand(3, 4), 5, "linf", "ce", False) != key
+    model.train(False)
+    assert graph_key(model, x, 5, "linf", "ce", False) != key
+    model.train(True)
+    model[0].weight.data = model[0].weight.data.clone()  # what .to()/.cuda() do to a parameter
+    assert graph_key(model, x, 5, "linf", "ce", False) != key
+    key2 = graph_key(model, x, 5, "linf", "ce", False)
+    model[1].running_mean = model[1].running_mean.clone()  # a buffer replaced
+    assert graph_key(model, x, 5, "linf", "ce", False) != key2

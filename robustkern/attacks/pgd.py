@@ -187,12 +187,26 @@ class _GraphedLoop:
         return self.out.clone()
 
 
+GRAPHS_PER_MODEL = 4   # captured loops kept per model (each holds a CUDA graph and its memory pool)
+
+
+def graph_key(model, x: Tensor, steps: int, norm: str, loss: str, targeted: bool) -> tuple:
+    """What a captured loop depends on besides the values copied into its static buffers: the shapes and
+    settings, the train/eval mode, and where every parameter and buffer lives (a graph reads the addresses it
+    was captured with: in-place updates such as ``optimizer.step()`` or ``load_state_dict`` are seen by a
+    replay, but a model moved or re-created by ``.to()``/``.half()`` gets a new capture, not stale memory)."""
+    state = tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in (*model.parameters(), *model.buffers()))
+    return (tuple(x.shape), x.dtype, x.device, steps, norm, loss, targeted, model.training, state)
+
+
 def _loop(model, x, y, adv, eps, alpha, steps, norm, loss, targeted, cuda_graph):
     if not (cuda_graph and x.is_cuda and steps > 0):
         return _steps(model, x, y, adv, eps, alpha, steps, norm, loss, targeted)
-    key = (tuple(x.shape), x.dtype, x.device, steps, norm, loss, targeted, model.training)
+    key = graph_key(model, x, steps, norm, loss, targeted)
     cache = _GRAPHS.setdefault(model, {})
     if key not in cache:
+        while len(cache) >= GRAPHS_PER_MODEL:   # oldest capture first (dicts keep insertion order)
+            del cache[next(iter(cache))]
         cache[key] = _GraphedLoop(model, x, y, adv, eps, alpha, steps, norm, loss, targeted)
     return cache[key].run(x, y, adv, eps, alpha)
 
