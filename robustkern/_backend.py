@@ -131,3 +131,10 @@ def ieee_fp32():
     finally:
         for k, v in zip(knobs, saved):
             k.fp32_precision = v
+
+
+def storage_key(module: torch.nn.Module) -> tuple:
+    """Where every parameter and buffer of ``module`` lives (address, dtype, shape). A captured CUDA graph reads
+    the addresses it was captured with, so a cache of graphs keys on this: in-place updates (an optimiser step,
+    ``load_state_dict``) keep the key, a module moved or re-created by ``.to()``/``.half()`` changes it."""
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in (*module.parameters(), *module.buffers()))

@@ -222,3 +222,18 @@ def test_cuda_graphs_match_eager():
     got = Smooth(net, 10, 0.25, cuda_graphs=True).certify_batch(x, 100, 1000, 0.001, 256, seed=4,
                                                                return_counts=True)
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_follow_a_moved_model():
+    """A model whose parameters are reallocated after the capture (what .to() does) is re-captured: the counts
+    equal the eager ones with the new weights, not a replay on freed memory."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 30 * 30, 10)).cuda()
+    x = torch.rand(2, 3, 32, 32, device="cuda")
+    smooth = Smooth(net, 10, 0.25, cuda_graphs=True)
+    smooth.certify_batch(x, 100, 1000, 0.001, 256, seed=4, return_counts=True)
+    net[0].weight.data = net[0].weight.data.flip(0)
+    got = smooth.certify_batch(x, 100, 1000, 0.001, 256, seed=4, return_counts=True)
+    want = Smooth(net, 10, 0.25).certify_batch(x, 100, 1000, 0.001, 256, seed=4, return_counts=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])

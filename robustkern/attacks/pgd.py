@@ -195,8 +195,8 @@ def graph_key(model, x: Tensor, steps: int, norm: str, loss: str, targeted: bool
     settings, the train/eval mode, and where every parameter and buffer lives (a graph reads the addresses it
     was captured with: in-place updates such as ``optimizer.step()`` or ``load_state_dict`` are seen by a
     replay, but a model moved or re-created by ``.to()``/``.half()`` gets a new capture, not stale memory)."""
-    state = tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in (*model.parameters(), *model.buffers()))
-    return (tuple(x.shape), x.dtype, x.device, steps, norm, loss, targeted, model.training, state)
+    return (tuple(x.shape), x.dtype, x.device, steps, norm, loss, targeted, model.training,
+            _backend.storage_key(model))
 
 
 def _loop(model, x, y, adv, eps, alpha, steps, norm, loss, targeted, cuda_graph):
