@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.attacks import pgd_step
-from .pgd import check_budget, check_labels, pgd
+from .pgd import _per_row, _step_fn, check_budget, check_labels, pgd
 
 __all__ = ["pgd_at_loss", "trades_loss"]
 
@@ -102,10 +101,11 @@ def trades_loss(model, x_natural: Tensor, y: Tensor, optimizer=None, step_size: 
                 p_nat = F.softmax(model(x), dim=1)
             check_labels("trades_loss", y, p_nat.shape[1])
             x_adv = x + 0.001 * torch.randn_like(x)
+            step, eps_t, alpha_t = _step_fn(x.device), _per_row(epsilon, x), _per_row(alpha, x)  # checked above
             for _ in range(perturb_steps):
                 x_adv = x_adv.detach().requires_grad_(True)
                 g, = torch.autograd.grad(_kl_sum(F.log_softmax(model(x_adv), dim=1), p_nat), x_adv)
-                x_adv = pgd_step(x_adv.detach(), g, x, epsilon, alpha, norm)
+                x_adv = step(x_adv.detach(), g, x, eps_t, alpha_t, norm)
             x_adv = x_adv.detach().clamp(0.0, 1.0)
         finally:
             _restore(modes)
