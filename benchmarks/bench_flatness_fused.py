@@ -90,8 +90,15 @@ def main(argv=None):
     ap.add_argument("--lfr", action="store_true", help="also time the LFR inner ascent direction")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="robustkern.cpu_malloc.keep_freed_memory() first (what the robustkern command does): no "
+                         "page faults of re-allocated tensors in any provider (a separate RESULTS block)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from robustkern.cpu_malloc import keep_freed_memory
+        if not keep_freed_memory():
+            ap.error("--keep-freed-memory needs glibc's mallopt")
     device = torch.device("cpu")
     env = common.Environment.capture(device)
     print(f"device: {env.device}\ntorch {env.torch}, commit {env.commit}\ncommand: {env.command}")
@@ -102,7 +109,8 @@ def main(argv=None):
         names = ["plain", "torch-db", "robustkern"] + (["torch-db-lfr", "robustkern-lfr"] if args.lfr else [])
         a, b = fns["torch-db"](), fns["robustkern"]()
         err = max(((u - v).abs().max() / u.abs().max().clamp_min(1e-30)).item() for u, v in zip(a, b))
-        timings = common.time_cpu({n: fns[n] for n in names}, rounds=args.rounds, warmup=1)
+        timings = common.time_cpu({n: fns[n] for n in names}, rounds=args.rounds,
+                                  warmup=4 if args.keep_freed_memory else 1)  # the heap settles in a few steps
         params = list(model.parameters())
         for n in names:
             saved = common.saved_tensor_bytes(losses[n], exclude=params) if n in losses else None
@@ -117,10 +125,14 @@ def main(argv=None):
         body = "\n".join([
             f"- step: CE + 0.1 * mean ||grad_x CE||_1, parameter gradients; eval mode; threads {args.threads}; "
             f"median/min/max over {args.rounds} interleaved rounds; `x robustkern` = provider median / "
-            "robustkern median (above 1: robustkern faster); the LFR rows compare the inner ascent direction",
+            "robustkern median (above 1: robustkern faster); the LFR rows compare the inner ascent direction; "
+            + ("glibc keeps freed memory (`--keep-freed-memory`, as the robustkern command runs): no provider "
+               "pays page faults for re-allocated tensors" if args.keep_freed_memory else
+               "default glibc allocator: large tensors are re-mapped, and page-faulted, every step"),
             "", text])
         common.update_results_md(BENCH, "Input-gradient penalty step (second order)", body, env,
-                                 variant=f"batch {args.batch}")
+                                 variant=f"batch {args.batch}" + (", keep-freed-memory" if args.keep_freed_memory
+                                                                  else ""))
 
 
 if __name__ == "__main__":
