@@ -105,8 +105,12 @@ def test_backend_choice_reaches_the_fused_path(monkeypatch):
     input_grad_norm(_conv_net().eval(), x, y, backend="torch")
     input_grad_norm(_conv_net(bn=True).train(), x, y, backend="auto")  # batch statistics: torch
     assert len(calls) == 1
-    with pytest.raises(TypeError, match="MaxPool2d|max"):
-        input_grad_norm(_conv_net(pool="max"), x, y, backend="fused")
+    pooled = _conv_net(pool="max").eval()   # max pooling takes the fused path too (its selections kept)
+    torch.testing.assert_close(input_grad_norm(pooled, x, y, backend="fused"),
+                               input_grad_norm(pooled, x, y, backend="torch"))
+    assert len(calls) == 2
+    with pytest.raises(TypeError, match="Tanh"):
+        input_grad_norm(_conv_net(act=nn.Tanh).eval(), x, y, backend="fused")
 
 
 @functools.lru_cache(maxsize=None)

@@ -236,7 +236,27 @@ class GreyCNN(nn.Module):
         return self.fc(torch.flatten(F.relu(self.c2(F.relu(self.c1(x)))), 1))
 
 
+class PoolCNN(nn.Module):
+    """Max pooling (overlapping windows with padding, and plain 2x2) between ReLU conv layers, as in LFR's
+    SmallCNN; the fused paths keep each pool's selections."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 3, 3, padding=1)
+        self.p1 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(3, 4, 2)
+        self.p2 = nn.MaxPool2d(2)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.p1(F.relu(self.c1(x)))
+        return self.fc(torch.flatten(self.p2(F.relu(self.c2(h))), 1))
+
+
 def _model(kind):
+    if kind == "pool":
+        torch.manual_seed(0)
+        return PoolCNN().double().eval(), torch.randn(5, 1, 7, 7, dtype=D), torch.randint(0, 4, (5,))
     if kind == "grey":
         torch.manual_seed(0)
         return GreyCNN().double().eval(), torch.randn(5, 1, 7, 7, dtype=D), torch.randint(0, 4, (5,))
@@ -252,7 +272,7 @@ def _on(device, m, x, y):
 # double backprop on the CPU.
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("impl", ["ops", "step"])
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "grey"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "grey", "pool"])
 @pytest.mark.parametrize("p", [1, 2])
 def test_input_gradient_and_double_backward_match_torch(kind, p, impl, device):
     m, x, y = _model(kind)
@@ -277,7 +297,7 @@ def test_input_gradient_and_double_backward_match_torch(kind, p, impl, device):
 
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("impl", ["ops", "step"])
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "grey"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "grey", "pool"])
 @pytest.mark.parametrize("p", [1, 2])
 def test_lfr_ascent_direction_matches_double_backprop(kind, p, impl, device):
     m, x, y = _model(kind)
@@ -290,7 +310,7 @@ def test_lfr_ascent_direction_matches_double_backprop(kind, p, impl, device):
 
 
 @pytest.mark.parametrize("impl", ["ops", "step"])
-@pytest.mark.parametrize("kind", ["cnn", "grey"])
+@pytest.mark.parametrize("kind", ["cnn", "grey", "pool"])
 def test_gradient_wrt_input_through_fused_graph(kind, impl):
     """create_graph=True also differentiates in x: J^T (diag p - p p^T) J v, like torch; with the logits in the
     loss too (both adjoints of the step's node at once)."""
@@ -323,7 +343,8 @@ def test_step_impl_logits_only_and_third_order():
         fused.input_gradient(m, x, y, create_graph=False, impl="fast")
 
 
-@pytest.mark.parametrize("layer,why", [(nn.MaxPool2d(2), "MaxPool2d"), (nn.Tanh(), "Tanh")])
+@pytest.mark.parametrize("layer,why", [(nn.MaxPool2d(2, return_indices=True), "return_indices"),
+                                       (nn.Tanh(), "Tanh")])
 def test_unsupported_models_are_refused_with_reason(layer, why):
     m = nn.Sequential(nn.Conv2d(1, 2, 3), layer, nn.Flatten(), nn.LazyLinear(3))
     assert not fused.supports(m)
@@ -361,3 +382,15 @@ def test_step_kernel_choices_match_torch(kind, strided_cl, monkeypatch):
     got = torch.autograd.grad(g.abs().sum() + z.logsumexp(1).sum(), [x2] + params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[D])
+
+
+def test_max_pool_is_for_the_gradient_paths_only():
+    """capture() refuses MaxPool2d for bound propagation (named in the error) and takes it for the fused
+    input-gradient paths, which ask for it."""
+    from robustkern.bounds.graph import capture
+
+    m, _, _ = _model("pool")
+    with pytest.raises(UnsupportedLayerError, match="MaxPool2d"):
+        capture(m)
+    assert [n.kind for n in capture(m, extra=("maxpool",))].count("maxpool") == 2
+    assert fused.supports(m)

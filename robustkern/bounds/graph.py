@@ -77,6 +77,9 @@ _MODULE_KINDS = (
     ((nn.BatchNorm1d, nn.BatchNorm2d), "batchnorm"), (nn.Flatten, "reshape"), (nn.AvgPool2d, "avgpool"),
     ((nn.Identity, nn.Dropout), "identity"), (Normalize, "normalize"),
 )
+# Kinds only some callers take (``capture(model, extra=...)``): the input-gradient paths of robustkern.flatness
+# handle max pooling (a selection: piecewise linear), bound propagation does not.
+_EXTRA_MODULE_KINDS = ((nn.MaxPool2d, "maxpool"),)
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
 SUPPORTED = ("Linear, Conv2d, ReLU, BatchNorm1d, BatchNorm2d, Flatten, AvgPool2d, Identity, Dropout (eval), "
              "Normalize, + of two branches, view/reshape/flatten keeping the batch dimension")
@@ -88,14 +91,16 @@ def _unsupported(what: str, where: str, node: fx.Node) -> UnsupportedLayerError:
         f"{SUPPORTED}")
 
 
-def _module_kind(m: nn.Module, path: str, node: fx.Node) -> str:
+def _module_kind(m: nn.Module, path: str, node: fx.Node, extra=()) -> str:
     if _is_foreign_normalize(m):
         return "normalize"
-    for types, kind in _MODULE_KINDS:
+    for types, kind in _MODULE_KINDS + tuple(e for e in _EXTRA_MODULE_KINDS if e[1] in extra):
         if isinstance(m, types):
             break
     else:
         raise _unsupported(type(m).__name__, path, node)
+    if kind == "maxpool" and m.return_indices:
+        raise _unsupported("MaxPool2d(return_indices=True)", path, node)
     if kind == "conv2d":
         if m.padding_mode != "zeros":
             raise _unsupported(f"Conv2d(padding_mode={m.padding_mode!r})", path, node)
@@ -112,8 +117,9 @@ def _module_call(m: nn.Module, input_name: str):
     return lambda values: m(values[input_name])
 
 
-def capture(model: nn.Module) -> list[BoundNode]:
-    """Trace ``model`` and return its nodes in topological order (the last one is the output)."""
+def capture(model: nn.Module, extra=()) -> list[BoundNode]:
+    """Trace ``model`` and return its nodes in topological order (the last one is the output). ``extra``: kinds
+    beyond the bound-propagation set that the caller handles (``"maxpool"``: ``nn.MaxPool2d``)."""
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # fx fails on data-dependent control flow and the like
@@ -130,7 +136,7 @@ def capture(model: nn.Module) -> list[BoundNode]:
             bn = BoundNode(node.name, "input", node.name)
         elif node.op == "call_module":
             m = model.get_submodule(node.target)
-            kind = _module_kind(m, node.target, node)
+            kind = _module_kind(m, node.target, node, extra)
             bn = BoundNode(node.name, kind, node.target, tensor_inputs, m)
             if kind == "reshape":
                 bn.call = _module_call(m, tensor_inputs[0])

@@ -10,11 +10,13 @@ a layer. The walkers here do the graph's bookkeeping:
     transpose   from the output's seed to the input: gradients by node name, summed where a value has several
                 users; ``+`` passes its gradient to both branches, a reshape back to its input's shape, Identity on
 
-and hand every layer (Linear, Conv2d, ReLU, BatchNorm, Normalize, AvgPool2d) to the caller's callback. The
+and hand every layer (Linear, Conv2d, ReLU, BatchNorm, Normalize, AvgPool2d, MaxPool2d) to the caller's
+callback. The
 layer maps both paths compute alike are here too: ``layer_forward`` (the layer as the model runs it),
 ``layer_jvp`` (its Jacobian product: the layer without bias or shift) and ``layer_vjp`` (the transposed
 Jacobian of the layers that are the same linear map in both paths: BatchNorm in eval mode, Normalize,
-AvgPool2d). ReLU and the transposes of Linear/Conv2d are each path's own (bit masks and fused ops vs. saved
+AvgPool2d), and the max pool's three maps given its selections (``maxpool_*``: each path keeps the indices
+on its own tape). ReLU and the transposes of Linear/Conv2d are each path's own (bit masks and fused ops vs. saved
 outputs and GEMM/fold kernels).
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import Tensor
 from ..bounds.graph import BoundNode, normalize_params
 
 __all__ = ["forward", "transpose", "layer_forward", "layer_jvp", "layer_vjp", "channel_shape", "bn_inv_std",
-           "bn_scale"]
+           "bn_scale", "maxpool_forward", "maxpool_jvp", "maxpool_vjp"]
 
 
 # ----------------------------------------------------------------------------------------------- layer maps
@@ -59,6 +61,32 @@ def _pool_args(m):
     kernel = pair(m.kernel_size)
     stride = pair(m.stride) if m.stride else kernel
     return kernel, stride, pair(m.padding), m.ceil_mode, m.count_include_pad, m.divisor_override
+
+
+def _maxpool_args(m):
+    """``(kernel, stride, padding, dilation, ceil_mode)`` of a MaxPool2d, as ``aten.max_pool2d_with_indices``
+    takes them."""
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    kernel = pair(m.kernel_size)
+    return kernel, pair(m.stride) if m.stride else kernel, pair(m.padding), pair(m.dilation), m.ceil_mode
+
+
+def maxpool_forward(n: BoundNode, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(out, idx)``: MaxPool2d and, per output element, the flat ``H*W`` index of the input it selects. The
+    pool is linear given ``idx`` (a selection), which fixes its Jacobian, as the ReLU masks fix theirs."""
+    return torch.ops.aten.max_pool2d_with_indices(v, *_maxpool_args(n.module))
+
+
+def maxpool_jvp(v: Tensor, idx: Tensor) -> Tensor:
+    """``J v`` of a max pool with selections ``idx``: the selected elements of ``v`` (a gather)."""
+    return v.flatten(-2).gather(-1, idx.flatten(-2)).view(idx.shape)
+
+
+def maxpool_vjp(n: BoundNode, g: Tensor, idx: Tensor, shapes: dict) -> Tensor:
+    """``J^T g`` of a max pool with selections ``idx``: ``g`` scattered (added) to the selected inputs, by
+    ``aten.max_pool2d_with_indices_backward`` (differentiable in ``g``: its own transpose is the gather)."""
+    like = g.new_zeros(()).expand(shapes[n.inputs[0]])
+    return torch.ops.aten.max_pool2d_with_indices_backward(g, like, *_maxpool_args(n.module), idx)
 
 
 def layer_forward(n: BoundNode, v: Tensor) -> Tensor:

@@ -1,9 +1,10 @@
 """Input gradients of the cross-entropy whose own derivatives run through robustkern ops (second order made cheap).
 
-For a network ``f`` built from piecewise-linear layers (Linear, Conv2d, ReLU, AvgPool2d, eval-mode BatchNorm,
-Normalize, Flatten/reshape, Identity, eval-mode Dropout, ``+`` of branches) the per-example input gradient of
-``ell_i = CE(f(x_i), y_i)`` is ``g_i = J_i^T s_i`` with ``s_i = softmax(z_i) - onehot(y_i)`` (``z = f(x)``) and
-``J_i`` the logit Jacobian, which is piecewise constant in ``x`` (fixed by the ReLU masks). This module
+For a network ``f`` built from piecewise-linear layers (Linear, Conv2d, ReLU, AvgPool2d, MaxPool2d, eval-mode
+BatchNorm, Normalize, Flatten/reshape, Identity, eval-mode Dropout, ``+`` of branches) the per-example input
+gradient of ``ell_i = CE(f(x_i), y_i)`` is ``g_i = J_i^T s_i`` with ``s_i = softmax(z_i) - onehot(y_i)``
+(``z = f(x)``) and ``J_i`` the logit Jacobian, which is piecewise constant in ``x`` (fixed by the ReLU masks and
+the max pools' selections). This module
 runs its own forward (ReLU masks recorded as bits by ``robustkern::relu_bits``; no activation kept beyond what the
 weight gradients need) and its own backward ``J^T`` from ops that are themselves differentiable:
 
@@ -14,10 +15,13 @@ weight gradients need) and its own backward ``J^T`` from ops that are themselves
                                                        not its generic convolution double backward)
     ReLU^T           robustkern::relu_masked          (where no layer absorbs it; linear: backward is itself)
     AvgPool^T, BN^T, Normalize^T, reshape^T            linear maps with differentiable ATen backwards
+    MaxPool^T        aten.max_pool2d_with_indices_backward with the forward's selections (its own derivative
+                     in the incoming gradient is the gather of the same selections: ATen's double backward)
 
 so ``torch.autograd`` of any function of the returned gradient w.r.t. the parameters (``create_graph=True``) is a
 double backward through these stages and equals PyTorch's double backprop (``torch.autograd.grad(...,
-create_graph=True)``) exactly up to rounding, wherever no pre-activation is exactly 0.
+create_graph=True)``) exactly up to rounding, wherever no pre-activation is exactly 0 (at a tie inside a max-pool
+window both take the selection of the same ATen kernel).
 
 ``lfr_ascent_direction`` uses that ``J`` is locally constant: ``d/dx sum_i ||g_i||_p = J^T (diag p - p p^T) J v``,
 ``v = d||g||_p / dg`` (``sign(g)`` for p = 1, ``g / ||g||_2`` for p = 2), computed as one forward-mode Jacobian
@@ -54,8 +58,9 @@ from . import _walk as walk
 __all__ = ["supports", "unsupported_reason", "input_gradient", "lfr_ascent_direction", "NORMS"]
 
 NORMS = (1, 2)
-_KINDS = {"input", "linear", "conv2d", "relu", "batchnorm", "normalize", "avgpool", "identity", "add", "reshape",
-          "meta", "output"}
+_KINDS = {"input", "linear", "conv2d", "relu", "batchnorm", "normalize", "avgpool", "maxpool", "identity", "add",
+          "reshape", "meta", "output"}
+_EXTRA = ("maxpool",)   # capture() kinds beyond bound propagation's that these paths handle
 _CAPTURED: "weakref.WeakKeyDictionary[nn.Module, list[BoundNode] | str]" = weakref.WeakKeyDictionary()
 
 
@@ -68,7 +73,7 @@ def _capture(model: nn.Module) -> list[BoundNode] | str:
         cached = None
     if cached is None:
         try:
-            cached = capture(model)
+            cached = capture(model, extra=_EXTRA)
         except UnsupportedLayerError as e:
             cached = str(e).replace("robustkern.bounds:", "robustkern.flatness.fused:", 1)
         try:
@@ -107,14 +112,15 @@ def _nodes(model: nn.Module) -> list[BoundNode]:
     reason = unsupported_reason(model)
     if reason is not None:
         raise UnsupportedLayerError(f"robustkern.flatness.fused: {reason}")
-    return _CAPTURED[model] if model in _CAPTURED else capture(model)
+    return _CAPTURED[model] if model in _CAPTURED else capture(model, extra=_EXTRA)
 
 
 # ----------------------------------------------------------------------------------------------- passes
 @dataclass
 class _Tape:
-    """What the hand-built backward needs from the forward: ReLU bits and output shapes, nothing else."""
+    """What the hand-built backward needs from the forward: ReLU bits, max-pool selections and output shapes."""
     bits: dict[str, Tensor] = field(default_factory=dict)
+    idx: dict[str, Tensor] = field(default_factory=dict)
     shapes: dict[str, torch.Size] = field(default_factory=dict)
 
 
@@ -126,6 +132,9 @@ def _forward(nodes: list[BoundNode], x: Tensor) -> tuple[Tensor, _Tape]:
         if n.kind == "relu":
             r, tape.bits[n.name] = relu_bits(v)
             return r
+        if n.kind == "maxpool":
+            r, tape.idx[n.name] = walk.maxpool_forward(n, v)
+            return r
         return walk.layer_forward(n, v)
 
     return walk.forward(nodes, x, layer, tape.shapes), tape
@@ -134,6 +143,8 @@ def _forward(nodes: list[BoundNode], x: Tensor) -> tuple[Tensor, _Tape]:
 def _tangent(nodes: list[BoundNode], tape: _Tape, t: Tensor) -> Tensor:
     """``J t``: the tangent ``t`` through the linearised network (no biases, the tape's masks)."""
     def layer(n: BoundNode, v: Tensor) -> Tensor:
+        if n.kind == "maxpool":
+            return walk.maxpool_jvp(v, tape.idx[n.name])
         return relu_masked(v, tape.bits[n.name]) if n.kind == "relu" else walk.layer_jvp(n, v)
 
     return walk.forward(nodes, t, layer)
@@ -148,6 +159,8 @@ def _backward(nodes: list[BoundNode], tape: _Tape, seed: Tensor) -> Tensor:
         k, m, src = n.kind, n.module, n.inputs[0]
         if k == "relu":
             return src, relu_masked(g, tape.bits[n.name])
+        if k == "maxpool":
+            return src, walk.maxpool_vjp(n, g, tape.idx[n.name], tape.shapes)
         if k not in ("linear", "conv2d"):
             return src, walk.layer_vjp(n, g, tape.shapes)
         bits, feeder = None, by_name[src]

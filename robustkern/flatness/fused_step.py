@@ -119,12 +119,16 @@ class _Pass:
             return _conv_t(g, m, saved[self.saved_index[n.inputs[0]]])
         if k == "relu":
             return _aten.threshold_backward(g, saved[self.saved_index[n.name]], 0)
+        if k == "maxpool":
+            return walk.maxpool_vjp(n, g, saved[self.saved_index[_idx(n)]], self.shapes)
         return walk.layer_vjp(n, g, self.shapes)
 
     def jvp(self, n: BoundNode, v: Tensor, saved) -> Tensor:
         """``J_n v`` for the layer's input value ``v`` (the linearised layer: no bias, the recorded mask)."""
         if n.kind == "relu":
             return _aten.threshold_backward(v, saved[self.saved_index[n.name]], 0)
+        if n.kind == "maxpool":
+            return walk.maxpool_jvp(v, saved[self.saved_index[_idx(n)]])
         return walk.layer_jvp(n, v)
 
     def input_side(self) -> set[str]:
@@ -154,15 +158,24 @@ class _Pass:
         return walk.forward(self.nodes, t, layer)
 
 
+def _idx(n: BoundNode) -> str:
+    """The key under which a max pool's selections are kept."""
+    return n.name + ".idx"
+
+
 def _forward_values(p: _Pass, x: Tensor):
     """Run the network; returns (logits, values kept for the backward by node name): the inputs of the
-    Linear/Conv2d/BatchNorm layers (a BatchNorm's only when it has a weight) and the ReLU outputs."""
+    Linear/Conv2d/BatchNorm layers (a BatchNorm's only when it has a weight), the ReLU outputs and the max
+    pools' selections."""
     keep: dict[str, Tensor] = {}
 
     def layer(n: BoundNode, v: Tensor) -> Tensor:
         k = n.kind
         if k == "relu":
             keep[n.name] = r = torch.relu(v)
+            return r
+        if k == "maxpool":
+            r, keep[_idx(n)] = walk.maxpool_forward(n, v)
             return r
         if k in ("linear", "conv2d") or (k == "batchnorm" and n.module.weight is not None):
             keep[n.inputs[0]] = v
