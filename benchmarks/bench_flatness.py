@@ -176,8 +176,15 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--write-results", action="store_true", help="write this run's block into RESULTS.md")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="CPU: robustkern.cpu_malloc.keep_freed_memory() first, as the robustkern command does (no "
+                        "page faults of re-allocated tensors; auto then takes the fused penalty step on the CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.keep_freed_memory:
+        from robustkern.cpu_malloc import keep_freed_memory
+        if device.type != "cpu" or not keep_freed_memory():
+            p.error("--keep-freed-memory is for the CPU and needs glibc's mallopt")
     args.models = args.models.split(",")
     args.providers = args.providers.split(",")
     args.bn_modes = args.bn_modes.split(",")
@@ -219,9 +226,11 @@ def main(argv=None):
             f"- timings: median, {low}; `x db-robustkern` = provider median / db-robustkern median (above 1: "
             "robustkern's double backprop is faster); `x db-torch` = provider median / PyTorch double-backprop "
             f"median; note: median / plain-step median, and the path the auto backend took; {mem}",
-            "", text])
+            ] + (["- glibc keeps freed memory (`--keep-freed-memory`, as the robustkern command runs)"]
+                 if args.keep_freed_memory else []) + ["", text])
         sizes = ", ".join(f"{m} batch {b}" for m, b in zip(args.models, args.batch))
-        common.update_results_md(BENCH, "Flatness regularisers: training-step cost", body, env, variant=sizes)
+        common.update_results_md(BENCH, "Flatness regularisers: training-step cost", body, env,
+                                 variant=sizes + (", keep-freed-memory" if args.keep_freed_memory else ""))
         print(f"updated {common.RESULTS_MD}")
 
 

@@ -27,12 +27,13 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["keep_freed_memory", "ENV_SWITCH", "DEFAULT_THRESHOLD"]
+__all__ = ["keep_freed_memory", "keeps_freed_memory", "ENV_SWITCH", "DEFAULT_THRESHOLD"]
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 DEFAULT_THRESHOLD = 1 << 30       # 1 GiB
 ENV_SWITCH = "ROBUSTKERN_KEEP_FREED_MEMORY"
+_APPLIED: list[bool] = []   # set once keep_freed_memory() has succeeded in this process
 
 
 def _libc():
@@ -57,7 +58,16 @@ def keep_freed_memory(mmap_threshold: int = DEFAULT_THRESHOLD, trim_threshold: i
     if libc is None:
         return False
     ok = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
-    return bool(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1 and ok)
+    ok = libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1 and ok
+    if ok and not _APPLIED:
+        _APPLIED.append(True)
+    return bool(ok)
+
+
+def keeps_freed_memory() -> bool:
+    """Whether ``keep_freed_memory()`` has been applied in this process (kernel choices that depend on the
+    allocator read this: see ``robustkern.flatness.grad_norm``)."""
+    return bool(_APPLIED)
 
 
 def enabled_by_env() -> bool:

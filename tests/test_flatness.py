@@ -10,6 +10,7 @@ from torch import nn
 
 import _digits
 from robustkern.flatness import fgr_penalty, gradalign_penalty, input_grad_norm, lfr_loss, lfr_perturb
+from robustkern import cpu_malloc
 from robustkern.flatness import grad_norm as grad_norm_module
 from robustkern.reference.flatness import lfr_loss_reference
 
@@ -101,14 +102,20 @@ def test_backend_choice_reaches_the_fused_path(monkeypatch):
     x, y = _batch()
     input_grad_norm(_conv_net().eval(), x, y, backend="fused")
     assert len(calls) == 1
-    input_grad_norm(_conv_net().eval(), x, y, backend="auto")  # CPU penalty: torch (the fused step is at parity)
+    monkeypatch.setattr(cpu_malloc, "_APPLIED", [])
+    input_grad_norm(_conv_net().eval(), x, y, backend="auto")  # CPU penalty, default allocator: torch
     input_grad_norm(_conv_net().eval(), x, y, backend="torch")
     input_grad_norm(_conv_net(bn=True).train(), x, y, backend="auto")  # batch statistics: torch
     assert len(calls) == 1
+    monkeypatch.setattr(cpu_malloc, "_APPLIED", [True])  # glibc keeps freed memory: the fused step
+    input_grad_norm(_conv_net().eval(), x, y, backend="auto")
+    input_grad_norm(_conv_net(bn=True).train(), x, y, backend="auto")  # still torch: batch statistics
+    assert len(calls) == 2
+    monkeypatch.setattr(cpu_malloc, "_APPLIED", [])
     pooled = _conv_net(pool="max").eval()   # max pooling takes the fused path too (its selections kept)
     torch.testing.assert_close(input_grad_norm(pooled, x, y, backend="fused"),
                                input_grad_norm(pooled, x, y, backend="torch"))
-    assert len(calls) == 2
+    assert len(calls) == 3
     with pytest.raises(TypeError, match="Tanh"):
         input_grad_norm(_conv_net(act=nn.Tanh).eval(), x, y, backend="fused")
 

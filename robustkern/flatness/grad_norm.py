@@ -132,12 +132,15 @@ def _fused_module():
 
 def _use_fused(model: nn.Module, backend: str, auto_on_cpu: bool = True) -> bool:
     """Whether ``backend`` sends ``model`` (in its current train/eval mode) through the fused path.
-    ``auto_on_cpu=False``: ``"auto"`` keeps CPU work on torch (the double-backprop penalty: the fused CPU path, now
-    the one-node step of ``robustkern.flatness.fused_step``, measured 1.01-1.04x torch's speed on the DM MNIST
-    models (0.94-1.06x on a loaded machine): within noise, it saves 1-3 MB more and its double backward is
-    once-differentiable;
-    the op-based CPU path was 0.81-0.98x; benchmarks/bench_flatness_fused.py)."""
-    if backend == "torch" or (backend == "auto" and not auto_on_cpu and not _on_gpu(model)):
+    ``auto_on_cpu=False`` (the double-backprop penalty): on the CPU ``"auto"`` takes the fused step only when
+    glibc keeps freed memory (``robustkern.cpu_malloc.keep_freed_memory()``, which the ``robustkern`` command
+    applies), else PyTorch's double backprop. The fused CPU step (``robustkern.flatness.fused_step``) runs the
+    same oneDNN products as PyTorch's: with freed memory kept it measured 1.10x / 1.02x / 1.05x PyTorch's speed
+    on the DM MNIST small / medium / large models, under glibc's default thresholds 0.88-1.15x from run to run
+    (page faults of re-allocated tensors, more of them in the fused step on one model);
+    benchmarks/bench_flatness_fused.py."""
+    if backend == "torch" or (backend == "auto" and not auto_on_cpu and not _on_gpu(model)
+                              and not _keeps_freed_memory()):
         return False
     fused = _fused_module()
     if backend == "fused":
@@ -149,6 +152,11 @@ def _use_fused(model: nn.Module, backend: str, auto_on_cpu: bool = True) -> bool
             raise _fused_error(reason)
         return True
     return fused is not None and fused.supports(model)
+
+
+def _keeps_freed_memory() -> bool:
+    from ..cpu_malloc import keeps_freed_memory
+    return keeps_freed_memory()
 
 
 def _on_gpu(model: nn.Module) -> bool:
