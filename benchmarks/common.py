@@ -1,8 +1,9 @@
 """Shared benchmark harness: timing, peak memory, environment stamps, tables, CSV and RESULTS.md.
 
-Timing. On CUDA ``triton.testing.do_bench`` gives the 0.5/0.2/0.8 quantiles of each provider in turn. On CPU
-wall clock is noisy (the machines are shared), so ``time_cpu`` runs every provider once per round, rotating
-the order between rounds, and reports the median and the minimum over rounds after a warm-up.
+Timing. On CUDA ``triton.testing.do_bench`` gives the 0.5/0.2/0.8 quantiles of each provider in turn
+(``time_cuda``: at least 5 timed calls; a call too slow for that many in do_bench's budget is timed with CUDA
+events instead). On CPU wall clock is noisy (the machines are shared), so ``time_cpu`` runs every provider once
+per round, rotating the order between rounds, and reports the median and the minimum over rounds after a warm-up.
 
 Memory. On CUDA: ``torch.cuda.max_memory_allocated`` during one call, minus what was allocated before
 ("peak"). On CPU there is no allocator high-water mark, so the figure is the bytes autograd keeps for the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import math
 import os
 import platform
 import re
@@ -25,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -114,14 +116,71 @@ class Timing:
     median_ms: float
     low_ms: float            # CPU: minimum over rounds; CUDA: 0.2 quantile
     high_ms: float           # CPU: maximum over rounds; CUDA: 0.8 quantile
-    samples: int
+    samples: int             # timed calls (-1: unknown)
 
 
-def time_cuda(fn: Callable[[], object], grad_to_none=None, rep_ms: int = 200) -> Timing:
+def timing_from_samples(ms: Sequence[float]) -> Timing:
+    """Median and 0.2/0.8 quantiles of per-call times (linear interpolation between order statistics, as
+    ``torch.quantile`` and ``triton.testing.do_bench`` compute them); ``samples`` = their number."""
+    if not ms:
+        raise ValueError("timing_from_samples: no timed calls")
+    xs = sorted(float(v) for v in ms)
+
+    def quantile(q: float) -> float:
+        point = q * (len(xs) - 1)
+        lo, hi = math.floor(point), math.ceil(point)
+        return xs[lo] + (point - lo) * (xs[hi] - xs[lo])
+
+    med, q20, q80 = (quantile(q) for q in QUANTILES)
+    return Timing(med, q20, q80, samples=len(xs))
+
+
+def needs_own_loop(estimate_ms: float, rep_ms: float, min_reps: int) -> bool:
+    """Whether ``do_bench(rep=rep_ms)`` would time fewer than ``min_reps`` calls of a call of ``estimate_ms``
+    (it times ``max(1, int(rep / estimate))`` calls), so that ``time_cuda`` times ``min_reps`` calls itself."""
+    return estimate_ms > 0 and max(1, int(rep_ms / estimate_ms)) < min_reps
+
+
+def _cuda_event_times(fn: Callable[[], object], n: int, grad_to_none=None) -> list[float]:
+    """Milliseconds of ``n`` calls of ``fn``, each between a pair of CUDA events on the current stream (the
+    gradients of ``grad_to_none`` cleared before each call, outside the timed span); one synchronisation at
+    the end, as in ``do_bench``. No L2 flush between calls: this path is for calls of tens of ms and more."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for start_event, end_event in zip(starts, ends):
+        for t in grad_to_none or ():
+            t.grad = None
+        start_event.record()
+        fn()
+        end_event.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def time_cuda(fn: Callable[[], object], grad_to_none=None, rep_ms: int = 200, min_reps: int = 5) -> Timing:
+    """Median and 0.2/0.8 quantiles of ``fn`` on the current CUDA device over at least ``min_reps`` timed calls.
+
+    One untimed call, then one call timed with CUDA events gives an estimate. ``triton.testing.do_bench(rep=
+    rep_ms)`` times ``int(rep_ms / estimate)`` calls, a single one for calls over ``rep_ms / 2``; when that is
+    fewer than ``min_reps`` (``needs_own_loop``) the ``min_reps`` calls are timed here with CUDA events
+    (``_cuda_event_times``), else ``do_bench`` times them (with its own warm-up and L2 flushes). Either way the
+    per-call times become the ``Timing`` (``timing_from_samples``)."""
+    if min_reps < 1:
+        raise ValueError(f"time_cuda: min_reps must be >= 1, got {min_reps}")
+    fn()                                                           # warm-up (compilation, allocator)
+    torch.cuda.synchronize()
+    estimate_ms = _cuda_event_times(fn, 1, grad_to_none)[0]
+    if needs_own_loop(estimate_ms, rep_ms, min_reps):
+        return timing_from_samples(_cuda_event_times(fn, min_reps, grad_to_none))
     import triton.testing
 
-    med, q20, q80 = triton.testing.do_bench(fn, grad_to_none=grad_to_none, rep=rep_ms, quantiles=list(QUANTILES))
-    return Timing(med, q20, q80, samples=-1)
+    try:
+        times = triton.testing.do_bench(fn, grad_to_none=grad_to_none, rep=rep_ms, return_mode="all")
+    except (AssertionError, TypeError):   # a Triton without return_mode="all": its quantiles, count unknown
+        med, q20, q80 = triton.testing.do_bench(fn, grad_to_none=grad_to_none, rep=rep_ms,
+                                                quantiles=list(QUANTILES))
+        return Timing(med, q20, q80, samples=-1)
+    return timing_from_samples(times)
 
 
 def time_cpu(fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, Timing]:
