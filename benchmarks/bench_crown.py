@@ -17,7 +17,16 @@ Providers
   auto_lirpa       auto_LiRPA ``compute_bounds(method="CROWN-IBP", bound_upper=False)``
   auto_lirpa-lf    auto_LiRPA loss fusion (``CrossEntropyWrapper`` + ``loss_fusion``), when it parses
 
-    PYTHONPATH=python:. python benchmarks/bench_crown.py --threads 1 [--write-results]
+Device (``--device``, default CUDA when available). CPU: ``common.time_cpu`` (interleaved rounds, ``--threads``
+torch threads) and "saved MB" (bytes autograd keeps for the backward, fwd+bwd rows only). CUDA: ``common.time_cuda``
+per provider (triton do_bench, at least 5 timed calls) and "peak MB" (``common.cuda_peak_bytes``: peak allocated
+during one call, both modes), TF32 off for every provider (robustkern's bound ops force IEEE fp32 themselves; the
+run sets ``torch.backends.cuda.matmul.fp32_precision`` and ``torch.backends.cudnn.conv.fp32_precision`` to "ieee"
+for the others), and the issue's GPU targets below the table (``target_lines``).
+
+    PYTHONPATH=python:. python benchmarks/bench_crown.py --device cpu --threads 1 [--write-results]
+    PYTHONPATH=python:. python benchmarks/bench_crown.py --device cuda --models cnn_7layer_bn --batch 256 \
+        --write-results
 """
 from __future__ import annotations
 
@@ -34,7 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from bench_ibp import Unavailable, import_auto_lirpa, make_case  # noqa: E402
+from bench_ibp import Unavailable, backend_label, import_auto_lirpa, make_case  # noqa: E402
 
 import robustkern.bounds.crown as rk_crown  # noqa: E402
 from robustkern.bounds import BoundedModule, crown_ibp_loss, robust_cross_entropy  # noqa: E402
@@ -42,6 +51,10 @@ from robustkern.reference import crown as ref_crown  # noqa: E402
 
 BENCH = "crown"
 PROVIDERS = ["plain", "robustkern-ibp", "robustkern", "robustkern-lf", "eager", "auto_lirpa", "auto_lirpa-lf"]
+# The issue's GPU targets for the CROWN-IBP robust loss (fwd and fwd+bwd): robustkern at least 3x faster than
+# auto_LiRPA's plain CROWN-IBP, at most half its peak memory, and robustkern's loss fusion faster than auto_LiRPA's.
+TARGET_X_AUTO_LIRPA = 3.0
+TARGET_MEM_X_AUTO_LIRPA = 0.5
 
 
 def setup(name, case, args):
@@ -66,7 +79,7 @@ def setup(name, case, args):
     np, LBM, BoundedTensor, PerturbationLpNorm = import_auto_lirpa(args.lirpa_path)
     ptb = PerturbationLpNorm(norm=np.inf, eps=case.eps, x_L=case.lower, x_U=case.upper)
     if name == "auto_lirpa":
-        bm = LBM(copy.deepcopy(model).eval(), torch.zeros_like(case.x[:1]),
+        bm = LBM(copy.deepcopy(model).eval(), torch.zeros_like(case.x[:1]), device=case.x.device,
                  bound_opts={"forward_before_compute_bounds": True})
         bm.train(model.training)
         xb = BoundedTensor(case.x, ptb)
@@ -79,7 +92,7 @@ def setup(name, case, args):
         importlib.import_module("torch.onnx._internal.torchscript_exporter.symbolic_opset11")
         from auto_LiRPA import CrossEntropyWrapper
         bm = LBM(CrossEntropyWrapper(copy.deepcopy(model).eval()), (torch.zeros_like(case.x[:1]), case.y[:1]),
-                 bound_opts={"loss_fusion": True, "forward_before_compute_bounds": True})
+                 device=case.x.device, bound_opts={"loss_fusion": True, "forward_before_compute_bounds": True})
     except Exception as e:  # noqa: BLE001
         raise Unavailable(f"loss fusion did not build ({type(e).__name__}: {str(e)[:80]})") from None
     bm.train(model.training)
@@ -92,18 +105,72 @@ def setup(name, case, args):
     return loss, list(bm.parameters())
 
 
-def main():
+def target_lines(rows: list[common.Row]) -> list[str]:
+    """The issue's GPU targets per (model, batch, mode), from the medians and peak memory of ``rows``: robustkern
+    >= ``TARGET_X_AUTO_LIRPA`` x faster than auto_lirpa, its peak memory <= ``TARGET_MEM_X_AUTO_LIRPA`` x
+    auto_lirpa's, robustkern-lf faster than auto_lirpa-lf. A provider missing or failed reads "not measured"."""
+    by_case: dict[tuple, dict[str, common.Row]] = {}
+    for r in rows:
+        by_case.setdefault((r.case["model"], r.case["batch"], r.case["mode"]), {})[r.provider] = r
+
+    def verdict(x, met, want):
+        got = "not measured" if x is None else f"{x:.2f}x -> {'met' if met(x) else 'MISSED'}"
+        return f"{got} (target {want})"
+
+    lines = []
+    for (model, batch, mode), provs in by_case.items():
+        ours, lirpa = provs.get("robustkern"), provs.get("auto_lirpa")
+        ours_lf, lirpa_lf = provs.get("robustkern-lf"), provs.get("auto_lirpa-lf")
+        speed = common.ratio(lirpa, ours) if ours and lirpa else None
+        measured = ours and lirpa and ours.ok and lirpa.ok and ours.mem_bytes is not None and lirpa.mem_bytes
+        mem = ours.mem_bytes / lirpa.mem_bytes if measured else None
+        speed_lf = common.ratio(lirpa_lf, ours_lf) if ours_lf and lirpa_lf else None
+        label = f"- {model} batch {batch} {mode}: "
+        lines += [
+            label + "robustkern speed-up over auto_lirpa: "
+            + verdict(speed, lambda x: x >= TARGET_X_AUTO_LIRPA, f">= {TARGET_X_AUTO_LIRPA:.1f}x"),
+            label + "robustkern peak memory over auto_lirpa's: "
+            + verdict(mem, lambda x: x <= TARGET_MEM_X_AUTO_LIRPA, f"<= {TARGET_MEM_X_AUTO_LIRPA:.1f}x"),
+            label + "robustkern-lf speed-up over auto_lirpa-lf: " + verdict(speed_lf, lambda x: x > 1, "> 1x")]
+    return lines
+
+
+def _time_cuda_each(fns: dict, notes: dict) -> dict:
+    """``common.time_cuda`` of each provider in turn; one that fails (out of memory, say) is dropped from ``fns``
+    with a note, the others still run."""
+    timings = {}
+    for name, fn in list(fns.items()):
+        try:
+            timings[name] = common.time_cuda(fn)
+        except Exception as e:  # noqa: BLE001
+            notes[name] = f"failed: {type(e).__name__}: {str(e)[:80]}"
+            traceback.print_exc()
+            del fns[name]
+            torch.cuda.empty_cache()
+    return timings
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="cifar_medium:padding=1,cnn_7layer_bn")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (CPU)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs only)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--lirpa-path", default=os.environ.get("AUTO_LIRPA_PATH", "/work/scratch/lirpa"))
+    ap.add_argument("--no-save", action="store_true", help="do not append the rows to results/crown.csv")
     ap.add_argument("--write-results", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if device.type == "cuda":
+        # Like for like: robustkern's bound ops force IEEE fp32 themselves; plain, eager and auto_LiRPA get it here.
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+    else:
+        torch.set_num_threads(args.threads)
     env = common.Environment.capture(device)
     rows = []
     for model_name in args.models.split(","):
@@ -126,19 +193,39 @@ def main():
                 else:
                     fns[name] = (lambda fn=fn, ps=ps: _fwdbwd(fn, ps))
                 params[name] = ps
-            timings = common.time_cpu(fns, rounds=args.rounds) if fns else {}
+            if device.type == "cuda":
+                timings = _time_cuda_each(fns, notes)
+            else:
+                timings = common.time_cpu(fns, rounds=args.rounds) if fns else {}
             key = {"model": model_name, "batch": args.batch, "mode": mode}
             for name in args.providers.split(","):
                 mem = None
-                if name in fns and mode == "fwd+bwd":
+                if name in fns and device.type == "cuda":
+                    mem = common.cuda_peak_bytes(fns[name], device)
+                elif name in fns and mode == "fwd+bwd":
                     mem = common.saved_tensor_bytes(lambda n=name: fns[n](), exclude=params[name])
                 rows.append(common.Row(key, name, timings.get(name), mem, notes.get(name, "")))
     body = common.table(rows, ["model", "batch", "mode"], device, "robustkern", "plain")
     print(body)
-    common.append_csv(BENCH, rows, env, device)
+    targets = target_lines(rows) if device.type == "cuda" else []
+    if targets:
+        print("\nGPU targets:\n" + "\n".join(targets))
+    if not args.no_save:
+        common.append_csv(BENCH, rows, env, device)
     if args.write_results:
-        intro = ("CPU, small batch (" + str(args.batch) + "), L-inf eps 2/255, 9 margin specs, BatchNorm in training "
-                 "mode. GPU rows: not measured: no GPU in this session.\n\n")
+        if device.type == "cuda":
+            intro = (f"CUDA, batch {args.batch}, L-inf eps 2/255, 9 margin specs, BatchNorm in training mode; "
+                     f"robustkern backend: {backend_label(device)}. TF32 off for every provider: robustkern's bound "
+                     "ops force IEEE fp32 themselves, and the run sets `torch.backends.cuda.matmul.fp32_precision` "
+                     "and `torch.backends.cudnn.conv.fp32_precision` to \"ieee\" for plain, eager and auto_LiRPA. "
+                     "Timings: median, p20/p80 from `common.time_cuda` (triton do_bench, at least 5 timed calls) per "
+                     "provider; peak MB: `torch.cuda.max_memory_allocated` during one call minus what was allocated "
+                     "before; `x robustkern` = provider median / robustkern median (above 1: robustkern is faster)."
+                     "\n\n")
+            body += "\n\nGPU targets, from the medians and peak memory above:\n" + "\n".join(targets)
+        else:
+            intro = ("CPU, small batch (" + str(args.batch) + "), L-inf eps 2/255, 9 margin specs, BatchNorm in "
+                     "training mode. GPU rows: not measured: no GPU in this session.\n\n")
         common.update_results_md(BENCH, "CROWN-IBP robust loss (`bench_crown.py`)", intro + body, env,
                                  variant=f"batch {args.batch}")
 

@@ -6,8 +6,7 @@
 #   bash benchmarks/gpu_session.sh bench-a            # ON THE GPU: soundness under cuDNN choice, IBP, attacks
 #   bash benchmarks/gpu_session.sh bench-b            # ON THE GPU: randomized-smoothing certification
 #   bash benchmarks/gpu_session.sh bench-c            # ON THE GPU: flatness, smoothing-based training
-#   bash benchmarks/gpu_session.sh bench-d            # ON THE GPU: CROWN, fused flatness, MACER tail (a step is
-#                                                     #   skipped while its script lacks --device)
+#   bash benchmarks/gpu_session.sh bench-d            # ON THE GPU: CROWN, fused flatness, MACER tail
 #   bash benchmarks/gpu_session.sh collect DIR        # HERE, after each call: DIR = the call's files_at
 #   bash benchmarks/gpu_session.sh --dry-run all      # HERE: every phase on this CPU at tiny sizes, in a copy
 #   bash benchmarks/gpu_session.sh --list             # the step table with the estimates
@@ -35,7 +34,7 @@
 # MAX_JOBS=16 (about 10 translation units, the slowest one nvcc), Triton autotuning (up to 6 configurations per
 # kernel variant, compiled one after the other), torch.compile. Per phase, with the extension restored or warm:
 #   build-test ~390 s (the build ~150 of it)   bench-a ~385 s   bench-b ~385 s   bench-c ~275 s
-#   bench-d ~345 s (~95 s while bench_crown.py has no --device)
+#   bench-d ~345 s
 # Sum ~1435 s (24 min) plus ~1-2 min for each call that finds no warm machine; a phase that must rebuild the
 # extension on a fresh machine adds ~150 s (the budget guard then skips its last steps; rerun them).
 set -uo pipefail
@@ -83,7 +82,7 @@ bench-c    | ext                   |   5 | 240 | @ensure_ext
 bench-c    | flatness              | 150 | 300 | bench_flatness.py --device cuda --models small_cnn,small_cnn_avg,preact_resnet18 --batch 128,128,128 --write-results
 # ResNet-110 batch 64: SmoothAdv m=4 T=10 ~3 TFLOP a step, MACER k=16 ~1.5; launch-bound at this size.
 bench-c    | smoothing-train       | 120 | 300 | bench_smoothing_train.py --models cifar_small,resnet110 --batch 64,64 --write-results
-# ---- CROWN (skipped while bench_crown.py has no --device), fused flatness, MACER tail
+# ---- CROWN, fused flatness, MACER tail
 bench-d    | ext                   |   5 | 240 | @ensure_ext
 bench-d    | crown-cnn7            | 150 | 300 | bench_crown.py --device cuda --models cnn_7layer_bn --batch 256 --write-results
 bench-d    | crown-medium          | 100 | 240 | bench_crown.py --device cuda --models cifar_medium:padding=1 --batch 64 --write-results
@@ -107,8 +106,8 @@ attacks               | 300 | bench_attacks.py --device cpu --threads 1 --quick 
 smoothing             | 300 | bench_smoothing.py --models cifar_small --n 200 --n0 10 --images 1 --batch 100 --threads 1 --rounds 1 --no-compiled --write-results
 flatness              | 300 | bench_flatness.py --device cpu --threads 1 --quick --models small_cnn,small_cnn_avg --write-results
 smoothing-train       | 300 | bench_smoothing_train.py --models cifar_small --batch 2 --rounds 1 --smoothadv-steps 1 --trades-steps 1 --write-results
-crown-cnn7            | 300 | bench_crown.py --device cpu --models cnn_7layer_bn --batch 2 --rounds 1 --write-results
-crown-medium          | 300 | bench_crown.py --device cpu --models cifar_medium:padding=1 --batch 2 --rounds 1 --write-results
+crown-cnn7            | 300 | bench_crown.py --device cpu --models cnn_7layer_bn --batch 2 --rounds 1 --no-save
+crown-medium          | 300 | bench_crown.py --device cpu --models cifar_medium:padding=1 --batch 2 --rounds 1 --no-save
 flatness-fused        | 300 | bench_flatness_fused.py --device cpu --models mnist_small --batch 8 --rounds 1 --no-save
 macer-tail            | 300 | bench_macer_tail.py --device cpu --rounds 10 --repeats 1 --no-save
 EOF
