@@ -106,8 +106,8 @@ attacks               | 300 | bench_attacks.py --device cpu --threads 1 --quick 
 smoothing             | 300 | bench_smoothing.py --models cifar_small --n 200 --n0 10 --images 1 --batch 100 --threads 1 --rounds 1 --no-compiled --write-results
 flatness              | 300 | bench_flatness.py --device cpu --threads 1 --quick --models small_cnn,small_cnn_avg --write-results
 smoothing-train       | 300 | bench_smoothing_train.py --models cifar_small --batch 2 --rounds 1 --smoothadv-steps 1 --trades-steps 1 --write-results
-crown-cnn7            | 300 | bench_crown.py --device cpu --models cnn_7layer_bn --batch 2 --rounds 1 --no-save
-crown-medium          | 300 | bench_crown.py --device cpu --models cifar_medium:padding=1 --batch 2 --rounds 1 --no-save
+crown-cnn7            | 300 | bench_crown.py --device cpu --models cnn_7layer_bn --batch 2 --rounds 1 --write-results
+crown-medium          | 300 | bench_crown.py --device cpu --models cifar_medium:padding=1 --batch 2 --rounds 1 --write-results
 flatness-fused        | 300 | bench_flatness_fused.py --device cpu --models mnist_small --batch 8 --rounds 1 --no-save
 macer-tail            | 300 | bench_macer_tail.py --device cpu --rounds 10 --repeats 1 --no-save
 EOF
