@@ -1,21 +1,10 @@
 """benchmarks/bench_crown.py with --device: the GPU target lines, the per-provider CUDA timing that drops a failing
 provider, the device check, and a batch-1 CPU run that writes neither RESULTS.md nor, with --no-save, the CSV."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"robustkern_bench_{name}", _BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from _bench import load_bench as _load
 
 
 crown_bench = _load("bench_crown")

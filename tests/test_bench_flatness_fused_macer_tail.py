@@ -1,22 +1,11 @@
 """The device-independent parts of benchmarks/bench_flatness_fused.py and benchmarks/bench_macer_tail.py: the GPU
 target lines, the CPU-only option refused on CUDA, the choice of the repeat shown, and a tiny MACER tail case."""
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"robustkern_bench_{name}", _BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from _bench import load_bench as _load
 
 
 fused_bench = _load("bench_flatness_fused")

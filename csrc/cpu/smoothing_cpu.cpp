@@ -102,6 +102,15 @@ struct NoiseArgs {
   int64_t rows, d, hw;     // hw: elements per channel
 };
 
+// The counter words of row r: (image key, sample index, stream).
+struct RowKey {
+  uint32_t image, sample, stream;
+};
+inline RowKey row_key(const NoiseArgs& a, int64_t r) {
+  return {static_cast<uint32_t>(a.counter[3 * r + 0]), static_cast<uint32_t>(a.counter[3 * r + 1]),
+          static_cast<uint32_t>(a.counter[3 * r + 2])};
+}
+
 // The portable path: the Philox rounds as a plain (auto-vectorised) loop, log / cos / sin by ATen's own
 // float64 kernels (the ones the reference calls; serial here, inside at::parallel_for). Buffers: o (4 kBlk
 // words), rho (2 kBlk: A then B), theta, cos, sin (2 kBlk each); t_* wrap them.
@@ -159,9 +168,8 @@ void noise_rows(const NoiseArgs& a, Out* __restrict__ out, int64_t begin, int64_
   for (int64_t r = begin; r < end; ++r) {
     const float* __restrict__ xr = a.x + a.src[r] * a.d;
     Out* __restrict__ orow = out + r * a.d;
-    const uint32_t image = static_cast<uint32_t>(a.counter[3 * r + 0]);
-    const uint32_t sample = static_cast<uint32_t>(a.counter[3 * r + 1]);
-    const uint32_t stream = static_cast<uint32_t>(a.counter[3 * r + 2]);
+    const RowKey k = row_key(a, r);
+    const uint32_t image = k.image, sample = k.sample, stream = k.stream;
     for (int64_t e0 = 0; e0 < a.d; e0 += kChunk) {
       const int64_t n = std::min(kChunk, a.d - e0);
       if (vector) {
@@ -226,9 +234,8 @@ void noise_rows_pixel_major(const NoiseArgs& a, Out* __restrict__ out, int64_t b
   for (int64_t r = begin; r < end; ++r) {
     const float* __restrict__ xr = a.x + a.src[r] * a.d;
     Out* __restrict__ orow = out + r * a.d;
-    const uint32_t image = static_cast<uint32_t>(a.counter[3 * r + 0]);
-    const uint32_t sample = static_cast<uint32_t>(a.counter[3 * r + 1]);
-    const uint32_t stream = static_cast<uint32_t>(a.counter[3 * r + 2]);
+    const RowKey k = row_key(a, r);
+    const uint32_t image = k.image, sample = k.sample, stream = k.stream;
     for (int64_t p0 = 0; p0 < hw; p0 += kPixelBlock) {
       const int64_t np = std::min(kPixelBlock, hw - p0);
       for (int64_t c = 0; c < C; ++c) {
