@@ -12,8 +12,8 @@ alike.
 ``keep_freed_memory()`` fixes both thresholds (``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``) so that blocks up
 to ``mmap_threshold`` bytes come from the heap and freed memory stays there for reuse: once the heap has settled
 (a few steps; small allocations interleaved with the large ones fragment it at first) no page is faulted in
-again. The price is that the process keeps its peak heap (up to ``trim_threshold`` bytes
-of it free) until it exits, which suits a training or certification run. It changes the whole process (every
+again. The price is that the process keeps its peak heap (up to ``trim_threshold`` bytes of it free) until it
+exits, which suits a training or certification run. It changes the whole process (every
 library's allocations), so the library never calls it on import; the ``robustkern`` command does at start-up
 unless ``ROBUSTKERN_KEEP_FREED_MEMORY=0``. The same effect without code:
 ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824``.

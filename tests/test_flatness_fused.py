@@ -394,3 +394,14 @@ def test_max_pool_is_for_the_gradient_paths_only():
         capture(m)
     assert [n.kind for n in capture(m, extra=("maxpool",))].count("maxpool") == 2
     assert fused.supports(m)
+
+
+def test_unsupported_message_lists_what_each_caller_takes():
+    """The flatness paths name MaxPool2d among what they support; bound propagation's message does not."""
+    from robustkern.bounds.graph import capture
+
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    assert fused.unsupported_reason(m).rstrip().endswith("MaxPool2d")
+    with pytest.raises(UnsupportedLayerError) as info:
+        capture(m)
+    assert "Tanh" in str(info.value) and "MaxPool2d" not in str(info.value)

@@ -85,10 +85,12 @@ SUPPORTED = ("Linear, Conv2d, ReLU, BatchNorm1d, BatchNorm2d, Flatten, AvgPool2d
              "Normalize, + of two branches, view/reshape/flatten keeping the batch dimension")
 
 
-def _unsupported(what: str, where: str, node: fx.Node) -> UnsupportedLayerError:
+def _unsupported(what: str, where: str, node: fx.Node, extra=()) -> UnsupportedLayerError:
+    also = "".join(f", {t.__name__}" for types, kind in _EXTRA_MODULE_KINDS if kind in extra
+                   for t in (types if isinstance(types, tuple) else (types,)))
     return UnsupportedLayerError(
         f"robustkern.bounds: unsupported layer {what} at '{where}' (fx node '{node.name}'); supported: "
-        f"{SUPPORTED}")
+        f"{SUPPORTED}{also}")
 
 
 def _module_kind(m: nn.Module, path: str, node: fx.Node, extra=()) -> str:
@@ -98,9 +100,9 @@ def _module_kind(m: nn.Module, path: str, node: fx.Node, extra=()) -> str:
         if isinstance(m, types):
             break
     else:
-        raise _unsupported(type(m).__name__, path, node)
+        raise _unsupported(type(m).__name__, path, node, extra)
     if kind == "maxpool" and m.return_indices:
-        raise _unsupported("MaxPool2d(return_indices=True)", path, node)
+        raise _unsupported("MaxPool2d(return_indices=True)", path, node, extra)
     if kind == "conv2d":
         if m.padding_mode != "zeros":
             raise _unsupported(f"Conv2d(padding_mode={m.padding_mode!r})", path, node)

@@ -11,12 +11,11 @@ a layer. The walkers here do the graph's bookkeeping:
                 users; ``+`` passes its gradient to both branches, a reshape back to its input's shape, Identity on
 
 and hand every layer (Linear, Conv2d, ReLU, BatchNorm, Normalize, AvgPool2d, MaxPool2d) to the caller's
-callback. The
-layer maps both paths compute alike are here too: ``layer_forward`` (the layer as the model runs it),
-``layer_jvp`` (its Jacobian product: the layer without bias or shift) and ``layer_vjp`` (the transposed
+callback. The layer maps both paths compute alike are here too: ``layer_forward`` (the layer as the model runs
+it), ``layer_jvp`` (its Jacobian product: the layer without bias or shift) and ``layer_vjp`` (the transposed
 Jacobian of the layers that are the same linear map in both paths: BatchNorm in eval mode, Normalize,
-AvgPool2d), and the max pool's three maps given its selections (``maxpool_*``: each path keeps the indices
-on its own tape). ReLU and the transposes of Linear/Conv2d are each path's own (bit masks and fused ops vs. saved
+AvgPool2d), and the max pool's three maps given its selections (``maxpool_*``: each path keeps the indices on
+its own tape). ReLU and the transposes of Linear/Conv2d are each path's own (bit masks and fused ops vs. saved
 outputs and GEMM/fold kernels).
 """
 from __future__ import annotations

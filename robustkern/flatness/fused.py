@@ -4,9 +4,9 @@ For a network ``f`` built from piecewise-linear layers (Linear, Conv2d, ReLU, Av
 BatchNorm, Normalize, Flatten/reshape, Identity, eval-mode Dropout, ``+`` of branches) the per-example input
 gradient of ``ell_i = CE(f(x_i), y_i)`` is ``g_i = J_i^T s_i`` with ``s_i = softmax(z_i) - onehot(y_i)``
 (``z = f(x)``) and ``J_i`` the logit Jacobian, which is piecewise constant in ``x`` (fixed by the ReLU masks and
-the max pools' selections). This module
-runs its own forward (ReLU masks recorded as bits by ``robustkern::relu_bits``; no activation kept beyond what the
-weight gradients need) and its own backward ``J^T`` from ops that are themselves differentiable:
+the max pools' selections). This module runs its own forward (ReLU masks recorded as bits by
+``robustkern::relu_bits``, max-pool selections as ATen's indices; no activation kept beyond what the weight
+gradients need) and its own backward ``J^T`` from ops that are themselves differentiable:
 
     seed             robustkern::softmax_ce_grad      (backward: the softmax curvature, fused)
     Linear^T + mask  robustkern::linear_input_grad    (mask of the ReLU feeding the layer applied in the op;
