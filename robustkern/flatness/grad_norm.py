@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..cpu_malloc import keeps_freed_memory
+
 __all__ = ["input_grad_norm", "frozen_bn_stats", "DEFAULT_H", "BACKENDS", "METHODS", "NORMS", "SCHEMES"]
 
 BACKENDS = ("auto", "torch", "fused")
@@ -140,7 +142,7 @@ def _use_fused(model: nn.Module, backend: str, auto_on_cpu: bool = True) -> bool
     (page faults of re-allocated tensors, more of them in the fused step on one model);
     benchmarks/bench_flatness_fused.py."""
     if backend == "torch" or (backend == "auto" and not auto_on_cpu and not _on_gpu(model)
-                              and not _keeps_freed_memory()):
+                              and not keeps_freed_memory()):
         return False
     fused = _fused_module()
     if backend == "fused":
@@ -152,11 +154,6 @@ def _use_fused(model: nn.Module, backend: str, auto_on_cpu: bool = True) -> bool
             raise _fused_error(reason)
         return True
     return fused is not None and fused.supports(model)
-
-
-def _keeps_freed_memory() -> bool:
-    from ..cpu_malloc import keeps_freed_memory
-    return keeps_freed_memory()
 
 
 def _on_gpu(model: nn.Module) -> bool:
