@@ -29,8 +29,9 @@ DM MNIST small/medium/large, quiet machine): 1.15x / 0.96x / 1.08x PyTorch's dou
 same oneDNN products, and the user CPU time of the two is equal to 1-3%; the difference is system time: the
 page faults glibc's allocator causes when it returns freed blocks to the kernel and maps fresh ones (10-28 k
 faults per step on mnist_medium, varying from run to run for either). With ``mallopt`` thresholds that keep
-freed memory (``robustkern.cpu_malloc``), both steps are ~20% faster and equal. The LFR direction
-(``lfr_direction``: no graph at all) is 1.48x / 1.25x / 1.35x PyTorch's double backprop.
+freed memory (``robustkern.cpu_malloc``) both steps are ~20% faster on mnist_medium and this one is 1.10x /
+1.02x / 1.05x PyTorch's. The LFR direction (``lfr_direction``: no graph at all) is 1.16-1.50x PyTorch's double
+backprop over three runs.
 
 The backward is itself not differentiable (``once_differentiable``: a third derivative raises); the op-based
 path of ``robustkern.flatness.fused`` (``impl="ops"``) keeps every order. Exact as PyTorch's double backprop
