@@ -11,6 +11,7 @@ input box clipped to the data range, ``model(x)``, then by ``bound_type``):
   IBP         ``compute_bounds(IBP=True, C=c, method=None)``
   CROWN-IBP   the same, then ``compute_bounds(IBP=False, C=c, method="backward", bound_upper=False)`` (CROWN-IBP
               over the stored IBP bounds) and ``lb = clb * factor + ilb * (1 - factor)``
+  CROWN       (``--steps``) ``compute_bounds(IBP=False, C=c, method="backward", bound_upper=False)`` alone: full CROWN
 and the robust cross-entropy of ``lb``.
 
 Providers
@@ -50,7 +51,7 @@ from robustkern.bounds import BoundedModule, crown_ibp_loss  # noqa: E402
 BENCH = "clients_lirpa"
 TITLE = "auto_LiRPA simple_training.py through the facade (`bench_clients_lirpa.py`)"
 PROVIDERS = ["facade", "own", "auto_lirpa"]
-STEPS = ["IBP", "CROWN-IBP"]
+STEPS = ["IBP", "CROWN-IBP"]  # --steps also takes CROWN (the example's full-CROWN bound_type) and CROWN-FAST
 DEFAULT_MODELS = "mlp_3layer,cnn_4layer,cnn_6layer,resnet"
 NUM_CLASSES = 10
 
@@ -279,7 +280,7 @@ def run(args) -> list[common.Row]:
         model = EXAMPLE_MODELS[model_name](1, 28).to(device).train()
         data = torch.rand(args.batch, 1, 28, 28, device=device)
         labels = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
-        for step in STEPS:
+        for step in args.steps.split(","):
             fns, notes = {}, {}
             losses = {}
             for name in args.providers.split(","):
@@ -313,6 +314,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=DEFAULT_MODELS, help=f"from {', '.join(EXAMPLE_MODELS)}")
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", default=",".join(STEPS), help="bound types: IBP, CROWN-IBP, CROWN-FAST, CROWN")
     ap.add_argument("--eps", type=float, default=0.15)
     ap.add_argument("--max-eps", type=float, default=0.3)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (CPU)")
@@ -326,6 +328,9 @@ def main(argv=None):
     unknown = [m for m in args.models.split(",") if m not in EXAMPLE_MODELS]
     if unknown:
         ap.error(f"unknown model(s) {unknown}; choose from {', '.join(EXAMPLE_MODELS)}")
+    bad = [s for s in args.steps.split(",") if s not in ("IBP", "CROWN-IBP", "CROWN-FAST", "CROWN")]
+    if bad:
+        ap.error(f"unknown step(s) {bad}; choose from IBP, CROWN-IBP, CROWN-FAST, CROWN")
     device = torch.device(args.device)
     env = common.start(device, args.threads if device.type == "cpu" else 0)
     rows = run(args)
@@ -339,7 +344,8 @@ def main(argv=None):
                  "training mode. `x facade` = provider median / facade median; `x own` = over robustkern's own "
                  "API (the facade's overhead). auto_lirpa: auto_LiRPA 0.7.1 itself running the same batch body."
                  "\n\n")
-        common.update_results_md(BENCH, TITLE, intro + body, env, variant=f"batch {args.batch}")
+        steps = "" if args.steps == ",".join(STEPS) else f", {args.steps}"
+        common.update_results_md(BENCH, TITLE, intro + body, env, variant=f"batch {args.batch}{steps}")
 
 
 if __name__ == "__main__":

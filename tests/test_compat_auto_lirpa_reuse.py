@@ -30,6 +30,15 @@ def _case(eps: float = 0.1, batch: int = 6):
     return x, y, lo, hi, margin_spec(y, 5)
 
 
+def _setup(bn: bool = False, **opts):
+    """A model, its case, the facade on it and the batch as a BoundedTensor over the clipped box."""
+    model = _cnn(bn)
+    x, y, lo, hi, C = _case()
+    lirpa = BoundedModule(model, torch.zeros(2, 1, 14, 14), **opts)
+    xb = BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=0.1, x_L=lo, x_U=hi))
+    return model, x, y, lo, hi, C, lirpa, xb
+
+
 def _rk(model, x, lo, hi, C, method):
     return RKModule(model, x).compute_bounds_box(lo, hi, method=method, C=C, sound=False, x=x)[0]
 
@@ -39,10 +48,7 @@ def _close(a, b):
 
 
 def test_ibp_then_backward_without_input_is_crown_ibp():
-    model = _cnn()
-    x, y, lo, hi, C = _case()
-    lirpa = BoundedModule(model, torch.zeros(2, 1, 14, 14), bound_opts={"activation_bound_option": None})
-    xb = BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=0.1, x_L=lo, x_U=hi))
+    model, x, y, lo, hi, C, lirpa, xb = _setup(bound_opts={"activation_bound_option": None})
     ilb, iub = lirpa.compute_bounds(x=(xb,), IBP=True, method=None, C=C)
     clb, cub = lirpa.compute_bounds(IBP=False, C=C, method="backward", bound_upper=False)
     assert cub is None and iub is not None
@@ -54,10 +60,7 @@ def test_ibp_then_backward_without_input_is_crown_ibp():
 
 def test_example_call_sequence_forward_ibp_backward():
     """simple_training.py: ``model(x)``, then both calls without ``x``; the gradients are CROWN-IBP's too."""
-    model = _cnn()
-    x, y, lo, hi, C = _case()
-    lirpa = BoundedModule(model, torch.zeros(2, 1, 14, 14))
-    xb = BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=0.1, x_L=lo, x_U=hi))
+    model, x, y, lo, hi, C, lirpa, xb = _setup()
     out = lirpa(xb)
     ilb, _ = lirpa.compute_bounds(IBP=True, C=C, method=None)
     clb, _ = lirpa.compute_bounds(IBP=False, C=C, method="backward", bound_upper=False)
@@ -75,10 +78,7 @@ def test_example_call_sequence_forward_ibp_backward():
 
 
 def test_given_input_or_forward_clears_the_stored_bounds():
-    model = _cnn()
-    x, y, lo, hi, C = _case()
-    lirpa = BoundedModule(model, x)
-    xb = BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=0.1, x_L=lo, x_U=hi))
+    model, x, y, lo, hi, C, lirpa, xb = _setup()
     crown = _rk(model, x, lo, hi, C, "CROWN")
     lirpa.compute_bounds(x=(xb,), IBP=True, method=None, C=C)
     _close(lirpa.compute_bounds(x=(xb,), C=C, method="backward", bound_upper=False)[0], crown)
@@ -93,10 +93,7 @@ def test_given_input_or_forward_clears_the_stored_bounds():
 
 
 def test_ibp_flag_with_backward_and_crown_ibp_after_ibp():
-    model = _cnn()
-    x, y, lo, hi, C = _case()
-    lirpa = BoundedModule(model, x)
-    xb = BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=0.1, x_L=lo, x_U=hi))
+    model, x, y, lo, hi, C, lirpa, xb = _setup()
     want = _rk(model, x, lo, hi, C, "CROWN-IBP")
     lirpa.compute_bounds(x=(xb,), method="IBP", C=C)
     _close(lirpa.compute_bounds(C=C, method="CROWN-IBP")[0], want)
@@ -109,10 +106,7 @@ def test_ibp_flag_with_backward_and_crown_ibp_after_ibp():
 
 
 def test_ibp_returns_both_sides_and_reuse_ibp():
-    model = _cnn()
-    x, y, lo, hi, C = _case()
-    lirpa = BoundedModule(model, x)
-    xb = BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=0.1, x_L=lo, x_U=hi))
+    model, x, y, lo, hi, C, lirpa, xb = _setup()
     with pytest.raises(ValueError, match="no IBP bounds"):
         lirpa.compute_bounds(x=(xb,), IBP=True, method=None, reuse_ibp=True)
     ilb, iub = lirpa.compute_bounds(x=(xb,), IBP=True, method=None, C=C, bound_upper=False)
@@ -129,11 +123,8 @@ def test_ibp_returns_both_sides_and_reuse_ibp():
 @pytest.mark.parametrize("change", ["adam", "sgd", "load_state_dict", "new_perturbation", "eval_mode"])
 def test_a_change_since_the_stored_bounds_is_an_error(change):
     """auto_LiRPA would reuse bounds computed before the change (stale); the facade says so instead."""
-    model = _cnn(bn=True)
-    x, y, lo, hi, C = _case()
-    lirpa = BoundedModule(model, x)
+    model, x, y, lo, hi, C, lirpa, xb = _setup(bn=True)
     lirpa.train()
-    xb = BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=0.1, x_L=lo, x_U=hi))
     lirpa(xb)
     ilb, _ = lirpa.compute_bounds(IBP=True, C=C, method=None)
     if change in ("adam", "sgd"):
@@ -154,10 +145,7 @@ def test_a_change_since_the_stored_bounds_is_an_error(change):
 
 
 def test_ibp_without_input_after_crown_is_refused():
-    model = _cnn()
-    x, y, lo, hi, C = _case()
-    lirpa = BoundedModule(model, x)
-    xb = BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=0.1, x_L=lo, x_U=hi))
+    model, x, y, lo, hi, C, lirpa, xb = _setup()
     lirpa.compute_bounds(x=(xb,), C=C, method="CROWN")
     with pytest.raises(NotImplementedError, match="pass x="):
         lirpa.compute_bounds(C=C, method="IBP")
