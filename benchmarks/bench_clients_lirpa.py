@@ -324,6 +324,9 @@ def main(argv=None):
     ap.add_argument("--lirpa-path", default=os.environ.get("AUTO_LIRPA_PATH", "/work/scratch/lirpa"))
     ap.add_argument("--no-save", action="store_true", help="do not append the rows to results/clients_lirpa.csv")
     ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="CPU: robustkern.cpu_malloc.keep_freed_memory() first (what the robustkern command does: no "
+                         "page faults of re-allocated tensors), for every provider alike")
     args = ap.parse_args(argv)
     unknown = [m for m in args.models.split(",") if m not in EXAMPLE_MODELS]
     if unknown:
@@ -332,6 +335,10 @@ def main(argv=None):
     if bad:
         ap.error(f"unknown step(s) {bad}; choose from IBP, CROWN-IBP, CROWN-FAST, CROWN")
     device = torch.device(args.device)
+    if args.keep_freed_memory:
+        from robustkern.cpu_malloc import keep_freed_memory
+        if device.type != "cpu" or not keep_freed_memory():
+            ap.error("--keep-freed-memory is for the CPU and needs glibc's mallopt")
     env = common.start(device, args.threads if device.type == "cpu" else 0)
     rows = run(args)
     body = common.table(rows, ["model", "batch", "step"], device, "facade", "own")
@@ -343,9 +350,11 @@ def main(argv=None):
                  f"{args.max_eps} (CROWN-IBP factor {(args.max_eps - args.eps) / args.max_eps:g}), models in "
                  "training mode. `x facade` = provider median / facade median; `x own` = over robustkern's own "
                  "API (the facade's overhead). auto_lirpa: auto_LiRPA 0.7.1 itself running the same batch body."
-                 "\n\n")
+                 + (" Freed memory kept in the process (`--keep-freed-memory`) for every provider alike."
+                    if args.keep_freed_memory else "") + "\n\n")
         steps = "" if args.steps == ",".join(STEPS) else f", {args.steps}"
-        common.update_results_md(BENCH, TITLE, intro + body, env, variant=f"batch {args.batch}{steps}")
+        kept = ", keep-freed-memory" if args.keep_freed_memory else ""
+        common.update_results_md(BENCH, TITLE, intro + body, env, variant=f"batch {args.batch}{steps}{kept}")
 
 
 if __name__ == "__main__":
