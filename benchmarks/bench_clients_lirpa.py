@@ -23,7 +23,7 @@ Providers
 
 Before timing, the facade's loss is checked against own's (the client test asserts it to 1e-6). ``x facade``:
 provider median over the facade's (above 1: the facade is faster); ``x own``: over own's (the facade's
-overhead).
+overhead, which includes the example's own per-batch preamble: C, the clipped box, the perturbation object).
 
     PYTHONPATH=python:. python benchmarks/bench_clients_lirpa.py --threads 1 [--write-results]
     PYTHONPATH=python:. python benchmarks/bench_clients_lirpa.py --models mlp_3layer --batch 32 --rounds 1
@@ -349,7 +349,9 @@ def main(argv=None):
         intro = (f"{device.type.upper()}, the example's MNIST shapes, batch {args.batch}, L-inf eps {args.eps} of "
                  f"{args.max_eps} (CROWN-IBP factor {(args.max_eps - args.eps) / args.max_eps:g}), models in "
                  "training mode. `x facade` = provider median / facade median; `x own` = over robustkern's own "
-                 "API (the facade's overhead). auto_lirpa: auto_LiRPA 0.7.1 itself running the same batch body."
+                 "API (the facade's overhead; the facade and auto_lirpa rows include the example's own per-batch "
+                 "preamble: building C, the clipped box and the perturbation, which own does not need). "
+                 "auto_lirpa: auto_LiRPA 0.7.1 itself running the same batch body."
                  + (" Freed memory kept in the process (`--keep-freed-memory`) for every provider alike."
                     if args.keep_freed_memory else "") + "\n\n")
         steps = "" if args.steps == ",".join(STEPS) else f", {args.steps}"
