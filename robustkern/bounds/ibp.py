@@ -237,6 +237,7 @@ def _is_state(v) -> bool:
 
 def _apply_reshape(node: BoundNode, env: dict, state):
     def run(t: Tensor) -> Tensor:
+        t = t.contiguous()  # the user's reshape (e.g. ``x.view(x.size(0), -1)``) sees NCHW memory, not channels-last
         values = {k: (t if k in node.inputs and _is_state(v) else v) for k, v in env.items()}
         return node.call(values)
 
