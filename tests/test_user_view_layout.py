@@ -4,20 +4,20 @@ that runs them: bound propagation (IBP, CROWN-IBP, CROWN; the CPU boxes are chan
 result equals the one of the same weights written with ``nn.Flatten`` / ``reshape`` (or with the layout
 optimisation off), on every backend the whole-model tests use.
 
-The models are the seeds' own ``.view`` models, written here from their published definitions:
-CROWN-IBP's / Loss Landscape Matters' ``model_cnn_2layer`` with ``Flatten = x.view(x.size(0), -1)``, MACER's
-``LeNet`` (``x.view(-1, 4*4*50)``) and LFR's / TRADES' ``SmallCNN`` (``features.view(-1, 64*4*4)``)."""
+The models are the seeds' own ``.view`` models (``robustkern.reference.seed_models``): CROWN-IBP's / Loss
+Landscape Matters' ``model_cnn_2layer`` with ``Flatten = x.view(x.size(0), -1)``, MACER's ``LeNet``
+(``x.view(-1, 4*4*50)``) and LFR's / TRADES' ``SmallCNN`` (``features.view(-1, 64*4*4)``)."""
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from robustkern import use_backend
 from robustkern.attacks import pgd
 from robustkern.bounds import BoundedModule, margin_spec
 from robustkern.flatness import input_grad_norm, lfr_loss
+from robustkern.reference.seed_models import Flatten, LeNet, SmallCNN, model_cnn_2layer
 from robustkern.smoothing import Smooth
 from robustkern.testing import backends_for
 
@@ -29,56 +29,15 @@ bound_device = _devices.bound_device  # the fixture
 MODEL_CASES = bound_backend_device_params(backends_for("cpu", include_interpreter=False))
 
 
-class ViewFlatten(nn.Module):
-    """CROWN-IBP's ``model_defs.Flatten``."""
-
-    def forward(self, x):
-        return x.view(x.size(0), -1)
-
-
-def cnn_2layer(flatten: nn.Module, in_ch=1, in_dim=12, width=1, linear_size=16, classes=10) -> nn.Sequential:
-    """CROWN-IBP's ``model_cnn_2layer``: two 4x4 stride-2 convolutions, a hidden linear layer."""
-    return nn.Sequential(
-        nn.Conv2d(in_ch, 4 * width, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(4 * width, 8 * width, 4, stride=2, padding=1), nn.ReLU(),
-        flatten, nn.Linear(8 * width * (in_dim // 4) ** 2, linear_size), nn.ReLU(), nn.Linear(linear_size, classes))
-
-
-class LeNet(nn.Module):
-    """MACER's MNIST LeNet (28x28 inputs)."""
-
-    def __init__(self, view: bool = True):
-        super().__init__()
-        self.view = view
-        self.conv1, self.conv2 = nn.Conv2d(1, 20, 5, 1), nn.Conv2d(20, 50, 5, 1)
-        self.fc1, self.fc2 = nn.Linear(4 * 4 * 50, 500), nn.Linear(500, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2, 2)
-        x = x.view(-1, 4 * 4 * 50) if self.view else x.reshape(-1, 4 * 4 * 50)
-        return self.fc2(F.relu(self.fc1(x)))
-
-
-class SmallCNN(nn.Module):
-    """LFR's (and TRADES') MNIST ``SmallCNN``: four 3x3 convolutions, two max pools, three linear layers."""
-
-    def __init__(self, view: bool = True):
-        super().__init__()
-        self.view = view
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.MaxPool2d(2, 2),
-            nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.MaxPool2d(2, 2))
-        self.classifier = nn.Sequential(nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                                        nn.Linear(32, 10))
-
-    def forward(self, x):
-        h = self.features(x)
-        return self.classifier(h.view(-1, 16 * 4 * 4) if self.view else h.flatten(1))
+def cnn_2layer(flatten: nn.Module, in_ch=1, in_dim=12, width=1, linear_size=16) -> nn.Sequential:
+    """CROWN-IBP's ``model_cnn_2layer`` with the given flatten layer."""
+    model = model_cnn_2layer(in_ch, in_dim, width, linear_size)
+    model[4] = flatten
+    return model
 
 
 def twin(cls, **kw):
-    """The same weights as a ``.view`` model and as a ``reshape``/``flatten`` model."""
+    """The same weights as a ``.view`` model and as a ``reshape`` model."""
     torch.manual_seed(0)
     a = cls(view=True, **kw)
     b = cls(view=False, **kw)
@@ -91,7 +50,7 @@ def twin(cls, **kw):
 @pytest.mark.parametrize("method", ["IBP", "CROWN-IBP", "CROWN"])
 def test_bounds_of_a_view_model_equal_those_of_its_flatten_twin(backend, bound_device, method):
     torch.manual_seed(1)
-    viewed = cnn_2layer(ViewFlatten()).double()
+    viewed = cnn_2layer(Flatten()).double()
     flat = cnn_2layer(nn.Flatten()).double()
     flat.load_state_dict(viewed.state_dict())
     x = torch.rand(3, 1, 12, 12, dtype=torch.float64, device=bound_device)
@@ -108,7 +67,7 @@ def test_bounds_of_a_view_model_equal_those_of_its_flatten_twin(backend, bound_d
 @pytest.mark.parametrize("backend, bound_device", MODEL_CASES, indirect=["bound_device"])
 def test_l2_bounds_and_node_bounds_of_a_view_model(backend, bound_device):
     torch.manual_seed(2)
-    viewed = cnn_2layer(ViewFlatten()).double()
+    viewed = cnn_2layer(Flatten()).double()
     flat = cnn_2layer(nn.Flatten()).double()
     flat.load_state_dict(viewed.state_dict())
     x = torch.rand(2, 1, 12, 12, dtype=torch.float64, device=bound_device)
@@ -165,7 +124,7 @@ def test_smooth_keeps_channels_last_for_models_that_work_with_it():
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_pgd_on_view_models(device, norm):
     for cls in (LeNet, SmallCNN):
-        viewed, flat = twin(cls)
+        viewed, flat = twin(cls, **({"width": 0.25} if cls is SmallCNN else {}))
         viewed, flat = viewed.to(device), flat.to(device)
         x = torch.rand(3, 1, 28, 28, device=device)
         y = torch.tensor([0, 3, 9], device=device)
@@ -183,21 +142,21 @@ def test_pgd_on_view_models(device, norm):
 def test_input_grad_norm_on_view_models(backend, p):
     # the fused paths take nn.MaxPool2d (SmallCNN), not F.max_pool2d (LeNet: "auto" runs it through autograd)
     for cls in (LeNet, SmallCNN) if backend != "fused" else (SmallCNN,):
-        viewed, flat = twin(cls)
+        viewed, flat = twin(cls, **({"width": 0.25} if cls is SmallCNN else {}))
         viewed, flat = viewed.double(), flat.double()
         x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
         y = torch.tensor([1, 2, 5])
         got = input_grad_norm(viewed, x, y, p=p, backend=backend)
         want = input_grad_norm(flat, x, y, p=p, backend="torch")
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-        (g_got,) = torch.autograd.grad(got.sum(), viewed.fc1.weight if cls is LeNet else viewed.classifier[0].weight)
-        (g_want,) = torch.autograd.grad(want.sum(), flat.fc1.weight if cls is LeNet else flat.classifier[0].weight)
+        (g_got,) = torch.autograd.grad(got.sum(), viewed.fc1.weight if cls is LeNet else viewed.classifier.fc1.weight)
+        (g_want,) = torch.autograd.grad(want.sum(), flat.fc1.weight if cls is LeNet else flat.classifier.fc1.weight)
         torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "fused"])
 def test_lfr_loss_on_view_models(backend):
-    viewed, flat = twin(SmallCNN)
+    viewed, flat = twin(SmallCNN, width=0.25)
     viewed, flat = viewed.double(), flat.double()
     x = torch.rand(4, 1, 28, 28, dtype=torch.float64)
     y = torch.tensor([1, 2, 5, 0])
