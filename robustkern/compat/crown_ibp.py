@@ -224,7 +224,7 @@ class BoundSequential(nn.Sequential):
     def __init__(self, *args):
         super().__init__(*args)
         self._engine = _Engine()
-        self._relu_bounds: dict[int, tuple[Tensor, Tensor]] = {}   # layer index -> (l, u) of its input, (B, N)
+        self._relu_bounds: dict[int, tuple[Tensor, Tensor]] = {}   # layer index -> (l, u) of its input
         self._node_boxes: dict = {}                                # module path -> NodeBounds of the last IBP
         self._input_box: tuple[Tensor, Tensor] | None = None
         self._shapes: dict = {}
@@ -266,10 +266,10 @@ class BoundSequential(nn.Sequential):
         for i in range(1, len(layers)):
             if isinstance(layers[i], BoundReLU):
                 lo, up = self._ibp_box(i)
-                unstab = ((lo < -UNSTABLE_GUARD) & (up > UNSTABLE_GUARD)).sum()
-                tight, unstable = tight + unstab, unstable + unstab
+                unstab = self._keep_relu_bounds(i, lo, up)
+                count = unstab.sum()
+                tight, unstable = tight + count, unstable + count
                 dead, alive = dead + (up < 0).sum(), alive + (lo > 0).sum()
-                self._keep_relu_bounds(i, lo, up)
         return ub, lb, tight, unstable, dead, alive
 
     def _ibp_box(self, i: int) -> tuple[Tensor, Tensor]:
@@ -278,11 +278,12 @@ class BoundSequential(nn.Sequential):
             return self._input_box
         return self._node_boxes[str(i - 1)].box().end_points(False)
 
-    def _keep_relu_bounds(self, i: int, lo: Tensor, up: Tensor) -> None:
-        relu = self[i]
-        relu.lower_l, relu.upper_u = lo, up
-        relu.unstab = (lo < -UNSTABLE_GUARD) & (up > UNSTABLE_GUARD)
-        self._relu_bounds[i] = (lo.reshape(lo.shape[0], -1), up.reshape(up.shape[0], -1))
+    def _keep_relu_bounds(self, i: int, lo: Tensor, up: Tensor) -> Tensor:
+        """Keep the bounds of ReLU i's input (and its unstable mask, returned) as the original's layer does."""
+        unstab = (lo < -UNSTABLE_GUARD) & (up > UNSTABLE_GUARD)
+        vars(self[i]).update(lower_l=lo, upper_u=up, unstab=unstab)    # plain attributes, as the original's
+        self._relu_bounds[i] = (lo, up)
+        return unstab
 
     # ------------------------------------------------------------------------------------------ CROWN
     def backward_range(self, norm=math.inf, x_U=None, x_L=None, eps=None, C=None, upper=False, lower=True,
@@ -359,7 +360,7 @@ class BoundSequential(nn.Sequential):
                     if i not in self._relu_bounds:
                         raise RuntimeError("backward_range: no ReLU bounds yet; call interval_range (or "
                                            "full_backward_range) first")
-                    lo, up = self._relu_bounds[i]
+                    lo, up = (t.reshape(t.shape[0], -1) for t in self._relu_bounds[i])
                     B, S = lo.shape[0], A.shape[1]
                     flat = A.reshape(A.shape[0], S, -1).expand(B, S, -1).contiguous()
                     A_in, b = crown_relu_backward(flat, lo, up, relu_lower_mode(m.bound_opts), side)

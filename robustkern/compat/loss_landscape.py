@@ -66,7 +66,8 @@ class BoundSequential(_CrownIbpSequential):
     def interval_range(self, norm=math.inf, x_U=None, x_L=None, eps=None, C=None):
         out = super().interval_range(norm, x_U, x_L, eps, C)
         for i, layer in enumerate(self):
-            layer.lower_l, layer.upper_u = self._ibp_box(i)
+            lo, up = self._ibp_box(i)
+            vars(layer).update(lower_l=lo, upper_u=up)
         return out
 
     def backward_range(self, norm=math.inf, x_U=None, x_L=None, eps=None, C=None, lower_d_list2=(), upper=False,
