@@ -94,6 +94,13 @@ class _BoundLayer:
     def convert_eval(self, bound_opts=None) -> None:
         self.bound_opts = check_bound_opts(bound_opts)
 
+    def __getstate__(self):
+        """Copies and pickles leave out the bounds kept from the last call."""
+        state = super().__getstate__()
+        for key in ("lower_l", "upper_u", "unstab"):
+            state.pop(key, None)
+        return state
+
 
 class BoundFlatten(_BoundLayer, nn.Module):
     """Flattens all but the batch dimension (any memory layout)."""
@@ -228,6 +235,15 @@ class BoundSequential(nn.Sequential):
         self._node_boxes: dict = {}                                # module path -> NodeBounds of the last IBP
         self._input_box: tuple[Tensor, Tensor] | None = None
         self._shapes: dict = {}
+
+    _TRANSIENT = {"_relu_bounds": dict, "_node_boxes": dict, "_input_box": lambda: None}
+
+    def __getstate__(self):
+        """Copies and pickles leave out the bounds kept from the last call (tensors inside an autograd graph,
+        which ``copy.deepcopy`` refuses)."""
+        state = super().__getstate__()
+        state.update({k: make() for k, make in self._TRANSIENT.items()})
+        return state
 
     @staticmethod
     def convert(sequential_model: nn.Module, bound_opts: dict | None = None) -> "BoundSequential":

@@ -37,6 +37,9 @@ __all__ = ["BoundSequential", "BoundLinear", "BoundConv2d", "BoundReLU", "BoundF
 class BoundSequential(_CrownIbpSequential):
     """Loss Landscape Matters' ``BoundSequential`` (module docstring)."""
 
+    _TRANSIENT = {**_CrownIbpSequential._TRANSIENT, "lower_A": lambda: None, "A_x": lambda: None,
+                  "A_norm": lambda: None}
+
     def __init__(self, *args):
         super().__init__(*args)
         self.bound_opts: dict = {}

@@ -208,3 +208,18 @@ def test_layers_and_errors():
         bs(norm=1, x_U=x, x_L=x, eps=0.0, C=None, method_opt="interval_range")
     wrapped = torch.nn.DataParallel(model)
     assert len(BoundSequential.convert(wrapped)) == len(model)
+
+
+def test_copies_after_a_bound_call():
+    """``copy.deepcopy`` of the model after ``backward_range`` (the kept bounds are part of an autograd graph)
+    gives a model that computes the same bounds."""
+    model, x, labels, std = setup("cnn_2layer", "cpu", seed=6)
+    C, _ = spec(labels)
+    x_U, x_L = box(x, 0.05, std, bounded=True)
+    bs = BoundSequential.convert(model)
+    bs(norm=math.inf, x_U=x_U, x_L=x_L, eps=0.05, C=C, method_opt="interval_range")
+    want = bs(norm=math.inf, x_U=x_U, x_L=x_L, eps=0.05, C=C, method_opt="backward_range")[2]
+    twin = copy.deepcopy(bs)
+    twin(norm=math.inf, x_U=x_U, x_L=x_L, eps=0.05, C=C, method_opt="interval_range")
+    close(twin(norm=math.inf, x_U=x_U, x_L=x_L, eps=0.05, C=C, method_opt="backward_range")[2], want)
+    assert all(a is not b for a, b in zip(twin.parameters(), bs.parameters()))
