@@ -283,9 +283,9 @@ class BoundSequential(nn.Sequential):
             if isinstance(layers[i], BoundReLU):
                 lo, up = self._ibp_box(i)
                 unstab = self._keep_relu_bounds(i, lo, up)
-                count = unstab.sum()
+                count = torch.count_nonzero(unstab)          # (no int64 copy of the mask, as .sum() makes)
                 tight, unstable = tight + count, unstable + count
-                dead, alive = dead + (up < 0).sum(), alive + (lo > 0).sum()
+                dead, alive = dead + torch.count_nonzero(up < 0), alive + torch.count_nonzero(lo > 0)
         return ub, lb, tight, unstable, dead, alive
 
     def _ibp_box(self, i: int) -> tuple[Tensor, Tensor]:
