@@ -36,8 +36,9 @@ What differs from the original:
   comes first).
 * ``full_backward_range`` computes the same CROWN bounds (not intersected with IBP, as the original).
 * ``BoundDataParallel`` splits only the clean forward over GPUs; the bound computations run on one device.
-* Models for the CPU: the bound computations never depend on the input layout (``x.view`` in a model's own
-  ``Flatten`` is fine).
+* A model's own ``Flatten`` (``x.view(x.size(0), -1)``) becomes a ``BoundFlatten``, which reshapes inputs of any
+  memory layout.
+* ``copy.deepcopy`` works after a bound call (the bounds kept from it are not copied).
 
 For verified (sound) bounds use ``robustkern.bounds.BoundedModule.compute_bounds`` with ``sound=True``.
 """
@@ -179,7 +180,6 @@ class _Engine:
     def __init__(self):
         self.bm: BoundedModule | None = None
         self.key = None
-        self.paths: list[str] = []
 
     def __getstate__(self):
         return {}
@@ -279,7 +279,7 @@ class BoundSequential(nn.Sequential):
         self._node_boxes = {nb.path: nb for nb in bm.node_bounds().values()}
         self._input_box, self._relu_bounds = (x_L, x_U), {}
         tight = unstable = dead = alive = 0
-        for i in range(1, len(layers)):
+        for i in range(len(layers)):
             if isinstance(layers[i], BoundReLU):
                 lo, up = self._ibp_box(i)
                 unstab = self._keep_relu_bounds(i, lo, up)
