@@ -117,20 +117,11 @@ def select(device: torch.device | str, op: str | None = None) -> str:
     return "reference"
 
 
-@contextlib.contextmanager
 def ieee_fp32():
-    """Force IEEE fp32 products in cuBLAS/cuDNN (no TF32) inside bound computations; restore the user's
-    settings after. TF32 keeps 10 mantissa bits and breaks the rounding-error bounds that make interval
-    bounds sound (torch 2.13 defaults cuDNN convolutions to TF32)."""
-    knobs = [torch.backends.cuda.matmul, torch.backends.cudnn.conv]
-    saved = [k.fp32_precision for k in knobs]
-    for k in knobs:
-        k.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        for k, v in zip(knobs, saved):
-            k.fp32_precision = v
+    """IEEE float32 products (no TF32, no bf16) and autocast off inside bound computations, the user's settings
+    restored after: ``robustkern._numerics.ieee_products``."""
+    from ._numerics import ieee_products
+    return ieee_products()
 
 
 def storage_key(module: torch.nn.Module) -> tuple:

@@ -148,7 +148,7 @@ def ball_model(a=2.0 ** 10, bias=0.0):
 
 
 def worst_point_of_ball(model, x64, eps):
-    w = model[0].weight.detach().double().flatten()
+    w = model[0].weight.detach().double()[0]
     return inside_l2(x64 - eps * (1 - 1e-12) * (w / w.norm()).reshape(1, -1), x64, eps)
 
 
