@@ -24,7 +24,7 @@ from .errors import (EXIT_DATA, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UN
 
 EPILOG = ("exit codes: 0 ok, 1 failure, 2 usage/config error, 3 data missing, 4 not available in this installation, "
           "130 interrupted")
-DEMO_TIME = "About 35-90 s on 2 CPU cores (measured: 35 s on a quiet machine, 90 s on a busy one)"
+DEMO_TIME = "About 40-90 s on 2 CPU cores (measured from start to end: 38-53 s, 90 s on a busy machine)"
 OVERRIDES_HELP = ("config overrides 'section:key=value', nested 'training_params:method_params:bound_type=interval'; "
                   "values are typed by the key's current value (floats may be fractions such as 8/255)")
 
