@@ -271,7 +271,8 @@ def load_defaults() -> dict:
 
 def load_config(name: str | os.PathLike | None, overrides: Iterable[str] = (),
                 fill_defaults: Callable[[dict], None] | None = None, base_cfg: Mapping | None = None) -> dict:
-    """defaults.json <- ``name`` (with its ``base`` chain) <- overrides, validated.
+    """defaults.json <- ``name`` (with its ``base`` chain) <- overrides, validated: keys and types against
+    defaults.json, then the values' ranges (:func:`robustkern_cli.validation.check_values`).
 
     ``name`` may be ``None`` when ``base_cfg`` (e.g. the config stored in a checkpoint) is given; then the
     overrides apply to ``base_cfg``. ``fill_defaults`` adds per-method parameter defaults (see
@@ -291,6 +292,8 @@ def load_config(name: str | os.PathLike | None, overrides: Iterable[str] = (),
         fill_defaults(cfg)
     apply_overrides(cfg, overrides, fill_defaults)
     validate(cfg, schema)
+    from .validation import check_values  # it reads configs with get_path: imported here, not at the top
+    check_values(cfg)
     return cfg
 
 
