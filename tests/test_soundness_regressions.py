@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkern import use_backend
+from robustkern import _backend, use_backend
 from robustkern.bounds import BoundedModule, margin_spec, verified_accuracy
 from robustkern.reference.exact import exact_forward, exact_spec, inside_l2, violations
 from robustkern.testing import backends_for
@@ -122,6 +122,21 @@ def test_bounds_ignore_autocast(backend, method):
     with use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
         lb, ub = bm.compute_bounds(x, 0.0, C=C, method=method)
     assert lb.dtype == torch.float32
+    assert exact_misses(model, x, lb, ub, C) == 0
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("method", METHODS)
+def test_bounds_ignore_autocast_on_the_triton_kernels(method):
+    if not _backend.available("triton", "cpu"):
+        pytest.skip("the Triton kernels run on the CPU only under the interpreter")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(2 * 4 * 4, 3)).eval()
+    x = torch.rand(2, 1, 4, 4)
+    C = margin_spec(torch.tensor([0, 1]), 3)
+    with use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+        lb, ub = BoundedModule(model, x).compute_bounds(x, 0.0, C=C, method=method)
     assert exact_misses(model, x, lb, ub, C) == 0
 
 
