@@ -11,7 +11,8 @@ import torch
 
 from robustkern_cli.config import list_configs, load_config
 from robustkern_cli.errors import MethodUnavailable
-from robustkern_cli.main import _fill_all, build_parser, main
+from robustkern_cli.evaluate import fill_all_defaults as _fill_all
+from robustkern_cli.main import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

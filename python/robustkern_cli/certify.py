@@ -24,7 +24,7 @@ __all__ = ["certify_params", "default_outfile", "default_radii", "certify_checkp
 
 def certify_params(cfg: dict) -> dict:
     """``certify_params`` typed: sigma, n0, n, alpha, batch, skip, max (their ranges are checked when the config
-    is loaded, :mod:`robustkern_cli.validation`)."""
+    is loaded, :func:`robustkern_cli.config.check_values`)."""
     cp = cfg["certify_params"]
     p = {"sigma": float(cp["sigma"]), "n0": int(cp["N0"]), "n": int(cp["N"]), "alpha": float(cp["alpha"]),
          "batch": int(cp["batch"]), "skip": int(cp["skip"]), "max": int(cp["max"]), "start": int(cp.get("start", 0))}

@@ -73,7 +73,7 @@ def run_demo(args, progress: bool) -> int:
     from .data import load_dataset, make_loader
     from .evaluate import clean_metrics, model_from_config
     from .losses import check_available
-    from .main import _fill_all
+    from .evaluate import fill_all_defaults
     from .train import train
     optional_import("sklearn.datasets", "scikit-learn", "the demo (scikit-learn's digits data set)")
     t_start = time.perf_counter()
@@ -84,7 +84,7 @@ def run_demo(args, progress: bool) -> int:
     ov = [f"training_params:epochs={args.epochs}"] if args.epochs is not None else []
     certify_ov = [f"certify_params:N={args.certify_n}", f"certify_params:max={args.certify_images}"]
     configs = {recipe: load_config(recipe, ov + (certify_ov if recipe == "digits_gaussian" else []),
-                                   fill_defaults=_fill_all) for _, recipe, _ in PARTS}
+                                   fill_defaults=fill_all_defaults) for _, recipe, _ in PARTS}
     ibp_cfg = configs["digits_ibp"]
     eps = float(ibp_cfg["training_params"]["epsilon"])
     test_ds = load_dataset("digits", "test")

@@ -197,3 +197,10 @@ def describe(res: dict) -> str:
     source = f", checkpoint {res['checkpoint']}" if res.get("checkpoint") else ""
     return f"{head}{clean} on {res['n']} {res['dataset']} test images; model {res['model']}{source}; " \
            f"{res['seconds']:.1f} s"
+
+
+def fill_all_defaults(cfg: dict) -> None:
+    """The defaults of the config's training method and of its evaluation (what every command loads with)."""
+    from .losses import fill_method_defaults
+    fill_method_defaults(cfg)
+    fill_eval_defaults(cfg)

@@ -19,6 +19,7 @@ import torch
 
 from . import __version__
 from .config import CONFIG_DIR, list_configs, load_config
+from .evaluate import fill_all_defaults
 from .errors import (EXIT_DATA, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, ConfigError,
                      DataFormatError, DataMissingError, MethodUnavailable)
 
@@ -33,19 +34,12 @@ def _err(msg: str) -> None:
     print(f"robustkern: {msg}", file=sys.stderr)
 
 
-def _fill_all(cfg: dict) -> None:
-    from .evaluate import fill_eval_defaults
-    from .losses import fill_method_defaults
-    fill_method_defaults(cfg)
-    fill_eval_defaults(cfg)
-
-
 def _config_from(args, base_cfg=None) -> dict:
     if getattr(args, "config", None) is None and base_cfg is None:
         raise ConfigError("--config is required (a recipe name such as 'digits_standard' or a JSON path); "
                           f"recipes: {', '.join(list_configs())}")
     return load_config(getattr(args, "config", None) if base_cfg is None else None, args.overrides,
-                       fill_defaults=_fill_all, base_cfg=base_cfg)
+                       fill_defaults=fill_all_defaults, base_cfg=base_cfg)
 
 
 def _keep_freed_memory() -> bool:
