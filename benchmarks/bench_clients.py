@@ -34,6 +34,7 @@ import argparse
 import copy
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -214,21 +215,25 @@ def _value(out):
     return ("loss", float(out.detach())) if isinstance(out, torch.Tensor) else None
 
 
-def _agreement(fns, base) -> str:
-    """The robustkern step's result against the original's, same weights and seed."""
+def _agreement(fns, base) -> tuple[str, float]:
+    """The robustkern step's result against the original's, same weights and seed; and the original's time
+    for that call (ms, first call: an over-estimate)."""
     vals = {}
     for prov in ("original", "robustkern"):
         built = fns[prov](copy.deepcopy(base))
         torch.manual_seed(7)
+        t0 = time.perf_counter()
         vals[prov] = _value((built[1] if isinstance(built, tuple) else built)())
+        if prov == "original":
+            ms = (time.perf_counter() - t0) * 1e3
     a, b = vals["original"], vals["robustkern"]
     if a is None or b is None:
-        return ""
+        return "", ms
     if a[0] == "loss":
-        return f"loss rel. diff vs original {abs(a[1] - b[1]) / max(abs(a[1]), 1e-12):.1e}"
+        return f"loss rel. diff vs original {abs(a[1] - b[1]) / max(abs(a[1]), 1e-12):.1e}", ms
     if a[1][0] != b[1][0]:
-        return f"certificate differs: {a[1]} vs {b[1]}"
-    return f"same label, radius rel. diff {abs(a[1][1] - b[1][1]) / max(abs(a[1][1]), 1e-12):.1e}"
+        return f"certificate differs: {a[1]} vs {b[1]}", ms
+    return f"same label, radius rel. diff {abs(a[1][1] - b[1][1]) / max(abs(a[1][1]), 1e-12):.1e}", ms
 
 
 def _training_step(fn, params, device):
@@ -252,7 +257,7 @@ def main(argv=None):
     ap.add_argument("--trades-batch", type=int, default=64, help="TRADES+RS batch (train_trades.py: 256)")
     ap.add_argument("--lfr-steps", type=int, default=40)
     ap.add_argument("--certify-n", type=int, default=20000, help="N of the certification cases (configs: 100000)")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="timing rounds at least (short steps get more)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: leave torch's default)")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args(argv)
@@ -265,14 +270,17 @@ def main(argv=None):
     rows = []
     for client in args.clients.split(","):
         for case, base, fns in makers[client]():
-            note = _agreement(fns, base)
+            note, ms = _agreement(fns, base)
+            # short steps get more rounds (about 2 s per provider, at most 40): shared-machine noise is large
+            # against a few milliseconds
+            rounds = max(args.rounds, min(40, int(2000 / max(ms, 1e-3))))
             steps = {}
             for prov, make in fns.items():
                 model = copy.deepcopy(base)
                 built = make(model)
                 owner, fn = built if isinstance(built, tuple) else (model, built)
                 steps[prov] = _training_step(fn, list(owner.parameters()), device)
-            timings = common.time_cpu(steps, rounds=args.rounds, warmup=1) if device.type == "cpu" else {
+            timings = common.time_cpu(steps, rounds=rounds, warmup=1) if device.type == "cpu" else {
                 k: common.time_cuda(f) for k, f in steps.items()}
             for prov, t in timings.items():
                 rows.append(common.Row(case=dict(case), provider=prov, timing=t,
