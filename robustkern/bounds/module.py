@@ -177,10 +177,11 @@ class BoundedModule(nn.Module):
     def compute_bounds_box(self, lower: Tensor, upper: Tensor, method: str = "IBP", C: Tensor | None = None, *,
                            sound: bool = True, bound_lower: bool = True, bound_upper: bool = True,
                            relu_lower: str = "adaptive", crown_batch_size: int | None = None,
-                           x: Tensor | None = None):
+                           x: Tensor | None = None, check_values: bool = True):
         """As ``compute_bounds`` over the element-wise box ``lower <= x' <= upper`` (B, ...) given explicitly
         (e.g. auto_LiRPA's ``x_L``/``x_U``; rounded outwards to the working precision). ``x``: the clean batch,
-        used only for batch-statistics BatchNorm (default: the box centre)."""
+        used only for batch-statistics BatchNorm (default: the box centre). ``check_values=False`` skips the
+        checks that read tensor values (NaN, ``lower <= upper``), as in ``compute_bounds``."""
         method = canonical_method(method)
         for name, t in (("lower", lower), ("upper", upper)):
             if not isinstance(t, Tensor) or not t.is_floating_point():
@@ -188,14 +189,14 @@ class BoundedModule(nn.Module):
         if lower.shape != upper.shape:
             raise ValueError(f"compute_bounds_box: lower and upper must have the same shape, got "
                              f"{tuple(lower.shape)} and {tuple(upper.shape)}")
-        if bool(torch.isnan(lower).any() or torch.isnan(upper).any()):
+        if check_values and bool(torch.isnan(lower).any() or torch.isnan(upper).any()):
             raise ValueError("compute_bounds_box: the box contains NaN")
-        if bool((lower > upper).any()):
+        if check_values and bool((lower > upper).any()):
             raise ValueError("compute_bounds_box: lower must be <= upper element-wise")
         dtype = self._dtype()
         lower, upper = round_down(lower, dtype), round_up(upper, dtype)
         mid = (lower + upper) * 0.5
-        inp = self._enter(mid if x is None else x, 0.0, math.inf, -math.inf, math.inf, C)
+        inp = self._enter(mid if x is None else x, 0.0, math.inf, -math.inf, math.inf, C, check_values)
         rad = (upper - lower) * 0.5
         if sound:  # the centre and radius round; widen so that [mid - rad, mid + rad] contains [lower, upper]
             rad = rad + 4 * unit_roundoff(dtype) * (mid.abs() + rad) + torch.finfo(dtype).tiny

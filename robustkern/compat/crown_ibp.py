@@ -272,7 +272,7 @@ class BoundSequential(nn.Sequential):
         norm = _check_box(norm, x_U, x_L, eps)
         bm = self._engine.get(layers, x_U)
         if norm == math.inf:
-            lb, ub = bm.compute_bounds_box(x_L, x_U, method="IBP", C=C, sound=False)
+            lb, ub = bm.compute_bounds_box(x_L, x_U, method="IBP", C=C, sound=False, check_values=False)
         else:
             lb, ub = bm.compute_bounds(x_U, float(eps), norm=2, method="IBP", C=C, x_min=-math.inf,
                                        x_max=math.inf, sound=False, check_values=False)
