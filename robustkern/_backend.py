@@ -8,7 +8,10 @@ Choice: ``ROBUSTKERN_BACKEND=auto|triton|cpp|cuda|reference`` (read at call time
 ``use_backend(name)`` context manager, which takes precedence. ``auto`` picks, for CUDA tensors, triton, else
 cuda, else reference; for CPU tensors, cpp, else reference. ``auto`` never picks the Triton interpreter: it
 is three orders of magnitude slower than the compiled CPU kernels and exists for tests. An explicitly
-requested backend that cannot run raises ``BackendUnavailable``; an automatically chosen one falls back.
+requested backend that cannot run raises ``BackendUnavailable``; an automatically chosen one falls back. The
+error names where the request came from (``ROBUSTKERN_BACKEND=...`` or ``use_backend``), why the backend
+cannot run, and what to do; an unknown ``ROBUSTKERN_BACKEND`` value raises ``BackendUnavailable`` listing the
+valid ones (an unknown name passed to ``use_backend`` is a ``ValueError``).
 """
 from __future__ import annotations
 
@@ -53,7 +56,18 @@ def requested_backend() -> str:
     name = _override.get()
     if name is not None:
         return name
-    return _check_name(os.environ.get("ROBUSTKERN_BACKEND", "auto") or "auto")
+    value = os.environ.get("ROBUSTKERN_BACKEND", "auto") or "auto"
+    try:
+        return _check_name(value)
+    except ValueError:
+        raise BackendUnavailable(f"ROBUSTKERN_BACKEND={value} is not a backend; set it to one of "
+                                 f"{', '.join(BACKENDS)}, or unset it") from None
+
+
+def _requested_by() -> str:
+    if _override.get() is not None:
+        return f"use_backend({_override.get()!r})"
+    return f"ROBUSTKERN_BACKEND={os.environ.get('ROBUSTKERN_BACKEND', '')}"
 
 
 def _triton_interpreting() -> bool:
@@ -108,7 +122,8 @@ def select(device: torch.device | str, op: str | None = None) -> str:
     if name != "auto":
         reason = _why_not(name, device_type, op)
         if reason is not None:
-            raise BackendUnavailable(f"backend {name!r} was requested but cannot run here: {reason}")
+            raise BackendUnavailable(f"backend {name!r} was requested ({_requested_by()}) but cannot run here: "
+                                     f"{reason}; request another backend, or 'auto' to let robustkern choose")
         return name
     order = ("triton", "cuda", "reference") if device_type == "cuda" else ("cpp", "reference")
     for candidate in order:
@@ -117,20 +132,11 @@ def select(device: torch.device | str, op: str | None = None) -> str:
     return "reference"
 
 
-@contextlib.contextmanager
 def ieee_fp32():
-    """Force IEEE fp32 products in cuBLAS/cuDNN (no TF32) inside bound computations; restore the user's
-    settings after. TF32 keeps 10 mantissa bits and breaks the rounding-error bounds that make interval
-    bounds sound (torch 2.13 defaults cuDNN convolutions to TF32)."""
-    knobs = [torch.backends.cuda.matmul, torch.backends.cudnn.conv]
-    saved = [k.fp32_precision for k in knobs]
-    for k in knobs:
-        k.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        for k, v in zip(knobs, saved):
-            k.fp32_precision = v
+    """IEEE float32 products (no TF32, no bf16) and autocast off inside bound computations, the user's settings
+    restored after: ``robustkern._numerics.ieee_products``."""
+    from ._numerics import ieee_products
+    return ieee_products()
 
 
 def storage_key(module: torch.nn.Module) -> tuple:

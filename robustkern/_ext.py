@@ -23,8 +23,15 @@ _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _outcome: tuple[str, str] | None = None  # (how, detail): how in {"prebuilt", "jit", "absent"}
 
-_FIX = ("build it with `pip install --no-build-isolation -e .` in the robustkern checkout (needs a C++ "
-        "compiler), or allow the JIT build (ROBUSTKERN_JIT=1, needs a C++ compiler and ninja)")
+_BUILD = "build it with `pip install --no-build-isolation -e .` in the robustkern checkout (needs a C++ compiler)"
+
+
+def _advice() -> str:
+    """How to get the compiled kernels, for the reason they are absent: the JIT build is on by default, so
+    only a user who switched it off is told to switch it on."""
+    if os.environ.get("ROBUSTKERN_JIT", "1") == "0":
+        return f"{_BUILD}, or unset ROBUSTKERN_JIT (=0 turns the JIT build off)"
+    return f"{_BUILD}, or install what the JIT build needs (a C++ compiler and ninja: pip install ninja)"
 
 
 def load() -> bool:
@@ -36,7 +43,7 @@ def load() -> bool:
                 _outcome = _load()
                 if _outcome[0] == "absent":
                     warnings.warn(f"robustkern: compiled kernels unavailable ({_outcome[1]}); the PyTorch "
-                                  f"reference runs instead. To fix: {_FIX}.", RuntimeWarning, stacklevel=2)
+                                  f"reference runs instead. To fix: {_advice()}.", RuntimeWarning, stacklevel=2)
     return _outcome[0] != "absent"
 
 

@@ -36,7 +36,7 @@ def free_port() -> int:
 
 def cfg_for(*overrides):
     from robustkern_cli.config import load_config
-    from robustkern_cli.main import _fill_all
+    from robustkern_cli.evaluate import fill_all_defaults as _fill_all
     return load_config("digits_standard", list(overrides), fill_defaults=_fill_all)
 
 

@@ -13,6 +13,9 @@ if not torch.cuda.is_available():
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
+    parser.addoption("--property-examples", type=int, default=60,
+                     help="examples of the soundness property test (tests/test_soundness_property.py)")
+    parser.addoption("--property-seed", type=int, default=0, help="first seed of the soundness property test")
 
 
 def pytest_configure(config):
@@ -30,6 +33,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture
+def property_examples(request) -> int:
+    return request.config.getoption("--property-examples")
+
+
+@pytest.fixture
+def property_seed(request) -> int:
+    return request.config.getoption("--property-seed")
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from robustkern_cli.data import DATASETS, dataset_info
 from robustkern_cli.errors import ConfigError
 from robustkern_cli.evaluate import EVALS
 from robustkern_cli.losses import LOSSES, METHOD_DEFAULTS
-from robustkern_cli.main import _fill_all
+from robustkern_cli.evaluate import fill_all_defaults as _fill_all
 from robustkern_cli.models import MODEL_NAMES, model_kwargs
 
 

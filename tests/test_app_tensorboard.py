@@ -12,7 +12,8 @@ import pytest
 from robustkern_cli import tensorboard as tb
 from robustkern_cli.checkpoint import load_checkpoint
 from robustkern_cli.config import load_config
-from robustkern_cli.main import _fill_all, main
+from robustkern_cli.evaluate import fill_all_defaults as _fill_all
+from robustkern_cli.main import main
 from robustkern_cli.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,8 @@ from robustkern_cli.data import load_dataset, make_loader
 from robustkern_cli.errors import ConfigError, MethodUnavailable
 from robustkern_cli.evaluate import clean_metrics, evaluate, model_from_config
 from robustkern_cli.losses import EpsilonScheduler, check_available, probe_bound_method
-from robustkern_cli.main import _fill_all, main
+from robustkern_cli.evaluate import fill_all_defaults as _fill_all
+from robustkern_cli.main import main
 from robustkern_cli.train import train
 
 

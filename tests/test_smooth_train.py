@@ -261,7 +261,7 @@ def test_one_training_step_of_each_registered_loss_on_digits(method):
     from robustkern_cli.config import load_config
     from robustkern_cli.data import load_dataset
     from robustkern_cli.losses import LOSSES, StepState, check_available
-    from robustkern_cli.main import _fill_all
+    from robustkern_cli.evaluate import fill_all_defaults as _fill_all
     from robustkern_cli.models import build_model_for
 
     overrides = [f"training_params:method={method}"]

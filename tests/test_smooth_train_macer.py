@@ -466,7 +466,7 @@ def test_macer_train_deferred_epochs_and_reference_loop():
 # ------------------------------------------------------------------------------------------------ the app
 def _app_cfg(*overrides):
     from robustkern_cli.config import load_config
-    from robustkern_cli.main import _fill_all
+    from robustkern_cli.evaluate import fill_all_defaults as _fill_all
 
     return load_config("digits_gaussian", ["training_params:method=macer", "training_params:method_params:gauss_num=2",
                                            *overrides], fill_defaults=_fill_all)

@@ -80,7 +80,7 @@ def test_runner_tsv_resume_and_shards(tmp_path):
     assert int(correct) == int(int(pred) == int(label)) and ":" in time and float(rad) >= 0
     # one image for comparison with Smooth.certify keyed by the data set index
     p, r = smooth.certify(data[4][0], 10, 100, 0.1, 64, seed=3, index=4)
-    assert read_results(out)[4].split("\t")[2:4] == [str(p), f"{r:.3}"]
+    assert read_results(out)[4].split("\t")[2:4] == [str(p), repr(r)]  # the radius in full
     # resume: a truncated last line is dropped and redone; finished lines are kept
     with open(out, "a") as f:
         f.write("6\t1\t")

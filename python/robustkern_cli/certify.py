@@ -1,8 +1,13 @@
 """Randomised-smoothing certification of a checkpoint (``robustkern certify``): Cohen et al.'s CERTIFY through
 ``robustkern.smoothing.Smooth`` and ``robustkern.smoothing.runner.certify_dataset`` (Cohen's TSV log, resume,
-torchrun sharding), parameters from ``certify_params`` (sigma, N0, N, alpha, batch, skip, max)."""
+torchrun sharding), parameters from ``certify_params`` (sigma, N0, N, alpha, batch, skip, max).
+
+A log resumes only under the settings it was made with: sigma, N0, N, alpha, the run seed, the data set and
+the SHA-256 of the weights file (recorded in ``<outfile>.json``); otherwise the command refuses with one line
+(another ``--outfile`` keeps both, ``--overwrite`` starts the log afresh)."""
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -13,25 +18,16 @@ from .analyze import parse_radii, summarize
 from .data import dataset_info, load_dataset
 from .errors import ConfigError, library_part
 
-__all__ = ["certify_params", "default_outfile", "default_radii", "certify_checkpoint", "certify_summary"]
+__all__ = ["certify_params", "default_outfile", "default_radii", "certify_checkpoint", "certify_summary",
+           "file_sha256"]
 
 
 def certify_params(cfg: dict) -> dict:
-    """``certify_params`` checked and typed: sigma, n0, n, alpha, batch, skip, max."""
+    """``certify_params`` typed: sigma, n0, n, alpha, batch, skip, max (their ranges are checked when the config
+    is loaded, :func:`robustkern_cli.config.check_values`)."""
     cp = cfg["certify_params"]
-    try:
-        p = {"sigma": float(cp["sigma"]), "n0": int(cp["N0"]), "n": int(cp["N"]), "alpha": float(cp["alpha"]),
-             "batch": int(cp["batch"]), "skip": int(cp["skip"]), "max": int(cp["max"]),
-             "start": int(cp.get("start", 0))}
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"certify_params: {exc}") from None
-    if not (math.isfinite(p["sigma"]) and p["sigma"] > 0):
-        raise ConfigError(f"certify_params:sigma must be > 0, got {cp['sigma']}")
-    for k, key in (("n0", "N0"), ("n", "N"), ("batch", "batch"), ("skip", "skip")):
-        if p[k] < 1:
-            raise ConfigError(f"certify_params:{key} must be >= 1, got {cp[key]}")
-    if not 0 < p["alpha"] < 1:
-        raise ConfigError(f"certify_params:alpha must be in (0, 1), got {cp['alpha']}")
+    p = {"sigma": float(cp["sigma"]), "n0": int(cp["N0"]), "n": int(cp["N"]), "alpha": float(cp["alpha"]),
+         "batch": int(cp["batch"]), "skip": int(cp["skip"]), "max": int(cp["max"]), "start": int(cp.get("start", 0))}
     if p["start"] != 0:
         raise ConfigError("certify_params:start is not supported by the certify runner (Cohen's --skip/--max "
                           "select images from index 0); use skip and max")
@@ -48,13 +44,23 @@ def default_radii(sigma: float) -> list[float]:
     return parse_radii(f"0:{stop}:0.25")
 
 
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def certify_checkpoint(cfg: dict, model: torch.nn.Module, outfile: str | Path, *, data_dir=None,
                        download: bool = False, device: str = "cpu", progress: bool = False,
-                       images_per_batch: int | None = None, num_examples: int = 0) -> Path:
+                       images_per_batch: int | None = None, num_examples: int = 0,
+                       weights: str | Path | None = None, overwrite: bool = False) -> Path:
     """Certify the test split of ``cfg``'s data set with the smoothed ``model`` and write Cohen's TSV to
-    ``outfile`` (resuming it when it already holds lines). ``num_examples > 0`` caps the selection like
-    ``certify_params:max`` (the smaller wins). Returns the path written (a part file on ranks > 0 under
-    torchrun)."""
+    ``outfile`` (resuming it when it already holds lines made with the same settings, see the module doc;
+    ``weights``: the file ``model``'s weights came from, whose SHA-256 is one of them). ``num_examples > 0``
+    caps the selection like ``certify_params:max`` (the smaller wins). ``overwrite`` discards the results
+    already in ``outfile``. Returns the path written (a part file on ranks > 0 under torchrun)."""
     smoothing = library_part("robustkern.smoothing", "Smooth", purpose="'robustkern certify' (randomised smoothing)")
     runner = library_part("robustkern.smoothing.runner", "certify_dataset",
                           purpose="'robustkern certify' (randomised smoothing)")
@@ -68,10 +74,15 @@ def certify_checkpoint(cfg: dict, model: torch.nn.Module, outfile: str | Path, *
         images_per_batch = max(1, min(64, p["batch"] // max(p["n"], 1)))
     model = model.to(device).eval()
     smooth = smoothing.Smooth(model, info.num_classes, p["sigma"])
-    return runner.certify_dataset(smooth, ds, outfile, n0=p["n0"], n=p["n"], alpha=p["alpha"],
-                                  batch_size=p["batch"], skip=p["skip"], max=stop, seed=int(cfg.get("seed", 0)),
-                                  images_per_batch=images_per_batch, device=torch.device(device),
-                                  progress=progress)
+    identity = {"dataset": info.name, "weights_sha256": file_sha256(weights) if weights else None}
+    try:
+        return runner.certify_dataset(smooth, ds, outfile, n0=p["n0"], n=p["n"], alpha=p["alpha"],
+                                      batch_size=p["batch"], skip=p["skip"], max=stop, seed=int(cfg.get("seed", 0)),
+                                      images_per_batch=images_per_batch, device=torch.device(device),
+                                      progress=progress, identity=identity, overwrite=overwrite)
+    except runner.SettingsMismatch as exc:
+        raise ConfigError(f"{exc}: certify into another --outfile to keep both, or pass --overwrite to start it "
+                          "afresh") from None
 
 
 def certify_summary(outfile: str | Path, radii, linf_dim: int = 0) -> list[dict]:

@@ -1,10 +1,20 @@
 """Checkpoints: robustkern's own (model, optimiser, scheduler, config, epoch, metrics, RNG states) and loading
 weights from the published projects' files (Cohen/SmoothAdv ``{"arch", "state_dict"}`` with a ``1.`` prefix,
-MACER ``{"net"}``, CROWN-IBP ``{"state_dict"}``, DataParallel ``module.`` prefixes, bare state dicts)."""
+MACER ``{"net"}``, CROWN-IBP ``{"state_dict"}``, DataParallel ``module.`` prefixes, bare state dicts).
+
+Every file is read with ``torch.load(weights_only=True)`` (:func:`read_checkpoint`): unpickling arbitrary
+objects runs code named by the file, so only tensors and plain containers (dict, list, tuple, str, numbers,
+``OrderedDict``, ``Counter``) are accepted. robustkern's checkpoints hold nothing else (the NumPy RNG state is
+stored as a tensor and plain values). A file that needs other Python objects (an older robustkern checkpoint
+with the NumPy state as an array, a foreign checkpoint pickling its own classes) is refused with the names of
+the objects, and loads only with ``trust=True`` (``--trust-checkpoint``), meant for files whose origin the user
+trusts."""
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +24,8 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "extract_state_dict", "load_weights", "rng_state",
-           "set_rng_state", "seed_everything"]
+__all__ = ["FORMAT", "save_checkpoint", "read_checkpoint", "load_checkpoint", "extract_state_dict", "load_weights",
+           "rng_state", "set_rng_state", "seed_everything"]
 
 FORMAT = "robustkern-checkpoint-v1"
 
@@ -26,8 +36,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _numpy_state() -> dict:
+    """NumPy's global RNG state as a tensor and plain values (loadable with weights_only=True)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _set_numpy_state(state) -> None:
+    if isinstance(state, dict):
+        state = (state["name"], state["key"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                 state["gauss"])
+    np.random.set_state(state)  # a tuple: checkpoints written before the state was stored as a tensor
+
+
 def rng_state(generator: torch.Generator | None = None) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if generator is not None:
@@ -37,7 +61,7 @@ def rng_state(generator: torch.Generator | None = None) -> dict:
 
 def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    _set_numpy_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -53,13 +77,46 @@ def save_checkpoint(path: str | os.PathLike, **content: Any) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` (it holds RNG states, hence weights_only=False:
-    only load files you trust)."""
+def _unsafe_globals(path: Path, exc: Exception) -> list[str]:
+    """The Python objects (module.name) that kept ``path`` from loading with weights_only=True."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # zip-format files
+    except Exception:  # noqa: BLE001 - legacy (pre-1.6) format: read the names from the error instead
+        names = []
+    return names or re.findall(r"GLOBAL ([\w.]+)", str(exc))
+
+
+def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> Any:
+    """``torch.load(path)`` onto the CPU with ``weights_only=True`` (see the module doc); ``trust=True`` allows
+    any pickled object, which can run code from the file. Raises :class:`ConfigError` (one line) for a
+    missing, truncated or foreign file and for one that needs objects beyond tensors and plain containers."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise ConfigError(f"cannot read checkpoint {path}: it is truncated or not a PyTorch checkpoint "
+                              f"({_first_line(exc)})") from None
+        names = ", ".join(_unsafe_globals(path, exc)) or "unknown"
+        raise ConfigError(f"checkpoint {path} holds Python objects beyond tensors and plain containers ({names}); "
+                          "loading it would run code named by the file. If you trust its origin, pass "
+                          "--trust-checkpoint") from None
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors of a damaged or foreign file
+        raise ConfigError(f"cannot read checkpoint {path}: it is truncated or not a PyTorch checkpoint "
+                          f"({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+def load_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` (through :func:`read_checkpoint`)."""
+    path = Path(path)
+    ckpt = read_checkpoint(path, trust)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a robustkern training checkpoint (use it with 'eval --checkpoint')")
     return ckpt

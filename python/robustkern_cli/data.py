@@ -10,7 +10,10 @@
 
 Files are looked for under the data directory: ``--data-dir``, else ``$ROBUSTKERN_DATA``, else
 ``~/.robustkern/data`` (torchvision's layouts ``MNIST/raw`` and ``cifar-10-batches-py`` are accepted too).
-Nothing is downloaded unless ``download=True`` (``robustkern ... --download``).
+Nothing is downloaded unless ``download=True`` (``robustkern ... --download``). A download is written to a
+hidden temporary file beside its destination, checked against the published MD5 and only then renamed into
+place (the CIFAR-10 archive is unpacked into a temporary folder first), so a failed or interrupted download
+leaves no partial file; it fails with :class:`DataMissingError` naming the address, the reason and the folder.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import struct
 import sys
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .errors import ConfigError, DataFormatError, DataMissingError
+from .errors import ConfigError, DataFormatError, DataMissingError, optional_import
 
 __all__ = ["DatasetInfo", "DATASETS", "default_data_dir", "dataset_info", "load_dataset", "make_loader",
            "augment_batch", "read_idx", "download_dataset"]
@@ -186,8 +190,9 @@ def _load_svhn(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    load_digits = optional_import("sklearn.datasets", "scikit-learn", "the digits data set").load_digits
+    train_test_split = optional_import("sklearn.model_selection", "scikit-learn",
+                                       "the digits data set").train_test_split
     d = load_digits()
     x = (d.images.astype(np.float32) / 16.0)[:, None]
     y = d.target.astype(np.int64)
@@ -267,16 +272,46 @@ def _md5(path: Path) -> str:
 
 
 def _fetch(url: str, dest: Path, md5: str | None) -> None:
+    """Download ``url`` to ``dest`` through a temporary file renamed into place once complete and checked."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     print(f"downloading {url} -> {dest}", file=sys.stderr)
-    with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
-        with urllib.request.urlopen(url, timeout=60) as r:
-            shutil.copyfileobj(r, tmp)
-    tmp_path = Path(tmp.name)
-    if md5 and _md5(tmp_path) != md5:
-        tmp_path.unlink()
-        raise DataFormatError(f"{url}: checksum mismatch (expected md5 {md5})")
-    tmp_path.replace(dest)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.download")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+        if md5 and _md5(tmp) != md5:
+            raise DataFormatError(f"{url}: checksum mismatch (expected md5 {md5}): the download is damaged, "
+                                  "try again")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _download_error(name: str, url: str, root: Path, exc: OSError) -> DataMissingError:
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    return DataMissingError(f"could not download {name} from {url} ({reason}) into {root}: check the network "
+                            f"connection, or put the files there by hand")
+
+
+def _unpack_cifar(archive: Path, root: Path) -> None:
+    """Unpack the CIFAR-10 archive into a temporary folder in ``root``, then move the batch files that are not
+    there yet into ``root/cifar-10-batches-py``: an interrupted unpacking leaves no truncated batch file."""
+    staging = Path(tempfile.mkdtemp(prefix=".cifar-10-unpack-", dir=root))
+    try:
+        with tarfile.open(archive) as tar:
+            if sys.version_info >= (3, 12):
+                tar.extractall(staging, filter="data")
+            else:
+                tar.extractall(staging)  # noqa: S202 - archive checked against its published md5
+        final = root / "cifar-10-batches-py"
+        final.mkdir(exist_ok=True)
+        for f in (staging / "cifar-10-batches-py").iterdir():
+            if not (final / f.name).exists():
+                os.replace(f, final / f.name)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataFormatError(f"{archive}: cannot unpack ({exc}); delete it and download again") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def download_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path:
@@ -292,24 +327,26 @@ def download_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Pa
                 try:
                     _fetch(mirror + fname, dest, md5)
                     break
-                except OSError:
+                except OSError as exc:
                     if i == len(MNIST_MIRRORS) - 1:
-                        raise
+                        raise _download_error("MNIST", mirror + fname, root, exc) from None
         return root / "mnist"
     if info.name == "cifar10":
         archive = root / "cifar-10-python.tar.gz"
         if not archive.is_file():
-            _fetch(CIFAR_URL, archive, CIFAR_MD5)
-        with tarfile.open(archive) as tar:
-            if sys.version_info >= (3, 12):
-                tar.extractall(root, filter="data")
-            else:
-                tar.extractall(root)  # noqa: S202 - archive checked against its published md5
+            try:
+                _fetch(CIFAR_URL, archive, CIFAR_MD5)
+            except OSError as exc:
+                raise _download_error("CIFAR-10", CIFAR_URL, root, exc) from None
+        _unpack_cifar(archive, root)
         return root / "cifar-10-batches-py"
     if info.name == "svhn":
         for split, md5 in SVHN_MD5.items():
             dest = root / "svhn" / f"{split}_32x32.mat"
             if not dest.is_file():
-                _fetch(SVHN_URL.format(split), dest, md5)
+                try:
+                    _fetch(SVHN_URL.format(split), dest, md5)
+                except OSError as exc:
+                    raise _download_error("SVHN", SVHN_URL.format(split), root, exc) from None
         return root / "svhn"
     raise ConfigError(f"{info.name} needs no download")

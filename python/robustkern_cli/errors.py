@@ -1,21 +1,29 @@
-"""Errors the command maps to exit codes, and the probe for library parts that may not exist yet.
+"""Errors the command maps to exit codes, and the probes for library parts and optional packages that may be
+missing.
 
-Exit codes (``robustkern <command>``): 0 ok, 2 usage or configuration error, 3 data missing or unreadable,
-4 a method whose library part is not available yet.
+Exit codes (``robustkern <command>``): 0 ok, 1 any other failure (one line; ``ROBUSTKERN_TRACEBACK=1`` shows
+the traceback), 2 usage or configuration error, 3 data missing or unreadable, 4 a part this installation lacks
+(a robustkern library part, or an optional package such as matplotlib), 130 interrupted.
 """
 from __future__ import annotations
 
 import importlib
 
 __all__ = [
-    "EXIT_OK", "EXIT_USAGE", "EXIT_DATA", "EXIT_UNAVAILABLE",
-    "ConfigError", "DataMissingError", "DataFormatError", "MethodUnavailable", "library_part",
+    "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_DATA", "EXIT_UNAVAILABLE", "EXIT_INTERRUPTED",
+    "ConfigError", "DataMissingError", "DataFormatError", "MethodUnavailable", "MissingDependency", "library_part",
+    "optional_import", "install_hint",
 ]
 
 EXIT_OK = 0
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_DATA = 3
 EXIT_UNAVAILABLE = 4
+EXIT_INTERRUPTED = 130
+
+# optional packages: the pyproject.toml extra that installs each
+EXTRAS = {"scikit-learn": "data", "matplotlib": "plots"}
 
 
 class ConfigError(ValueError):
@@ -32,6 +40,26 @@ class DataFormatError(ValueError):
 
 class MethodUnavailable(RuntimeError):
     """A method needs a part of the robustkern library that this installation lacks (exit code 4)."""
+
+
+class MissingDependency(MethodUnavailable):
+    """An optional package (scikit-learn, matplotlib) is not installed (exit code 4)."""
+
+
+def install_hint(package: str) -> str:
+    """How to install ``package``: ``pip install P`` and, where one exists, the extra that brings it."""
+    extra = EXTRAS.get(package)
+    return f"pip install {package}" + (f" (or pip install -e '.[{extra}]' in the checkout)" if extra else "")
+
+
+def optional_import(module: str, package: str, purpose: str):
+    """Import ``module`` of the optional ``package``, or raise :class:`MissingDependency` saying how to install
+    it and what needs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependency(f"{purpose} needs {package}, which is not installed: {install_hint(package)}") \
+            from None
 
 
 def library_part(module: str, *attrs: str, purpose: str):

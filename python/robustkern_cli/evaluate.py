@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_weights
+from .checkpoint import load_weights, read_checkpoint
 from .data import dataset_info, load_dataset, make_loader
 from .errors import ConfigError, library_part
 from .models import build_model_for
 
 __all__ = ["EVALS", "EVAL_DEFAULTS", "clean_metrics", "verified_metrics", "evaluate", "fill_eval_defaults",
-           "model_from_config"]
+           "model_from_config", "describe"]
 
 
 @torch.no_grad()
@@ -56,7 +56,8 @@ def verified_metrics(model, loader, cfg, device="cpu", progress=False, method="I
         verified += (lb > 0).all(dim=1).sum().item()
         correct += (logits.argmax(1) == y).sum().item()
         n += len(y)
-    return {"acc": correct / max(n, 1), "verified_acc": verified / max(n, 1), "epsilon": eps, "n": n}
+    return {"acc": correct / max(n, 1), "verified_acc": verified / max(n, 1), "epsilon": eps, "norm": str(ep["norm"]),
+            "n": n}
 
 
 def _clean(model, loader, cfg, device, progress):
@@ -112,7 +113,8 @@ def _autoattack(model, loader, cfg, device, progress):
     finally:
         model.train(was_training)
     return {"acc": res["clean_accuracy"], "autoattack_acc": res["robust_accuracy"], "n": len(y),
-            "after_each_attack": res["after"], "epsilon": float(ep["epsilon"]), "note": res["note"]}
+            "after_each_attack": res["after"], "epsilon": float(ep["epsilon"]), "norm": _attack_norm(ep),
+            "note": res["note"]}
 
 
 EVALS = {
@@ -134,15 +136,16 @@ def fill_eval_defaults(cfg: dict) -> None:
         ep.setdefault("method_params", {}).setdefault(k, v)
 
 
-def model_from_config(cfg: dict, checkpoint: str | Path | None = None) -> torch.nn.Module:
-    """Build the configured zoo model for the configured data set, optionally loading weights."""
+def model_from_config(cfg: dict, checkpoint: str | Path | dict | None = None, trust: bool = False) -> torch.nn.Module:
+    """Build the configured zoo model for the configured data set, optionally loading weights from
+    ``checkpoint`` (a file, read by :func:`robustkern_cli.checkpoint.read_checkpoint` with ``trust``, or its
+    already loaded content)."""
     info = dataset_info(cfg["data"]["dataset"])
     model = build_model_for(cfg["model"]["name"], cfg["model"]["kwargs"], info.shape, info.num_classes)
-    if checkpoint:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise ConfigError(f"checkpoint {path} does not exist")
-        load_weights(model, torch.load(path, map_location="cpu", weights_only=False))
+    if isinstance(checkpoint, dict):
+        load_weights(model, checkpoint)
+    elif checkpoint:
+        load_weights(model, read_checkpoint(checkpoint, trust))
     return model
 
 
@@ -156,7 +159,7 @@ def _precheck(method: str) -> None:
 
 
 def evaluate(cfg: dict, checkpoint: str | Path | None = None, *, data_dir=None, download=False, device="cpu",
-             progress=False) -> dict:
+             progress=False, trust_checkpoint: bool = False) -> dict:
     """Run ``eval_params:method`` on the test split; returns the metrics (and what was evaluated)."""
     ep = cfg["eval_params"]
     method = ep["method"]
@@ -164,7 +167,7 @@ def evaluate(cfg: dict, checkpoint: str | Path | None = None, *, data_dir=None, 
         raise ConfigError(f"unknown evaluation method '{method}'; known: {', '.join(sorted(EVALS))}")
     _precheck(method)
     checkpoint = checkpoint or ep["checkpoint"] or None
-    model = model_from_config(cfg, checkpoint).to(device)
+    model = model_from_config(cfg, checkpoint, trust_checkpoint).to(device)
     ds = load_dataset(cfg["data"]["dataset"], "test", data_dir or cfg["data"]["data_dir"] or None, download,
                       limit=ep["num_examples"])
     loader = make_loader(ds, ep["batch_size"])
@@ -173,3 +176,31 @@ def evaluate(cfg: dict, checkpoint: str | Path | None = None, *, data_dir=None, 
     return {"method": method, "checkpoint": str(checkpoint) if checkpoint else None,
             "dataset": cfg["data"]["dataset"], "model": cfg["model"]["name"], **metrics,
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def describe(res: dict) -> str:
+    """One readable line for the result of :func:`evaluate`."""
+    norm = "L2" if str(res.get("norm", "inf")).lower() in ("2", "2.0", "l2", "l_2") else "L-inf"
+    radius = f"at {norm} epsilon {res.get('epsilon', 0):g}"
+    method = res["method"]
+    if method in ("ibp", "crown_ibp"):
+        head = f"{'IBP' if method == 'ibp' else 'CROWN-IBP'}-verified accuracy {res['verified_acc']:.3f} {radius}, "
+    elif method == "pgd":
+        restarts = res["restarts"]
+        head = f"PGD-{res['steps']} accuracy {res['pgd_acc']:.3f} {radius} ({restarts} restart" \
+               f"{'s' if restarts != 1 else ''}), "
+    elif method == "autoattack":
+        head = f"APGD-CE + APGD-T accuracy {res['autoattack_acc']:.3f} {radius} (an upper bound), "
+    else:
+        head = ""
+    clean = f"clean accuracy {res['acc']:.3f}" + (f" (loss {res['loss']:.4f})" if "loss" in res else "")
+    source = f", checkpoint {res['checkpoint']}" if res.get("checkpoint") else ""
+    return f"{head}{clean} on {res['n']} {res['dataset']} test images; model {res['model']}{source}; " \
+           f"{res['seconds']:.1f} s"
+
+
+def fill_all_defaults(cfg: dict) -> None:
+    """The defaults of the config's training method and of its evaluation (what every command loads with)."""
+    from .losses import fill_method_defaults
+    fill_method_defaults(cfg)
+    fill_eval_defaults(cfg)

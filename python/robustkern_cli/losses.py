@@ -227,12 +227,12 @@ def _ibp_family(model, x, y, cfg, state):
     ``kappa = init_kappa + (final_kappa - init_kappa) * eps / max_eps`` mixes natural and robust CE,
     ``loss = kappa * CE(f(x), y) + (1 - kappa) * robust_CE(lb)``; with ``bound_type = "crown-interval"`` the
     margin lower bound is ``beta * lb_CROWN-IBP + (1 - beta) * lb_IBP``, ``beta = 1 - (1 - final_beta) * eps /
-    max_eps`` (CROWN-IBP's defaults: kappa 1 -> 0.5, beta 1 -> 0). The clean forward runs first, so BatchNorm
-    bounds use the clean batch's statistics. While eps is 0 the robust term is the natural cross-entropy (the
+    max_eps`` (CROWN-IBP's defaults: kappa 1 -> 0.5, beta 1 -> 0), by ``robustkern.bounds.crown_ibp_loss``: the
+    clean forward runs first and its BatchNorm statistics serve the bounds, IBP runs once, and the bounds are
+    not widened for rounding (``sound=False``: training needs no certificate). While eps is 0 the robust term is the natural cross-entropy (the
     two agree at eps 0) and no bounds are computed, as CROWN-IBP switches to natural training then.
     """
-    bounds = library_part("robustkern.bounds", "BoundedModule", "margin_spec", "robust_cross_entropy",
-                          purpose="training method 'ibp'")
+    bounds = library_part("robustkern.bounds", "BoundedModule", "crown_ibp_loss", purpose="training method 'ibp'")
     tp = cfg["training_params"]
     mp = tp["method_params"]
     bound_type = mp["bound_type"]
@@ -247,30 +247,25 @@ def _ibp_family(model, x, y, cfg, state):
     bm = state.cache.get(key)
     if bm is None:
         bm = state.cache[key] = bounded_module(bounds, model, x[:1], f"training method '{tp['method']}'")
-    logits = bm(x)  # the model's forward; in training mode it records BatchNorm statistics for the bounds
-    natural = F.cross_entropy(logits, y)
-    num_classes = logits.shape[1]
-    C = bounds.margin_spec(y, num_classes)
     norm = float(tp["norm"])
     if eps < torch.finfo(torch.float32).tiny:  # CROWN-IBP trains naturally while eps is 0: no bounds to compute
+        logits = bm(x)
+        natural = F.cross_entropy(logits, y)
         robust = natural
         verified = _accuracy(logits, y)
-    else:
-        lb, _ = bm.compute_bounds(x, eps, norm=norm, method="IBP", C=C, x_min=0.0, x_max=1.0)
-        if beta > 1e-5:
-            clb, _ = bm.compute_bounds(x, eps, norm=norm, method="CROWN-IBP", C=C, x_min=0.0, x_max=1.0)
-            lb = beta * clb + (1.0 - beta) * lb
-        robust = bounds.robust_cross_entropy(lb)
-        verified = (lb > 0).all(dim=1).float().mean().item()
-    loss = kappa * natural + (1.0 - kappa) * robust
+        loss = kappa * natural + (1.0 - kappa) * robust
+    else:   # one clean forward (its BatchNorm statistics serve the bounds), IBP once, CROWN-IBP when beta > 0
+        loss, info = bounds.crown_ibp_loss(bm, x, y, eps, beta=beta if beta > 1e-5 else 0.0, kappa=kappa,
+                                           norm=norm, x_min=0.0, x_max=1.0, sound=False)
+        logits, natural, robust = info["logits"], info["natural"], info["robust"]
+        verified = (info["lb"] > 0).all(dim=1).float().mean().item()
     return loss, {"loss": loss.item(), "acc": _accuracy(logits, y), "natural_ce": natural.item(),
                   "robust_ce": robust.item(), "verified_acc": verified, "eps": eps, "kappa": kappa, "beta": beta}
 
 
-register_loss("ibp", _IBP_DEFAULTS, ("robustkern.bounds", ("BoundedModule", "margin_spec", "robust_cross_entropy")))(
-    _ibp_family)
+register_loss("ibp", _IBP_DEFAULTS, ("robustkern.bounds", ("BoundedModule", "crown_ibp_loss")))(_ibp_family)
 register_loss("crown_ibp", dict(_IBP_DEFAULTS, bound_type="crown-interval"),
-              ("robustkern.bounds", ("BoundedModule", "margin_spec", "robust_cross_entropy")))(_ibp_family)
+              ("robustkern.bounds", ("BoundedModule", "crown_ibp_loss")))(_ibp_family)
 
 # Methods whose algorithms belong to library parts that do not exist yet (DESIGN.md: robustkern/smoothing,
 # attacks, flatness). Their recipes in python/configs carry the published parameters.

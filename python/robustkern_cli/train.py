@@ -18,6 +18,11 @@ initialisation with the run seed (identical weights) and then its own streams (n
 ``rank_seed(seed, rank)``; the checkpoint keeps every rank's RNG state (``rng_ranks``), so resuming with the
 same number of processes is exact too.
 
+A run folder is never overwritten by accident: when ``<run_dir>`` already holds a run (``checkpoint.pt`` or
+``log.csv``) that this call does not resume in place, :func:`train` refuses before it reads any data, unless
+``overwrite=True`` (``--overwrite``). Nothing is written before the config and the data have been checked, so
+a refused run leaves no folder behind.
+
 ``training_params:tensorboard`` (or ``--tensorboard DIR``) logs ``train/loss``, ``train/lr`` and
 ``train/eps`` per optimiser step (the loss averaged over the step's micro-batches and all ranks), every
 per-epoch metric of ``log.csv`` as ``epoch/<name>`` and the test evaluation as ``eval/<name>``
@@ -44,7 +49,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, seed_everything, set_rng_state
+from .checkpoint import (load_checkpoint, load_weights, read_checkpoint, rng_state, save_checkpoint, seed_everything,
+                         set_rng_state)
 from .config import save_config
 from .data import augment_batch, dataset_info, load_dataset, make_loader
 from .errors import ConfigError
@@ -53,7 +59,9 @@ from .losses import LOSSES, EpsilonScheduler, StepState, check_available
 from .models import build_model_for
 from .tensorboard import is_finite_number, open_writer
 
-__all__ = ["TrainResult", "train", "default_run_dir", "build_optimizer", "build_lr_scheduler"]
+__all__ = ["TrainResult", "train", "default_run_dir", "existing_run_files", "build_optimizer", "build_lr_scheduler"]
+
+RUN_FILES = ("checkpoint.pt", "log.csv")  # what makes a folder a run that overwriting would lose
 
 
 @dataclass
@@ -71,6 +79,22 @@ class TrainResult:
 
 def default_run_dir(cfg: dict) -> Path:
     return Path(cfg["output"]["dir"]) / (cfg.get("name") or "run")
+
+
+def existing_run_files(run_dir: str | Path) -> list[str]:
+    """The files of :data:`RUN_FILES` that ``run_dir`` holds (empty: no run there to lose)."""
+    return [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
+
+
+def _check_run_dir(run_dir: Path, resume, overwrite: bool, ctx: distributed.DistContext) -> None:
+    """Refuse (ConfigError) to write into a folder holding another run, unless ``overwrite``; resuming a run in
+    its own folder is allowed. Under torchrun every rank takes rank 0's view, before any rank writes."""
+    in_place = resume is not None and Path(resume).resolve().parent == run_dir.resolve()
+    found = [] if overwrite or in_place else existing_run_files(run_dir)
+    if distributed.reduce_sums({"found": len(found) if ctx.is_main else 0}, ctx)["found"] > 0:
+        what = ", ".join(found) if found else "a run"
+        raise ConfigError(f"{run_dir} already holds a run ({what}): continue it with --resume "
+                          f"{run_dir / 'checkpoint.pt'}, choose another --out, or pass --overwrite to replace it")
 
 
 def build_optimizer(params, tp: dict) -> torch.optim.Optimizer:
@@ -120,15 +144,18 @@ def _write_csv(path: Path, history: list) -> None:
 
 def train(cfg: dict, run_dir: str | Path | None = None, *, data_dir=None, download: bool = False,
           resume: str | Path | None = None, device: str = "cpu", progress: bool | None = None,
-          log: Callable[[str], None] | None = None, tensorboard: str | Path | None = None) -> TrainResult:
+          log: Callable[[str], None] | None = None, tensorboard: str | Path | None = None,
+          overwrite: bool = False, trust_checkpoint: bool = False) -> TrainResult:
     """Train as ``cfg`` says. ``resume``: a checkpoint.pt to continue from (its model, optimiser, schedules,
     metrics and RNG states are restored; ``cfg`` should be the checkpoint's config, possibly with a larger
     ``training_params:epochs``). ``tensorboard``: a folder for TensorBoard events (default
-    ``training_params:tensorboard``; empty = none). Under torchrun this starts (and on return or error
-    destroys) the process group, unless the caller started one."""
+    ``training_params:tensorboard``; empty = none). ``overwrite``: replace a run already in ``run_dir`` (else
+    ConfigError). ``trust_checkpoint``: load ``resume`` and ``training_params:init_checkpoint`` even if they
+    hold pickled Python objects (:func:`robustkern_cli.checkpoint.read_checkpoint`). Under torchrun this starts
+    (and on return or error destroys) the process group, unless the caller started one."""
     with distributed.session(device) as ctx:
         return _train(cfg, run_dir, ctx, data_dir=data_dir, download=download, resume=resume, progress=progress,
-                      log=log, tensorboard=tensorboard)
+                      log=log, tensorboard=tensorboard, overwrite=overwrite, trust=trust_checkpoint)
 
 
 def _train_loaders(cfg: dict, train_ds, test_ds, ctx: distributed.DistContext, gen: torch.Generator):
@@ -159,7 +186,7 @@ def _test_metrics(model, test_loader, device, ctx) -> dict:
 
 
 def _train(cfg, run_dir, ctx: distributed.DistContext, *, data_dir, download, resume, progress, log,
-           tensorboard) -> TrainResult:
+           tensorboard, overwrite, trust) -> TrainResult:
     if not ctx.is_main:
         log = lambda s: None  # noqa: E731
         progress = False
@@ -170,6 +197,9 @@ def _train(cfg, run_dir, ctx: distributed.DistContext, *, data_dir, download, re
     method = tp["method"]
     check_available(method, cfg)
     loss_fn = LOSSES[method]
+    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+    _check_run_dir(run_dir, resume, overwrite, ctx)
+    ckpt = load_checkpoint(resume, trust) if resume is not None else None  # every rank loads the same file
     info = dataset_info(dcfg["dataset"])
     data_dir = data_dir or dcfg["data_dir"] or None
     train_ds = load_dataset(info.name, "train", data_dir, download, limit=dcfg["num_train"])
@@ -178,7 +208,7 @@ def _train(cfg, run_dir, ctx: distributed.DistContext, *, data_dir, download, re
     seed_everything(cfg["seed"])  # every rank: the same initial weights
     model = build_model_for(cfg["model"]["name"], cfg["model"]["kwargs"], info.shape, info.num_classes)
     if tp["init_checkpoint"] and resume is None:
-        load_weights(model, torch.load(tp["init_checkpoint"], map_location="cpu", weights_only=False))
+        load_weights(model, read_checkpoint(tp["init_checkpoint"], trust))
     model.to(device)
     if ctx.enabled:
         seed_everything(distributed.rank_seed(cfg["seed"], ctx.rank))  # each rank its own noise
@@ -187,13 +217,9 @@ def _train(cfg, run_dir, ctx: distributed.DistContext, *, data_dir, download, re
     gen = torch.Generator()
     gen.manual_seed(cfg["seed"])
     loader, sampler, test_loader = _train_loaders(cfg, train_ds, test_ds, ctx, gen)
-    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
 
     start_epoch, history = 0, []
-    if resume is not None:
-        ckpt = load_checkpoint(resume)  # every rank loads the same file
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         if sched is not None and ckpt.get("lr_scheduler") is not None:
@@ -212,17 +238,18 @@ def _train(cfg, run_dir, ctx: distributed.DistContext, *, data_dir, download, re
                 f"{ctx.world_size}: the random streams restart from new per-rank seeds")
         log(f"resumed from {resume} after epoch {start_epoch}")
     sync = distributed.GradientSync(model, ctx, method, tp.get("grad_sync", "auto"))
-    if ctx.is_main:
-        save_config(cfg, run_dir / "config.json")
-    if ctx.enabled:
-        log(f"distributed: {ctx.world_size} processes ({ctx.backend}), gradient sync '{sync.mode}', "
-            f"global batch {dcfg['batch_size']} split over the ranks")
-
     k = max(int(tp["batch_multiplier"]), 1)
     steps_per_epoch = max(math.ceil(len(loader) / k), 1)
     eps_sched = EpsilonScheduler(tp["schedule_type"], tp["schedule_start"], tp["schedule_length"],
                                  tp["starting_epsilon"], tp["epsilon"], steps_per_epoch)
     state = StepState(steps_per_epoch=steps_per_epoch, max_eps=float(tp["epsilon"]))
+    if ctx.is_main:  # everything is checked: the first write
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.json")
+    if ctx.enabled:
+        log(f"distributed: {ctx.world_size} processes ({ctx.backend}), gradient sync '{sync.mode}', "
+            f"global batch {dcfg['batch_size']} split over the ranks")
+
     epochs = int(tp["epochs"])
     tb_dir = tensorboard if tensorboard is not None else tp.get("tensorboard", "")
     writer = open_writer(tb_dir) if tb_dir and ctx.is_main else None

@@ -72,9 +72,11 @@ def _kl_sum(log_q: Tensor, p: Tensor) -> Tensor:
 
 def trades_loss(model, x_natural: Tensor, y: Tensor, optimizer=None, step_size: float = 0.003,
                 epsilon: float = 0.031, perturb_steps: int = 10, beta: float = 1.0, distance: str = "l_inf",
-                faithful: bool = False, return_parts: bool = False):
+                faithful: bool = False, return_parts: bool = False, noise: Tensor | None = None):
     """TRADES loss (module docstring); arguments as TRADES' ``trades_loss``. ``distance``: ``"l_inf"`` or
-    ``"l_2"``. Returns the loss, or ``(loss, loss_natural, loss_robust)`` when ``return_parts``."""
+    ``"l_2"``. ``noise``: the N(0, I) draw of the random start ``x + 0.001 noise`` (shape of ``x_natural``;
+    default ``torch.randn_like(x_natural)``). Returns the loss, or ``(loss, loss_natural, loss_robust)`` when
+    ``return_parts``."""
     if distance not in _DISTANCES:
         raise ValueError(f"trades_loss: distance must be 'l_inf' or 'l_2', got {distance!r}")
     norm = _DISTANCES[distance]
@@ -84,8 +86,14 @@ def trades_loss(model, x_natural: Tensor, y: Tensor, optimizer=None, step_size: 
     x = x_natural.detach()
     b = x.shape[0]
     alpha = step_size if norm == "linf" else 2.0 * epsilon / max(perturb_steps, 1)
+    if noise is None:
+        noise = torch.randn_like(x)
+    elif not isinstance(noise, Tensor) or noise.shape != x.shape:
+        raise ValueError(f"trades_loss: noise must have the shape of x_natural {tuple(x.shape)}, got "
+                         f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}")
+    noise = noise.detach().to(x)
     if faithful:
-        x_adv = _faithful_attack(model, x, epsilon, step_size, perturb_steps, norm)
+        x_adv = _faithful_attack(model, x, noise, epsilon, step_size, perturb_steps, norm)
         model.train()
         if optimizer is not None:
             optimizer.zero_grad()
@@ -100,7 +108,7 @@ def trades_loss(model, x_natural: Tensor, y: Tensor, optimizer=None, step_size: 
             with torch.no_grad():
                 p_nat = F.softmax(model(x), dim=1)
             check_labels("trades_loss", y, p_nat.shape[1])
-            x_adv = x + 0.001 * torch.randn_like(x)
+            x_adv = x + 0.001 * noise
             step, eps_t, alpha_t = _step_fn(x.device), _per_row(epsilon, x), _per_row(alpha, x)  # checked above
             for _ in range(perturb_steps):
                 x_adv = x_adv.detach().requires_grad_(True)
@@ -116,12 +124,13 @@ def trades_loss(model, x_natural: Tensor, y: Tensor, optimizer=None, step_size: 
     return (loss, loss_natural, loss_robust) if return_parts else loss
 
 
-def _faithful_attack(model, x, epsilon, step_size, perturb_steps, norm):
-    """The inner maximisation of TRADES' ``trades.py``, line for line (model left in eval mode)."""
+def _faithful_attack(model, x, noise, epsilon, step_size, perturb_steps, norm):
+    """The inner maximisation of TRADES' ``trades.py``, line for line, from the start draw ``noise`` (model
+    left in eval mode)."""
     model.eval()
     b = x.shape[0]
     if norm == "linf":
-        x_adv = x + 0.001 * torch.randn_like(x)
+        x_adv = x + 0.001 * noise
         for _ in range(perturb_steps):
             x_adv.requires_grad_()
             with torch.enable_grad():
@@ -131,7 +140,7 @@ def _faithful_attack(model, x, epsilon, step_size, perturb_steps, norm):
             x_adv = torch.min(torch.max(x_adv, x - epsilon), x + epsilon)
             x_adv = torch.clamp(x_adv, 0.0, 1.0)
         return torch.clamp(x_adv, 0.0, 1.0).detach()
-    delta = 0.001 * torch.randn_like(x)
+    delta = 0.001 * noise
     lr = epsilon / perturb_steps * 2 if perturb_steps else 0.0
     for _ in range(perturb_steps):
         delta.requires_grad_(True)

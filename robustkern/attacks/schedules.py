@@ -53,7 +53,7 @@ def adversarial_training_epoch(model, loader: Iterable, optimizer, eps: float, a
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        loss_sum += float(loss) * y.numel()
+        loss_sum += loss.item() * y.numel()
         total += y.numel()
     return {"loss": loss_sum / max(total, 1), "n": total}
 

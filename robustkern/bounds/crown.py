@@ -7,7 +7,7 @@ h``), one per side); every node maps it to its inputs:
 linear      ``A <- A W``, ``c += A b``
 conv2d      ``A <- conv_transpose2d(A, W)`` (output_padding chosen so the input size comes back; the B*S
             rows as one batch, channels-last), ``c += sum A b``
-batchnorm,  per-channel affine ``(scale, shift)`` from ``ibp.affine_params`` (eval: running statistics,
+batchnorm,  per-channel affine ``(scale, shift)`` from ``precision.Coefficients`` (eval: running statistics,
 normalize   training: the clean batch's): ``A <- A scale``, ``c += sum A shift``; a BatchNorm right after a
             linear/conv layer that has no other user and a weight smaller than ``A`` is folded into it
             (``W' = scale W``, ``b' = scale b + shift``: one step, no pass over ``A``)
@@ -24,15 +24,32 @@ are bounds over supersets of ball-and-box). The ReLU input bounds come from IBP 
 from a backward pass per ReLU-input node with the identity specification (chunked by ``crown_batch_size``
 rows), intersected with the IBP box (both are sound, so their intersection is).
 
-Floating point (``sound=True``). The relaxation is exact in real arithmetic; computed in floating point, the
-products in the backward pass and the concretisation round, and an ``(A, c)`` whose ``A`` is only close to
-the exact product is not by itself a valid bound. What is done: the whole backward pass (intermediate
-CROWN bounds included) runs in float64 on the float32 model's weights and sound (widened) float32 IBP boxes,
-the concretisation is widened by ``gamma_{N+3} (|A||mid| + |A| rad + |c|)`` (float64), and the result is
-rounded outwards to the working precision. Guaranteed: the rounding of the concretisation and of the final
-cast. Not rigorously bounded: the float64 rounding inside the backward products (relative ``~depth * K *
-1e-16`` of ``|A||W||h|``, about eight orders of magnitude below float32 resolution); the bounds hold for the
-real network up to that. ``sound=False`` computes everything in the working precision (training).
+Floating point (``sound=True``). The relaxation is exact in real arithmetic; computed in floating point every
+product rounds, and an ``(A, c)`` whose ``A`` is only close to the exact product is not by itself a valid bound.
+The argument used here needs no exact product: for whatever coefficients ``A`` a step computed, the identity
+``A h = A_in h_in + c + E h_in`` holds with the step's error ``E``, and ``|E h_in| <= |A| v`` for a per-node
+vector ``v`` built from the step's rounding bound (``gamma_d`` of the step's reduction depth ``d``, Higham) and
+the IBP magnitude ``|h_in| <= m`` (sound boxes). Every step adds ``|A| v`` (one pass over ``|A|``) to an error
+accumulator, per specification row:
+
+=========== ===========================================================================================
+linear,     ``v = 2 gamma_{d+2} (|W| m_in + |b|)``; a BatchNorm folded in (``W' = s W``, ``b' = s b + t``) adds
+conv2d      its rounding and its coefficients' radii: ``v = (ds + 2 gamma |s|)(|W| m_in + |b|) + dt + 2 gamma |t|``
+batchnorm,  ``v = (ds + 2u |s|) m_in + dt + gamma_{N+2} |t|`` (``ds``, ``dt``: ``robustkern.bounds.precision``)
+normalize
+avgpool     ``v = 2 gamma_{k+2} avgpool(m_in)``
+relu        ``v = 3u (u+ + |l-|) + 2u m + gamma_{N+2} |l-|``: the products and bias sum, and the rounded upper line
+            ``d_u z + b_u`` (computed from ``u+ / (u+ - l-)``), which lies below the chord by at most ``3u (u+ + |l-|)``;
+            any lower slope in [0, 1] is valid, rounded or not
+add         where two branches' ``A`` meet, ``u (|A_1| + |A_2|) m``
+=========== ===========================================================================================
+
+plus ``u |c|`` for each addition to the constant. The concretisation adds
+``gamma_{N+3} (|A||mid| + |A| rad + |c|)`` (and the ball terms), the bound is moved one ulp outwards, and, for a
+float32 model, rounded outwards to float32. The whole backward pass (intermediate CROWN bounds included) runs in
+float64, also for float32 models, so the accumulated error is ~1e-16 of the magnitudes and costs no tightness;
+float64 models get the same accounting with float64's unit roundoff. ``sound=False`` computes everything in the
+working precision with no accounting (training).
 """
 from __future__ import annotations
 
@@ -43,9 +60,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.crown import RELU_LOWER_MODES, crown_concretize, crown_relu_backward
-from ..reference.interval import gamma, unit_roundoff
+from .._numerics import gamma, next_down, next_up, tiny, unit_roundoff
 from .graph import BoundNode
-from .ibp import Box, affine_params
+from .ibp import Box
+from .precision import Coefficients, magnitude
 
 __all__ = ["node_shapes", "backward_bound", "crown_bounds"]
 
@@ -96,9 +114,11 @@ def _cview(v: Tensor, ndim: int) -> Tensor:
 
 
 class _Ctx:
-    """What a backward pass needs: the graph, shapes, ReLU input bounds, dtype, BN statistics."""
+    """What a backward pass needs: the graph, shapes, ReLU input bounds, dtype, the affine coefficients, and for
+    sound bounds the IBP boxes whose magnitudes bound each node's values."""
 
-    def __init__(self, nodes, shapes, relu_bounds, dtype, device, bn_stats, mode):
+    def __init__(self, nodes, shapes, relu_bounds, dtype, device, coeffs: Coefficients, mode, boxes: dict,
+                 input_box: Box, sound: bool):
         self.nodes = nodes
         self.index = {n.name: i for i, n in enumerate(nodes)}
         self.by_name = {n.name: n for n in nodes}
@@ -106,9 +126,13 @@ class _Ctx:
         self.relu_bounds = relu_bounds      # name of a ReLU-input node -> (l, u) flattened (B, N)
         self.dtype = dtype
         self.device = device
-        self.bn_stats = bn_stats
+        self.coeffs = coeffs
         self.mode = mode
+        self.boxes = boxes
+        self.input_box = input_box
+        self.sound = sound
         self._params: dict = {}
+        self._errors: dict = {}
 
     def relu_bounds_channels_last(self, name: str):
         """``relu_bounds[name]`` permuted from (B, C*H*W) to the (B, H*W*C) order of channels-last ``A``."""
@@ -130,10 +154,114 @@ class _Ctx:
         return self._params[key]
 
     def affine(self, node: BoundNode):
-        key = node.name
+        """``(s, t, ds, dt)`` of a BatchNorm/normalisation node in the pass's dtype."""
+        return self.coeffs.get(node, self.dtype, self.device)
+
+    # ---------------------------------------------------------------- rounding-error accounting (sound)
+    def magnitude(self, name: str) -> Tensor:
+        """An upper bound of ``|h|`` (B, *shape) for node ``name`` over the input set (from the IBP boxes)."""
+        key = ("mag", name)
         if key not in self._params:
-            self._params[key] = affine_params(node, self.dtype, self.device, self.bn_stats)
+            if self.by_name[name].kind == "input":
+                box = self.input_box
+            else:
+                v = self.boxes[name]
+                box = v() if callable(v) else v
+            lo, hi = box.end_points(True)
+            m = torch.maximum(lo.abs(), hi.abs()).to(self.dtype)
+            self._params[key] = m.reshape((m.shape[0],) + tuple(self.shapes[name]))
         return self._params[key]
+
+    def error_vector(self, key: str, make) -> Tensor:
+        if key not in self._errors:
+            with torch.no_grad():
+                self._errors[key] = make()
+        return self._errors[key]
+
+
+def _abs_dot(A: Tensor, v: Tensor) -> Tensor:
+    """An upper bound of ``sum |A| v`` over the dimensions after (B, S), for ``A`` (B, S, *shape) and ``v >= 0``
+    (B, *shape): one batched matrix-vector product in A's memory order, rounded up."""
+    B, S = A.shape[:2]
+    n = v[0].numel()
+    absA = A.abs()
+    if _is_channels_last(absA):     # (B, S, H, W, C) in memory: match v to it instead of copying |A|
+        rows, vec = absA.permute(0, 1, 3, 4, 2).reshape(B, S, n), v.permute(0, 2, 3, 1).reshape(B, n, 1)
+    else:
+        rows, vec = absA.reshape(B, S, n), v.reshape(B, n, 1)
+    total = torch.bmm(rows, vec.to(rows.dtype)).squeeze(-1)
+    return total * (1 + gamma(n + 1, unit_roundoff(A.dtype))) + n * tiny(A.dtype)
+
+
+def _gemm_error(ctx: _Ctx, node: BoundNode, fold: BoundNode | None = None) -> Tensor:
+    """The per-output error vector ``v`` of a linear/conv step (see the module docstring), with the BatchNorm
+    ``fold`` folded into it."""
+    def make():
+        m = node.module
+        w, b = ctx.weight(node)
+        mag = ctx.magnitude(node.inputs[0])
+        u = unit_roundoff(ctx.dtype)
+        if node.kind == "linear":
+            k = w.shape[1]
+            P = mag.reshape(mag.shape[0], -1) @ w.abs().t()
+            depth = w.shape[0]
+        else:
+            k = w.shape[1] * w.shape[2] * w.shape[3]
+            P = F.conv2d(mag, w.abs(), None, m.stride, m.padding, m.dilation, m.groups)
+            depth = P[0].numel() + w.shape[0] * w.shape[2] * w.shape[3]
+        if b is not None:
+            P = P + b.abs().reshape((1, -1) + (1,) * (P.dim() - 2))
+        P = P * (1 + gamma(k + 2, u)) + k * tiny(ctx.dtype)
+        g = 2 * gamma(depth + 2, u)
+        if fold is None:
+            return g * P
+        s, t, ds, dt = ctx.affine(fold)
+        shape = (1, -1) + (1,) * (P.dim() - 2)
+        ds = torch.zeros_like(s) if ds is None else ds.to(ctx.dtype)
+        dt = torch.zeros_like(t) if dt is None else dt.to(ctx.dtype)
+        return ((ds + g * s.abs()).reshape(shape) * P + (dt + g * t.abs()).reshape(shape)) * (1 + 4 * u)
+    return ctx.error_vector(node.name if fold is None else fold.name, make)
+
+
+def _affine_error(ctx: _Ctx, node: BoundNode) -> Tensor:
+    def make():
+        s, t, ds, dt = ctx.affine(node)
+        mag = ctx.magnitude(node.inputs[0])
+        u = unit_roundoff(ctx.dtype)
+        shape = (1, -1) + (1,) * (mag.dim() - 2)
+        ds = torch.zeros_like(s) if ds is None else ds.to(ctx.dtype)
+        dt = torch.zeros_like(t) if dt is None else dt.to(ctx.dtype)
+        g = gamma(mag[0].numel() + 2, u)
+        return ((ds + 2 * u * s.abs()).reshape(shape) * mag + (dt + g * t.abs()).reshape(shape)) * (1 + 4 * u)
+    return ctx.error_vector(node.name, make)
+
+
+def _avgpool_error(ctx: _Ctx, node: BoundNode) -> Tensor:
+    def make():
+        m = node.module
+        k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0] * m.kernel_size[1]
+        k = k * k if isinstance(m.kernel_size, int) else k
+        g = 2 * gamma(k + 2, unit_roundoff(ctx.dtype))
+        return g * m(ctx.magnitude(node.inputs[0])) * (1 + g) + k * tiny(ctx.dtype)
+    return ctx.error_vector(node.name, make)
+
+
+def _relu_error(ctx: _Ctx, node: BoundNode) -> Tensor:
+    bounds = ctx.relu_bounds[node.inputs[0]]      # (full CROWN replaces them with tighter ones)
+    cached = ctx._errors.get(node.name)
+    if cached is not None and cached[0] is not bounds:
+        del ctx._errors[node.name]
+
+    def make():
+        lo, hi = bounds
+        u = unit_roundoff(ctx.dtype)
+        lm = lo.clamp(max=0).abs()
+        up = torch.maximum(hi.clamp(min=0), -lm + 1e-8)
+        n = lo.shape[1]
+        v = 3 * u * (up + lm) + 2 * u * torch.maximum(lo.abs(), hi.abs()) + gamma(n + 2, u) * lm * (1 + u)
+        v = v * (1 + 4 * u) + 4 * tiny(ctx.dtype)
+        return bounds, v.reshape((v.shape[0],) + tuple(ctx.shapes[node.inputs[0]]))
+    return ctx.error_vector(node.name, make)[1]
 
 
 def _channel_sums(A: Tensor) -> Tensor:
@@ -169,14 +297,15 @@ def _is_channels_last(A: Tensor) -> bool:
 
 
 def _step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int) -> tuple[list[tuple[str, Tensor]], Tensor | None,
-                                                                           bool]:
+                                                                           Tensor | None]:
     """Map ``A`` (coefficients of ``node``'s output) to its inputs. Returns [(input, A_in)], the bias term
-    (B, S) or None, and for a ReLU whether it is the upper side (handled by the caller)."""
+    (B, S) or None, and (sound) the step's error vector ``v`` (B, *output shape) or None (exact step)."""
     kind = node.kind
     shapes = ctx.shapes
     if kind in ("linear", "conv2d"):
         w, b = ctx.weight(node)
-        return _gemm_step(ctx, node, A, B, S, w, b)
+        outs, bias, _ = _gemm_step(ctx, node, A, B, S, w, b)
+        return outs, bias, _gemm_error(ctx, node) if ctx.sound else None
     if kind == "batchnorm":
         src = ctx.by_name[node.inputs[0]]
         w = ctx.weight(src)[0] if src.kind in ("linear", "conv2d") else None
@@ -186,15 +315,16 @@ def _step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int) -> tuple[list[t
             # W' = scale W (per output channel), b' = scale b + shift, no pass over A for the BatchNorm;
             # only where W is smaller than A (convolutions; not a wide linear layer, whose W' and its
             # gradient would cost more than the passes over A they save)
-            scale, shift = ctx.affine(node)
+            scale, shift = ctx.affine(node)[:2]
             w, b = ctx.weight(src)
             w = w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
             b = shift if b is None else b * scale + shift
-            return _gemm_step(ctx, src, A, B, S, w, b)
+            outs, bias, _ = _gemm_step(ctx, src, A, B, S, w, b)
+            return outs, bias, _gemm_error(ctx, src, node) if ctx.sound else None
     if kind in ("batchnorm", "normalize"):
-        scale, shift = ctx.affine(node)
+        scale, shift = ctx.affine(node)[:2]
         bias = (_channel_sums(A) * shift).sum(-1)
-        return [(node.inputs[0], A * _cview(scale, A.dim()))], bias, False
+        return [(node.inputs[0], A * _cview(scale, A.dim()))], bias, _affine_error(ctx, node) if ctx.sound else None
     if kind == "avgpool":
         m = node.module
         src = node.inputs[0]
@@ -206,27 +336,30 @@ def _step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int) -> tuple[list[t
         p = m.padding if isinstance(m.padding, (tuple, list)) else (m.padding,) * 2
         A_in = torch.ops.aten.avg_pool2d_backward(flat, like, list(k), list(s), list(p), m.ceil_mode,
                                                   m.count_include_pad, m.divisor_override)
-        return [(src, A_in.reshape(B, S, *shp))], None, False
+        return [(src, A_in.reshape(B, S, *shp))], None, _avgpool_error(ctx, node) if ctx.sound else None
     if kind == "add":
-        return [(node.inputs[0], A), (node.inputs[1], A)], None, False
+        return [(node.inputs[0], A), (node.inputs[1], A)], None, None
     if kind == "reshape":
         src = _tensor_input(node, shapes)
-        return [(src, A.reshape(B, S, *shapes[src]))], None, False
+        return [(src, A.reshape(B, S, *shapes[src]))], None, None
     if kind == "identity":
-        return [(node.inputs[0], A)], None, False
+        return [(node.inputs[0], A)], None, None
     raise AssertionError(kind)  # relu and input are handled by the caller
 
 
 def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], input_box: Box, ball, sound: bool
                    ) -> dict[bool, Tensor]:
     """Bounds of ``A0 h_start`` (A0 (B, S, *shape)) over the input set, for each side in ``sides``
-    (False: lower, True: upper). ``ball`` is (center, eps) flattened for an L2 ball, else None."""
+    (False: lower, True: upper). ``ball`` is (center, eps) flattened for an L2 ball, else None. With ``sound``
+    the rounding errors of every step are accumulated and the result is rounded outwards (module docstring)."""
     B, S = A0.shape[:2]
     result = {}
     stop = ctx.index[start]
+    u = unit_roundoff(A0.dtype)
     for upper in sides:
         As: dict[str, Tensor] = {start: A0}
         bias = A0.new_zeros((B, S))
+        err = A0.new_zeros((B, S)) if sound else None
         A_input = None
         for node in reversed(ctx.nodes[:stop + 1]):
             A = As.pop(node.name, None)
@@ -238,21 +371,30 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
             if node.kind == "relu":
                 src = node.inputs[0]
                 if _is_channels_last(A):  # the ReLU step on the (B, S, H*W*C) layout, bounds permuted to match
-                    l, u = ctx.relu_bounds_channels_last(src)
+                    l, u_ = ctx.relu_bounds_channels_last(src)
                     A_hwc = A.permute(0, 1, 3, 4, 2)
-                    A_new, b = crown_relu_backward(A_hwc.reshape(B, S, -1), l, u, ctx.mode, upper)
+                    A_new, b = crown_relu_backward(A_hwc.reshape(B, S, -1), l, u_, ctx.mode, upper)
                     A_new = A_new.reshape(A_hwc.shape).permute(0, 1, 4, 2, 3)
                 else:
-                    l, u = ctx.relu_bounds[src]
-                    A_new, b = crown_relu_backward(A.reshape(B, S, -1), l, u, ctx.mode, upper)
+                    l, u_ = ctx.relu_bounds[src]
+                    A_new, b = crown_relu_backward(A.reshape(B, S, -1), l, u_, ctx.mode, upper)
                     A_new = A_new.reshape(A.shape)
-                outs, bterm = [(src, A_new)], b
+                outs, bterm, v = [(src, A_new)], b, _relu_error(ctx, node) if sound else None
             else:
-                outs, bterm, _ = _step(ctx, node, A, B, S)
+                outs, bterm, v = _step(ctx, node, A, B, S)
+            if sound and v is not None:
+                err = err + _abs_dot(A, v)
             if bterm is not None:
                 bias = bias + bterm
+                if sound:
+                    err = err + u * bias.abs()
             for name, a in outs:
-                As[name] = As[name] + a if name in As else a
+                if name in As:
+                    if sound:   # the addition where two branches meet rounds
+                        err = err + u * _abs_dot(As[name].abs() + a.abs(), ctx.magnitude(name)) * (1 + 2 * u)
+                    As[name] = As[name] + a
+                else:
+                    As[name] = a
         if A_input is None:  # the specification does not depend on the input
             A_input = A0.new_zeros((B, S) + tuple(input_box.mid.shape[1:]))
         A_flat = A_input.reshape(B, S, -1)
@@ -264,18 +406,20 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
             mag = torch.bmm(absA, (mid.abs() + rad).unsqueeze(-1)).squeeze(-1) + bias.abs()
             if center is not None:
                 mag = mag + torch.bmm(absA, center.abs().unsqueeze(-1)).squeeze(-1) + eps.unsqueeze(1) * A_flat.norm(dim=-1)
-            slack = gamma(A_flat.shape[-1] + 3, unit_roundoff(val.dtype)) * mag + torch.finfo(val.dtype).tiny
-            val = val + slack if upper else val - slack
+            n = A_flat.shape[-1]
+            slack = gamma(n + 3, u) * mag * (1 + gamma(n + 3, u)) + (n + 3) * tiny(val.dtype) + err * (1 + 4 * u)
+            val = next_up(val + slack) if upper else next_down(val - slack)
         result[upper] = val
     return result
 
 
 def crown_bounds(nodes, shapes, ibp_bounds: dict, C: Tensor | None, num_outputs: int, method: str, *,
-                 bound_lower: bool, bound_upper: bool, sound: bool, bn_stats: dict, norm: float, x: Tensor,
+                 bound_lower: bool, bound_upper: bool, sound: bool, coeffs: Coefficients, norm: float, x: Tensor,
                  eps: Tensor, relu_lower: str = "adaptive", crown_batch_size: int | None = None):
     """CROWN-IBP (``method="CROWN-IBP"``) or CROWN (``"CROWN"``) bounds on ``C f(x)`` (or ``f(x)``).
-    ``ibp_bounds`` are ``propagate``'s per-node boxes (values or callables). Returns ``(lb, ub)``; None for a
-    side not requested."""
+    ``ibp_bounds`` are ``propagate``'s per-node boxes (values or callables). ``C`` in any float dtype: with
+    ``sound`` the backward pass runs in float64 and takes it exactly. Returns ``(lb, ub)``; None for a side not
+    requested."""
     if relu_lower not in RELU_LOWER_MODES:
         raise ValueError(f"compute_bounds: relu_lower must be one of {sorted(RELU_LOWER_MODES)}, got {relu_lower!r}")
     work = x.dtype
@@ -295,7 +439,8 @@ def crown_bounds(nodes, shapes, ibp_bounds: dict, C: Tensor | None, num_outputs:
     for name in relu_inputs:
         lo, hi = _box(ibp_bounds[name]).end_points(sound)
         relu_bounds[name] = (lo.reshape(B, -1).to(cdtype), hi.reshape(B, -1).to(cdtype))
-    ctx = _Ctx(nodes, shapes, relu_bounds, cdtype, x.device, bn_stats, RELU_LOWER_MODES[relu_lower])
+    ctx = _Ctx(nodes, shapes, relu_bounds, cdtype, x.device, coeffs, RELU_LOWER_MODES[relu_lower], ibp_bounds,
+               input_box, sound)
     if method == "CROWN":
         chunk = crown_batch_size or math.inf
         for name in relu_inputs:   # topological order: earlier ReLUs' bounds are ready when needed

@@ -15,7 +15,11 @@ box.
 With a specification matrix ``C`` (B, S, n_out) and a final Linear layer, ``C`` is folded into that layer
 (``W' = C W``, ``b' = C b``, as auto_LiRPA and CROWN-IBP do), which is tighter than bounding the logits first.
 With ``sound=True`` the fold's own rounding error, at most ``gamma_n |C| |W| |x|`` and ``gamma_n |C| |b|``, is
-added to the radius.
+added to the radius, and so is ``|C - C_w| (|W| |x| + |b|)`` when ``C`` was rounded to the working dtype.
+
+Per-channel affine maps (BatchNorm, normalisation) come from ``robustkern.bounds.precision.Coefficients``
+as a rounded centre and a radius ``(s, t, ds, dt)``; the ops use the centres and ``ds |z| + dt`` is added to
+the radius afterwards (after a fused ReLU too: ReLU is monotone and 1-Lipschitz).
 """
 from __future__ import annotations
 
@@ -26,8 +30,9 @@ import torch
 from torch import Tensor
 
 from ..ops import interval_affine, interval_conv2d, interval_input_box, interval_linear
-from ..reference.interval import gamma, unit_roundoff
-from .graph import BoundNode, normalize_params
+from .._numerics import gamma, unit_roundoff
+from .graph import BoundNode
+from .precision import Coefficients, grow, magnitude
 
 __all__ = ["Box", "Ball", "plan_fusion", "propagate"]
 
@@ -108,30 +113,23 @@ def _bn_channels_match(gemm: BoundNode, bn: BoundNode) -> bool:
     return bn.module.num_features == out and (gemm.kind == "conv2d") == isinstance(bn.module, torch.nn.BatchNorm2d)
 
 
-def affine_params(node: BoundNode, dtype, device, bn_stats: dict) -> tuple[Tensor, Tensor]:
-    """Per-channel (scale, shift) of a BatchNorm (running statistics in eval mode, the clean batch's in
-    training mode) or normalisation node, computed in float64 and rounded once to ``dtype``."""
+def params(node: BoundNode, dtype: torch.dtype):
+    """The weight and bias of a Linear/Conv2d node in ``dtype`` (no copy when they already are)."""
     m = node.module
-    if node.kind == "normalize":
-        mean, std = normalize_params(m)
-        mean, std = mean.to(device), std.to(device)
-        scale, shift = 1.0 / std, -mean / std
-    else:
-        if m.training or m.running_mean is None:
-            if node.name not in bn_stats:
-                raise RuntimeError(f"robustkern.bounds: BatchNorm '{node.path}' is in training mode but no clean "
-                                   f"batch statistics were recorded; call the BoundedModule on the clean batch")
-            mean, var = bn_stats[node.name]
-        else:
-            mean, var = m.running_mean, m.running_var
-        mean, var = mean.to(torch.float64), var.to(torch.float64)
-        scale = torch.rsqrt(var + m.eps)
-        if m.weight is not None:
-            scale = scale * m.weight.to(torch.float64)
-        shift = -mean * scale
-        if m.bias is not None:
-            shift = shift + m.bias.to(torch.float64)
-    return scale.to(dtype), shift.to(dtype)
+    w, b = m.weight, m.bias
+    if w.dtype != dtype:
+        w = w.to(dtype)
+        b = b.to(dtype) if b is not None else None
+    return w, b
+
+
+def _coefficient_error(coef, mag: Tensor) -> Tensor | None:
+    """``ds |z| + dt`` per element (``mag`` bounds ``|z|``, channels in dim 1), or None when exact."""
+    _, _, ds, dt = coef
+    if ds is None:
+        return None
+    shape = (1, -1) + (1,) * (mag.dim() - 2)
+    return ds.reshape(shape) * mag + dt.reshape(shape)
 
 
 def _widen(box: Box, extra: Tensor | float, sound: bool) -> Box:
@@ -145,7 +143,8 @@ def ball_to_box(state) -> Box:
     return state.box if isinstance(state, Ball) else state
 
 
-def _affine_state(state, scale, shift, relu: bool, sound: bool):
+def _affine_state(state, coef, relu: bool, sound: bool):
+    scale, shift = coef[0], coef[1]
     if isinstance(state, Ball) and not relu:
         shape = (1, -1) + (1,) * (state.center.dim() - 2)
         a, c = scale.reshape(shape), shift.reshape(shape)
@@ -156,11 +155,19 @@ def _affine_state(state, scale, shift, relu: bool, sound: bool):
             cerr = state.cerr * a.abs() if state.cerr is not None else torch.zeros_like(center)
             if sound:
                 cerr = cerr + 4 * unit_roundoff(center.dtype) * (ac.abs() + c.abs()) + torch.finfo(center.dtype).tiny
+                extra = _coefficient_error(coef, magnitude(state.box.mid, state.box.rad))
+                if extra is not None:  # the exact map's image lies within extra of the rounded map's
+                    cerr = grow(cerr, extra)
         new_scale = a.expand_as(center) if state.scale is None else state.scale * a
-        box = Box(*interval_affine(state.box.mid, state.box.rad, scale, shift, sound=sound))
+        box = _affine_box(state.box, coef, False, sound)
         return Ball(center, cerr, state.eps, new_scale, box)
-    box = ball_to_box(state)
-    return Box(*interval_affine(box.mid, box.rad, scale, shift, relu=relu, sound=sound))
+    return _affine_box(ball_to_box(state), coef, relu, sound)
+
+
+def _affine_box(box: Box, coef, relu: bool, sound: bool) -> Box:
+    out = Box(*interval_affine(box.mid, box.rad, coef[0], coef[1], relu=relu, sound=sound))
+    extra = _coefficient_error(coef, magnitude(box.mid, box.rad)) if sound else None
+    return out if extra is None else Box(out.mid, grow(out.rad, extra))
 
 
 def _gemm(node: BoundNode, box: Box, weight, bias, epi: dict, sound: bool, return_pre: bool):
@@ -215,19 +222,23 @@ def _gemm_ball(node: BoundNode, ball: Ball, weight, bias, sound: bool) -> Box:
     return _widen(out, m.abs() + r + bm.abs() + br, sound)
 
 
-def _fold_spec(C: Tensor, weight: Tensor, bias: Tensor | None, box: Box, sound: bool):
-    """``W' = C W``, ``b' = C b`` per example, and the radius that covers the fold's rounding error."""
+def _fold_spec(C: Tensor, C_err: Tensor | None, weight: Tensor, bias: Tensor | None, box: Box, sound: bool):
+    """``W' = C W``, ``b' = C b`` per example, and the radius that covers the fold's rounding error (and the
+    rounding of ``C`` itself, ``C_err``)."""
     wf = torch.matmul(C, weight)
     bf = torch.matmul(C, bias) if bias is not None else None
     slack = None
     if sound:
-        g = 2 * gamma(weight.shape[0] + 1, unit_roundoff(weight.dtype))
+        u = unit_roundoff(weight.dtype)
+        g = 2 * gamma(weight.shape[0] + 1, u)
         ca = C.abs()
-        mag = box.mid.abs() + box.rad
-        slack = torch.bmm(torch.matmul(ca, weight.abs()), mag.unsqueeze(-1)).squeeze(-1)
+        mag = magnitude(box.mid, box.rad)
+        logits = torch.matmul(mag, weight.abs().t())          # |W| |x| (B, n_out)
         if bias is not None:
-            slack = slack + torch.matmul(ca, bias.abs())
-        slack = g * slack
+            logits = logits + bias.abs()
+        logits = logits * (1 + gamma(weight.shape[1] + 2, u)) + weight.shape[1] * torch.finfo(mag.dtype).tiny
+        coef = ca * g if C_err is None else ca * g + C_err
+        slack = torch.bmm(coef, logits.unsqueeze(-1)).squeeze(-1) * (1 + gamma(weight.shape[0] + 1, u))
     return wf, bf, slack
 
 
@@ -237,6 +248,7 @@ def _is_state(v) -> bool:
 
 def _apply_reshape(node: BoundNode, env: dict, state):
     def run(t: Tensor) -> Tensor:
+        t = t.contiguous()   # the user's .view() sees the standard layout, whatever layout the boxes run in
         values = {k: (t if k in node.inputs and _is_state(v) else v) for k, v in env.items()}
         return node.call(values)
 
@@ -248,12 +260,14 @@ def _apply_reshape(node: BoundNode, env: dict, state):
 
 
 def propagate(nodes: list[BoundNode], groups: dict[str, list[BoundNode]], x: Tensor, eps: Tensor, norm: float,
-              x_min: float, x_max: float, C: Tensor | None, sound: bool, bn_stats: dict,
-              input_box: tuple[Tensor, Tensor] | None = None,
+              x_min: float, x_max: float, C: Tensor | None, sound: bool, coeffs: Coefficients,
+              input_box: tuple[Tensor, Tensor] | None = None, C_err: Tensor | None = None,
               ) -> tuple[Box, dict[str, Box | Callable[[], Box]]]:
     """Run IBP. Returns the output box (of ``C`` times the output when ``C`` is given) and the per-node
-    boxes (a callable for nodes that were fused away: it recomputes the box on request). ``input_box``
-    ``(mid, rad)``: an explicit element-wise input box used instead of the (clipped) ball around ``x``."""
+    boxes (a callable for nodes that were fused away: it recomputes the box on request). ``x``, ``eps``,
+    ``C`` in the working dtype; ``C_err`` bounds ``C``'s own rounding (``precision.spec_rounding``);
+    ``coeffs`` gives the BatchNorm/normalisation maps. ``input_box`` ``(mid, rad)``: an explicit element-wise
+    input box used instead of the (clipped) ball around ``x``."""
     dtype, device = x.dtype, x.device
     absorbed = {c.name: head for head, chain in groups.items() for c in chain}
     out_node = nodes[-1]
@@ -278,17 +292,17 @@ def propagate(nodes: list[BoundNode], groups: dict[str, list[BoundNode]], x: Ten
             continue
         elif kind in ("linear", "conv2d"):
             state = _run_gemm(node, ins[0], groups.get(node.name, []), C if fold and node.name == src else None,
-                              dtype, device, sound, bn_stats, bounds)
+                              C_err if fold and node.name == src else None, dtype, sound, coeffs, bounds)
         elif kind in ("batchnorm", "normalize"):
-            scale, shift = affine_params(node, dtype, device, bn_stats)
+            coef = coeffs.get(node, dtype, device, input_box=ball_to_box(ins[0]))
             chain = groups.get(node.name, [])
             if chain:
                 pre = ball_to_box(ins[0])
-                bounds[node.name] = _lazy_affine(pre, scale, shift, sound)
-                state = _affine_state(ins[0], scale, shift, True, sound)
+                bounds[node.name] = _lazy_affine(pre, coef, sound)
+                state = _affine_state(ins[0], coef, True, sound)
                 bounds[chain[-1].name] = state
             else:
-                state = _affine_state(ins[0], scale, shift, False, sound)
+                state = _affine_state(ins[0], coef, False, sound)
         elif kind == "relu":
             box = ball_to_box(ins[0])
             state = Box(*interval_affine(box.mid, box.rad, relu=True, sound=sound))
@@ -310,7 +324,11 @@ def propagate(nodes: list[BoundNode], groups: dict[str, list[BoundNode]], x: Ten
             state = ball_to_box(ins[0])
             if C is not None and not fold:
                 mid, rad = state.mid.flatten(1), state.rad.flatten(1)
-                state = Box(*interval_linear(mid, rad, C, None, sound=sound))
+                out = Box(*interval_linear(mid, rad, C, None, sound=sound))
+                if sound and C_err is not None:
+                    extra = torch.bmm(C_err, magnitude(mid, rad).unsqueeze(-1)).squeeze(-1)
+                    out = Box(out.mid, grow(out.rad, extra * (1 + gamma(mid.shape[1] + 1, unit_roundoff(dtype)))))
+                state = out
             return state, bounds
         else:  # pragma: no cover - capture() only produces the kinds above
             raise AssertionError(kind)
@@ -322,20 +340,21 @@ def propagate(nodes: list[BoundNode], groups: dict[str, list[BoundNode]], x: Ten
     raise AssertionError("graph without output node")
 
 
-def _lazy_affine(pre: Box, scale, shift, sound) -> Callable[[], Box]:
-    return lambda: Box(*interval_affine(pre.mid, pre.rad, scale, shift, sound=sound))
+def _lazy_affine(pre: Box, coef, sound) -> Callable[[], Box]:
+    return lambda: _affine_box(pre, coef, False, sound)
 
 
-def _run_gemm(node, state, chain, C, dtype, device, sound, bn_stats, bounds):
-    m = node.module
-    weight, bias = m.weight, m.bias
+def _run_gemm(node, state, chain, C, C_err, dtype, sound, coeffs, bounds):
+    weight, bias = params(node, dtype)
     slack = None
     if C is not None:
-        weight, bias, slack = _fold_spec(C, weight, bias, ball_to_box(state), sound)
+        weight, bias, slack = _fold_spec(C, C_err, weight, bias, ball_to_box(state), sound)
     epi: dict = {}
     bn = next((c for c in chain if c.kind == "batchnorm"), None)
+    coef = None
     if bn is not None:
-        epi["scale"], epi["shift"] = affine_params(bn, dtype, device, bn_stats)
+        coef = coeffs.get(bn, dtype, weight.device)
+        epi["scale"], epi["shift"] = coef[0], coef[1]
     if chain and chain[-1].kind == "relu":
         epi["relu"] = True
     if isinstance(state, Ball):
@@ -349,11 +368,15 @@ def _run_gemm(node, state, chain, C, dtype, device, sound, bn_stats, bounds):
         out = Box(mid, rad)
         pre = Box(*pre_box) if pre_box is not None else out
     if slack is not None:
-        out = Box(out.mid, out.rad + slack)
+        out = Box(out.mid, grow(out.rad, slack))
         pre = out
+    if coef is not None and sound:
+        extra = _coefficient_error(coef, magnitude(pre.mid, pre.rad))
+        if extra is not None:
+            out = Box(out.mid, grow(out.rad, extra))
     bounds[node.name] = pre
     if bn is not None:
-        bounds[bn.name] = out if not epi.get("relu") else _lazy_affine(pre, epi["scale"], epi["shift"], sound)
+        bounds[bn.name] = out if not epi.get("relu") else _lazy_affine(pre, coef, sound)
     if chain:
         bounds[chain[-1].name] = out
     return out

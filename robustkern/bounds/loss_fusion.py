@@ -60,8 +60,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._backend import ieee_fp32
-from ..reference.interval import gamma, unit_roundoff
+from .._numerics import gamma, ieee_products, unit_roundoff
 from .crown import crown_bounds, node_shapes
 from .ibp import Box, propagate
 from .module import BoundedModule, canonical_method
@@ -130,21 +129,23 @@ def _check_labels(y, B: int, K: int):
 def _fused_sum_bounds(bm: BoundedModule, x: Tensor, y: Tensor, eps, norm: float = math.inf, *,
                       x_min: float = 0.0, x_max: float = 1.0, crown: bool = True, ibp: bool = True,
                       method: str = "CROWN-IBP", sound: bool = True, relu_lower: str = "adaptive",
-                      crown_batch_size: int | None = None, check_values: bool = True):
+                      crown_batch_size: int | None = None, check_values: bool = True, stats: dict | None = None):
     """Upper bounds of the shifted sum ``S_M = exp(-M) + sum_{j != y} exp(z_j - z_y - M)`` over the ball:
     returns ``(s_backward, s_ibp, M)`` (each (B,); a side not requested is None), computed in float64 when
     ``sound`` else in the model's precision. ``M`` (B,) is detached. ``CE <= M + log(s)`` for either bound and
     for any convex combination of the two (as auto_LiRPA mixes them in ``cifar_training.py``). ``method``:
-    "CROWN-IBP" or "CROWN" for the backward bound (the exp chord's interval comes from IBP either way)."""
+    "CROWN-IBP" or "CROWN" for the backward bound (the exp chord's interval comes from IBP either way).
+    ``stats``: batch statistics the caller recorded in the same call (``batch_stats.recorded_forward``)."""
     method = canonical_method(method)
     if crown and method == "IBP":
         raise ValueError("fused_sum_bounds: the backward bound needs method 'CROWN-IBP' or 'CROWN'")
-    xs, eps_t, norm = bm._check_inputs(x, eps, norm, x_min, x_max, check_values)
+    inp = bm._enter(x, eps, norm, x_min, x_max, None, check_values)
+    xs, eps_t, norm = inp.xw, inp.eps, inp.norm
     B, K = xs.shape[0], bm.num_outputs
     _check_labels(y, B, K)
     C = margin_spec(y, K, dtype=xs.dtype)                   # rows e_y - e_j: C z = -m
-    stats = bm._training_bn_stats(xs)
-    box, bounds = propagate(bm.nodes, bm.groups, xs, eps_t, norm, float(x_min), float(x_max), C, sound, stats)
+    coeffs = bm._coefficients(inp.x, sound, stats)
+    box, bounds = propagate(bm.nodes, bm.groups, xs, eps_t, norm, inp.x_min, inp.x_max, C, sound, coeffs)
     lo_c, hi_c = Box(box.mid.flatten(1), box.rad.flatten(1)).end_points(sound)
     cdtype = torch.float64 if sound else xs.dtype
     nan = torch.isnan(lo_c) | torch.isnan(hi_c)
@@ -164,7 +165,7 @@ def _fused_sum_bounds(bm: BoundedModule, x: Tensor, y: Tensor, eps, norm: float 
         if bm._shapes is None:
             bm._shapes = node_shapes(bm.nodes, bm.model, xs.new_zeros((1,) + bm.input_shape))
         _, U = crown_bounds(bm.nodes, bm._shapes, bounds, a, K, method, bound_lower=False, bound_upper=True,
-                            sound=sound, bn_stats=stats, norm=norm, x=xs, eps=eps_t, relu_lower=relu_lower,
+                            sound=sound, coeffs=coeffs, norm=norm, x=xs, eps=eps_t, relu_lower=relu_lower,
                             crown_batch_size=crown_batch_size)
         U = U[:, 0].to(cdtype)
         s_back = e0 + d.sum(1) + U
@@ -177,13 +178,12 @@ def _fused_sum_bounds(bm: BoundedModule, x: Tensor, y: Tensor, eps, norm: float 
 
 
 def fused_sum_bounds(bm: BoundedModule, x: Tensor, *args, **kwargs):
-    if isinstance(x, Tensor) and x.is_cuda:  # IEEE fp32 products: TF32 would break the rounding-error bounds
-        with ieee_fp32():
-            return _fused_sum_bounds(bm, x, *args, **kwargs)
-    return _fused_sum_bounds(bm, x, *args, **kwargs)
+    with ieee_products():  # IEEE products, autocast off: TF32 or bf16 would break the rounding-error bounds
+        return _fused_sum_bounds(bm, x, *args, **kwargs)
 
 
-fused_sum_bounds.__doc__ = _fused_sum_bounds.__doc__ + "\n\n    On CUDA every product runs in IEEE fp32 (no TF32)."
+fused_sum_bounds.__doc__ = _fused_sum_bounds.__doc__ + (
+    "\n\n    Every product runs in IEEE float32/float64 with autocast off.")
 
 def log_bound(s: Tensor, M: Tensor, sound: bool, work: torch.dtype) -> Tensor:
     """``M + log(s)`` rounded up to ``work`` when ``sound`` (``log`` within 1 ulp, the sum by ``gamma_2``)."""

@@ -7,9 +7,11 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from .._numerics import ieee_products, round_down, round_up, unit_roundoff
+from .batch_stats import enclosed_statistics, point_statistics, uses_batch_stats
 from .graph import BoundNode, capture
 from .ibp import Box, plan_fusion, propagate
-from .._backend import ieee_fp32
+from .precision import BoundInput, Coefficients, check_spec, enter, spec_rounding
 
 __all__ = ["BoundedModule"]
 
@@ -78,10 +80,14 @@ class BoundedModule(nn.Module):
     ``example_input`` is one batch (any batch size) of the shape the model takes; it fixes the per-example
     input shape and the number of outputs.
 
-    BatchNorm: in eval mode bounds use the running statistics. In training mode they use the statistics of the
-    clean batch, as auto_LiRPA does: ``bm(x)`` records them; ``compute_bounds(x, ...)`` reuses them when called
-    with the same tensor ``x``, and otherwise runs the clean forward itself (without updating running
-    statistics a second time).
+    What is bounded (``sound=True``): the model in exact real arithmetic, every parameter and buffer taken as
+    the number it stores, over the input set exactly as given (``x``, ``eps``, ``C`` in any float dtype are
+    not rounded inwards; see ``robustkern.bounds.precision``). BatchNorm in eval mode: the running statistics.
+    BatchNorm in training mode (or without running statistics): the statistics of the clean batch ``x`` of
+    the same call, as auto_LiRPA does, i.e. the network whose BatchNorm layers use the exact mean and biased
+    variance of their inputs over ``x`` (``robustkern.bounds.batch_stats``); they are computed in every call,
+    never remembered from an earlier forward. Autocast and a lowered ``float32_matmul_precision`` / TF32 are
+    switched off inside (every product runs in IEEE float32/float64).
     """
 
     def __init__(self, model: nn.Module, example_input: Tensor, *, fuse: bool = True):
@@ -96,57 +102,47 @@ class BoundedModule(nn.Module):
             was = [(m, m.training) for m in model.modules()]
             model.eval()
             try:
-                out = model(example_input[:1])
+                out = model(example_input[:1].to(self._dtype()))
             finally:
                 for m, t in was:
                     m.train(t)
         if out.dim() != 2:
             raise ValueError(f"BoundedModule: the model must return (B, n_out) outputs, got shape {tuple(out.shape)}")
         self.num_outputs = out.shape[1]
-        self._bn = {n.name: n.module for n in self.nodes if n.kind == "batchnorm"}
-        self._bn_stats: dict = {}
-        self._stats_input: Tensor | None = None
-        self._recording = False
+        self._bn_nodes = [n for n in self.nodes if n.kind == "batchnorm"]
         self._node_bounds: dict[str, NodeBounds] = {}
         self._shapes: dict | None = None
-        for name, m in self._bn.items():
-            m.register_forward_pre_hook(self._make_stat_hook(name))
-
-    # ------------------------------------------------------------------ clean forward and BN statistics
-    def _make_stat_hook(self, name: str):
-        def hook(module, args):
-            if self._recording and module.training:
-                (t,) = args
-                dims = [0] + list(range(2, t.dim()))
-                self._bn_stats[name] = (t.mean(dims), t.var(dims, unbiased=False))
-        return hook
 
     def forward(self, x: Tensor) -> Tensor:
-        record = any(m.training for m in self._bn.values())
-        self._recording = record
-        try:
-            out = self.model(x)
-        finally:
-            self._recording = False
-        if record:
-            self._stats_input = x
-        return out
+        return self.model(x)
 
-    def _training_bn_stats(self, x: Tensor) -> dict:
-        if not any(m.training for m in self._bn.values()):
-            return {}
-        if self._stats_input is not x:
-            saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-                     for m in self._bn.values() if m.running_mean is not None]
-            try:
-                self.forward(x)
-            finally:
-                with torch.no_grad():
-                    for m, rm, rv, nb in saved:
-                        m.running_mean.copy_(rm)
-                        m.running_var.copy_(rv)
-                        m.num_batches_tracked.copy_(nb)
-        return self._bn_stats
+    # ------------------------------------------------------------------ entry and statistics
+    def _enter(self, x: Tensor, eps, norm, x_min: float, x_max: float, C: Tensor | None = None,
+               check_values: bool = True) -> BoundInput:
+        """Check the arguments and bring them into the working precision (``robustkern.bounds.precision``)."""
+        if not isinstance(x, Tensor):
+            raise TypeError("compute_bounds: x must be a tensor")
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"compute_bounds: x must have shape (B, {', '.join(map(str, self.input_shape))}) like "
+                             f"the example input, got {tuple(x.shape)}")
+        dtype = self._dtype()
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"compute_bounds: bounds are computed in float32 or float64; the model is {dtype}")
+        inp = enter(x, eps, norm, x_min, x_max, None, dtype, check_values)
+        if C is not None:
+            inp.C = check_spec(C, x.shape[0], self.num_outputs, check_values)
+        return inp
+
+    def _coefficients(self, x: Tensor, sound: bool, stats: dict | None = None) -> Coefficients:
+        """The BatchNorm/normalisation maps of one call: batch statistics of ``x`` enclosed exactly (sound) or
+        in the working precision (``stats`` when the caller recorded them in the same call)."""
+        if not any(uses_batch_stats(n.module) for n in self._bn_nodes):
+            return Coefficients(None, sound)
+        if sound:
+            return Coefficients(enclosed_statistics(self.nodes, x), True)
+        if stats is None:
+            stats = point_statistics(self.nodes, x.to(self._dtype()))
+        return Coefficients(stats, False)
 
     # ------------------------------------------------------------------ bounds
     def compute_bounds(self, x: Tensor, eps, norm: float = math.inf, method: str = "IBP", C: Tensor | None = None,
@@ -163,71 +159,67 @@ class BoundedModule(nn.Module):
         2020); "CROWN" (alias "backward": backward relaxations for the ReLU input bounds too, intersected with
         IBP, ``crown_batch_size`` identity rows at a time; Zhang et al. 2018). ``relu_lower``: the ReLU lower
         slope of the linear relaxation, "adaptive" (default), "zero", "one" or "same-slope".
-        ``sound=True`` widens every step by a bound on its floating-point rounding error, so that the bounds
-        hold for the real-valued network, not only up to rounding (see ``robustkern.reference.interval``;
-        CROWN methods: see ``robustkern.bounds.crown`` for what is guaranteed); for final verification also
-        consider float64 (``model.double()``). A side not requested (``bound_lower``/``bound_upper``) is
-        returned as None (and, for the CROWN methods, not computed). NaN in a bound (from NaN or inf weights)
-        is returned as -inf/+inf. ``check_values=False`` skips the checks that read tensor values (NaN in
-        ``x``/``eps``/``C``, ``x`` inside [x_min, x_max], ``eps >= 0`` for tensor eps): each is a host-device
-        sync, which a GPU training loop may not want once its inputs are known to be valid. Shapes, dtypes and
-        a negative float ``eps`` are always checked.
+        ``sound=True`` makes the bounds hold for the real-valued network (see the class docstring): every
+        step is widened by a bound on its floating-point rounding error (``robustkern.reference.interval``,
+        ``robustkern.bounds.crown``). ``sound=False`` computes in the working precision without guarantees
+        (training). A side not requested (``bound_lower``/``bound_upper``) is returned as None (and, for the
+        CROWN methods, not computed). NaN in a bound (from NaN or inf weights) is returned as -inf/+inf.
+        ``check_values=False`` skips the checks that read tensor values (NaN in ``x``/``eps``/``C``, ``x``
+        inside [x_min, x_max], ``eps >= 0`` for tensor eps): each is a host-device sync, which a GPU training
+        loop may not want once its inputs are known to be valid. Shapes, dtypes and a negative float ``eps``
+        are always checked.
         """
         method = canonical_method(method)
-        x, eps, norm = self._check_inputs(x, eps, norm, x_min, x_max, check_values)
-        out = self._bounds(x, eps, norm, method, C, float(x_min), float(x_max), sound, bound_lower, bound_upper,
-                           relu_lower, crown_batch_size, check_values=check_values)
+        inp = self._enter(x, eps, norm, x_min, x_max, C, check_values)
+        out = self._bounds(inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size)
         return out[0], out[1]
 
     def compute_bounds_box(self, lower: Tensor, upper: Tensor, method: str = "IBP", C: Tensor | None = None, *,
                            sound: bool = True, bound_lower: bool = True, bound_upper: bool = True,
                            relu_lower: str = "adaptive", crown_batch_size: int | None = None,
-                           x: Tensor | None = None):
+                           x: Tensor | None = None, check_values: bool = True):
         """As ``compute_bounds`` over the element-wise box ``lower <= x' <= upper`` (B, ...) given explicitly
-        (e.g. auto_LiRPA's ``x_L``/``x_U``). ``x``: the clean batch, used only for training-mode BatchNorm
-        statistics (default: the box centre)."""
+        (e.g. auto_LiRPA's ``x_L``/``x_U``; rounded outwards to the working precision). ``x``: the clean batch,
+        used only for batch-statistics BatchNorm (default: the box centre). ``check_values=False`` skips the
+        checks that read tensor values (NaN, ``lower <= upper``), as in ``compute_bounds``."""
         method = canonical_method(method)
         for name, t in (("lower", lower), ("upper", upper)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"compute_bounds_box: {name} must be a tensor")
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise TypeError(f"compute_bounds_box: {name} must be a floating-point tensor")
         if lower.shape != upper.shape:
             raise ValueError(f"compute_bounds_box: lower and upper must have the same shape, got "
                              f"{tuple(lower.shape)} and {tuple(upper.shape)}")
-        dtype = self._dtype()
-        lower, upper = lower.to(dtype), upper.to(dtype)
-        if bool(torch.isnan(lower).any() or torch.isnan(upper).any()):
+        if check_values and bool(torch.isnan(lower).any() or torch.isnan(upper).any()):
             raise ValueError("compute_bounds_box: the box contains NaN")
-        if bool((lower > upper).any()):
+        if check_values and bool((lower > upper).any()):
             raise ValueError("compute_bounds_box: lower must be <= upper element-wise")
+        dtype = self._dtype()
+        lower, upper = round_down(lower, dtype), round_up(upper, dtype)
         mid = (lower + upper) * 0.5
-        x = mid if x is None else x.to(dtype)
-        self._check_inputs(mid, 0.0, math.inf, -math.inf, math.inf)
+        inp = self._enter(mid if x is None else x, 0.0, math.inf, -math.inf, math.inf, C, check_values)
         rad = (upper - lower) * 0.5
         if sound:  # the centre and radius round; widen so that [mid - rad, mid + rad] contains [lower, upper]
-            from ..reference.interval import unit_roundoff
             rad = rad + 4 * unit_roundoff(dtype) * (mid.abs() + rad) + torch.finfo(dtype).tiny
-        eps = torch.zeros(mid.shape[0], dtype=dtype, device=mid.device)
-        out = self._bounds(x, eps, math.inf, method, C, -math.inf, math.inf, sound, bound_lower, bound_upper,
-                           relu_lower, crown_batch_size, input_box=(mid, rad))
+        out = self._bounds(inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
+                           input_box=(mid, rad))
         return out[0], out[1]
 
-    def _bounds(self, x, *args, **kwargs):
-        """(lb, ub[, ibp_lb, ibp_ub]) after the checks: the engine behind compute_bounds(_box). On CUDA every
-        product inside it (the ops' GEMMs and the engine's own matmul/bmm/conv_transpose2d) runs in IEEE fp32:
-        TF32 would break the rounding-error bounds (``robustkern._backend.ieee_fp32``)."""
-        if x.is_cuda:
-            with ieee_fp32():
-                return self._bounds_engine(x, *args, **kwargs)
-        return self._bounds_engine(x, *args, **kwargs)
+    def _bounds(self, inp: BoundInput, method: str, sound: bool, bound_lower: bool = True, bound_upper: bool = True,
+                relu_lower: str = "adaptive", crown_batch_size: int | None = None, *, input_box=None,
+                with_ibp: bool = False, stats: dict | None = None):
+        """(lb, ub[, ibp_lb, ibp_ub]) for an entered input: the engine behind compute_bounds(_box). Every
+        product inside runs in IEEE float32/float64 with autocast off (``robustkern._numerics.ieee_products``):
+        TF32 or bf16 would break the rounding-error bounds."""
+        with ieee_products():
+            return self._bounds_engine(inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
+                                       input_box, with_ibp, stats)
 
-    def _bounds_engine(self, x, eps, norm, method, C, x_min, x_max, sound, bound_lower, bound_upper,
-                       relu_lower="adaptive", crown_batch_size=None, input_box=None, with_ibp: bool = False,
-                       check_values: bool = True):
-        if C is not None:
-            C = self._check_spec(C, x, check_values)
-        stats = self._training_bn_stats(x)
-        box, bounds = propagate(self.nodes, self.groups, x, eps, norm, x_min, x_max, C, sound, stats,
-                                input_box=input_box)
+    def _bounds_engine(self, inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
+                       input_box, with_ibp, stats):
+        coeffs = self._coefficients(inp.x, sound, stats)
+        Cw, C_err = spec_rounding(inp.C, inp.dtype) if inp.C is not None else (None, None)
+        box, bounds = propagate(self.nodes, self.groups, inp.xw, inp.eps, inp.norm, inp.x_min, inp.x_max, Cw,
+                                sound, coeffs, input_box=input_box, C_err=C_err if sound else None)
         by_name = {n.name: n for n in self.nodes}
         self._node_bounds = {name: NodeBounds(by_name[name], v, sound) for name, v in bounds.items()}
         lower, upper = Box(box.mid.flatten(1), box.rad.flatten(1)).end_points(sound)
@@ -236,10 +228,11 @@ class BoundedModule(nn.Module):
             return ibp + (ibp if with_ibp else ())
         from .crown import crown_bounds, node_shapes
         if self._shapes is None:
-            self._shapes = node_shapes(self.nodes, self.model, x.new_zeros((1,) + self.input_shape))
-        lb, ub = crown_bounds(self.nodes, self._shapes, bounds, C, self.num_outputs, method,
-                              bound_lower=bound_lower, bound_upper=bound_upper, sound=sound, bn_stats=stats,
-                              norm=norm, x=x, eps=eps, relu_lower=relu_lower, crown_batch_size=crown_batch_size)
+            self._shapes = node_shapes(self.nodes, self.model, inp.xw.new_zeros((1,) + self.input_shape))
+        lb, ub = crown_bounds(self.nodes, self._shapes, bounds, inp.C if sound else Cw, self.num_outputs, method,
+                              bound_lower=bound_lower, bound_upper=bound_upper, sound=sound, coeffs=coeffs,
+                              norm=inp.norm, x=inp.xw, eps=inp.eps, relu_lower=relu_lower,
+                              crown_batch_size=crown_batch_size)
         out = (_nan_to_inf(lb, -1) if lb is not None else None, _nan_to_inf(ub, 1) if ub is not None else None)
         return out + (ibp if with_ibp else ())
 
@@ -247,60 +240,19 @@ class BoundedModule(nn.Module):
         p = next(iter(self.model.parameters()), None)
         return p.dtype if p is not None else torch.float32
 
-    def _check_inputs(self, x: Tensor, eps, norm, x_min: float, x_max: float, check_values: bool = True):
-        if not isinstance(x, Tensor):
-            raise TypeError("compute_bounds: x must be a tensor")
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"compute_bounds: x must have shape (B, {', '.join(map(str, self.input_shape))}) like "
-                             f"the example input, got {tuple(x.shape)}")
-        dtype = self._dtype()
-        if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"compute_bounds: bounds are computed in float32 or float64; the model is {dtype}")
-        if not x.is_floating_point():
-            raise TypeError(f"compute_bounds: x must be floating point, got {x.dtype}")
-        x = x.to(dtype)
-        if not x_min <= x_max:
-            raise ValueError(f"compute_bounds: x_min ({x_min}) must be <= x_max ({x_max})")
-        if isinstance(eps, (int, float)) and not eps >= 0:
-            raise ValueError(f"compute_bounds: eps must be >= 0 and not NaN, got {eps}")
-        if check_values and bool(torch.isnan(x).any()):
-            raise ValueError("compute_bounds: x contains NaN")
-        if check_values and x.numel() and (float(x.min()) < x_min or float(x.max()) > x_max):
-            raise ValueError(f"compute_bounds: x must lie in [x_min, x_max] = [{x_min}, {x_max}], got values in "
-                             f"[{float(x.min())}, {float(x.max())}]")
-        eps_t = torch.as_tensor(eps, dtype=dtype, device=x.device)
-        if eps_t.dim() == 0:
-            eps_t = eps_t.expand(x.shape[0])
-        if eps_t.shape != (x.shape[0],):
-            raise ValueError(f"compute_bounds: eps must be a float or a ({x.shape[0]},) tensor, got shape "
-                             f"{tuple(eps_t.shape)}")
-        if check_values and (bool(torch.isnan(eps_t).any()) or bool((eps_t < 0).any())):
-            raise ValueError(f"compute_bounds: eps must be >= 0 and not NaN, got {eps if eps_t.numel() == 1 else eps_t}")
-        norm = float(norm)
-        if norm not in (math.inf, 2.0):
-            raise ValueError(f"compute_bounds: norm must be inf or 2, got {norm}")
-        return x, eps_t.contiguous(), norm
-
-    def _check_spec(self, C: Tensor, x: Tensor, check_values: bool = True) -> Tensor:
-        want = (x.shape[0], "n_spec", self.num_outputs)
-        if not isinstance(C, Tensor) or C.dim() != 3 or C.shape[0] != x.shape[0] or C.shape[2] != self.num_outputs:
-            got = tuple(C.shape) if isinstance(C, Tensor) else type(C).__name__
-            raise ValueError(f"compute_bounds: C must have shape {want}, got {got}")
-        if check_values and bool(torch.isnan(C).any()):
-            raise ValueError("compute_bounds: C contains NaN")
-        return C.to(x.dtype)
-
     # ------------------------------------------------------------------ per-node bounds
     def node_bounds(self) -> dict[str, NodeBounds]:
-        """Bounds of every node from the last ``compute_bounds`` call, by fx node name, in graph order
-        (``.lower``, ``.upper``, ``.path`` = the module's qualified name). Nodes fused into a neighbour are
-        recomputed when first read. With ``C``, the final Linear's entry holds the bounds of ``C`` times it."""
+        """Bounds of every node from the last ``compute_bounds`` call, as a dict keyed by fx node name, in
+        graph order (``.lower``, ``.upper``, ``.path`` = the module's qualified name). Nodes fused into a
+        neighbour are recomputed when first read. With ``C``, the final Linear's entry holds the bounds of
+        ``C`` times it."""
         if not self._node_bounds:
             raise RuntimeError("node_bounds: call compute_bounds first")
         return dict(self._node_bounds)
 
     def named_bounds(self) -> Iterator[tuple[str, Tensor, Tensor]]:
-        """``(module path, lower, upper)`` for every node that is a module (Linear, Conv2d, ReLU, ...)."""
+        """A generator of ``(module path, lower, upper)`` for every node that is a module (Linear, Conv2d,
+        ReLU, ...), from the last ``compute_bounds`` call."""
         for nb in self.node_bounds().values():
             if nb.node.module is not None:
                 yield nb.path, nb.lower, nb.upper

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batch_stats import recorded_forward
 from .loss_fusion import fused_sum_bounds, log_bound
 from .module import BoundedModule, canonical_method
 from .spec import margin_spec, robust_cross_entropy
@@ -88,24 +89,24 @@ def crown_ibp_loss(bm: BoundedModule, x: Tensor, y: Tensor, eps, *, beta: float 
     robust CE bounds."""
     if not 0.0 <= beta <= 1.0 or not 0.0 <= kappa <= 1.0:
         raise ValueError(f"crown_ibp_loss: beta and kappa must lie in [0, 1], got {beta}, {kappa}")
-    logits = bm(x)
+    if sound:       # sound bounds enclose the exact batch statistics themselves
+        logits, stats = bm(x), None
+    else:           # the clean forward's own batch statistics, recorded in this call
+        logits, stats = recorded_forward(bm.model, bm.nodes, x)
     natural = F.cross_entropy(logits, y, reduction=reduction)
-    xs, eps_t, norm = bm._check_inputs(x, eps, norm, x_min, x_max)
     if loss_fusion:
-        s_c, s_i, M = fused_sum_bounds(bm, xs, y, eps_t, norm, x_min=x_min, x_max=x_max, crown=beta > 0.0,
-                                       ibp=beta < 1.0, sound=sound, relu_lower=relu_lower,
-                                       check_values=False)
+        s_c, s_i, M = fused_sum_bounds(bm, x, y, eps, norm, x_min=x_min, x_max=x_max, crown=beta > 0.0,
+                                       ibp=beta < 1.0, sound=sound, relu_lower=relu_lower, stats=stats)
         s = s_i if beta == 0.0 else s_c if beta == 1.0 else beta * s_c + (1 - beta) * s_i
         fused = log_bound(s, M, sound, logits.dtype)
         robust = fused.mean() if reduction == "mean" else fused.sum() if reduction == "sum" else fused
         loss = _mix(kappa, natural, robust)
         return loss, {"natural": natural, "robust": robust, "lb": None, "fused_ub": fused, "logits": logits}
-    C = margin_spec(y, bm.num_outputs, dtype=logits.dtype)
+    inp = bm._enter(x, eps, norm, x_min, x_max, margin_spec(y, bm.num_outputs, dtype=bm._dtype()))
     if beta == 0.0:
-        lb = bm._bounds(xs, eps_t, norm, "IBP", C, float(x_min), float(x_max), sound, True, False)[0]
+        lb = bm._bounds(inp, "IBP", sound, True, False, stats=stats)[0]
     else:
-        out = bm._bounds(xs, eps_t, norm, "CROWN-IBP", C, float(x_min), float(x_max), sound, True, False,
-                         relu_lower, with_ibp=True)
+        out = bm._bounds(inp, "CROWN-IBP", sound, True, False, relu_lower, with_ibp=True, stats=stats)
         lb = out[0] if beta == 1.0 else beta * out[0] + (1 - beta) * out[2]
     robust = robust_cross_entropy(lb, reduction=reduction)
     loss = _mix(kappa, natural, robust)
@@ -139,16 +140,18 @@ def verified_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps, norm: float =
     was = m.training
     m.eval()
     try:
-        xd = x.to(dtype) if dtype is not None else x
+        xd = x                    # entered by compute_bounds exactly (a float64 x is not rounded to the model's dtype)
+        m_dtype = next(m.parameters()).dtype
         bm = BoundedModule(m, xd)
-        eps_t = torch.as_tensor(eps, dtype=xd.dtype, device=xd.device)
+        eps_t = torch.as_tensor(eps, dtype=None if isinstance(eps, torch.Tensor) else torch.float64,
+                                device=xd.device)   # a Python float stays exact: compute_bounds rounds it up
         eps_t = eps_t.expand(x.shape[0]) if eps_t.dim() == 0 else eps_t
         verified = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for name in names:
             todo = (~verified).nonzero().flatten()
             if todo.numel() == 0:
                 break
-            C = margin_spec(y[todo], bm.num_outputs, dtype=xd.dtype)
+            C = margin_spec(y[todo], bm.num_outputs, dtype=m_dtype)
             with torch.no_grad():
                 lb, _ = bm.compute_bounds(xd[todo], eps_t[todo], norm=norm, method=name, C=C, x_min=x_min,
                                           x_max=x_max, sound=True, bound_upper=False,

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.interval import gamma, unit_roundoff
+from .._numerics import gamma, unit_roundoff
 from ._config import autotune_configs
 from .interval_elementwise import (_box_affine_relu, _check_float, _device_guard, _vec,  # noqa: F401
                                    interval_affine, interval_input_box)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.interval import unit_roundoff
+from .._numerics import unit_roundoff
 
 __all__ = ["interval_affine", "interval_input_box"]
 

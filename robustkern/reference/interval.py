@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._numerics import gamma, unit_roundoff
+
 __all__ = [
     "unit_roundoff",
     "gamma",
@@ -46,19 +48,6 @@ __all__ = [
     "interval_input_box",
     "relu_nan",
 ]
-
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """Unit roundoff u = 2^-p of a floating dtype (2^-24 for float32, 2^-53 for float64)."""
-    return torch.finfo(dtype).eps / 2.0
-
-
-def gamma(k: int, u: float) -> float:
-    """gamma_k = k u / (1 - k u) (Higham, Lemma 3.1)."""
-    ku = k * u
-    if ku >= 0.5:
-        raise ValueError(f"reduction depth {k} too large for a rounding-error bound at u={u}")
-    return ku / (1.0 - ku)
 
 
 def relu_nan(x: torch.Tensor) -> torch.Tensor:

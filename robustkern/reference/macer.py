@@ -1,7 +1,8 @@
 """Pure-PyTorch ground truth for MACER (Zhai et al., ICLR 2020, "MACER: Attack-free and Scalable Robust Training
 via Maximizing Certified Radius"; github.com/RuntianZ/macer ``macer.py``, commit 1b6837f).
 
-Three things live here:
+Four things live here (the fourth, ``MacerSmoothReference``, is the original's hard / soft certification,
+``rs/core.py``):
 
 ``macer_loss_reference`` / ``macer_train_reference``: a line-by-line transcription of the original training
 step in plain PyTorch (the independent implementation tests and benchmarks compare against). For a batch of B
@@ -60,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["macer_tail", "macer_tail_backward", "macer_tail_fwd", "macer_tail_bwd", "macer_loss_reference", "macer_train_reference",
-           "macer_tail_terms_reference"]
+           "macer_tail_terms_reference", "MacerSmoothReference"]
 
 _EPS_LOG = 1e-10          # the original's guard in log(p_bar + 1e-10)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -256,3 +257,60 @@ def macer_train_reference(sigma, lbd, gauss_num, beta, gamma, num_classes, model
         loss.backward()
         optimizer.step()
     return cl_total / max(total, 1), rl_total / max(total, 1)
+
+
+class MacerSmoothReference:
+    """MACER's randomized smoothing (RuntianZ/macer ``rs/core.py`` ``Smooth(base, num_classes, sigma, device,
+    mode, beta)``), written independently of ``robustkern.compat.macer``: Cohen's sampling loop (torch's global
+    generator); per batch the logits times ``beta`` give hard votes (argmax counts) and soft votes (softmax
+    sums, taken per batch in the model's precision and accumulated in float64, with the sums of squares). The
+    top class is ``argsort()[::-1][0]`` of the votes. The lower bound of p_A is Clopper-Pearson (hard, statsmodels'
+    "beta" interval at level 2 alpha: the alpha quantile of Beta(n_A, n - n_A + 1)) or the empirical Bernstein
+    bound (soft: mean - sqrt(2 var log(2/alpha) / N) - 7 log(2/alpha) / (3 (N - 1)), the variance from the sums,
+    clipped at 0); radius ``sigma Phi^-1(p_A)``, abstaining below 1/2. ``mode`` "hard", "soft" or "both"."""
+
+    ABSTAIN = -1
+
+    def __init__(self, base_classifier: torch.nn.Module, num_classes: int, sigma: float, mode: str = "hard",
+                 beta: float = 1.0):
+        self.base_classifier, self.num_classes, self.sigma = base_classifier, num_classes, sigma
+        self.mode, self.beta = mode, beta
+
+    def votes(self, x: Tensor, num: int, batch_size: int):
+        """(hard counts, soft sums, soft sums of squares) of ``num`` noisy copies of ``x``."""
+        import numpy as np
+
+        from .smoothing import _noisy_batches
+
+        hard = np.zeros(self.num_classes, dtype=np.int64)
+        soft = np.zeros(self.num_classes, dtype=np.float64)
+        squares = np.zeros(self.num_classes, dtype=np.float64)
+        with torch.no_grad():
+            for noisy in _noisy_batches(x, num, batch_size, self.sigma):
+                logits = self.base_classifier(noisy) * self.beta
+                hard += torch.bincount(logits.argmax(1).cpu(), minlength=self.num_classes).numpy()
+                probs = F.softmax(logits, 1)
+                soft += probs.sum(0).cpu().numpy()
+                squares += (probs ** 2).sum(0).cpu().numpy()
+        return hard, soft, squares
+
+    def certify(self, x: Tensor, n0: int, n: int, alpha: float, batch_size: int):
+        """``(class, radius)`` per mode asked for: two values, or four for "both" (hard first)."""
+        from scipy.stats import beta, norm
+
+        self.base_classifier.eval()
+        sel_hard, sel_soft, _ = self.votes(x, n0, batch_size)
+        est_hard, est_soft, squares = self.votes(x, n, batch_size)
+        out = []
+        for mode in ("hard", "soft") if self.mode == "both" else (self.mode,):
+            top = int((sel_hard if mode == "hard" else sel_soft).argsort()[::-1][0])
+            if mode == "hard":
+                n_a = int(est_hard[top])
+                p_a = 0.0 if n_a == 0 else float(beta.ppf(alpha, n_a, n - n_a + 1))
+            else:
+                s = float(est_soft[top])
+                var = max((float(squares[top]) - s * s / n) / (n - 1), 0.0)
+                t = math.log(2 / alpha)
+                p_a = s / n - math.sqrt(2 * var * t / n) - 7 * t / 3 / (n - 1)
+            out += [self.ABSTAIN, 0.0] if p_a < 0.5 else [top, self.sigma * float(norm.ppf(p_a))]
+        return tuple(out)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn, optim
 
 __all__ = ["smoothadv_attack_reference", "smoothadv_loss_reference", "trades_rs_loss_reference",
-           "consistency_loss_reference", "requires_grad_"]
+           "trades_smoothing_loss_reference", "consistency_loss_reference", "requires_grad_"]
 
 
 def requires_grad_(model: nn.Module, requires_grad: bool) -> None:
@@ -215,3 +215,55 @@ def consistency_loss_reference(model: nn.Module, x: Tensor, y: Tensor, noise: Te
     logits_chunk = torch.chunk(logits, m, dim=0)
     loss_con = _consistency(logits_chunk, lbd, eta, loss)
     return loss_xent + loss_con, logits
+
+
+def trades_smoothing_loss_reference(model: nn.Module, x_natural: Tensor, y: Tensor, optimizer, noise: Tensor,
+                                    mask: Tensor, step_size: float = 0.003, epsilon: float = 0.031,
+                                    perturb_steps: int = 10, beta: float = 6.0, distance: str = "l_inf") -> Tensor:
+    """trades.py's whole ``trades_loss`` (both distances, any 0/1 ``mask``), drawing its random starts from
+    torch's CPU generator as the original does (``torch.randn(shape)``, then moved to ``x``'s device): the
+    input is masked, the noise is masked, an L-inf start ``x + 0.001 r`` is drawn (and masked); L-inf: sign
+    steps on the KL to the clean noisy prediction, projected to the eps-box and [0, 1] and masked after each;
+    L2: SGD on ``delta`` (from ``0.001 r' mask``) with learning rate ``2 epsilon / perturb_steps`` on the
+    negated KL, the gradient normalised per example (a zero gradient replaced by ``randn``), then
+    ``clamp(x + delta, 0, 1) - x`` and ``renorm`` to the L2 ball (the original's ``delta.data.mul(mask)`` does
+    not assign, so later steps are not masked). Then ``model.train()``, ``optimizer.zero_grad()`` and the loss
+    ``CE(f(x + n), y) + beta / B KL_sum(softmax f(x + n) || log_softmax f(x_adv + n))``."""
+    kl_sum = nn.KLDivLoss(reduction="sum")
+    model.eval()
+    b = x_natural.shape[0]
+    x = x_natural * mask
+    start = x.detach() + 0.001 * torch.randn(x.shape).to(x)
+    start = start * mask
+    noise = (noise * mask).detach()
+    if distance == "l_inf":
+        x_adv = start
+        for _ in range(perturb_steps):
+            x_adv.requires_grad_()
+            with torch.enable_grad():
+                kl = kl_sum(F.log_softmax(model(x_adv + noise), dim=1), F.softmax(model(x + noise), dim=1))
+            (grad,) = torch.autograd.grad(kl, [x_adv])
+            x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+            x_adv = torch.clamp(torch.min(torch.max(x_adv, x - epsilon), x + epsilon), 0.0, 1.0) * mask
+    else:
+        delta = (0.001 * torch.randn(x.shape).to(x) * mask).detach().requires_grad_(True)
+        sgd = optim.SGD([delta], lr=epsilon / perturb_steps * 2)
+        for _ in range(perturb_steps):
+            sgd.zero_grad()
+            with torch.enable_grad():
+                loss = -kl_sum(F.log_softmax(model(x + delta + noise), dim=1), F.softmax(model(x + noise), dim=1))
+            loss.backward()
+            norms = delta.grad.reshape(b, -1).norm(p=2, dim=1)
+            delta.grad.div_(norms.view((-1,) + (1,) * (x.dim() - 1)))
+            if bool((norms == 0).any()):
+                delta.grad[norms == 0] = torch.randn_like(delta.grad[norms == 0])
+            sgd.step()
+            with torch.no_grad():
+                delta.add_(x).clamp_(0, 1).sub_(x).renorm_(p=2, dim=0, maxnorm=epsilon)
+        x_adv = (x + delta).detach()
+    model.train()
+    x_adv = torch.clamp(x_adv, 0.0, 1.0).detach()
+    optimizer.zero_grad()
+    natural = F.cross_entropy(model(x + noise), y)
+    robust = (1.0 / b) * kl_sum(F.log_softmax(model(x_adv + noise), dim=1), F.softmax(model(x + noise), dim=1))
+    return natural + beta * robust

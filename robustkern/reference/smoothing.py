@@ -1,6 +1,7 @@
 """Pure-PyTorch ground truth for the randomized-smoothing ops, and a faithful copy of Cohen et al.'s
 certification loop (Cohen, Rosenfeld, Kolter 2019, "Certified Adversarial Robustness via Randomized
-Smoothing", github.com/locuslab/smoothing ``code/core.py``).
+Smoothing", github.com/locuslab/smoothing ``code/core.py``), and of the two-sided certification of TRADES +
+random smoothing (hongyanz/TRADES-smoothing ``code/core.py``).
 
 Counter-based Gaussian noise (``smoothing_noise``)
 --------------------------------------------------
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["philox4x32", "normals_from_block", "normal_from_counter", "smoothing_noise", "smoothing_count",
-           "CohenSmooth"]
+           "CohenSmooth", "TradesSmoothReference"]
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57          # Philox4x32 multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85          # Weyl key increments
@@ -187,3 +188,49 @@ class CohenSmooth:
         from scipy.stats import beta
 
         return 0.0 if NA == 0 else float(beta.ppf(alpha, NA, N - NA + 1))
+
+
+def _noisy_batches(x: Tensor, num: int, batch_size: int, sigma: float):
+    """Cohen's sampling loop: ``ceil(num / batch_size)`` batches of copies of ``x`` plus ``randn_like * sigma``
+    (torch's global generator), the last one smaller."""
+    while num > 0:
+        size = min(batch_size, num)
+        num -= size
+        copies = x.repeat((size,) + (1,) * x.dim())
+        yield copies + torch.randn_like(copies) * sigma
+
+
+class TradesSmoothReference:
+    """The certification of TRADES + random smoothing (Blum et al. 2020; hongyanz/TRADES-smoothing
+    ``code/core.py`` ``Smooth.certify(x, mask, n0, n, alpha, batch_size)``): Cohen's sampling on
+    ``(x + noise) * mask``, the two most frequent selection classes by ``torch.topk``, the lower
+    Clopper-Pearson bound of the first (the alpha quantile of Beta(n_A, n - n_A + 1); 0 for n_A = 0) and the
+    upper bound of the second (the 1 - alpha quantile of Beta(n_B + 1, n - n_B); 1 for n_B = n), statsmodels'
+    ``proportion_confint(method="beta")`` at level 2 alpha; abstain when the first is below the second, else the
+    radius ``sigma / 2 (Phi^-1(p_A) - Phi^-1(p_B))``."""
+
+    ABSTAIN = -1
+
+    def __init__(self, base_classifier: torch.nn.Module, num_classes: int, sigma: float):
+        self.base_classifier, self.num_classes, self.sigma = base_classifier, num_classes, sigma
+
+    def counts(self, x: Tensor, mask: Tensor, num: int, batch_size: int) -> Tensor:
+        total = torch.zeros(self.num_classes, dtype=torch.int64)
+        with torch.no_grad():
+            for noisy in _noisy_batches(x, num, batch_size, self.sigma):
+                labels = self.base_classifier(noisy * mask).argmax(1).cpu()
+                total += torch.bincount(labels, minlength=self.num_classes)
+        return total
+
+    def certify(self, x: Tensor, mask: Tensor, n0: int, n: int, alpha: float, batch_size: int):
+        from scipy.stats import beta, norm
+
+        self.base_classifier.eval()
+        first, second = torch.topk(self.counts(x, mask, n0, batch_size), 2).indices.tolist()
+        estimation = self.counts(x, mask, n, batch_size)
+        n_a, n_b = int(estimation[first]), int(estimation[second])
+        p_a = 0.0 if n_a == 0 else float(beta.ppf(alpha, n_a, n - n_a + 1))
+        p_b = 1.0 if n_b == n else float(beta.isf(alpha, n_b + 1, n - n_b))
+        if p_a < p_b:
+            return TradesSmoothReference.ABSTAIN, 0.0
+        return first, 0.5 * self.sigma * (float(norm.ppf(p_a)) - float(norm.ppf(p_b)))

@@ -22,7 +22,9 @@ the network *without* its normalisation layer); the noise is still added in pixe
 classifier runs; the certificate is then for that bf16 classifier f', not for the fp32 model.
 ``channels_last``: the model (a private copy) and the noisy batches use channels-last memory; ``None``
 (default) picks it on the CPU for 4-D images with ``rng="philox"``, where oneDNN's convolutions run faster
-on it (the small CNN's 3-channel first convolution about 3x), and not on CUDA nor for ``rng="torch"``. A
+on it (the small CNN's 3-channel first convolution about 3x), and not on CUDA nor for ``rng="torch"``; a model
+whose forward needs NCHW memory (``x.view(x.size(0), -1)`` after a convolution) is found by one forward of
+two images per image shape and then runs in NCHW, so the option never changes which models work. A
 ``Flatten`` followed by a ``Linear`` inside an ``nn.Sequential`` of that copy then reads the channels-last
 activations in place, with the ``Linear``'s columns permuted to (H, W, C) order instead of copying the
 activations back to NCHW. Channels-last changes the summation order of convolutions and of that ``Linear``
@@ -94,6 +96,7 @@ class Smooth:
         self.store_noise = store_noise
         self.stored_noise: list = []        # (noisy batch, src, counter) per forward when store_noise
         self._model_cache = None
+        self._layout_ok: dict = {}          # image shape -> whether the channels-last copy runs on it
         self._graphs = None
         self._compiled = CompiledForward(compile)
 
@@ -173,8 +176,25 @@ class Smooth:
 
     def _use_channels_last(self, batch: Tensor) -> bool:
         if self.channels_last is None:                # rng="torch" replays Cohen's loop: his model as is
-            return batch.dim() == 4 and batch.device.type == "cpu" and self.rng == "philox"
-        return bool(self.channels_last) and batch.dim() == 4
+            wanted = batch.dim() == 4 and batch.device.type == "cpu" and self.rng == "philox"
+        else:
+            wanted = bool(self.channels_last) and batch.dim() == 4
+        return wanted and self._channels_last_works(batch)
+
+    def _channels_last_works(self, batch: Tensor) -> bool:
+        """Whether the channels-last copy runs on images of ``batch``'s shape: a forward that needs NCHW memory
+        (``x.view(x.size(0), -1)`` after a convolution, as MACER's LeNet) raises there, and the model then runs
+        as it is (NCHW), decided once per image shape by a forward of two images."""
+        key = tuple(batch.shape[1:])
+        if key not in self._layout_ok:
+            probe = batch[:1].detach().expand(2, *key).contiguous(memory_format=torch.channels_last)
+            try:
+                with torch.inference_mode():
+                    self._model(True)(probe.to(self.dtype))
+                self._layout_ok[key] = True
+            except RuntimeError:
+                self._layout_ok[key] = False
+        return self._layout_ok[key]
 
     def _sync_copies(self) -> None:
         """Refresh the private model copies from the user's model, in place (the user may have trained it since

@@ -1,0 +1,119 @@
+"""Floating-point facts that kernels, references and algorithms share: unit roundoff, Higham's gamma_n,
+directed rounding to a dtype, and the precision every product inside a bound runs at.
+
+Rounding model (IEEE 754, round to nearest): ``fl(a op b) = (a op b)(1 + d) + e`` with ``|d| <= u`` and
+``|e| <= u * tiny`` (gradual underflow), for ``+ - * /`` and ``sqrt``; a sum of ``n`` products in any order
+is within ``gamma_n * sum |a_i b_i|`` of the exact sum, ``gamma_n = n u / (1 - n u)`` (Higham, "Accuracy and
+Stability of Numerical Algorithms", 2nd ed., Lemma 3.1 and Eq. 3.5), plus ``n * tiny`` for underflow.
+One ``nextafter`` step away from a value rounded to nearest moves it past the exact result, which is how the
+directed roundings below are made.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["unit_roundoff", "gamma", "tiny", "next_down", "next_up", "round_down", "round_up", "ieee_products",
+           "FLOAT_DTYPES"]
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = 2^-p of a floating dtype (2^-24 for float32, 2^-53 for float64)."""
+    return torch.finfo(dtype).eps / 2.0
+
+
+def gamma(k: int, u: float) -> float:
+    """gamma_k = k u / (1 - k u) (Higham, Lemma 3.1)."""
+    ku = k * u
+    if ku >= 0.5:
+        raise ValueError(f"reduction depth {k} too large for a rounding-error bound at u={u}")
+    return ku / (1.0 - ku)
+
+
+def tiny(dtype: torch.dtype) -> float:
+    """The smallest normal number of ``dtype``: ``n * tiny`` covers the underflow of ``n`` roundings."""
+    return torch.finfo(dtype).tiny
+
+
+def next_down(t: Tensor) -> Tensor:
+    """The next representable value below each element (a lower bound of an exact value rounded to ``t``)."""
+    return torch.nextafter(t, torch.full_like(t, -math.inf))
+
+
+def next_up(t: Tensor) -> Tensor:
+    """The next representable value above each element."""
+    return torch.nextafter(t, torch.full_like(t, math.inf))
+
+
+def round_down(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """The largest value of ``dtype`` that is <= each element of ``t`` (``t`` taken as exact)."""
+    w = t.to(dtype)
+    if torch.finfo(dtype).bits >= torch.finfo(t.dtype).bits:
+        return w
+    return torch.where(w.to(t.dtype) > t, next_down(w), w)
+
+
+def round_up(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """The smallest value of ``dtype`` that is >= each element of ``t`` (``t`` taken as exact)."""
+    w = t.to(dtype)
+    if torch.finfo(dtype).bits >= torch.finfo(t.dtype).bits:
+        return w
+    return torch.where(w.to(t.dtype) < t, next_up(w), w)
+
+
+# The op-level float32 precision settings that decide whether a float32 product may use TF32 (CUDA: cuBLAS
+# matmuls, cuDNN convolutions) or bf16 (CPU: oneDNN matmuls and convolutions), as (backend, op) pairs of
+# torch.backends' fp32_precision. An op-level "ieee" takes precedence over its backend's and the global setting,
+# which the user may have lowered (torch.set_float32_matmul_precision, fp32_precision, allow_tf32).
+_KNOBS = (("mkldnn", "matmul"), ("mkldnn", "conv"), ("cuda", "matmul"), ("cuda", "conv"))
+
+
+class _IEEEProducts:
+    """The context manager behind ``ieee_products``; re-entrant, and a counter increment when nested."""
+
+    __slots__ = ("_saved", "_stack")
+    _depth = 0
+
+    def __enter__(self):
+        cls = type(self)
+        cls._depth += 1
+        self._saved = ()
+        self._stack = None
+        if cls._depth > 1:
+            return self
+        if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+            self._stack = contextlib.ExitStack()
+            for device in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device):
+                    self._stack.enter_context(torch.autocast(device, enabled=False))
+        get, set_ = torch._C._get_fp32_precision_getter, torch._C._set_fp32_precision_setter
+        saved = []
+        for backend, op in _KNOBS:
+            v = get(backend, op)
+            if v != "ieee":
+                saved.append((backend, op, v))
+                set_(backend, op, "ieee")
+        self._saved = saved
+        return self
+
+    def __exit__(self, *exc):
+        type(self)._depth -= 1
+        set_ = torch._C._set_fp32_precision_setter
+        for backend, op, v in self._saved:
+            set_(backend, op, v)
+        if self._stack is not None:
+            self._stack.close()
+        return False
+
+
+def ieee_products():
+    """A context inside which every float32 matmul and convolution runs in IEEE float32 on every device (no
+    TF32 on CUDA, no bf16 on CPUs with bf16 matrix units) and autocast is off, whatever the user set; the user's
+    settings are restored after. The rounding-error bounds of sound bound computations assume exactly this.
+    Nested uses cost a counter increment."""
+    return _IEEEProducts()
