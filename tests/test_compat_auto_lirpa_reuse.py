@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from robustkern.bounds import BoundedModule as RKModule, crown_ibp_loss, margin_spec, robust_cross_entropy
+from robustkern.bounds.ibp import propagate
 from robustkern.compat.auto_lirpa import BoundedModule, BoundedTensor, PerturbationLpNorm
 
 
@@ -58,12 +59,18 @@ def test_ibp_then_backward_without_input_is_crown_ibp():
     assert not torch.allclose(clb, _rk(model, x, lo, hi, C, "CROWN"), rtol=1e-3, atol=1e-3)
 
 
-def test_example_call_sequence_forward_ibp_backward():
-    """simple_training.py: ``model(x)``, then both calls without ``x``; the gradients are CROWN-IBP's too."""
+def test_example_call_sequence_forward_ibp_backward(monkeypatch):
+    """simple_training.py: ``model(x)``, then both calls without ``x``; one IBP pass in all (the backward pass
+    runs over the first call's boxes, as in auto_LiRPA); the gradients are CROWN-IBP's too."""
+    import robustkern.bounds.module as engine
+    passes = []
+    monkeypatch.setattr(engine, "propagate", lambda *a, **k: passes.append(1) or propagate(*a, **k))
     model, x, y, lo, hi, C, lirpa, xb = _setup()
     out = lirpa(xb)
     ilb, _ = lirpa.compute_bounds(IBP=True, C=C, method=None)
     clb, _ = lirpa.compute_bounds(IBP=False, C=C, method="backward", bound_upper=False)
+    assert len(passes) == 1
+    monkeypatch.undo()
     factor = 0.3
     loss = robust_cross_entropy(clb * factor + ilb * (1 - factor)) + 0 * out.sum()
     loss.backward()

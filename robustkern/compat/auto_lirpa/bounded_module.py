@@ -29,7 +29,6 @@ are stale then. The facade raises ``ValueError`` instead ("pass x=... to recompu
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -37,9 +36,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..._backend import ieee_fp32
 from ...bounds import BoundedModule as _RKBoundedModule
-from ...bounds.crown import crown_bounds, node_shapes
 from .bounded_tensor import plain
 from .wrapper import LOSS_FUSION_ADVICE, CrossEntropyWrapper, CrossEntropyWrapperMultiInput
 
@@ -75,10 +72,6 @@ def _same(a: tuple, b: tuple) -> bool:
     return len(a) == len(b) and all(
         u is v or (isinstance(u, (int, float)) and not isinstance(u, bool) and type(u) is type(v) and u == v)
         for u, v in zip(a, b))
-
-
-def _nan_to_inf(t: Tensor | None, sign: int) -> Tensor | None:
-    return None if t is None else torch.where(torch.isnan(t), torch.full_like(t, sign * math.inf), t)
 
 
 @dataclass
@@ -229,8 +222,8 @@ class BoundedModule(nn.Module):
             self._store("IBP")
             self._ibp_last = lambda: (lb, ub)
             return lb, ub
-        if stored is not None:
-            out = self._crown_over(stored.boxes, C, bound_lower, bound_upper)
+        if stored is not None:  # the stored IBP boxes are the intermediate bounds
+            out = self._run("CROWN-IBP", C, bound_lower, bound_upper, intermediate=stored.boxes)
         else:
             out = self._run("CROWN-IBP" if ibp else "CROWN", C, bound_lower, bound_upper)
             self._store("IBP" if ibp else "CROWN")
@@ -262,35 +255,16 @@ class BoundedModule(nn.Module):
             eps = eps.view(-1, *[1] * (x.dim() - 1))
         return x - eps, x + eps
 
-    def _run(self, method: str, C, bound_lower: bool, bound_upper: bool):
-        """robustkern's ``compute_bounds`` (L2) or ``compute_bounds_box`` (L-inf) for the current input."""
+    def _run(self, method: str, C, bound_lower: bool, bound_upper: bool, intermediate: dict | None = None):
+        """robustkern's ``compute_bounds`` (L2) or ``compute_bounds_box`` (L-inf) for the current input;
+        ``intermediate``: stored IBP boxes for CROWN-IBP's backward pass (no second IBP pass)."""
         opts = dict(method=method, C=C, sound=self._sound, bound_lower=bound_lower, bound_upper=bound_upper,
-                    relu_lower=self._relu_lower, crown_batch_size=self._crown_batch_size)
+                    relu_lower=self._relu_lower, crown_batch_size=self._crown_batch_size, intermediate=intermediate)
         ptb = self._input.ptb
         if float(ptb.norm) == 2:
             return self.bm.compute_bounds(self._plain, ptb.eps, norm=2, x_min=-math.inf, x_max=math.inf, **opts)
         lo, hi = self._box()
         return self.bm.compute_bounds_box(lo, hi, x=self._plain, **opts)
-
-    def _crown_over(self, boxes: dict, C, bound_lower: bool, bound_upper: bool):
-        """The CROWN-IBP backward pass from ``C`` over stored per-node IBP boxes (the inputs exactly as ``_run``
-        gives them to the engine, so the numbers equal a fresh CROWN-IBP call's)."""
-        bm, ptb = self.bm, self._input.ptb
-        if float(ptb.norm) == 2:
-            x, eps, norm = bm._check_inputs(self._plain, ptb.eps, 2.0, -math.inf, math.inf)
-        else:
-            x = self._plain.to(bm._dtype())
-            eps, norm = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device), math.inf
-        with ieee_fp32() if x.is_cuda else contextlib.nullcontext():
-            spec = None if C is None else bm._check_spec(C, x)
-            stats = bm._training_bn_stats(x)
-            if bm._shapes is None:
-                bm._shapes = node_shapes(bm.nodes, bm.model, x.new_zeros((1,) + bm.input_shape))
-            lb, ub = crown_bounds(bm.nodes, bm._shapes, {k: nb.box for k, nb in boxes.items()}, spec,
-                                  bm.num_outputs, "CROWN-IBP", bound_lower=bound_lower, bound_upper=bound_upper,
-                                  sound=self._sound, bn_stats=stats, norm=norm, x=x, eps=eps,
-                                  relu_lower=self._relu_lower, crown_batch_size=self._crown_batch_size)
-        return _nan_to_inf(lb, -1), _nan_to_inf(ub, 1)
 
 
 def _refuse_seeded_ibp():
