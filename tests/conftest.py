@@ -50,17 +50,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True)
-def _allocator_choice_reset():
-    """The ``robustkern`` command (run in-process by the CLI tests) applies robustkern.cpu_malloc, which also
-    steers CPU kernel choices (robustkern.flatness.grad_norm): each test starts from the default state."""
-    from robustkern import cpu_malloc
-    saved = list(cpu_malloc._APPLIED)
-    cpu_malloc._APPLIED.clear()
-    yield
-    cpu_malloc._APPLIED[:] = saved
-
-
 @pytest.fixture
 def one_thread():
     """One torch thread for tiny models: avoids OpenMP barrier stalls when the 2 cores are shared."""

@@ -1,5 +1,5 @@
 """Bound propagation: ``BoundedModule`` (IBP, CROWN-IBP, CROWN), specifications, losses and verification."""
-from .graph import UnsupportedLayerError
+from ..graph import UnsupportedLayerError
 from .loss_fusion import fused_robust_ce_upper
 from .module import BoundedModule
 from .spec import margin_spec, robust_cross_entropy

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..bounds.graph import BoundNode
+from ..graph import BoundNode
 from . import _walk as walk
 from ._walk import bn_inv_std, channel_shape
 
