@@ -16,12 +16,12 @@
 # The steps run in order of value, so that a run cut short has the most useful results: the build (pip install
 # --no-build-isolation -e ., skipped when the extension in place was built from the same sources:
 # build/gpu_suite.stamp), the GPU tests (pytest -m gpu and the CUDA selections of the op tests), then the
-# benchmarks of bound propagation, randomized smoothing, attacks, flatness and the published projects' own steps at
-# the sizes benchmarks/README.md documents. Each step runs under `timeout` with its own limit, a failing step does
-# not stop the others, and after every step OUT holds: summary.txt (step, status, seconds, limit, log),
-# logs/NN-step.log (and the pytest junit XML), RESULTS.md (the blocks of this run's benchmarks, each with device,
-# date, commit and command) and results/<bench>.csv. Exit status 0 when every step passed or was skipped because
-# its script lacks an option the step gives it, 1 otherwise.
+# benchmarks of bound propagation, randomized smoothing, attacks, flatness, the published projects' own steps and
+# the op floor's per-call cost at the sizes benchmarks/README.md documents. Each step runs under `timeout` with its
+# own limit, a failing step does not stop the others, and after every step OUT holds: summary.txt (step, status,
+# seconds, limit, log), logs/NN-step.log (and the pytest junit XML), RESULTS.md (the blocks of this run's
+# benchmarks, each with device, date, commit and command) and results/<bench>.csv. Exit status 0 when every step
+# passed or was skipped because its script lacks an option the step gives it, 1 otherwise.
 set -uo pipefail
 
 SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
@@ -57,6 +57,8 @@ flatness             | 300 | bench_flatness.py --device cuda --models small_cnn,
 flatness-fused       | 180 | bench_flatness_fused.py --device cuda --models mnist_small,mnist_large --batch 128 --lfr --write-results | bench_flatness_fused.py --device cpu --models mnist_small --batch 8 --rounds 1 --write-results
 # ---- the published projects' own steps, their call path against robustkern.compat, at their configs' sizes
 clients              | 600 | bench_clients.py --device cuda --trades-batch 256 --certify-n 100000 --write-results | bench_clients.py --device cpu --small --rounds 1 --lfr-steps 2 --certify-n 200 --write-results
+# ---- what the op floor adds per call, on this machine's CPU
+dispatch             | 120 | bench_dispatch.py --write-results | bench_dispatch.py --rounds 2 --calls 50 --write-results
 EOF
 
 # ------------------------------------------------------------------------------------------------ helpers
