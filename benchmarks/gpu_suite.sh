@@ -127,7 +127,7 @@ from robustkern import _ext
 ok = _ext.load() and _ext.status() == "prebuilt"
 if ok and sys.argv[1] == "1":
     ok = _ext.has_cuda_kernels()
-print(f"robustkern._C: {'loads' if ok else 'NOT usable'} ({torch.ops.robustkern_ext.build_info() if ok else _ext.status()})")
+print(f"robustkern._C: {'loads' if ok else 'NOT usable'} ({torch.ops.robustkern.build_info() if ok else _ext.status()})")
 sys.exit(0 if ok else 1)
 PYEOF
 }
