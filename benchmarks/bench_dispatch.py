@@ -1,7 +1,8 @@
 """Per-call cost of the op floor: a call of a robustkern op on inputs so small that its arithmetic costs nothing,
-against the closest direct ATen call on the same inputs. The difference is what the floor (argument checks,
-backend choice, dispatch, autograd wrapping) adds per call; algorithms call ops per layer and per step, so this
-is the cost that tempts them to go around the floor.
+against its implementation called directly (the C++ kernel below autograd, or the reference function on CPU for
+ops that have no C++ kernel) and against the closest single ATen call. "floor adds" is op minus implementation:
+what the floor (argument checks, backend choice, autograd wrapping) adds per call; algorithms call ops per layer
+and per step, so this is the cost that tempts them to go around the floor.
 
     PYTHONPATH=python:. python benchmarks/bench_dispatch.py [--rounds 30] [--calls 2000] [--write-results]
 
@@ -25,8 +26,22 @@ from robustkern import ops  # noqa: E402
 BENCH = "dispatch"
 
 
+def _direct(name: str, *args):
+    """The op's CPU implementation called directly: its C++ kernel below the autograd layer, else its reference."""
+    op = ops.OPS[name]
+    if op.compiled:
+        kernel = getattr(torch.ops.robustkern, name).default
+
+        def call():
+            with torch._C._AutoDispatchBelowAutograd():
+                return kernel(*args)
+        return call
+    return lambda: op.reference(*args)
+
+
 def cases():
-    """(name, robustkern call, ATen call) on tiny CPU inputs."""
+    """(name, robustkern call, direct implementation call, ATen call) on tiny CPU inputs."""
+    ops.load()
     g = torch.Generator().manual_seed(0)
     m, r = torch.rand(2, 8, generator=g), torch.rand(2, 8, generator=g)
     mg = m.clone().requires_grad_()
@@ -38,13 +53,19 @@ def cases():
     logits, y = torch.randn(4, 5, generator=g), torch.randint(0, 5, (4,), generator=g)
     bits = ops.relu_pack_mask(x)
     return [
-        ("interval_affine (relu)", lambda: ops.interval_affine(m, r, relu=True), lambda: torch.relu(m)),
-        ("interval_affine (relu), grad", lambda: ops.interval_affine(mg, r, relu=True), lambda: torch.relu(mg)),
-        ("interval_linear", lambda: ops.interval_linear(m, r, w, b), lambda: F.linear(m, w, b)),
-        ("crown_relu_backward", lambda: ops.crown_relu_backward(A, lo, hi), lambda: A.clamp(min=0)),
-        ("pgd_step (linf)", lambda: ops.pgd_step(x, gr, x, eps, eps), lambda: x.clamp(0, 1)),
-        ("relu_masked", lambda: ops.relu_masked(gr, bits), lambda: torch.relu(gr)),
-        ("softmax_ce_grad", lambda: ops.softmax_ce_grad(logits, y), lambda: torch.softmax(logits, 1)),
+        ("interval_affine (relu)", lambda: ops.interval_affine(m, r, relu=True),
+         _direct("interval_affine", m, r, None, None, True, True), lambda: torch.relu(m)),
+        ("interval_affine (relu), grad", lambda: ops.interval_affine(mg, r, relu=True),
+         _direct("interval_affine", mg, r, None, None, True, True), lambda: torch.relu(mg)),
+        ("interval_linear", lambda: ops.interval_linear(m, r, w, b),
+         _direct("interval_linear", m, r, w, b, None, None, False, True), lambda: F.linear(m, w, b)),
+        ("crown_relu_backward", lambda: ops.crown_relu_backward(A, lo, hi),
+         _direct("crown_relu_backward", A, lo, hi, 0, False), lambda: A.clamp(min=0)),
+        ("pgd_step (linf)", lambda: ops.pgd_step(x, gr, x, eps, eps),
+         _direct("pgd_step", x, gr, x, eps, eps, "linf"), lambda: x.clamp(0, 1)),
+        ("relu_masked", lambda: ops.relu_masked(gr, bits), _direct("relu_masked", gr, bits), lambda: torch.relu(gr)),
+        ("softmax_ce_grad", lambda: ops.softmax_ce_grad(logits, y), _direct("softmax_ce_grad", logits, y),
+         lambda: torch.softmax(logits, 1)),
     ]
 
 
@@ -60,20 +81,23 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--write-results", action="store_true", help="write the CSV rows and the RESULTS.md block")
+    common.add_output_options(p)
     args = p.parse_args(argv)
     device = torch.device("cpu")
-    env = common.start(device, threads=1)
+    env = common.start(device, threads=1, args=args)
     rows, lines = [], []
-    for name, ours, aten in cases():
-        t = common.time_cpu({"robustkern": loop(ours, args.calls), "aten": loop(aten, args.calls)},
-                            rounds=args.rounds, warmup=1)
+    for name, ours, direct, aten in cases():
+        t = common.time_cpu({"robustkern": loop(ours, args.calls), "implementation": loop(direct, args.calls),
+                             "aten": loop(aten, args.calls)}, rounds=args.rounds, warmup=1)
         per_call = {k: common.Timing(v.median_ms / args.calls, v.low_ms / args.calls, v.high_ms / args.calls,
                                      v.samples) for k, v in t.items()}
         us = {k: v.median_ms * 1e3 for k, v in per_call.items()}
-        over = us["robustkern"] - us["aten"]
-        lines.append(f"| {name} | {us['robustkern']:.1f} | {us['aten']:.1f} | {over:.1f} |")
+        over = us["robustkern"] - us["implementation"]
+        lines.append(f"| {name} | {us['robustkern']:.1f} | {us['implementation']:.1f} | {us['aten']:.1f} | "
+                     f"{over:.1f} |")
         rows += [common.Row(case={"op": name}, provider=k, timing=v) for k, v in per_call.items()]
-    body = "\n".join(["| op | robustkern us/call | ATen us/call | floor adds us |", "|---|---|---|---|", *lines])
+    body = "\n".join(["| op | robustkern us/call | implementation us/call | one ATen call us | floor adds us |",
+                      "|---|---|---|---|---|", *lines])
     print(body)
     if args.write_results:
         common.append_csv(BENCH, rows, env, device)

@@ -1,12 +1,15 @@
-// Every schema of the robustkern_ext library, once. The kernels are registered per device in
-// csrc/cpu/interval_cpu.cpp, csrc/cpu/smoothing_cpu.cpp, csrc/cpu/crown_cpu.cpp, csrc/cpu/attacks_cpu.cpp (CPU only)
-// and csrc/cuda/interval_cuda_glue.cpp;
-// the public ops (robustkern::*, with fake tensors and autograd) are Python custom ops in robustkern/ops/
-// that call these.
+// Every schema of the robustkern ops that have C++ kernels, once. The kernels are registered per device in
+// csrc/cpu/*_cpu.cpp (CPU) and csrc/cuda/*_glue.cpp (CUDA). Their fake (meta) kernels and autograd formulas are
+// registered from Python beside the public functions (robustkern/ops/<family>.py), through the op table
+// robustkern/ops/_registry.py, which also holds the ops that have no C++ kernel (Triton and reference only).
 #include <Python.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
+#include <tuple>
+
+#include "robustkern/options.h"
 
 #ifndef ROBUSTKERN_WITH_CUDA
 #define ROBUSTKERN_WITH_CUDA 0
@@ -35,10 +38,19 @@ namespace {
 // The device kernels compiled in, comma-separated: "cpu" or "cpu,cuda".
 std::string build_info() { return ROBUSTKERN_WITH_CUDA ? "cpu,cuda" : "cpu"; }
 
+// Set the CPU kernels' process-wide options that are given (robustkern/options.h); returns the previous values.
+std::tuple<bool, bool> cpu_options(std::optional<bool> portable_simd, std::optional<bool> huge_pages) {
+  auto& o = robustkern::cpu_options();
+  const std::tuple<bool, bool> before{o.portable_simd.load(), o.huge_pages.load()};
+  if (portable_simd) o.portable_simd.store(*portable_simd);
+  if (huge_pages) o.huge_pages.store(*huge_pages);
+  return before;
+}
+
 }  // namespace
 
 // Defines the operators.
-TORCH_LIBRARY(robustkern_ext, m) {
+TORCH_LIBRARY(robustkern, m) {
   m.def(
       "interval_linear(Tensor mid, Tensor rad, Tensor weight, Tensor? bias, Tensor? scale, Tensor? shift, "
       "bool relu, bool sound) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -67,4 +79,5 @@ TORCH_LIBRARY(robustkern_ext, m) {
   m.def("smoothing_count(Tensor logits, Tensor group, int num_groups) -> Tensor");
   m.def("pgd_step(Tensor x_adv, Tensor grad, Tensor x_orig, Tensor eps, Tensor alpha, str norm) -> Tensor");
   m.def("build_info() -> str", &build_info);
+  m.def("cpu_options(bool? portable_simd=None, bool? huge_pages=None) -> (bool, bool)", &cpu_options);
 }

@@ -51,17 +51,26 @@ def use_backend(name: str):
         _override.reset(token)
 
 
+_env_parsed: tuple[str | None, str] = (None, "auto")   # (raw ROBUSTKERN_BACKEND, parsed), re-parsed on change
+
+
 def requested_backend() -> str:
     """The backend asked for by ``use_backend`` or ``ROBUSTKERN_BACKEND`` (default ``auto``)."""
+    global _env_parsed
     name = _override.get()
     if name is not None:
         return name
-    value = os.environ.get("ROBUSTKERN_BACKEND", "auto") or "auto"
+    value = os.environ.get("ROBUSTKERN_BACKEND")
+    if value == _env_parsed[0]:
+        return _env_parsed[1]
+    raw = value or "auto"
     try:
-        return _check_name(value)
+        parsed = _check_name(raw)
     except ValueError:
-        raise BackendUnavailable(f"ROBUSTKERN_BACKEND={value} is not a backend; set it to one of "
+        raise BackendUnavailable(f"ROBUSTKERN_BACKEND={raw} is not a backend; set it to one of "
                                  f"{', '.join(BACKENDS)}, or unset it") from None
+    _env_parsed = (value, parsed)
+    return parsed
 
 
 def _requested_by() -> str:
@@ -71,13 +80,20 @@ def _requested_by() -> str:
 
 
 def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    from .kernels._config import is_interpreting
+    return is_interpreting()
 
 
-def _why_not(backend: str, device_type: str, op: str | None = None) -> str | None:
-    """None if ``backend`` can run ops (op ``op``, when given) on ``device_type``, else the reason it cannot."""
+ALL_KERNELS = ("triton", "cpp", "cuda")
+
+
+def _why_not(backend: str, device_type: str, op: str | None = None, kernels=ALL_KERNELS) -> str | None:
+    """None if ``backend`` can run an op (the op named ``op`` with kernels of the kinds in ``kernels``, when
+    given) on ``device_type``, else the reason it cannot."""
     if backend == "reference":
         return None
+    if backend not in kernels:
+        return f"{op or 'the op'} has no {backend} kernel"
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install triton)"
@@ -90,9 +106,8 @@ def _why_not(backend: str, device_type: str, op: str | None = None) -> str | Non
 
     if not _ext.load():
         return f"the compiled extension is not available ({_ext.status()})"
-    if op is not None and not _ext_has_kernel(op, device_type):
-        return (f"the compiled extension has no {op} kernel for {device_type} tensors (an older build, or a "
-                f"kernel that exists for another device only)")
+    if op is not None and not hasattr(torch.ops.robustkern, op):   # an extension built before the op existed
+        return f"the compiled extension has no {op} kernel (an older build: rebuild it)"
     if backend == "cpp":
         return None if device_type == "cpu" else f"the cpp backend runs CPU tensors, not {device_type}"
     if backend == "cuda":
@@ -102,32 +117,26 @@ def _why_not(backend: str, device_type: str, op: str | None = None) -> str | Non
     raise AssertionError(backend)
 
 
-def _ext_has_kernel(op: str, device_type: str) -> bool:
-    if not hasattr(torch.ops.robustkern_ext, op):  # an extension built before the op existed
-        return False
-    key = "CUDA" if device_type == "cuda" else "CPU"
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"robustkern_ext::{op}", key)
+def available(backend: str, device_type: str = "cpu", op: str | None = None, kernels=ALL_KERNELS) -> bool:
+    """Whether ``backend`` can run ops (the op named ``op``, with kernels of the kinds in ``kernels``) on tensors
+    of ``device_type``."""
+    return _why_not(_check_name(backend), device_type, op, kernels) is None
 
 
-def available(backend: str, device_type: str = "cpu", op: str | None = None) -> bool:
-    """Whether ``backend`` can run ops (the op named ``op``, when given) on tensors of ``device_type``."""
-    return _why_not(_check_name(backend), device_type, op) is None
-
-
-def select(device: torch.device | str, op: str | None = None) -> str:
-    """The backend that runs an op (named ``op``: a compiled backend must have a kernel for it) on tensors
-    living on ``device``."""
+def select(device: torch.device | str, op: str | None = None, kernels=ALL_KERNELS) -> str:
+    """The backend that runs an op (named ``op``, implemented by the kernel kinds in ``kernels`` besides the
+    reference) on tensors living on ``device``."""
     device_type = torch.device(device).type
     name = requested_backend()
     if name != "auto":
-        reason = _why_not(name, device_type, op)
+        reason = _why_not(name, device_type, op, kernels)
         if reason is not None:
             raise BackendUnavailable(f"backend {name!r} was requested ({_requested_by()}) but cannot run here: "
                                      f"{reason}; request another backend, or 'auto' to let robustkern choose")
         return name
     order = ("triton", "cuda", "reference") if device_type == "cuda" else ("cpp", "reference")
     for candidate in order:
-        if _why_not(candidate, device_type, op) is None:
+        if _why_not(candidate, device_type, op, kernels) is None:
             return candidate
     return "reference"
 
@@ -137,10 +146,3 @@ def ieee_fp32():
     restored after: ``robustkern._numerics.ieee_products``."""
     from ._numerics import ieee_products
     return ieee_products()
-
-
-def storage_key(module: torch.nn.Module) -> tuple:
-    """Where every parameter and buffer of ``module`` lives (address, dtype, shape). A captured CUDA graph reads
-    the addresses it was captured with, so a cache of graphs keys on this: in-place updates (an optimiser step,
-    ``load_state_dict``) keep the key, a module moved or re-created by ``.to()``/``.half()`` changes it."""
-    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in (*module.parameters(), *module.buffers()))

@@ -1,4 +1,4 @@
-"""Loads the compiled kernels (the ``torch.ops.robustkern_ext`` ops) on first use:
+"""Loads the compiled kernels (the C++ kernels of the ``torch.ops.robustkern`` ops) on first use:
 
 1. ``prebuilt``: the ``robustkern._C`` library built by ``pip install --no-build-isolation -e .``;
 2. ``jit``: else the CPU sources in ``csrc/`` compiled with ``torch.utils.cpp_extension.load`` (about a
@@ -35,7 +35,7 @@ def _advice() -> str:
 
 
 def load() -> bool:
-    """Load the compiled kernels if possible (once); True when ``torch.ops.robustkern_ext`` is usable."""
+    """Load the compiled kernels if possible (once); True when the C++ ops of ``torch.ops.robustkern`` are usable."""
     global _outcome
     if _outcome is None:
         with _lock:
@@ -58,7 +58,7 @@ def has_cuda_kernels() -> bool:
         return False
     import torch
 
-    return "cuda" in torch.ops.robustkern_ext.build_info().split(",")
+    return "cuda" in torch.ops.robustkern.build_info().split(",")
 
 
 def status() -> str:
@@ -113,7 +113,7 @@ def _jit_compile() -> None:
     build_dir = _build_dir()
     _log.info("robustkern: JIT-compiling the CPU kernels into %s (first use only)", build_dir)
     cpp_extension.load(
-        name="robustkern_ext_jit",
+        name="robustkern_jit",
         sources=sources,
         extra_include_paths=[str(src / "include")],
         extra_cflags=["-O3", "-fopenmp-simd"],

@@ -16,10 +16,14 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["unit_roundoff", "gamma", "tiny", "next_down", "next_up", "round_down", "round_up", "ieee_products",
+__all__ = ["L2_DIV_EPS", "unit_roundoff", "gamma", "tiny", "next_down", "next_up", "round_down", "round_up", "ieee_products",
            "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
+
+# The L2 projected-gradient step divides the gradient by ``||g||_2 + L2_DIV_EPS`` (as torchattacks and the
+# published PGD code do), in every implementation of ``robustkern::pgd_step``.
+L2_DIV_EPS = 1e-10
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:

@@ -2,6 +2,8 @@
 this machine, and checks of floating-point soundness."""
 from __future__ import annotations
 
+import contextlib
+
 import os
 
 import torch
@@ -9,7 +11,7 @@ import torch
 from . import _backend
 
 __all__ = ["TOLERANCES", "tolerance", "backends_for", "backend_params", "backend", "assert_box_contains",
-           "interpreting"]
+           "interpreting", "portable_simd"]
 
 # (atol, rtol) for comparing an implementation with the reference in the same dtype.
 TOLERANCES = {
@@ -60,6 +62,19 @@ def assert_box_contains(lower: torch.Tensor, upper: torch.Tensor, inner_lower: t
         i = bad.nonzero()[0].tolist()
         raise AssertionError(f"{what}: {int(bad.sum())} entries escape; first at {i}: [{lo[tuple(i)]}, "
                              f"{hi[tuple(i)]}] does not contain [{ilo[tuple(i)]}, {ihi[tuple(i)]}]")
+
+
+@contextlib.contextmanager
+def portable_simd(enabled: bool = True):
+    """Inside: the C++ CPU kernels run their portable code paths instead of the AVX2 ones (or, with
+    ``enabled=False``, the AVX2 ones where the CPU has them), to compare the two on one machine."""
+    from .ops import cpu_options
+
+    before, _ = cpu_options(portable_simd=enabled)
+    try:
+        yield
+    finally:
+        cpu_options(portable_simd=before)
 
 
 def interpreting() -> bool:

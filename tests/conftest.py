@@ -27,7 +27,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_slow = pytest.mark.skip(reason="slow: run with --run-slow")
-    run_slow = config.getoption("--run-slow") or os.environ.get("ROBUSTKERN_RUN_SLOW") == "1"
+    run_slow = config.getoption("--run-slow")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
@@ -48,17 +48,6 @@ def property_seed(request) -> int:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True)
-def _allocator_choice_reset():
-    """The ``robustkern`` command (run in-process by the CLI tests) applies robustkern.cpu_malloc, which also
-    steers CPU kernel choices (robustkern.flatness.grad_norm): each test starts from the default state."""
-    from robustkern import cpu_malloc
-    saved = list(cpu_malloc._APPLIED)
-    cpu_malloc._APPLIED.clear()
-    yield
-    cpu_malloc._APPLIED[:] = saved
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def _ball_violation(out, x0, eps, norm):
 
 
 def _skip_missing(backend):
-    if backend in ("cpp", "cuda") and not hasattr(torch.ops.robustkern_ext, "pgd_step"):
+    if backend in ("cpp", "cuda") and not hasattr(torch.ops.robustkern, "pgd_step"):
         pytest.skip("the compiled extension has no pgd_step kernel (Triton and reference only)")
 
 
@@ -116,7 +116,7 @@ def test_step_bad_input():
 
 
 def test_explicit_cpp_backend_without_kernel_raises():
-    if not robustkern._backend.available("cpp") or hasattr(torch.ops.robustkern_ext, "pgd_step"):
+    if not robustkern._backend.available("cpp") or hasattr(torch.ops.robustkern, "pgd_step"):
         pytest.skip("needs the compiled extension without a pgd_step kernel")
     xa, g, x0, eps, alpha = _inputs((3, 4), torch.float32)
     with robustkern.use_backend("cpp"), pytest.raises(robustkern.BackendUnavailable, match="pgd_step"):

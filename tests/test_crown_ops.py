@@ -222,7 +222,7 @@ def test_cpp_opcheck_and_gradcheck(mode):
 @needs_cpp
 def test_cpp_kernels_reject_bad_input():
     A, lo, hi = make()
-    ext = torch.ops.robustkern_ext
+    ext = torch.ops.robustkern
     with pytest.raises(RuntimeError, match="crown_relu_backward: lower(_in)? must have shape"):
         ext.crown_relu_backward(A, lo[:1], hi, 0, False)
     with pytest.raises(RuntimeError, match="mode must be 0..3"):
@@ -238,11 +238,13 @@ def test_cpp_kernels_reject_bad_input():
 _HUGE_PAGE_PROBE = """
 import sys, torch
 sys.path.insert(0, {root!r})
-import robustkern._ext
-assert robustkern._ext.load()
+import robustkern.ops
+from robustkern.ops import cpu_options
+assert robustkern.ops.load()
+{setup}
 A = torch.randn(2, 3, 700000)
 lo, hi = -torch.rand(2, 700000), torch.rand(2, 700000)
-out, _ = torch.ops.robustkern_ext.crown_relu_backward(A, lo, hi, 0, False)
+out, _ = torch.ops.robustkern.crown_relu_backward(A, lo, hi, 0, False)
 p = out.data_ptr()
 flags = None
 for line in open("/proc/self/smaps"):
@@ -258,19 +260,16 @@ print("hg" in flags)
 
 @needs_cpp
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
-@pytest.mark.parametrize("setting, advised", [(None, True), ("0", False)])
-def test_large_outputs_are_advised_onto_huge_pages_unless_turned_off(setting, advised):
+@pytest.mark.parametrize("setup, advised", [("", True), ("cpu_options(huge_pages=False)", False)])
+def test_large_outputs_are_advised_onto_huge_pages_unless_turned_off(setup, advised):
     # csrc/include/robustkern/alloc.h: a >= 8 MB output's memory carries MADV_HUGEPAGE (VmFlags "hg"),
-    # and ROBUSTKERN_HUGE_PAGES=0 turns the advice off
+    # and robustkern.ops.cpu_options(huge_pages=False) turns the advice off
     import subprocess
     import sys
     from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if k != "ROBUSTKERN_HUGE_PAGES"}
-    if setting is not None:
-        env["ROBUSTKERN_HUGE_PAGES"] = setting
     root = str(Path(__file__).resolve().parents[1])
-    out = subprocess.run([sys.executable, "-c", _HUGE_PAGE_PROBE.format(root=root)], env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", _HUGE_PAGE_PROBE.format(root=root, setup=setup)],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == str(advised)

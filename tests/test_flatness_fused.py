@@ -16,7 +16,7 @@ from torch.library import opcheck
 
 from _devices import backend_device_params, device_params, sized, to
 from robustkern import use_backend
-from robustkern.bounds.graph import UnsupportedLayerError
+from robustkern.graph import UnsupportedLayerError
 from robustkern.flatness import fused
 from robustkern.ops import flatness as O
 from robustkern.reference import flatness_ops as R
@@ -387,7 +387,7 @@ def test_step_kernel_choices_match_torch(kind, strided_cl, monkeypatch):
 def test_max_pool_is_for_the_gradient_paths_only():
     """capture() refuses MaxPool2d for bound propagation (named in the error) and takes it for the fused
     input-gradient paths, which ask for it."""
-    from robustkern.bounds.graph import capture
+    from robustkern.graph import capture
 
     m, _, _ = _model("pool")
     with pytest.raises(UnsupportedLayerError, match="MaxPool2d"):
@@ -398,7 +398,7 @@ def test_max_pool_is_for_the_gradient_paths_only():
 
 def test_unsupported_message_lists_what_each_caller_takes():
     """The flatness paths name MaxPool2d among what they support; bound propagation's message does not."""
-    from robustkern.bounds.graph import capture
+    from robustkern.graph import capture
 
     m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
     assert fused.unsupported_reason(m).rstrip().endswith("MaxPool2d")

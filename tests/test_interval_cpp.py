@@ -1,4 +1,4 @@
-"""The compiled robustkern_ext interval ops (CPU kernels; CUDA kernels too when a GPU is present) against
+"""The compiled robustkern interval ops (CPU kernels; CUDA kernels too when a GPU is present) against
 robustkern.reference.interval: values, epilogues, conv configurations, per-example weights, non-contiguous
 and channels-last inputs, empty batches, argument errors, and floating-point soundness.
 
@@ -17,7 +17,7 @@ from robustkern.testing import assert_box_contains, tolerance
 if not _ext.load():
     pytest.skip(f"compiled extension unavailable: {_ext.status()}", allow_module_level=True)
 
-E = torch.ops.robustkern_ext
+E = torch.ops.robustkern
 DTYPES = [torch.float32, torch.float64]
 SOUND = [True, False]
 EPILOGUES = ["none", "relu", "scale", "shift", "affine", "affine+relu"]

@@ -7,7 +7,7 @@ import torch
 from robustkern import _ext
 from robustkern.ops import smoothing_noise
 from robustkern.reference import smoothing as ref
-from robustkern.testing import backend
+from robustkern.testing import backend, portable_simd
 
 from _devices import backend_device_params, to
 from test_smoothing_ops import assert_noise_is_reference
@@ -16,10 +16,10 @@ PATHS = ["vector", "portable"]
 
 
 def _cpp_noise(monkeypatch, path, *args):
-    if not _ext.load() or not hasattr(torch.ops.robustkern_ext, "smoothing_noise"):
+    if not _ext.load() or not hasattr(torch.ops.robustkern, "smoothing_noise"):
         pytest.skip(f"no compiled smoothing kernels here ({_ext.status()})")
-    monkeypatch.setenv("ROBUSTKERN_SMOOTHING_PORTABLE", "1" if path == "portable" else "0")
-    return torch.ops.robustkern_ext.smoothing_noise(*args)
+    with portable_simd(path == "portable"):
+        return torch.ops.robustkern.smoothing_noise(*args)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -197,7 +197,10 @@ def test_auto_falls_back_without_compiled_kernels(monkeypatch):
     want = ref.smoothing_noise(x, src, counter, torch.tensor([4]), 0.5, None, None, torch.float32)
     with backend("auto"):
         assert torch.equal(smoothing_noise(x, src, counter, 4, 0.5), want)
-    monkeypatch.setattr(_backend, "_ext_has_kernel", lambda op, device_type: False)
+    from robustkern.ops.smoothing import SMOOTHING_NOISE
+
+    monkeypatch.setattr(SMOOTHING_NOISE, "kernels", ("triton",))   # as if the extension had no such kernel
+    monkeypatch.setattr(SMOOTHING_NOISE, "_choice", {})
     with backend("auto"):
         assert torch.equal(smoothing_noise(x, src, counter, 4, 0.5), want)
     if _backend.available("cpp", "cpu"):

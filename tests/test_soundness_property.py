@@ -1,6 +1,6 @@
 """Property test of soundness: random networks, input sets, dtypes and settings; the bounds are attacked (random
 points, corners and PGD in float64) and every point that comes close is evaluated exactly
-(``robustkern.reference.exact``: rigorous interval arithmetic), so a reported violation is never a false alarm.
+(``robustkern.bounds.exact``: rigorous interval arithmetic), so a reported violation is never a false alarm.
 
 Covered per example (drawn from a seed): convolutional nets with BatchNorm in training and eval mode, a BatchNorm
 module applied twice, residual additions, average pooling, input normalisation, a channel with a large mean and
@@ -24,8 +24,8 @@ import robustkern
 from robustkern import use_backend
 from robustkern.bounds import BoundedModule, margin_spec
 from robustkern.bounds.batch_stats import forward_with_statistics, uses_batch_stats
-from robustkern.bounds.graph import capture
-from robustkern.reference.exact import exact_forward, exact_spec, inside_l2, inside_linf
+from robustkern.graph import capture
+from robustkern.bounds.exact import exact_forward, exact_spec, inside_l2, inside_linf
 from robustkern.testing import backends_for
 
 BACKENDS = backends_for("cpu", include_interpreter=False)

@@ -1,5 +1,5 @@
 """False certificates found by attacking the bounds, each kept as a test: the exact value of the network (rigorous
-interval arithmetic, robustkern.reference.exact) must lie inside every sound bound.
+interval arithmetic, robustkern.bounds.exact) must lie inside every sound bound.
 
 1. training-mode BatchNorm statistics of older weights reused; 2. one BatchNorm module applied twice; 3. batch
 statistics of a channel with a large mean and a small spread; 4. autocast; 5. a float64 specification on a float32
@@ -15,7 +15,7 @@ from torch import nn
 
 from robustkern import _backend, use_backend
 from robustkern.bounds import BoundedModule, margin_spec, verified_accuracy
-from robustkern.reference.exact import exact_forward, exact_spec, inside_l2, violations
+from robustkern.bounds.exact import exact_forward, exact_spec, inside_l2, violations
 from robustkern.testing import backends_for
 
 from test_bounds_ibp import random_sequential

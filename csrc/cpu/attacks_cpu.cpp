@@ -1,4 +1,4 @@
-// CPU kernel of the projected-gradient attack step robustkern_ext::pgd_step (Madry et al. 2018, Eq. 2; the L2
+// CPU kernel of the projected-gradient attack step robustkern::pgd_step (Madry et al. 2018, Eq. 2; the L2
 // variant as torchattacks' PGDL2), the same function as robustkern/reference/attacks.py pgd_step. Per row b
 // (example) with radius e = eps[b] and step a = alpha[b], in the input precision T (float or double):
 //
@@ -10,7 +10,7 @@
 // L-inf is element-wise: one pass over the flattened batch (split across threads with at::parallel_for, a
 // task covering whole or partial rows), reading x, g, x0 once and writing out once. The loops are plain C++
 // that GCC vectorises (-O3, omp simd), compiled twice: for the x86-64 baseline and, selected at run time,
-// for AVX2 (about 2x faster here; ROBUSTKERN_ATTACKS_PORTABLE=1 forces the baseline). Each operation is the
+// for AVX2 (about 2x faster here; the portable_simd option forces the baseline). Each operation is the
 // reference's, in its order, and each max / min / clamp propagates NaN as torch.maximum / minimum / clamp do
 // (ties of +0 and -0 as below), so the result is bit-identical to the reference in float32 and float64 (NaN
 // payloads aside): a s is exact (s in {-1, 0, 1}), so even a fused multiply-add cannot change x + a s. This
@@ -36,6 +36,7 @@
 #include <cstdlib>
 
 #include "robustkern/check.h"
+#include "robustkern/options.h"
 
 namespace robustkern {
 namespace {
@@ -175,11 +176,8 @@ inline bool have_avx2() {
 #endif
 }
 
-// ROBUSTKERN_ATTACKS_PORTABLE=1 forces the baseline copy (tests compare the two on the same machine).
-inline bool portable_forced() {
-  const char* v = std::getenv("ROBUSTKERN_ATTACKS_PORTABLE");
-  return v != nullptr && v[0] == '1';
-}
+// cpu_options().portable_simd forces the baseline copy (tests compare the two on the same machine).
+inline bool portable_forced() { return robustkern::cpu_options().portable_simd.load(std::memory_order_relaxed); }
 
 template <typename T, bool kLinf>
 void launch(const StepArgs<T>& p) {
@@ -227,6 +225,6 @@ at::Tensor pgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& grad, const a
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(robustkern_ext, CPU, m) { m.impl("pgd_step", &pgd_step_cpu); }
+TORCH_LIBRARY_IMPL(robustkern, CPU, m) { m.impl("pgd_step", &pgd_step_cpu); }
 
 }  // namespace robustkern

@@ -416,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crown_concretize_grad_cpu(const a
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(robustkern_ext, CPU, m) {
+TORCH_LIBRARY_IMPL(robustkern, CPU, m) {
   m.impl("crown_relu_backward", &crown_relu_backward_cpu);
   m.impl("crown_relu_backward_grad", &crown_relu_backward_grad_cpu);
   m.impl("crown_concretize", &crown_concretize_cpu);

@@ -223,6 +223,6 @@ Grads interval_epilogue_backward_cpu(const at::Tensor& pm_in, const at::Tensor& 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(robustkern_ext, CPU, m) {
+TORCH_LIBRARY_IMPL(robustkern, CPU, m) {
   m.impl("interval_epilogue_backward", &interval_epilogue_backward_cpu);
 }

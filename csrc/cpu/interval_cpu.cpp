@@ -172,7 +172,7 @@ Box interval_input_box_cpu(const at::Tensor& x, const at::Tensor& eps, double x_
 }  // namespace
 
 // Registers the CPU implementations.
-TORCH_LIBRARY_IMPL(robustkern_ext, CPU, m) {
+TORCH_LIBRARY_IMPL(robustkern, CPU, m) {
   m.impl("interval_linear", &interval_linear_cpu);
   m.impl("interval_conv2d", &interval_conv2d_cpu);
   m.impl("interval_affine", &interval_affine_cpu);

@@ -1,4 +1,4 @@
-// CPU kernels of the randomized-smoothing ops (robustkern_ext::smoothing_noise / smoothing_count), bit-identical
+// CPU kernels of the randomized-smoothing ops (robustkern::smoothing_noise / smoothing_count), bit-identical
 // to the pure-PyTorch specification in robustkern/reference/smoothing.py: for block j = e / 4 of row r,
 //
 //   (o0, o1, o2, o3) = Philox4x32-10(counter = (j, sample[r], image[r], stream[r]), key = (seed_lo, seed_hi))
@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "robustkern/check.h"
+#include "robustkern/options.h"
 
 namespace robustkern {
 namespace smoothing_detail {  // csrc/cpu/smoothing_normal_avx2.cpp
@@ -77,11 +78,8 @@ inline void philox_chunk(const uint32_t j0, const int64_t n, const uint32_t c1_,
   }
 }
 
-// ROBUSTKERN_SMOOTHING_PORTABLE=1 forces the portable path (tests compare the two on the same machine).
-inline bool portable_forced() {
-  const char* v = std::getenv("ROBUSTKERN_SMOOTHING_PORTABLE");
-  return v != nullptr && v[0] == '1';
-}
+// cpu_options().portable_simd forces the portable path (tests compare the two on the same machine).
+inline bool portable_forced() { return robustkern::cpu_options().portable_simd.load(std::memory_order_relaxed); }
 
 template <typename Out>
 inline Out cast_out(float v) {
@@ -449,7 +447,7 @@ at::Tensor smoothing_count_cpu(const at::Tensor& logits, const at::Tensor& group
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(robustkern_ext, CPU, m) {
+TORCH_LIBRARY_IMPL(robustkern, CPU, m) {
   m.impl("smoothing_noise", &smoothing_noise_cpu);
   m.impl("smoothing_count", &smoothing_count_cpu);
 }

@@ -73,7 +73,7 @@ Box interval_input_box_cuda(const at::Tensor& x, const at::Tensor& eps, double x
 }  // namespace
 
 // Registers the CUDA implementations.
-TORCH_LIBRARY_IMPL(robustkern_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(robustkern, CUDA, m) {
   m.impl("interval_linear", &interval_linear_cuda);
   m.impl("interval_conv2d", &interval_conv2d_cuda);
   m.impl("interval_affine", &interval_affine_cuda);

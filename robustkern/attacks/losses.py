@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .pgd import _per_row, _step_fn, check_budget, check_labels, pgd
+from ..ops.attacks import PGD_STEP
+from .pgd import _per_row, check_budget, check_labels, pgd
 
 __all__ = ["pgd_at_loss", "trades_loss"]
 
@@ -109,7 +110,7 @@ def trades_loss(model, x_natural: Tensor, y: Tensor, optimizer=None, step_size: 
                 p_nat = F.softmax(model(x), dim=1)
             check_labels("trades_loss", y, p_nat.shape[1])
             x_adv = x + 0.001 * noise
-            step, eps_t, alpha_t = _step_fn(x.device), _per_row(epsilon, x), _per_row(alpha, x)  # checked above
+            step, eps_t, alpha_t = PGD_STEP, _per_row(epsilon, x), _per_row(alpha, x)  # checked above
             for _ in range(perturb_steps):
                 x_adv = x_adv.detach().requires_grad_(True)
                 g, = torch.autograd.grad(_kl_sum(F.log_softmax(model(x_adv), dim=1), p_nat), x_adv)

@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend
-from ..ops.attacks import _pgd_step, compiled_pgd_step
-from ..reference.attacks import pgd_step as _reference_step
+from ..cuda_graphs import storage_key
+from ..ops.attacks import PGD_STEP
 
 __all__ = ["pgd", "fgsm", "attack_objective", "Attack", "PGD", "PGDL2", "FGSM"]
 
@@ -123,20 +122,6 @@ def random_start_point(x: Tensor, eps: Tensor, norm: str) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- the loop
-def _step_fn(device: torch.device):
-    """The step to call in the loop, chosen once per attack. ``pgd`` checks the inputs once and the loop never
-    differentiates through a step (its inputs are detached), so on CPU the loop calls the compiled kernel
-    ``torch.ops.robustkern_ext.pgd_step`` directly, or, when the op would run the reference (no compiled
-    kernel), the reference function itself: either way without the custom op's Python dispatch (about 0.1 ms
-    per call on CPU). Elsewhere the ``robustkern::pgd_step`` op."""
-    backend = _backend.select(device, op="pgd_step")
-    if backend == "reference":
-        return _reference_step
-    if backend == "cpp":
-        return compiled_pgd_step()
-    return _pgd_step
-
-
 def _objective_sum(logits: Tensor, y: Tensor, loss: str, targeted: bool) -> Tensor:
     """``attack_objective(...).sum()``; for CE as one ``reduction="sum"`` call, which has the same input
     gradient bit for bit (NLL's backward writes ``-1`` at the label either way) without the per-example
@@ -148,7 +133,7 @@ def _objective_sum(logits: Tensor, y: Tensor, loss: str, targeted: bool) -> Tens
 
 
 def _steps(model, x, y, adv, eps, alpha, steps, norm, loss, targeted, check=True):
-    step = _step_fn(x.device)
+    step = PGD_STEP      # the op itself: the inputs were checked once above, the loop only calls it
     eps, alpha = eps.detach(), alpha.detach()
     for i in range(steps):
         adv = adv.detach().requires_grad_(True)
@@ -196,7 +181,7 @@ def graph_key(model, x: Tensor, steps: int, norm: str, loss: str, targeted: bool
     was captured with: in-place updates such as ``optimizer.step()`` or ``load_state_dict`` are seen by a
     replay, but a model moved or re-created by ``.to()``/``.half()`` gets a new capture, not stale memory)."""
     return (tuple(x.shape), x.dtype, x.device, steps, norm, loss, targeted, model.training,
-            _backend.storage_key(model))
+            storage_key(model))
 
 
 def _loop(model, x, y, adv, eps, alpha, steps, norm, loss, targeted, cuda_graph):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .._numerics import gamma, next_down, next_up, tiny, unit_roundoff
-from .graph import BoundNode
+from ..graph import BoundNode
 from .precision import Coefficients
 
 __all__ = ["uses_batch_stats", "point_statistics", "forward_with_statistics", "recorded_forward",

@@ -61,9 +61,9 @@ from torch import Tensor
 
 from ..ops.crown import RELU_LOWER_MODES, crown_concretize, crown_relu_backward
 from .._numerics import gamma, next_down, next_up, tiny, unit_roundoff
-from .graph import BoundNode
+from ..graph import BoundNode
 from .ibp import Box
-from .precision import Coefficients, magnitude
+from .precision import Coefficients
 
 __all__ = ["node_shapes", "backward_bound", "crown_bounds"]
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..ops import interval_affine, interval_conv2d, interval_input_box, interval_linear
 from .._numerics import gamma, unit_roundoff
-from .graph import BoundNode
+from ..graph import BoundNode
 from .precision import Coefficients, grow, magnitude
 
 __all__ = ["Box", "Ball", "plan_fusion", "propagate"]

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .._numerics import ieee_products, round_down, round_up, unit_roundoff
 from .batch_stats import enclosed_statistics, point_statistics, uses_batch_stats
-from .graph import BoundNode, capture
+from ..graph import BoundNode, capture
 from .ibp import Box, plan_fusion, propagate
 from .precision import BoundInput, Coefficients, check_spec, enter, spec_rounding
 
@@ -73,7 +73,7 @@ class NodeBounds:
 
 
 class BoundedModule(nn.Module):
-    """Wrap ``model`` for bound propagation (``torch.fx`` capture; see ``robustkern.bounds.graph`` for the
+    """Wrap ``model`` for bound propagation (``torch.fx`` capture; see ``robustkern.graph`` for the
     supported layers). It shares the model's parameters: ``bm(x)`` is the model's forward, and gradients of
     bound-based losses flow to the model's parameters.
 

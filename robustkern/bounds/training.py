@@ -37,7 +37,7 @@ from .loss_fusion import fused_sum_bounds, log_bound
 from .module import BoundedModule, canonical_method
 from .spec import margin_spec, robust_cross_entropy
 
-__all__ = ["crown_ibp_loss", "crown_ibp_beta", "smoothed_eps", "verified_accuracy"]
+__all__ = ["crown_ibp_loss", "crown_ibp_beta", "smoothed_eps", "linear_eps", "verified_accuracy"]
 
 
 def smoothed_eps(step: int, start: int, length: int, eps: float, mid: float = 0.25, beta: float = 4.0) -> float:
@@ -75,6 +75,16 @@ def crown_ibp_beta(eps_now: float, eps_max: float, final_beta: float = 0.0) -> f
         return 1.0
     f = min(max(eps_now / eps_max, 0.0), 1.0)
     return float((1 - f) * 1.0 + f * final_beta)
+
+
+def linear_eps(step: int, start: int, length: int, eps: float) -> float:
+    """The linear epsilon ramp of DeepMind's IBP code (Gowal et al. 2018, ``linear_schedule``), which
+    CROWN-IBP's "linear" schedule and auto_LiRPA's ``LinearScheduler`` use: 0 up to ``start``, then linear to
+    ``eps`` at ``start + length``, ``eps`` after; ``eps`` at every step when ``length <= 0`` (a ramp with no
+    length has ended before it starts, as DeepMind's ``init_step == final_step``)."""
+    if length <= 0:
+        return float(eps)
+    return float(eps * min(max((step - start) / length, 0.0), 1.0))
 
 
 def crown_ibp_loss(bm: BoundedModule, x: Tensor, y: Tensor, eps, *, beta: float = 1.0, kappa: float = 0.0,

@@ -2,7 +2,7 @@
 
 ``robustkern.flatness.fused`` (the ``robustkern::`` op chain, ``impl="ops"``) and
 ``robustkern.flatness.fused_step`` (one autograd node with a hand-written double backward, the CPU default) run
-the same graph, the ``BoundNode`` list of ``robustkern.bounds.graph.capture``, and differ in what they do at
+the same graph, the ``BoundNode`` list of ``robustkern.graph.capture``, and differ in what they do at
 a layer. The walkers here do the graph's bookkeeping:
 
     forward     values by node name; the input, Identity, ``+`` of branches, reshape/meta steps (``n.call``);
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..bounds.graph import BoundNode, normalize_params
+from ..graph import BoundNode, normalize_params
 
 __all__ = ["forward", "transpose", "layer_forward", "layer_jvp", "layer_vjp", "channel_shape", "bn_inv_std",
            "bn_scale", "maxpool_forward", "maxpool_jvp", "maxpool_vjp"]

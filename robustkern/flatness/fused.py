@@ -39,7 +39,7 @@ The graph walk itself (values by node name, ``+`` of branches, reshapes, gradien
 is ``robustkern.flatness._walk``, shared by both; each supplies only its per-layer maps.
 
 ``supports(model)`` says whether the model can take this path (``unsupported_reason`` says why not): the model is
-captured with ``robustkern.bounds.graph.capture`` (torch.fx); layers outside the list above, BatchNorm in training
+captured with ``robustkern.graph.capture`` (torch.fx); layers outside the list above, BatchNorm in training
 mode (batch statistics couple the examples), Dropout in training mode and models fx cannot trace are refused.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..bounds.graph import BoundNode, UnsupportedLayerError, capture
+from ..graph import BoundNode, UnsupportedLayerError, capture
 from ..ops.flatness import (conv2d_input_grad, linear_input_grad, relu_bits, relu_masked, softmax_ce_grad,
                             softmax_curvature)
 from . import _walk as walk

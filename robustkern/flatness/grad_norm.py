@@ -51,8 +51,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..cpu_malloc import keeps_freed_memory
-
 __all__ = ["input_grad_norm", "frozen_bn_stats", "DEFAULT_H", "BACKENDS", "METHODS", "NORMS", "SCHEMES"]
 
 BACKENDS = ("auto", "torch", "fused")
@@ -134,15 +132,11 @@ def _fused_module():
 
 def _use_fused(model: nn.Module, backend: str, auto_on_cpu: bool = True) -> bool:
     """Whether ``backend`` sends ``model`` (in its current train/eval mode) through the fused path.
-    ``auto_on_cpu=False`` (the double-backprop penalty): on the CPU ``"auto"`` takes the fused step only when
-    glibc keeps freed memory (``robustkern.cpu_malloc.keep_freed_memory()``, which the ``robustkern`` command
-    applies), else PyTorch's double backprop. The fused CPU step (``robustkern.flatness.fused_step``) runs the
-    same oneDNN products as PyTorch's: with freed memory kept it measured 1.10x / 1.02x / 1.05x PyTorch's speed
-    on the DM MNIST small / medium / large models, under glibc's default thresholds 0.88-1.15x from run to run
-    (page faults of re-allocated tensors, more of them in the fused step on one model);
-    benchmarks/bench_flatness_fused.py."""
-    if backend == "torch" or (backend == "auto" and not auto_on_cpu and not _on_gpu(model)
-                              and not keeps_freed_memory()):
+    ``auto_on_cpu=False`` (the double-backprop penalty): on the CPU ``"auto"`` takes PyTorch's double backprop.
+    The fused CPU step (``robustkern.flatness.fused_step``) runs the same oneDNN products as PyTorch's and is at
+    parity with it (1.02-1.10x with glibc keeping freed memory, 0.88-1.15x under its default thresholds,
+    benchmarks/bench_flatness_fused.py): ask for it with ``backend="fused"``."""
+    if backend == "torch" or (backend == "auto" and not auto_on_cpu and not _on_gpu(model)):
         return False
     fused = _fused_module()
     if backend == "fused":
@@ -162,7 +156,7 @@ def _on_gpu(model: nn.Module) -> bool:
 
 
 def _fused_error(reason: str) -> Exception:
-    from ..bounds.graph import UnsupportedLayerError
+    from ..graph import UnsupportedLayerError
 
     return UnsupportedLayerError(f"robustkern.flatness (backend='fused'): {reason}")
 

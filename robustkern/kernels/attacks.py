@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.attacks import L2_DIV_EPS
+from .._numerics import L2_DIV_EPS
 from ._config import autotune_configs
 
 __all__ = ["pgd_step"]

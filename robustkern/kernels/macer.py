@@ -23,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import macer as _ref
 
 __all__ = ["macer_tail", "macer_tail_backward", "macer_tail_fwd", "macer_tail_bwd", "ndtri", "MAX_CLASSES"]
 
@@ -204,13 +203,13 @@ def _prepare(logits: Tensor) -> Tensor:
 
 def macer_tail_fwd(logits: Tensor, labels: Tensor, beta: float, gamma: float, sigma: float, cache: bool = False
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """See ``robustkern.reference.macer.macer_tail_fwd`` (same signature; computed in fp32). The kernels
-    recompute the softmaxes in the backward; the cache (``cache=True``, which ``robustkern.ops.macer_tail`` asks
-    for only on the reference path) comes from the reference."""
+    """See ``robustkern.reference.macer.macer_tail_fwd`` (same signature; computed in fp32; at most
+    ``MAX_CLASSES`` classes). The kernels recompute the softmaxes in the backward, so they keep no cache
+    (``cache`` must be False: the op keeps it on the reference only)."""
     b, k, c = logits.shape
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if c > MAX_CLASSES or cache:
-        return _ref.macer_tail_fwd(logits, labels, beta, gamma, sigma, cache)
+        raise ValueError(f"macer_tail_fwd: the kernels take at most {MAX_CLASSES} classes and no cache")
     dev = logits.device
     cl, rl = torch.empty(b, dtype=torch.float32, device=dev), torch.empty(b, dtype=torch.float32, device=dev)
     coef = torch.empty((b, 3), dtype=torch.float32, device=dev)
@@ -226,11 +225,11 @@ def macer_tail_fwd(logits: Tensor, labels: Tensor, beta: float, gamma: float, si
 
 def macer_tail_bwd(grad_cl: Tensor, grad_rl: Tensor, logits: Tensor, labels: Tensor, i2: Tensor, coef: Tensor,
                    s_cache: Tensor, t_cache: Tensor, beta: float) -> Tensor:
-    """See ``robustkern.reference.macer.macer_tail_bwd`` (computed in fp32; a non-empty softmax cache is used
-    by the reference)."""
+    """See ``robustkern.reference.macer.macer_tail_bwd`` (computed in fp32; at most ``MAX_CLASSES`` classes and
+    no softmax cache: the op runs the reference for those)."""
     b, k, c = logits.shape
     if c > MAX_CLASSES or s_cache.numel():
-        return _ref.macer_tail_bwd(grad_cl, grad_rl, logits, labels, i2, coef, s_cache, t_cache, beta)
+        raise ValueError(f"macer_tail_bwd: the kernels take at most {MAX_CLASSES} classes and no cache")
     if b == 0:
         return torch.zeros_like(logits)
     z = _prepare(logits).contiguous()       # the gradient is written with the logits' strides

@@ -6,10 +6,10 @@
     L2:     clip_[0,1]( x_orig + d min(1, eps / |d|_2) ),  d = x_adv + alpha grad / (|grad|_2 + 1e-10) - x_orig
 
 in one pass (Triton: one program per block for L-inf, one per example row for L2; C++ CPU: one pass for
-L-inf, three passes over each cache-resident row for L2). It is a ``torch.library.custom_op`` whose body asks
-``robustkern._backend.select`` which implementation runs: the Triton kernel (``robustkern.kernels.attacks``),
-the compiled CPU kernel (``torch.ops.robustkern_ext.pgd_step``, ``csrc/cpu/attacks_cpu.cpp``: L-inf
-bit-identical to the reference, L2 equal up to the rounding of the two norms) or the reference
+L-inf, three passes over each cache-resident row for L2). It is an op of the table ``robustkern.ops._registry``
+(C++ schema in ``csrc/ops.cpp``): the Triton kernel (``robustkern.kernels.attacks``), the compiled CPU kernel
+(``csrc/cpu/attacks_cpu.cpp``: L-inf bit-identical to the reference, L2 equal up to the rounding of the two
+norms) or the reference
 (``robustkern.reference.attacks``). There is no CUDA C++ kernel: on CUDA ``auto`` picks Triton, and an
 explicitly requested ``cuda`` backend raises ``BackendUnavailable`` (as ``cpp`` does with an extension built
 before the kernel existed). The backward pass is the vector-Jacobian product of the reference formula (first
@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._dispatch import fresh, run
+from ..reference import attacks as _ref
+from ._registry import define_op, triton_kernel
 
 __all__ = ["pgd_step", "NORMS"]
 
@@ -28,33 +29,8 @@ NORMS = ("linf", "l2")
 _FLOATS = (torch.float32, torch.float64)
 
 
-def _run(name: str, device: torch.device, *args):
-    return run("attacks", name, device, *args)
-
-
-@torch.library.custom_op("robustkern::pgd_step", mutates_args=())
-def _pgd_step(x_adv: Tensor, grad: Tensor, x_orig: Tensor, eps: Tensor, alpha: Tensor, norm: str) -> Tensor:
-    out = _run("pgd_step", x_adv.device, x_adv, grad, x_orig, eps, alpha, norm)
-    return fresh((out,), (x_adv, grad, x_orig, eps, alpha))[0]
-
-
-@_pgd_step.register_fake
 def _fake(x_adv, grad, x_orig, eps, alpha, norm):
     return torch.empty_like(x_adv, memory_format=torch.contiguous_format)
-
-
-_COMPILED_FAKE: list[bool] = []
-
-
-def compiled_pgd_step():
-    """The compiled CPU kernel ``torch.ops.robustkern_ext.pgd_step.default`` itself (no autograd, no input
-    checks, no backend choice), for callers that have checked their inputs once and need no gradient through
-    the step (``robustkern.attacks.pgd``'s loop); registers the raw op's fake kernel on first use (the op
-    exists only once the extension is loaded)."""
-    if not _COMPILED_FAKE:
-        torch.library.register_fake("robustkern_ext::pgd_step")(_fake)
-        _COMPILED_FAKE.append(True)
-    return torch.ops.robustkern_ext.pgd_step.default
 
 
 def _setup(ctx, inputs, output):
@@ -79,7 +55,9 @@ def _backward(ctx, g_out):
     return (*result, None)
 
 
-_pgd_step.register_autograd(_backward, setup_context=_setup)
+PGD_STEP = define_op(
+    "pgd_step", reference=_ref.pgd_step, triton=triton_kernel("attacks", "pgd_step"), cpp=True, fake=_fake,
+    setup_context=_setup, backward=_backward)
 
 
 def _per_row(v, b: int, like: Tensor, name: str) -> Tensor:
@@ -111,4 +89,4 @@ def pgd_step(x_adv: Tensor, grad: Tensor, x_orig: Tensor, eps, alpha, norm: str 
     b = x_adv.shape[0]
     eps = _per_row(eps, b, x_adv, "eps")
     alpha = _per_row(alpha, b, x_adv, "alpha")
-    return _pgd_step(x_adv, grad, x_orig, eps, alpha, norm)
+    return PGD_STEP(x_adv, grad, x_orig, eps, alpha, norm)

@@ -1,14 +1,14 @@
 """Linear-relaxation (CROWN) ops: ``robustkern::crown_relu_backward`` and ``robustkern::crown_concretize``.
 
-The math and the float64 ground truth are in ``robustkern.reference.crown``. Each op is a
-``torch.library.custom_op`` that runs the Triton kernel (``robustkern.kernels.crown``; CUDA, or CPU under
-``TRITON_INTERPRET=1``), the C++ CPU kernel (``csrc/cpu/crown_cpu.cpp``; ``auto`` picks it on CPU when the
-extension has the op) or the pure-PyTorch reference. There is no CUDA C++ kernel: on CUDA ``auto`` picks
-Triton, and requesting ``cuda`` raises ``BackendUnavailable``.
+The math and the float64 ground truth are in ``robustkern.reference.crown``. Each is an op of the table
+``robustkern.ops._registry`` (C++ schema in ``csrc/ops.cpp``): the Triton kernel (``robustkern.kernels.crown``;
+CUDA, or CPU under ``TRITON_INTERPRET=1``), the C++ CPU kernel (``csrc/cpu/crown_cpu.cpp``) or the
+pure-PyTorch reference. There is no CUDA C++ kernel: on CUDA ``auto`` picks Triton, and requesting ``cuda``
+raises ``BackendUnavailable``.
 
-Backward passes are written with differentiable PyTorch ops (so double backward works); when the ``cpp``
-backend runs and no double backward is recorded they call the single-pass C++ backward ops instead
-(``robustkern_ext::crown_relu_backward_grad``, ``crown_concretize_grad`` (box only)). Both save only the
+Backward passes are the ops ``crown_relu_backward_grad`` and ``crown_concretize_grad``: single-pass C++ kernels
+where the compiled backend runs and no double backward is recorded (the concretisation's for the box only),
+otherwise their differentiable references (``robustkern.reference.crown``), so double backward works. Both save only the
 op's inputs: the ReLU step saves ``A`` and the bounds ``(l, u)``, and recomputes the slopes and the sign split
 from them, instead of keeping ``A+``, ``A-`` and four slope tensors as auto_LiRPA's ``ClampedMultiplication``
 does. Gradients with respect to ``l, u`` flow through the upper line ``d_u(l, u)``, ``b_u(l, u)`` (and
@@ -16,22 +16,25 @@ through ``d_l = d_u`` in the "same-slope" mode; the other lower slopes are piece
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..reference import crown as _ref
 from ..reference.crown import RELU_LOWER_MODES
-from .._backend import select
-from ._dispatch import fresh, run
+from ._registry import define_op, triton_kernel
+
 
 __all__ = ["crown_relu_backward", "crown_concretize", "RELU_LOWER_MODES"]
 
 _FLOATS = (torch.float32, torch.float64)
 
 
-def _run(name: str, device: torch.device, *args):
-    return run("crown", name, device, *args)
+
+def _no_double_backward(backend, args):
+    """The C++ backward kernels are not differentiable: they serve only when no double backward is recorded."""
+    return "a double backward is recorded" if torch.is_grad_enabled() else None
 
 
 def _check(op: str, A: Tensor, **vecs) -> None:
@@ -51,14 +54,7 @@ def _check(op: str, A: Tensor, **vecs) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- relu step
-@torch.library.custom_op("robustkern::crown_relu_backward", mutates_args=())
-def _crown_relu_backward(A: Tensor, lower: Tensor, upper: Tensor, mode: int, upper_side: bool
-                         ) -> Tuple[Tensor, Tensor]:
-    return fresh(_run("crown_relu_backward", A.device, A, lower, upper, mode, upper_side), (A, lower, upper))
-
-
-@_crown_relu_backward.register_fake
-def _(A, lower, upper, mode, upper_side):
+def _relu_fake(A, lower, upper, mode, upper_side):
     return torch.empty_like(A), A.new_empty(A.shape[:2])
 
 
@@ -68,89 +64,30 @@ def _relu_setup(ctx, inputs, output):
     ctx.save_for_backward(A, lower, upper)
 
 
-def _upper_line_grads(lower: Tensor, upper: Tensor, g_du: Tensor, g_bu: Tensor):
-    """Gradients of ``d_u = U/(U-L)``, ``b_u = -L d_u`` (``L = min(l,0)``, ``U = max(max(u,0), L+1e-8)``)
-    with respect to ``l, u``, given the gradients ``g_du, g_bu`` of the two."""
-    L = torch.clamp(lower, max=0)
-    up0 = torch.clamp(upper, min=0)
-    guard = up0 < L + 1e-8
-    U = torch.where(guard, L + 1e-8, up0)
-    inv = 1.0 / (U - L) ** 2
-    d_u = U / (U - L)
-    gU = g_du * (-L * inv) + g_bu * (L * L * inv)
-    gL = g_du * (U * inv) + g_bu * (-d_u - L * U * inv)
-    gL = gL + torch.where(guard, gU, torch.zeros_like(gU))
-    g_u = torch.where(guard | (upper <= 0), torch.zeros_like(gU), gU)
-    g_l = torch.where(lower < 0, gL, torch.zeros_like(gL))
-    return g_l, g_u
+def _relu_grad_fake(A, lower, upper, mode, upper_side, g_A, g_bias, need_lu):
+    lu = (torch.empty_like(lower), torch.empty_like(upper)) if need_lu else (lower.new_empty(0), upper.new_empty(0))
+    return (torch.empty_like(A),) + lu
 
 
-_FUSED_FAKES: set = set()  # the compiled backward ops whose fake kernels are registered
-
-
-def _fused_backward(device: torch.device, name: str) -> bool:
-    """Whether the compiled single-pass backward op ``name`` runs: the backend chosen for ``device`` is
-    ``cpp`` and has the op, and no double backward is being recorded (grad mode is off inside a backward
-    pass unless ``create_graph=True``; the compiled op is not differentiable). Registers its fake kernel on
-    first use (the op exists only once the extension is loaded)."""
-    if torch.is_grad_enabled() or select(device, op=name) != "cpp":
-        return False
-    if name not in _FUSED_FAKES:
-        if name == "crown_relu_backward_grad":
-            @torch.library.register_fake("robustkern_ext::crown_relu_backward_grad")
-            def _(A, lower, upper, mode, upper_side, g_A, g_bias, need_lu):
-                lu = (torch.empty_like(lower), torch.empty_like(upper)) if need_lu else \
-                    (lower.new_empty(0), upper.new_empty(0))
-                return (torch.empty_like(A),) + lu
-        else:
-            @torch.library.register_fake("robustkern_ext::crown_concretize_grad")
-            def _(A, mid, rad, g, upper_side):
-                return torch.empty_like(A), torch.empty_like(mid), torch.empty_like(rad)
-        _FUSED_FAKES.add(name)
-    return True
+CROWN_RELU_BACKWARD_GRAD = define_op(
+    "crown_relu_backward_grad", reference=_ref.crown_relu_backward_grad, cpp=True, public=False,
+    serves=_no_double_backward, fake=_relu_grad_fake)
 
 
 def _relu_backward(ctx, g_A, g_bias):
-    from ..reference.crown import relu_relaxation
-
     A, lower, upper = ctx.saved_tensors
-    if _fused_backward(A.device, "crown_relu_backward_grad"):
-        need_lu = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        g_A = torch.zeros_like(A) if g_A is None else g_A
-        g_bias = A.new_zeros(A.shape[:2]) if g_bias is None else g_bias
-        grad_A, grad_l, grad_u = torch.ops.robustkern_ext.crown_relu_backward_grad(
-            A, lower, upper, ctx.mode, ctx.upper_side, g_A, g_bias, need_lu)
-        return grad_A, (grad_l if need_lu else None), (grad_u if need_lu else None), None, None
-    d_l, d_u, b_u = (t.unsqueeze(1) for t in relu_relaxation(lower, upper, ctx.mode))
-    pos = A > 0
-    zero = torch.zeros((), dtype=A.dtype, device=A.device)
-    if ctx.upper_side:
-        d_p, d_n, b_p, b_n = d_u, d_l, b_u, zero
-    else:
-        d_p, d_n, b_p, b_n = d_l, d_u, zero, b_u
+    need_lu = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
     g_A = torch.zeros_like(A) if g_A is None else g_A
-    g_bias = torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device) if g_bias is None else g_bias
-    gb = g_bias.unsqueeze(-1)
-    grad_A = g_A * torch.where(pos, d_p, d_n) + gb * torch.where(pos, b_p, b_n)
-    grad_l = grad_u = None
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        gA_A = g_A * A
-        Ap, An = torch.where(pos, A, zero), torch.where(pos, zero, A)
-        if ctx.upper_side:   # d_u multiplies A+, b_u pairs with A+, d_l multiplies A-
-            g_du = torch.where(pos, gA_A, zero).sum(1)
-            g_bu = (gb * Ap).sum(1)
-            g_dl = torch.where(pos, zero, gA_A).sum(1)
-        else:
-            g_du = torch.where(pos, zero, gA_A).sum(1)
-            g_bu = (gb * An).sum(1)
-            g_dl = torch.where(pos, gA_A, zero).sum(1)
-        if ctx.mode == 3:
-            g_du = g_du + g_dl
-        grad_l, grad_u = _upper_line_grads(lower, upper, g_du, g_bu)
-    return grad_A, grad_l, grad_u, None, None
+    g_bias = A.new_zeros(A.shape[:2]) if g_bias is None else g_bias
+    grad_A, grad_l, grad_u = CROWN_RELU_BACKWARD_GRAD(A, lower, upper, ctx.mode, ctx.upper_side, g_A, g_bias,
+                                                      need_lu)
+    return grad_A, (grad_l if need_lu else None), (grad_u if need_lu else None), None, None
 
 
-_crown_relu_backward.register_autograd(_relu_backward, setup_context=_relu_setup)
+CROWN_RELU_BACKWARD = define_op(
+    "crown_relu_backward", reference=_ref.crown_relu_backward,
+    triton=triton_kernel("crown", "crown_relu_backward"), cpp=True, fake=_relu_fake, setup_context=_relu_setup,
+    backward=_relu_backward)
 
 
 def crown_relu_backward(A: Tensor, lower: Tensor, upper: Tensor, mode: int | str = "adaptive",
@@ -168,20 +105,21 @@ def crown_relu_backward(A: Tensor, lower: Tensor, upper: Tensor, mode: int | str
     if mode not in (0, 1, 2, 3):
         raise ValueError(f"{op}: mode must be 0..3, got {mode}")
     _check(op, A, lower=(lower, "BN"), upper=(upper, "BN"))
-    return _crown_relu_backward(A, lower, upper, int(mode), bool(upper_side))
+    return CROWN_RELU_BACKWARD(A, lower, upper, int(mode), bool(upper_side))
 
 
 # ----------------------------------------------------------------------------------------------- concretize
-@torch.library.custom_op("robustkern::crown_concretize", mutates_args=())
-def _crown_concretize(A: Tensor, bias: Tensor, mid: Tensor, rad: Tensor, center: Optional[Tensor],
-                      eps: Optional[Tensor], upper_side: bool) -> Tensor:
-    out = _run("crown_concretize", A.device, A, bias, mid, rad, center, eps, upper_side)
-    return fresh((out,), (A, bias, mid, rad, center, eps))[0]
-
-
-@_crown_concretize.register_fake
-def _(A, bias, mid, rad, center, eps, upper_side):
+def _concretize_fake(A, bias, mid, rad, center, eps, upper_side):
     return A.new_empty(A.shape[:2])
+
+
+def _concretize_grad_fake(A, mid, rad, g, upper_side):
+    return torch.empty_like(A), torch.empty_like(mid), torch.empty_like(rad)
+
+
+CROWN_CONCRETIZE_GRAD = define_op(
+    "crown_concretize_grad", reference=_ref.crown_concretize_grad, cpp=True, public=False,
+    serves=_no_double_backward, fake=_concretize_grad_fake)
 
 
 def _concretize_setup(ctx, inputs, output):
@@ -194,15 +132,8 @@ def _concretize_setup(ctx, inputs, output):
 def _concretize_backward(ctx, g):
     A, mid, rad, center, eps = ctx.saved_tensors
     sign = 1.0 if ctx.upper_side else -1.0
-    gs = g.unsqueeze(-1)
-    g_center = g_eps = None
     if not ctx.l2:
-        if _fused_backward(A.device, "crown_concretize_grad"):
-            grad_A, g_mid, g_rad = torch.ops.robustkern_ext.crown_concretize_grad(A, mid, rad, g, ctx.upper_side)
-            return grad_A, g, g_mid, g_rad, None, None, None
-        grad_A = gs * (mid.unsqueeze(1) + sign * torch.sign(A) * rad.unsqueeze(1))
-        g_mid = (gs * A).sum(1)
-        g_rad = sign * (gs * A.abs()).sum(1)
+        grad_A, g_mid, g_rad = CROWN_CONCRETIZE_GRAD(A, mid, rad, g, ctx.upper_side)
         return grad_A, g, g_mid, g_rad, None, None, None
     # recompute which of the two bounds was taken
     box = (A * mid.unsqueeze(1)).sum(-1) + sign * (A.abs() * rad.unsqueeze(1)).sum(-1)
@@ -221,7 +152,10 @@ def _concretize_backward(ctx, g):
     return grad_A, g, g_mid, g_rad, g_center, g_eps, None
 
 
-_crown_concretize.register_autograd(_concretize_backward, setup_context=_concretize_setup)
+CROWN_CONCRETIZE = define_op(
+    "crown_concretize", ieee=True, reference=_ref.crown_concretize,
+    triton=triton_kernel("crown", "crown_concretize"), cpp=True, fake=_concretize_fake,
+    setup_context=_concretize_setup, backward=_concretize_backward)
 
 
 def crown_concretize(A: Tensor, bias: Tensor, mid: Tensor, rad: Tensor, center: Optional[Tensor] = None,
@@ -234,4 +168,4 @@ def crown_concretize(A: Tensor, bias: Tensor, mid: Tensor, rad: Tensor, center: 
     if (center is None) != (eps is None):
         raise ValueError(f"{op}: give both center and eps (an L2 ball) or neither")
     _check(op, A, bias=(bias, "BS"), mid=(mid, "BN"), rad=(rad, "BN"), center=(center, "BN"), eps=(eps, "B"))
-    return _crown_concretize(A, bias, mid, rad, center, eps, bool(upper_side))
+    return CROWN_CONCRETIZE(A, bias, mid, rad, center, eps, bool(upper_side))

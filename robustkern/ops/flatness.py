@@ -12,21 +12,22 @@ so that double backward (a penalty on ``grad_x CE`` trained through the weights)
   ``logits`` ``softmax_curvature_backward(logits, v, g)`` (third derivative of log-sum-exp), whose own backward
   is autograd through the float64-capable reference formula (any order).
 
-Each op is a ``torch.library.custom_op`` in ``robustkern::`` with ``register_fake`` and autograd; the body runs
-the Triton kernel (``robustkern.kernels.flatness``; CUDA, or CPU under ``TRITON_INTERPRET=1`` when requested) or
-the reference, which is the CPU path (plain torch ops; there is no C++ kernel for this family: ``auto`` skips
-the compiled backends, an explicit ``cpp``/``cuda`` request raises ``BackendUnavailable``).
+Each is an op of the table ``robustkern.ops._registry`` (schema there) with its fake kernel and autograd: the
+Triton kernel (``robustkern.kernels.flatness``; CUDA, or CPU under ``TRITON_INTERPRET=1`` when requested) or
+the reference (``robustkern.reference.flatness_ops``), which is the CPU path (plain torch ops; there is no C++
+kernel for this family: ``auto`` skips the compiled backends, an explicit ``cpp``/``cuda`` request raises
+``BackendUnavailable``).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend
-from ._dispatch import fresh
+from ..reference import flatness_ops as _ref
+from ._registry import define_op, triton_kernel
 
 __all__ = ["relu_pack_mask", "relu_bits", "relu_masked", "softmax_ce_grad", "softmax_curvature",
            "softmax_curvature_backward", "conv2d_input_grad", "linear_input_grad"]
@@ -34,43 +35,19 @@ __all__ = ["relu_pack_mask", "relu_bits", "relu_masked", "softmax_ce_grad", "sof
 _FLOATS = (torch.float32, torch.float64)
 
 
-def _run(name: str, device: torch.device, *args):
-    """``robustkern.ops._dispatch.run`` with this family's module names: the kernels live in
-    ``robustkern.kernels.flatness``, the reference in ``robustkern.reference.flatness_ops``."""
-    backend = _backend.select(device, op=name)
-    if backend == "triton":
-        from ..kernels import flatness as kernels
-
-        return getattr(kernels, name)(*args)
-    if backend in ("cpp", "cuda"):  # not reached today: the extension has none of these ops
-        return getattr(torch.ops.robustkern_ext, name)(*args)
-    from ..reference import flatness_ops as reference
-
-    return getattr(reference, name)(*args)
-
 
 def _packed(numel: int) -> int:
     return (numel + 7) // 8
 
 
 # ----------------------------------------------------------------------------------------------- relu masks
-@torch.library.custom_op("robustkern::relu_pack_mask", mutates_args=())
-def _relu_pack_mask(x: Tensor) -> Tensor:
-    return _run("relu_pack_mask", x.device, x)
+RELU_PACK_MASK = define_op(
+    "relu_pack_mask", reference=_ref.relu_pack_mask, triton=triton_kernel("flatness", "relu_pack_mask"),
+    schema="relu_pack_mask(Tensor x) -> Tensor",
+    fake=lambda x: x.new_empty(_packed(x.numel()), dtype=torch.uint8))
 
 
-@_relu_pack_mask.register_fake
-def _(x):
-    return x.new_empty(_packed(x.numel()), dtype=torch.uint8)
-
-
-@torch.library.custom_op("robustkern::relu_bits", mutates_args=())
-def _relu_bits(x: Tensor) -> Tuple[Tensor, Tensor]:
-    return fresh(_run("relu_bits", x.device, x), (x,))
-
-
-@_relu_bits.register_fake
-def _(x):
+def _relu_bits_fake(x):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(_packed(x.numel()),
                                                                                   dtype=torch.uint8)
 
@@ -81,20 +58,13 @@ def _relu_bits_setup(ctx, inputs, output):
 
 def _relu_bits_backward(ctx, g_y, g_bits):
     (bits,) = ctx.saved_tensors
-    return _relu_masked(g_y.contiguous(), bits)
+    return RELU_MASKED(g_y.contiguous(), bits)
 
 
-_relu_bits.register_autograd(_relu_bits_backward, setup_context=_relu_bits_setup)
-
-
-@torch.library.custom_op("robustkern::relu_masked", mutates_args=())
-def _relu_masked(grad: Tensor, bits: Tensor) -> Tensor:
-    return fresh((_run("relu_masked", grad.device, grad, bits),), (grad, bits))[0]
-
-
-@_relu_masked.register_fake
-def _(grad, bits):
-    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+RELU_BITS = define_op(
+    "relu_bits", reference=_ref.relu_bits, triton=triton_kernel("flatness", "relu_bits"),
+    schema="relu_bits(Tensor x) -> (Tensor, Tensor)",
+    fake=_relu_bits_fake, setup_context=_relu_bits_setup, backward=_relu_bits_backward)
 
 
 def _relu_masked_setup(ctx, inputs, output):
@@ -103,20 +73,18 @@ def _relu_masked_setup(ctx, inputs, output):
 
 def _relu_masked_backward(ctx, g):
     (bits,) = ctx.saved_tensors
-    return _relu_masked(g.contiguous(), bits), None
+    return RELU_MASKED(g.contiguous(), bits), None
 
 
-_relu_masked.register_autograd(_relu_masked_backward, setup_context=_relu_masked_setup)
+RELU_MASKED = define_op(
+    "relu_masked", reference=_ref.relu_masked, triton=triton_kernel("flatness", "relu_masked"),
+    schema="relu_masked(Tensor grad, Tensor bits) -> Tensor",
+    fake=lambda grad, bits: torch.empty_like(grad, memory_format=torch.contiguous_format),
+    setup_context=_relu_masked_setup, backward=_relu_masked_backward)
 
 
 # ----------------------------------------------------------------------------------------------- softmax CE
-@torch.library.custom_op("robustkern::softmax_ce_grad", mutates_args=())
-def _softmax_ce_grad(logits: Tensor, y: Tensor) -> Tensor:
-    return fresh((_run("softmax_ce_grad", logits.device, logits, y),), (logits, y))[0]
-
-
-@_softmax_ce_grad.register_fake
-def _(logits, y):
+def _rows_fake(logits, *rest):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -126,20 +94,13 @@ def _ce_setup(ctx, inputs, output):
 
 def _ce_backward(ctx, g):
     (logits,) = ctx.saved_tensors
-    return _softmax_curvature(logits, g.contiguous()), None
+    return SOFTMAX_CURVATURE(logits, g.contiguous()), None
 
 
-_softmax_ce_grad.register_autograd(_ce_backward, setup_context=_ce_setup)
-
-
-@torch.library.custom_op("robustkern::softmax_curvature", mutates_args=())
-def _softmax_curvature(logits: Tensor, v: Tensor) -> Tensor:
-    return fresh((_run("softmax_curvature", logits.device, logits, v),), (logits, v))[0]
-
-
-@_softmax_curvature.register_fake
-def _(logits, v):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+SOFTMAX_CE_GRAD = define_op(
+    "softmax_ce_grad", reference=_ref.softmax_ce_grad, triton=triton_kernel("flatness", "softmax_ce_grad"),
+    schema="softmax_ce_grad(Tensor logits, Tensor y) -> Tensor", fake=_rows_fake, setup_context=_ce_setup,
+    backward=_ce_backward)
 
 
 def _curv_setup(ctx, inputs, output):
@@ -149,22 +110,15 @@ def _curv_setup(ctx, inputs, output):
 def _curv_backward(ctx, g):
     logits, v = ctx.saved_tensors
     g = g.contiguous()
-    g_logits = _softmax_curvature_backward(logits, v, g) if ctx.needs_input_grad[0] else None
-    g_v = _softmax_curvature(logits, g) if ctx.needs_input_grad[1] else None
+    g_logits = SOFTMAX_CURVATURE_BACKWARD(logits, v, g) if ctx.needs_input_grad[0] else None
+    g_v = SOFTMAX_CURVATURE(logits, g) if ctx.needs_input_grad[1] else None
     return g_logits, g_v
 
 
-_softmax_curvature.register_autograd(_curv_backward, setup_context=_curv_setup)
-
-
-@torch.library.custom_op("robustkern::softmax_curvature_backward", mutates_args=())
-def _softmax_curvature_backward(logits: Tensor, v: Tensor, g: Tensor) -> Tensor:
-    return fresh((_run("softmax_curvature_backward", logits.device, logits, v, g),), (logits, v, g))[0]
-
-
-@_softmax_curvature_backward.register_fake
-def _(logits, v, g):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+SOFTMAX_CURVATURE = define_op(
+    "softmax_curvature", reference=_ref.softmax_curvature, triton=triton_kernel("flatness", "softmax_curvature"),
+    schema="softmax_curvature(Tensor logits, Tensor v) -> Tensor", fake=_rows_fake, setup_context=_curv_setup,
+    backward=_curv_backward)
 
 
 def _curv_bwd_setup(ctx, inputs, output):
@@ -181,7 +135,11 @@ def _curv_bwd_backward(ctx, g_out):
     return tuple(gr if n else None for gr, n in zip(grads, ctx.needs_input_grad))
 
 
-_softmax_curvature_backward.register_autograd(_curv_bwd_backward, setup_context=_curv_bwd_setup)
+SOFTMAX_CURVATURE_BACKWARD = define_op(
+    "softmax_curvature_backward", reference=_ref.softmax_curvature_backward,
+    triton=triton_kernel("flatness", "softmax_curvature_backward"),
+    schema="softmax_curvature_backward(Tensor logits, Tensor v, Tensor g) -> Tensor", fake=_rows_fake,
+    setup_context=_curv_bwd_setup, backward=_curv_bwd_backward)
 
 
 # ----------------------------------------------------------------------------------------------- layer^T + mask
@@ -193,10 +151,9 @@ _softmax_curvature_backward.register_autograd(_curv_bwd_backward, setup_context=
 # which is what a double backward needs, instead of ATen's generic convolution double-backward, and every piece
 # is again differentiable (``relu_masked``, conv2d, aten.convolution_backward), so higher orders work.
 def _mask_impl(r: Tensor, bits) -> Tensor:
-    return r if bits is None else _run("relu_masked", r.device, r.contiguous(), bits)
+    return r if bits is None else RELU_MASKED(r.contiguous(), bits)
 
 
-@torch.library.custom_op("robustkern::conv2d_input_grad", mutates_args=())
 def _conv2d_input_grad(grad: Tensor, weight: Tensor, bits: Optional[Tensor], input_size: List[int],
                        stride: List[int], padding: List[int], dilation: List[int], groups: int) -> Tensor:
     like = grad.new_zeros(()).expand(input_size)
@@ -205,8 +162,7 @@ def _conv2d_input_grad(grad: Tensor, weight: Tensor, bits: Optional[Tensor], inp
     return _mask_impl(r, bits).contiguous()
 
 
-@_conv2d_input_grad.register_fake
-def _(grad, weight, bits, input_size, stride, padding, dilation, groups):
+def _conv_fake(grad, weight, bits, input_size, stride, padding, dilation, groups):
     return grad.new_empty(input_size)
 
 
@@ -218,7 +174,7 @@ def _conv_setup(ctx, inputs, output):
 def _conv_backward(ctx, h):
     grad, weight, bits = ctx.saved_tensors
     _, stride, padding, dilation, groups = ctx.conv
-    hm = h.contiguous() if bits is None else _relu_masked(h.contiguous(), bits)
+    hm = h.contiguous() if bits is None else RELU_MASKED(h.contiguous(), bits)
     g_grad = F.conv2d(hm, weight, None, stride, padding, dilation, groups) if ctx.needs_input_grad[0] else None
     g_weight = None
     if ctx.needs_input_grad[1]:
@@ -227,17 +183,15 @@ def _conv_backward(ctx, h):
     return g_grad, g_weight, None, None, None, None, None, None
 
 
-_conv2d_input_grad.register_autograd(_conv_backward, setup_context=_conv_setup)
+CONV2D_INPUT_GRAD = define_op(
+    "conv2d_input_grad", reference=_conv2d_input_grad, composite=True,
+    schema="conv2d_input_grad(Tensor grad, Tensor weight, Tensor? bits, int[] input_size, int[] stride, "
+           "int[] padding, int[] dilation, int groups) -> Tensor",
+    fake=_conv_fake, setup_context=_conv_setup, backward=_conv_backward)
 
 
-@torch.library.custom_op("robustkern::linear_input_grad", mutates_args=())
 def _linear_input_grad(grad: Tensor, weight: Tensor, bits: Optional[Tensor]) -> Tensor:
     return _mask_impl(grad.matmul(weight), bits).contiguous()
-
-
-@_linear_input_grad.register_fake
-def _(grad, weight, bits):
-    return grad.new_empty(grad.shape[:-1] + weight.shape[1:])
 
 
 def _linear_setup(ctx, inputs, output):
@@ -246,7 +200,7 @@ def _linear_setup(ctx, inputs, output):
 
 def _linear_backward(ctx, h):
     grad, weight, bits = ctx.saved_tensors
-    hm = h.contiguous() if bits is None else _relu_masked(h.contiguous(), bits)
+    hm = h.contiguous() if bits is None else RELU_MASKED(h.contiguous(), bits)
     g_grad = hm.matmul(weight.t()) if ctx.needs_input_grad[0] else None
     g_weight = None
     if ctx.needs_input_grad[1]:
@@ -254,7 +208,11 @@ def _linear_backward(ctx, h):
     return g_grad, g_weight, None
 
 
-_linear_input_grad.register_autograd(_linear_backward, setup_context=_linear_setup)
+LINEAR_INPUT_GRAD = define_op(
+    "linear_input_grad", reference=_linear_input_grad, composite=True,
+    schema="linear_input_grad(Tensor grad, Tensor weight, Tensor? bits) -> Tensor",
+    fake=lambda grad, weight, bits: grad.new_empty(grad.shape[:-1] + weight.shape[1:]),
+    setup_context=_linear_setup, backward=_linear_backward)
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -280,13 +238,13 @@ def relu_pack_mask(x: Tensor) -> Tensor:
     """``1[x > 0]`` of ``x.flatten()`` packed 8 per byte: uint8 of shape ``(ceil(x.numel() / 8),)``, element
     ``8k + j`` at bit ``j`` of byte ``k``. Not differentiable (``x`` is read, not traced)."""
     _check_float("relu_pack_mask", "x", x)
-    return _relu_pack_mask(x.detach().contiguous())
+    return RELU_PACK_MASK(x.detach().contiguous())
 
 
 def relu_bits(x: Tensor) -> tuple[Tensor, Tensor]:
     """``(relu(x), relu_pack_mask(x))`` in one pass; differentiable in ``x`` (the backward reads the bits)."""
     _check_float("relu_bits", "x", x)
-    return _relu_bits(x.contiguous())
+    return RELU_BITS(x.contiguous())
 
 
 def relu_masked(grad: Tensor, bits: Tensor) -> Tensor:
@@ -299,7 +257,7 @@ def relu_masked(grad: Tensor, bits: Tensor) -> Tensor:
     if bits.numel() != _packed(grad.numel()) or bits.device != grad.device:
         raise ValueError(f"{op}: bits holds {bits.numel()} bytes on {bits.device}; grad of shape "
                          f"{tuple(grad.shape)} on {grad.device} needs {_packed(grad.numel())} on its device")
-    return _relu_masked(grad.contiguous(), bits.contiguous())
+    return RELU_MASKED(grad.contiguous(), bits.contiguous())
 
 
 def softmax_ce_grad(logits: Tensor, y: Tensor) -> Tensor:
@@ -309,19 +267,19 @@ def softmax_ce_grad(logits: Tensor, y: Tensor) -> Tensor:
     _check_rows(op, logits)
     if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != logits.shape[:1]:
         raise ValueError(f"{op}: y must be an int64 tensor of shape ({logits.shape[0]},)")
-    return _softmax_ce_grad(logits.contiguous(), y.to(logits.device).contiguous())
+    return SOFTMAX_CE_GRAD(logits.contiguous(), y.to(logits.device).contiguous())
 
 
 def softmax_curvature(logits: Tensor, v: Tensor) -> Tensor:
     """``(diag p - p p^T) v = p * (v - <p, v>)`` per row, ``p = softmax(logits)``; differentiable to any order."""
     _check_rows("softmax_curvature", logits, v=v)
-    return _softmax_curvature(logits.contiguous(), v.contiguous())
+    return SOFTMAX_CURVATURE(logits.contiguous(), v.contiguous())
 
 
 def softmax_curvature_backward(logits: Tensor, v: Tensor, g: Tensor) -> Tensor:
     """Gradient of ``<g, softmax_curvature(logits, v)>`` w.r.t. ``logits`` (module docstring)."""
     _check_rows("softmax_curvature_backward", logits, v=v, g=g)
-    return _softmax_curvature_backward(logits.contiguous(), v.contiguous(), g.contiguous())
+    return SOFTMAX_CURVATURE_BACKWARD(logits.contiguous(), v.contiguous(), g.contiguous())
 
 
 def _check_bits(op: str, bits, numel: int, device) -> None:
@@ -351,7 +309,7 @@ def conv2d_input_grad(grad: Tensor, weight: Tensor, bits: Optional[Tensor], inpu
     if weight.dtype != grad.dtype:
         raise ValueError(f"{op}: grad and weight must share a dtype, got {grad.dtype} and {weight.dtype}")
     _check_bits(op, bits, input_size[0] * input_size[1] * input_size[2] * input_size[3], grad.device)
-    return _conv2d_input_grad(grad.contiguous(), weight, bits, input_size, pair(stride), pair(padding),
+    return CONV2D_INPUT_GRAD(grad.contiguous(), weight, bits, input_size, pair(stride), pair(padding),
                               pair(dilation), int(groups))
 
 
@@ -365,4 +323,4 @@ def linear_input_grad(grad: Tensor, weight: Tensor, bits: Optional[Tensor]) -> T
         raise ValueError(f"{op}: grad (..., out) and weight (out, in) of one dtype expected; got "
                          f"{tuple(grad.shape)} {grad.dtype}, {tuple(weight.shape)} {weight.dtype}")
     _check_bits(op, bits, grad.numel() // max(grad.shape[-1], 1) * weight.shape[1], grad.device)
-    return _linear_input_grad(grad.contiguous(), weight, bits)
+    return LINEAR_INPUT_GRAD(grad.contiguous(), weight, bits)

@@ -1,23 +1,25 @@
 """Interval (IBP) ops: ``robustkern::interval_linear``, ``interval_conv2d``, ``interval_affine``,
 ``interval_input_box``.
 
-Each is a ``torch.library.custom_op`` (so it works with autograd, ``torch.compile`` and ``opcheck``) whose
-body asks ``robustkern._backend.select`` which implementation runs: the Triton kernels
-(``robustkern.kernels.interval``), the compiled C++/CUDA kernels (``torch.ops.robustkern_ext``) or the
-pure-PyTorch reference (``robustkern.reference.interval``, which states the math and the floating-point
-soundness argument). Backward passes are written with differentiable PyTorch ops, so double backward works.
+Each is an op of the table ``robustkern.ops._registry`` (C++ schema in ``csrc/ops.cpp``; autograd and fake
+kernels registered from here): the Triton kernels (``robustkern.kernels.interval``), the compiled C++/CUDA
+kernels or the pure-PyTorch reference (``robustkern.reference.interval``, which states the math and the
+floating-point soundness argument). Backward passes are written with differentiable PyTorch ops, so double
+backward works; without a double backward to record, the epilogue's backward runs the single-pass C++ op
+``robustkern::interval_epilogue_backward`` where the compiled backend runs.
 The backward passes differentiate the unwidened formulas: the rounding-error widening of ``sound=True`` is
 ``O(K u)`` of the bound and treated as a constant.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .._backend import select
-from ._dispatch import fresh, run
+from ..reference import interval as _ref
+from ._registry import define_op, triton_kernel
+
 
 __all__ = ["interval_linear", "interval_conv2d", "interval_affine", "interval_input_box"]
 
@@ -55,9 +57,6 @@ def _check_epilogue(op: str, scale, shift, mid: Tensor, channels: int):
     _check_like(op, "shift", shift, mid, (channels,))
 
 
-def _run(name: str, device: torch.device, *args):
-    return run("interval", name, device, *args)
-
 
 def _has_epilogue(scale, shift, relu) -> bool:
     return scale is not None or shift is not None or relu
@@ -75,13 +74,16 @@ def _reduce_channel(t: Tensor) -> Tensor:
 
 def _epilogue_grads(pm, pr, scale, shift, relu, gm, gr):
     """Gradients of ``(m, r) = relu?(scale * (pm, pr) + shift)`` (the unwidened formulas) with respect to
-    ``pm, pr, scale, shift``, given the output gradients ``gm, gr``. Uses the fused single-pass C++ kernel
-    when the compiled CPU backend runs and no double backward is being recorded (grad mode is off inside a
-    backward pass unless ``create_graph=True``); otherwise these differentiable PyTorch formulas."""
-    if not torch.is_grad_enabled() and _fused_epilogue_backward(pm.device):
-        g_pm, g_pr, g_scale, g_shift = torch.ops.robustkern_ext.interval_epilogue_backward(
-            pm, pr, scale, shift, relu, gm, gr)
-        return g_pm, g_pr, (g_scale if scale is not None else None), (g_shift if shift is not None else None)
+    ``pm, pr, scale, shift``, given the output gradients ``gm, gr``: the op ``interval_epilogue_backward`` (the
+    single-pass C++ kernel where the compiled backend runs and no double backward is recorded; otherwise the
+    differentiable formulas of ``epilogue_grads_reference``)."""
+    g_pm, g_pr, g_scale, g_shift = INTERVAL_EPILOGUE_BACKWARD(pm, pr, scale, shift, relu, gm, gr)
+    return g_pm, g_pr, (g_scale if scale is not None else None), (g_shift if shift is not None else None)
+
+
+def epilogue_grads_reference(pm, pr, scale, shift, relu, gm, gr):
+    """The epilogue's backward in differentiable PyTorch ops (any order); ``g_scale``/``g_shift`` are empty
+    tensors when ``scale``/``shift`` are None, as the C++ op returns them."""
     nd = pm.dim()
     a = _cview(scale, nd) if scale is not None else None
     gm1, gr1 = gm, gr
@@ -95,15 +97,27 @@ def _epilogue_grads(pm, pr, scale, shift, relu, gm, gr):
         dhi = (gm + gr) * 0.5 * hi_on
         dlo = (gm - gr) * 0.5 * lo_on
         gm1, gr1 = dhi + dlo, dhi - dlo
-    g_shift = _reduce_channel(gm1) if shift is not None else None
-    g_scale = None
+    g_shift = _reduce_channel(gm1) if shift is not None else pm.new_empty(0)
+    g_scale = pm.new_empty(0)
     if a is not None:
         g_scale = _reduce_channel(gm1 * pm + gr1 * pr * torch.sign(a))
         gm1, gr1 = gm1 * a, gr1 * a.abs()
     return gm1, gr1, g_scale, g_shift
 
 
-_FUSED_BACKWARD = []  # [True] once the compiled op is found and its fake kernel registered
+def _no_double_backward(backend, args):
+    """The C++ epilogue backward is not differentiable: it serves only when no double backward is recorded
+    (grad mode is off inside a backward pass unless ``create_graph=True``)."""
+    return "a double backward is recorded" if torch.is_grad_enabled() else None
+
+
+def _epilogue_backward_fake(pm, pr, scale, shift, relu, gm, gr):
+    return torch.empty_like(pm), torch.empty_like(pr), pm.new_empty(pm.shape[1]), pm.new_empty(pm.shape[1])
+
+
+INTERVAL_EPILOGUE_BACKWARD = define_op(
+    "interval_epilogue_backward", reference=epilogue_grads_reference, cpp=True, public=False,
+    serves=_no_double_backward, fake=_epilogue_backward_fake)
 
 
 def _gemm_output_grads(ctx, out_shape, mid, gm, gr, gpm, gpr):
@@ -125,37 +139,12 @@ def _gemm_output_grads(ctx, out_shape, mid, gm, gr, gpm, gpr):
     return gm, gr, g_scale, g_shift
 
 
-def _fused_epilogue_backward(device: torch.device) -> bool:
-    """Whether the compiled single-pass epilogue backward runs here (the backend chosen for ``device`` is
-    ``cpp`` and has the op); registers the op's fake kernel on first use (the op exists only once the
-    extension is loaded)."""
-    if select(device, op="interval_epilogue_backward") != "cpp":
-        return False
-    if not _FUSED_BACKWARD:
-
-        @torch.library.register_fake("robustkern_ext::interval_epilogue_backward")
-        def _(pm, pr, scale, shift, relu, gm, gr):
-            c = pm.shape[1]
-            return torch.empty_like(pm), torch.empty_like(pr), pm.new_empty(c), pm.new_empty(c)
-
-        _FUSED_BACKWARD.append(True)
-    return True
-
-
 def _zeros_if_none(g, like):
     return torch.zeros_like(like) if g is None else g
 
 
 # ----------------------------------------------------------------------------------------------- linear
-@torch.library.custom_op("robustkern::interval_linear", mutates_args=())
-def _interval_linear(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
-                     shift: Optional[Tensor], relu: bool, sound: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    outs = _run("interval_linear", mid.device, mid, rad, weight, bias, scale, shift, relu, sound)
-    return fresh(outs, (mid, rad, weight, bias))
-
-
-@_interval_linear.register_fake
-def _(mid, rad, weight, bias, scale, shift, relu, sound):
+def _linear_fake(mid, rad, weight, bias, scale, shift, relu, sound):
     n = weight.shape[-2]
     out = mid.new_empty((mid.shape[0], n))
     pre = (mid.shape[0], n) if _has_epilogue(scale, shift, relu) else (0,)
@@ -205,7 +194,10 @@ def _linear_backward(ctx, gm, gr, gpm, gpr):
     return g_mid, g_rad, g_w, g_b, g_scale, g_shift, None, None
 
 
-_interval_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+INTERVAL_LINEAR = define_op(
+    "interval_linear", ieee=True, reference=_ref.interval_linear,
+    triton=triton_kernel("interval", "interval_linear"), cpp=True, cuda=True, fake=_linear_fake,
+    setup_context=_linear_setup, backward=_linear_backward)
 
 
 def interval_linear(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
@@ -234,7 +226,7 @@ def interval_linear(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Ten
             raise ValueError(f"{op}: bias must be ({n},) or ({mid.shape[0]}, {n}), got {tuple(bias.shape)}")
         _check_like(op, "bias", bias, mid)
     _check_epilogue(op, scale, shift, mid, n)
-    m, r, pm, pr = _interval_linear(mid, rad, weight, bias, scale, shift, relu, sound)
+    m, r, pm, pr = INTERVAL_LINEAR(mid, rad, weight, bias, scale, shift, relu, sound)
     if return_pre:
         return m, r, ((pm, pr) if _has_epilogue(scale, shift, relu) else None)
     return m, r
@@ -245,17 +237,7 @@ def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-@torch.library.custom_op("robustkern::interval_conv2d", mutates_args=())
-def _interval_conv2d(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
-                     padding: Sequence[int], dilation: Sequence[int], groups: int, scale: Optional[Tensor],
-                     shift: Optional[Tensor], relu: bool, sound: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    outs = _run("interval_conv2d", mid.device, mid, rad, weight, bias, list(stride), list(padding),
-                list(dilation), groups, scale, shift, relu, sound)
-    return fresh(outs, (mid, rad, weight, bias))
-
-
-@_interval_conv2d.register_fake
-def _(mid, rad, weight, bias, stride, padding, dilation, groups, scale, shift, relu, sound):
+def _conv_fake(mid, rad, weight, bias, stride, padding, dilation, groups, scale, shift, relu, sound):
     ho = _conv_out(mid.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
     wo = _conv_out(mid.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
     shape = (mid.shape[0], weight.shape[0], ho, wo)
@@ -289,7 +271,10 @@ def _conv_backward(ctx, gm, gr, gpm, gpr):
     return g_mid, g_rad, g_w, g_b, None, None, None, None, g_scale, g_shift, None, None
 
 
-_interval_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
+INTERVAL_CONV2D = define_op(
+    "interval_conv2d", ieee=True, reference=_ref.interval_conv2d,
+    triton=triton_kernel("interval", "interval_conv2d"), cpp=True, cuda=True, fake=_conv_fake,
+    setup_context=_conv_setup, backward=_conv_backward)
 
 
 def _pair(v, name: str, op: str) -> Tuple[int, int]:
@@ -323,23 +308,15 @@ def interval_conv2d(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Ten
         if _conv_out(mid.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) < 1:
             raise ValueError(f"{op}: input of spatial size {tuple(mid.shape[2:])} is too small for kernel "
                              f"{tuple(weight.shape[2:])} with padding {padding}, dilation {dilation}")
-    m, r, pm, pr = _interval_conv2d(mid, rad, weight, bias, stride, padding, dilation, groups, scale, shift,
-                                    relu, sound)
+    m, r, pm, pr = INTERVAL_CONV2D(mid, rad, weight, bias, list(stride), list(padding), list(dilation), groups,
+                                   scale, shift, relu, sound)
     if return_pre:
         return m, r, ((pm, pr) if _has_epilogue(scale, shift, relu) else None)
     return m, r
 
 
 # ----------------------------------------------------------------------------------------------- affine
-@torch.library.custom_op("robustkern::interval_affine", mutates_args=())
-def _interval_affine(mid: Tensor, rad: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], relu: bool,
-                     sound: bool) -> Tuple[Tensor, Tensor]:
-    outs = _run("interval_affine", mid.device, mid, rad, scale, shift, relu, sound)
-    return fresh(outs, (mid, rad))
-
-
-@_interval_affine.register_fake
-def _(mid, rad, scale, shift, relu, sound):
+def _affine_fake(mid, rad, scale, shift, relu, sound):
     return torch.empty_like(mid), torch.empty_like(rad)
 
 
@@ -358,7 +335,9 @@ def _affine_backward(ctx, gm, gr):
     return g_mid, g_rad, g_scale, g_shift, None, None
 
 
-_interval_affine.register_autograd(_affine_backward, setup_context=_affine_setup)
+INTERVAL_AFFINE = define_op(
+    "interval_affine", reference=_ref.interval_affine, triton=triton_kernel("interval", "interval_affine"),
+    cpp=True, cuda=True, fake=_affine_fake, setup_context=_affine_setup, backward=_affine_backward)
 
 
 def interval_affine(mid: Tensor, rad: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
@@ -371,17 +350,11 @@ def interval_affine(mid: Tensor, rad: Tensor, scale: Optional[Tensor] = None, sh
     _check_epilogue(op, scale, shift, mid, mid.shape[1])
     if not _has_epilogue(scale, shift, relu):
         return mid, rad
-    return _interval_affine(mid, rad, scale, shift, relu, sound)
+    return INTERVAL_AFFINE(mid, rad, scale, shift, relu, sound)
 
 
 # ----------------------------------------------------------------------------------------------- input box
-@torch.library.custom_op("robustkern::interval_input_box", mutates_args=())
-def _interval_input_box(x: Tensor, eps: Tensor, x_min: float, x_max: float, sound: bool) -> Tuple[Tensor, Tensor]:
-    return fresh(_run("interval_input_box", x.device, x, eps, x_min, x_max, sound), (x, eps))
-
-
-@_interval_input_box.register_fake
-def _(x, eps, x_min, x_max, sound):
+def _box_fake(x, eps, x_min, x_max, sound):
     return torch.empty_like(x), torch.empty_like(x)
 
 
@@ -407,7 +380,10 @@ def _box_backward(ctx, gm, gr):
     return g_x, g_eps, None, None, None
 
 
-_interval_input_box.register_autograd(_box_backward, setup_context=_box_setup)
+INTERVAL_INPUT_BOX = define_op(
+    "interval_input_box", reference=_ref.interval_input_box,
+    triton=triton_kernel("interval", "interval_input_box"), cpp=True, cuda=True, fake=_box_fake,
+    setup_context=_box_setup, backward=_box_backward)
 
 
 def interval_input_box(x: Tensor, eps, x_min: float = 0.0, x_max: float = 1.0, *, sound: bool = True):
@@ -425,4 +401,4 @@ def interval_input_box(x: Tensor, eps, x_min: float = 0.0, x_max: float = 1.0, *
         raise ValueError(f"{op}: eps must be a float or a ({x.shape[0]},) tensor, got shape {tuple(eps.shape)}")
     if not x_min <= x_max:
         raise ValueError(f"{op}: x_min ({x_min}) must be <= x_max ({x_max})")
-    return _interval_input_box(x, eps, float(x_min), float(x_max), sound)
+    return INTERVAL_INPUT_BOX(x, eps, float(x_min), float(x_max), sound)

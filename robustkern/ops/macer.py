@@ -6,18 +6,18 @@ MACER keeps (top-1 of ``mean_j softmax(beta z_j)`` is the label, ``xi = Phi^-1(q
 ``<= gamma``; 0 otherwise). Zhai et al., ICLR 2020, RuntianZ/macer ``macer.py``; the exact contract is
 ``robustkern.reference.macer``.
 
-Each op is a ``torch.library.custom_op`` whose body runs the implementation ``robustkern._backend.select``
-picks: the Triton kernels (``robustkern.kernels.macer``, one program per example, fp32) or the pure-PyTorch
-reference (vectorised; float64 for float64 logits). There is no compiled kernel, so ``auto`` runs the reference
-on CPU and Triton on CUDA. The forward op also returns, per example, the three scalar coefficients of the
+Each is an op of the table ``robustkern.ops._registry`` (schema there: no C++ kernel): the Triton kernels
+(``robustkern.kernels.macer``, one program per example, fp32; up to ``MAX_CLASSES`` classes) or the pure-PyTorch
+reference (vectorised; float64 for float64 logits), so ``auto`` runs the reference on CPU and Triton on CUDA.
+The forward op also returns, per example, the three scalar coefficients of the
 gradient and the runner-up's index (``robustkern.reference.macer.macer_tail_fwd``; (B, 3) + (B,), saved for the
 backward), so the backward does not recompute the averages, their top-2 and ``Phi^-1``. With ``cache=True``
 it also returns the per-copy softmaxes ``softmax(z)``, ``softmax(beta z)`` (B, k, C) (empty otherwise), which
 are saved instead of the logits and turned into the gradient by a few elementwise PyTorch ops in the autograd
-formula itself (the backward op's dispatch would cost as much as the arithmetic at small sizes): ``macer_tail``
-asks for them when the reference runs and a gradient is needed (the same two tensors the original's autograd
-keeps), not for the fused kernels, which recompute them on the fly from the saved logits through the backward
-op ``robustkern::macer_tail_backward``. That op has no derivative (MACER needs no double backward).
+formula itself: ``macer_tail`` asks for them when a gradient is needed and the op's table entry says the
+reference runs (the same two tensors the original's autograd keeps); the fused kernels recompute them on the fly
+from the saved logits through the backward op ``robustkern::macer_tail_backward``. That op has no derivative
+(MACER needs no double backward).
 
 CPU, one thread, fwd+bwd at (B, k, C) = (64, 16, 10) / (64, 16, 1000): 0.99x / 1.2-1.8x the speed of the
 original's autograd, saving 0.08 / 7.8 MB against its 0.08 / 8.3 MB (``benchmarks/bench_macer_tail.py``).
@@ -28,9 +28,8 @@ import math
 import torch
 from torch import Tensor
 
-from .. import _backend
 from ..reference import macer as _ref
-from ._dispatch import fresh, run
+from ._registry import define_op, triton_kernel
 
 __all__ = ["macer_tail"]
 
@@ -39,15 +38,14 @@ def _out_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("robustkern::macer_tail", mutates_args=())
-def _macer_tail(logits: Tensor, labels: Tensor, beta: float, gamma: float, sigma: float, cache: bool
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    outs = run("macer", "macer_tail_fwd", logits.device, logits, labels, beta, gamma, sigma, cache)
-    return fresh(outs, (logits, labels))
+
+def _serves(backend, args):
+    """The Triton kernels hold a row of at most ``MAX_CLASSES`` classes in one program."""
+    from ..kernels.macer import MAX_CLASSES
+    return f"more than {MAX_CLASSES} classes" if args[0].shape[-1] > MAX_CLASSES else None
 
 
-@_macer_tail.register_fake
-def _(logits, labels, beta, gamma, sigma, cache):
+def _fwd_fake(logits, labels, beta, gamma, sigma, cache):
     b, k, c = logits.shape
     dt = _out_dtype(logits)
     return (logits.new_empty((b,), dtype=dt), logits.new_empty((b,), dtype=dt), logits.new_empty((b, 3), dtype=dt),
@@ -55,17 +53,13 @@ def _(logits, labels, beta, gamma, sigma, cache):
             logits.new_empty((b, k, c) if cache else (0,), dtype=dt))
 
 
-@torch.library.custom_op("robustkern::macer_tail_backward", mutates_args=())
-def _macer_tail_backward(grad_cl: Tensor, grad_rl: Tensor, logits: Tensor, labels: Tensor, i2: Tensor,
-                         coef: Tensor, s_cache: Tensor, t_cache: Tensor, beta: float) -> Tensor:
-    grad = run("macer", "macer_tail_bwd", logits.device, grad_cl, grad_rl, logits, labels, i2, coef, s_cache,
-               t_cache, beta)
-    return fresh((grad,), (grad_cl, grad_rl, logits, labels, i2, coef, s_cache, t_cache))[0]
-
-
-@_macer_tail_backward.register_fake
-def _(grad_cl, grad_rl, logits, labels, i2, coef, s_cache, t_cache, beta):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+MACER_TAIL_BACKWARD = define_op(
+    "macer_tail_backward", reference=_ref.macer_tail_bwd, triton=triton_kernel("macer", "macer_tail_bwd"), public=False,
+    schema="macer_tail_backward(Tensor grad_cl, Tensor grad_rl, Tensor logits, Tensor labels, Tensor i2, "
+           "Tensor coef, Tensor s_cache, Tensor t_cache, float beta) -> Tensor",
+    serves=lambda backend, args: _serves(backend, args[2:]) or ("a softmax cache" if args[6].numel() else None),
+    fake=lambda grad_cl, grad_rl, logits, labels, i2, coef, s_cache, t_cache, beta:
+        torch.empty_like(logits, memory_format=torch.contiguous_format))
 
 
 def _setup(ctx, inputs, output):
@@ -93,12 +87,17 @@ def _backward(ctx, grad_cl, grad_rl, *_):
         like = s_cache if s_cache.dtype == dtype else s_cache.new_zeros((), dtype=dtype).expand(shape)
         return (_ref.macer_tail_bwd(grad_cl, grad_rl, like, labels, i2, coef, s_cache, t_cache, ctx.beta),
                 None, None, None, None, None)
-    grad = _macer_tail_backward(grad_cl.contiguous(), grad_rl.contiguous(), logits, labels, i2, coef, s_cache,
-                                t_cache, ctx.beta)
+    grad = MACER_TAIL_BACKWARD(grad_cl.contiguous(), grad_rl.contiguous(), logits, labels, i2, coef, s_cache,
+                               t_cache, ctx.beta)
     return grad, None, None, None, None, None
 
 
-_macer_tail.register_autograd(_backward, setup_context=_setup)
+MACER_TAIL = define_op(
+    "macer_tail", reference=_ref.macer_tail_fwd, triton=triton_kernel("macer", "macer_tail_fwd"),
+    schema="macer_tail(Tensor logits, Tensor labels, float beta, float gamma, float sigma, bool cache) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    serves=lambda backend, args: _serves(backend, args) or ("a softmax cache" if args[5] else None),
+    fake=_fwd_fake, setup_context=_setup, backward=_backward)
 
 
 def _check_finite_number(op: str, name: str, v, positive: bool) -> float:
@@ -140,9 +139,9 @@ def macer_tail(logits: Tensor, labels: Tensor, *, beta: float = 16.0, gamma: flo
     gamma = _check_finite_number(op, "gamma", gamma, positive=False)
     if gamma < 0:
         raise ValueError(f"{op}: gamma (the hinge) must be >= 0, got {gamma}")
-    # keep the per-copy softmaxes for the backward where the reference runs and a gradient will be asked for
-    # (the fused kernels recompute them; a cache would only add memory traffic there)
+    # keep the per-copy softmaxes for the backward when a gradient will be asked for and the op runs its
+    # reference (the fused kernels recompute them: a cache would only add memory traffic there)
     cache = (torch.is_grad_enabled() and logits.requires_grad
-             and _backend.select(logits.device, op="macer_tail_fwd") == "reference")
-    cl, rl, *_ = _macer_tail(logits, labels, beta, gamma, sigma, cache)
+             and MACER_TAIL.backend(logits.device) == "reference")
+    cl, rl, *_ = MACER_TAIL(logits, labels, beta, gamma, sigma, cache)
     return cl, rl

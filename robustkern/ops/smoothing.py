@@ -1,8 +1,8 @@
 """Randomized-smoothing ops: ``robustkern::smoothing_noise`` and ``robustkern::smoothing_count``.
 
-Each is a ``torch.library.custom_op`` whose body runs the implementation ``robustkern._backend.select``
-picks: the Triton kernels (``robustkern.kernels.smoothing``), compiled kernels (``torch.ops.robustkern_ext``,
-when the extension has them) or the pure-PyTorch reference (``robustkern.reference.smoothing``, which states
+Each is an op of the table ``robustkern.ops._registry`` (C++ schema in ``csrc/ops.cpp``): the Triton kernels
+(``robustkern.kernels.smoothing``), the compiled CPU kernels or the pure-PyTorch reference
+(``robustkern.reference.smoothing``, which states
 the math: Philox4x32-10 counter-based Gaussian noise keyed by (seed, image, sample, stream, element), and the
 per-group argmax histogram of Cohen et al. 2019's Monte Carlo estimate). The compiled extension has CPU
 kernels for both (csrc/cpu/smoothing_cpu.cpp, bit-identical to the reference) but no CUDA ones; when
@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import run
+from ..reference import smoothing as _ref
+from ._registry import define_op, triton_kernel
 
 __all__ = ["smoothing_noise", "smoothing_count", "STREAM_SELECTION", "STREAM_ESTIMATION", "STREAM_PREDICT"]
 
@@ -27,9 +28,6 @@ _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _U32 = 2 ** 32
 
 
-def _run(name: str, device: torch.device, *args):
-    return run("smoothing", name, device, *args)
-
 
 def _channels_last(x: Tensor) -> bool:
     """x is strictly channels-last: 4-D, channels-last contiguous and not NCHW contiguous."""
@@ -37,17 +35,7 @@ def _channels_last(x: Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- noise
-@torch.library.custom_op("robustkern::smoothing_noise", mutates_args=())
-def _smoothing_noise(x: Tensor, src: Tensor, counter: Tensor, seed: Tensor, sigma: float, mean: Optional[Tensor],
-                     std: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
-    out = _run("smoothing_noise", x.device, x, src, counter, seed, sigma, mean, std, out_dtype)
-    if _channels_last(x) and not out.is_contiguous(memory_format=torch.channels_last):
-        out = out.contiguous(memory_format=torch.channels_last)     # the backends without a channels-last write
-    return out
-
-
-@_smoothing_noise.register_fake
-def _(x, src, counter, seed, sigma, mean, std, out_dtype):
+def _noise_fake(x, src, counter, seed, sigma, mean, std, out_dtype):
     fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
     return torch.empty((src.shape[0],) + tuple(x.shape[1:]), dtype=out_dtype, device=x.device, memory_format=fmt)
 
@@ -68,7 +56,9 @@ def _noise_backward(ctx, grad):
     return gx.to(ctx.x_dtype), None, None, None, None, None, None, None
 
 
-_smoothing_noise.register_autograd(_noise_backward, setup_context=_noise_setup)
+SMOOTHING_NOISE = define_op(
+    "smoothing_noise", reference=_ref.smoothing_noise, triton=triton_kernel("smoothing", "smoothing_noise"),
+    cpp=True, fake=_noise_fake, setup_context=_noise_setup, backward=_noise_backward)
 
 
 def smoothing_noise(x: Tensor, src: Tensor, counter: Tensor, seed, sigma: float, *, mean: Optional[Tensor] = None,
@@ -109,18 +99,17 @@ def smoothing_noise(x: Tensor, src: Tensor, counter: Tensor, seed, sigma: float,
             mean, std = mean.expand(x.shape[1]).contiguous(), std.expand(x.shape[1]).contiguous()
         if mean.shape[0] != x.shape[1] or std.shape[0] != x.shape[1]:
             raise ValueError(f"{op}: mean and std must have {x.shape[1]} entries (one per channel)")
-    return _smoothing_noise(x, src, counter, seed, float(sigma), mean, std, out_dtype)
+    out = SMOOTHING_NOISE(x, src, counter, seed, float(sigma), mean, std, out_dtype)
+    if _channels_last(x) and not out.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)     # the backends without a channels-last write
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- count
-@torch.library.custom_op("robustkern::smoothing_count", mutates_args=())
-def _smoothing_count(logits: Tensor, group: Tensor, num_groups: int) -> Tensor:
-    return _run("smoothing_count", logits.device, logits, group, num_groups)
-
-
-@_smoothing_count.register_fake
-def _(logits, group, num_groups):
-    return logits.new_empty((num_groups, logits.shape[1]), dtype=torch.int64)
+SMOOTHING_COUNT = define_op(
+    "smoothing_count", reference=_ref.smoothing_count, triton=triton_kernel("smoothing", "smoothing_count"),
+    cpp=True, fake=lambda logits, group,
+    num_groups: logits.new_empty((num_groups, logits.shape[1]), dtype=torch.int64))
 
 
 def smoothing_count(logits: Tensor, group: Tensor, num_groups: int) -> Tensor:
@@ -135,4 +124,4 @@ def smoothing_count(logits: Tensor, group: Tensor, num_groups: int) -> Tensor:
         raise ValueError(f"{op}: group must be ({logits.shape[0]},) int64, got {tuple(group.shape)} {group.dtype}")
     if num_groups < 1 or logits.shape[1] < 1:
         raise ValueError(f"{op}: need num_groups >= 1 and at least one class")
-    return _smoothing_count(logits, group, int(num_groups))
+    return SMOOTHING_COUNT(logits, group, int(num_groups))

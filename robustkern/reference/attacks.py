@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["pgd_step", "plain_pgd", "L2_DIV_EPS"]
+from .._numerics import L2_DIV_EPS
 
-L2_DIV_EPS = 1e-10
+__all__ = ["pgd_step", "plain_pgd", "L2_DIV_EPS"]
 
 
 def _rows(v: Tensor, ndim: int) -> Tensor:

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RELU_LOWER_MODES", "relu_relaxation", "crown_relu_backward", "crown_concretize", "dense_crown"]
+__all__ = ["RELU_LOWER_MODES", "relu_relaxation", "crown_relu_backward", "crown_concretize", "crown_relu_backward_grad",
+           "crown_concretize_grad", "dense_crown"]
 
 RELU_LOWER_MODES = {"adaptive": 0, "zero": 1, "one": 2, "same-slope": 3}
 
@@ -80,6 +81,65 @@ def crown_concretize(A: Tensor, bias: Tensor, mid: Tensor, rad: Tensor, center: 
         ball = torch.bmm(A, center.unsqueeze(-1)).squeeze(-1) + bias + sign * eps.unsqueeze(1) * A.norm(dim=-1)
         val = torch.minimum(val, ball) if upper_side else torch.maximum(val, ball)
     return val
+
+
+def _upper_line_grads(lower: Tensor, upper: Tensor, g_du: Tensor, g_bu: Tensor):
+    """Gradients of ``d_u = U/(U-L)``, ``b_u = -L d_u`` (``L = min(l,0)``, ``U = max(max(u,0), L+1e-8)``)
+    with respect to ``l, u``, given the gradients ``g_du, g_bu`` of the two."""
+    L = torch.clamp(lower, max=0)
+    up0 = torch.clamp(upper, min=0)
+    guard = up0 < L + 1e-8
+    U = torch.where(guard, L + 1e-8, up0)
+    inv = 1.0 / (U - L) ** 2
+    d_u = U / (U - L)
+    gU = g_du * (-L * inv) + g_bu * (L * L * inv)
+    gL = g_du * (U * inv) + g_bu * (-d_u - L * U * inv)
+    gL = gL + torch.where(guard, gU, torch.zeros_like(gU))
+    g_u = torch.where(guard | (upper <= 0), torch.zeros_like(gU), gU)
+    g_l = torch.where(lower < 0, gL, torch.zeros_like(gL))
+    return g_l, g_u
+
+
+def crown_relu_backward_grad(A: Tensor, lower: Tensor, upper: Tensor, mode: int, upper_side: bool, g_A: Tensor,
+                             g_bias: Tensor, need_lu: bool):
+    """The backward pass of ``crown_relu_backward``: ``(grad_A, grad_lower, grad_upper)`` from the gradients
+    ``g_A, g_bias`` of its outputs (the bound gradients empty unless ``need_lu``). In differentiable PyTorch ops:
+    a double backward runs through it. Gradients w.r.t. ``l, u`` flow through the upper line ``d_u(l, u)``,
+    ``b_u(l, u)`` (and ``d_l = d_u`` in the "same-slope" mode; the other lower slopes are piecewise constant)."""
+    d_l, d_u, b_u = (t.unsqueeze(1) for t in relu_relaxation(lower, upper, mode))
+    pos = A > 0
+    zero = torch.zeros((), dtype=A.dtype, device=A.device)
+    if upper_side:
+        d_p, d_n, b_p, b_n = d_u, d_l, b_u, zero
+    else:
+        d_p, d_n, b_p, b_n = d_l, d_u, zero, b_u
+    gb = g_bias.unsqueeze(-1)
+    grad_A = g_A * torch.where(pos, d_p, d_n) + gb * torch.where(pos, b_p, b_n)
+    if not need_lu:
+        return grad_A, lower.new_empty(0), upper.new_empty(0)
+    gA_A = g_A * A
+    Ap, An = torch.where(pos, A, zero), torch.where(pos, zero, A)
+    if upper_side:   # d_u multiplies A+, b_u pairs with A+, d_l multiplies A-
+        g_du = torch.where(pos, gA_A, zero).sum(1)
+        g_bu = (gb * Ap).sum(1)
+        g_dl = torch.where(pos, zero, gA_A).sum(1)
+    else:
+        g_du = torch.where(pos, zero, gA_A).sum(1)
+        g_bu = (gb * An).sum(1)
+        g_dl = torch.where(pos, gA_A, zero).sum(1)
+    if mode == 3:
+        g_du = g_du + g_dl
+    grad_l, grad_u = _upper_line_grads(lower, upper, g_du, g_bu)
+    return grad_A, grad_l, grad_u
+
+
+def crown_concretize_grad(A: Tensor, mid: Tensor, rad: Tensor, g: Tensor, upper_side: bool):
+    """The backward pass of ``crown_concretize`` over a box: ``(grad_A, grad_mid, grad_rad)`` from the gradient
+    ``g`` (B, S) of the bound ``A mid + bias -/+ |A| rad``."""
+    sign = 1.0 if upper_side else -1.0
+    gs = g.unsqueeze(-1)
+    grad_A = gs * (mid.unsqueeze(1) + sign * torch.sign(A) * rad.unsqueeze(1))
+    return grad_A, (gs * A).sum(1), sign * (gs * A.abs()).sum(1)
 
 
 # ----------------------------------------------------------------------------------------------- dense oracle

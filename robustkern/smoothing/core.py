@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _backend
+from ..cuda_graphs import storage_key
 from ..ops.smoothing import STREAM_ESTIMATION, STREAM_PREDICT, STREAM_SELECTION, smoothing_count, smoothing_noise
 from . import statistics
 from .compiled_forward import CompiledForward
@@ -322,11 +322,11 @@ class Smooth:
 
     def _graph_step(self, xf, src, counter, group, seed_t, mean, std, n_groups) -> Tensor:
         """One full batch through a captured CUDA graph (noise -> model -> count); recaptured when the images'
-        shape, the number of groups or the storage of the model it runs changes (``_backend.storage_key``: the
+        shape, the number of groups or the storage of the model it runs changes (``storage_key``: the
         private copies are refreshed in place, the user's own model may be moved). The graph reads its inputs
         from static buffers."""
         model = self._model(self._use_channels_last(xf))
-        key = (tuple(xf.shape), n_groups, src.numel(), _backend.storage_key(model))
+        key = (tuple(xf.shape), n_groups, src.numel(), storage_key(model))
         st = self._graphs
         if st is None or st["key"] != key:
             st = {"key": key, "x": xf.clone(), "src": src.clone(), "ctr": counter.clone(), "grp": group.clone(),

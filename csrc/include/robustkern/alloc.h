@@ -8,10 +8,12 @@
 // (madvise(MADV_HUGEPAGE), which is what PyTorch's own THP_MEM_ALLOC_ENABLE=1 does for every allocation;
 // robustkern does it only for its own large outputs and needs no environment variable). Where the system
 // has transparent huge pages off, or the call fails, nothing changes: the advice is a hint.
-// ROBUSTKERN_HUGE_PAGES=0 turns the advice off (read once per process).
+// cpu_options().huge_pages = false (robustkern.cpu_malloc.huge_pages(False)) turns the advice off.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include "robustkern/options.h"
 
 #include <cstdint>
 #include <cstdlib>
@@ -26,13 +28,7 @@ namespace robustkern {
 // Smallest allocation advised (smaller ones are usually recycled by the allocator, already faulted in).
 constexpr size_t kHugeAdviseMinBytes = size_t(8) << 20;
 
-inline bool huge_pages_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("ROBUSTKERN_HUGE_PAGES");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return enabled;
-}
+inline bool huge_pages_enabled() { return cpu_options().huge_pages.load(std::memory_order_relaxed); }
 
 inline void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)

@@ -1,4 +1,5 @@
-"""Capture a model as a list of bound-propagation nodes with ``torch.fx``.
+"""Capture a model as a list of nodes with ``torch.fx``: the graph that bound propagation (``robustkern.bounds``)
+and the fused input-gradient passes (``robustkern.flatness``) walk.
 
 Supported: one tensor input; ``nn.Linear``, ``nn.Conv2d`` (zero padding; stride, padding, dilation, groups),
 ``nn.ReLU`` / ``F.relu`` / ``torch.relu``, ``nn.BatchNorm1d/2d``, ``nn.Flatten`` / ``torch.flatten`` /
@@ -19,7 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import Normalize
+from .nn import Normalize
 
 __all__ = ["BoundNode", "UnsupportedLayerError", "capture", "normalize_params"]
 

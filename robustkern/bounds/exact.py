@@ -14,7 +14,7 @@ that input itself computed exactly by the same network on ``clean_batch``: the f
 sound bounds are about for a model in training mode (see ``robustkern.bounds.module``).
 
 Meant for small models (tens of thousands of multiply-adds per example; a few ms each). Supports what
-``robustkern.bounds.graph.capture`` supports. Uses ``mpmath`` (a dependency of torch).
+``robustkern.graph.capture`` supports. Uses ``mpmath`` (a dependency of torch).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..bounds.graph import capture, normalize_params
+from ..graph import capture, normalize_params
 
 __all__ = ["exact_forward", "exact_spec", "violations", "to_intervals", "exact_fraction", "inside_linf",
            "inside_l2"]

@@ -1,0 +1,288 @@
+"""The op floor: one table of robustkern's ops, and the one place that chooses and runs their implementations.
+
+Every op is an ``Op`` here (one per name, each family module under ``robustkern/ops/`` registers its own): its
+pure-PyTorch reference (``robustkern.reference``), its Triton kernel (``robustkern.kernels``), whether it has
+C++ kernels (``robustkern._C``, schema in ``csrc/ops.cpp``), the rule for when a backend cannot serve a call
+(shapes, dtypes, a double backward), and its autograd formula (``setup_context`` + ``backward``, whose backward
+passes are ops of this table again, so double backward works). ``robustkern/ops/README.md`` lists the places to
+touch to add one.
+
+Calling an op (``op(*args)``, after the public function in the family module has checked its arguments once):
+
+1. the backend: ``robustkern._backend.select`` for the device (``ROBUSTKERN_BACKEND`` / ``use_backend``; an
+   explicitly requested backend that is absent raises), then the op's ``serves`` rule: a backend that cannot
+   serve these arguments hands the call to the reference, without an error (an optimisation never changes what
+   works);
+2. without a gradient to record, the implementation runs directly: the C++ kernel below the autograd layer
+   (``torch.ops.robustkern.<name>``), the Triton launcher or the reference: a few microseconds over the bare
+   kernel (``benchmarks/bench_dispatch.py``);
+3. with one, through ``_OpFunction``, an ``autograd.Function`` that runs the same implementation and applies the
+   op's formula: the same gradients on every backend;
+4. under ``torch.compile`` the dispatcher op ``torch.ops.robustkern.<name>`` is called instead, with its fake
+   kernel and autograd registered from this table (``register_dispatcher``).
+
+Ops without C++ kernels are defined here from their ``schema``, with CPU and CUDA kernels that run the chosen
+implementation, so ``torch.ops.robustkern.<name>``, ``opcheck`` and ``torch.compile`` treat every op alike.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _ext
+from .._numerics import ieee_products
+
+__all__ = ["Op", "define_op", "triton_kernel", "register", "OPS", "load", "register_dispatcher", "fresh", "cpu_options"]
+
+OPS: dict[str, "Op"] = {}
+_LIB = torch.library.Library("robustkern", "FRAGMENT")   # the ops without C++ kernels are defined in it
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+_COMPILED = ("cpp", "cuda")
+
+
+def fresh(outs, inputs):
+    """Outputs that alias an input, or each other, copied: an op's outputs are new tensors. (Storages are told
+    apart by their identity, which fake tensors under ``torch.compile`` tracing have too.)"""
+    single = isinstance(outs, Tensor)
+    outs = (outs,) if single else tuple(outs)
+    seen = {t.untyped_storage()._cdata for t in inputs if isinstance(t, Tensor) and t.numel()}
+    result = []
+    for o in outs:
+        if isinstance(o, Tensor) and o.numel():
+            key = o.untyped_storage()._cdata
+            if key in seen:
+                o = o.clone()
+                key = o.untyped_storage()._cdata
+            seen.add(key)
+        result.append(o)
+    return result[0] if single else tuple(result)
+
+
+class Op:
+    """One op of the table (see the module docstring). ``reference``: the pure-PyTorch implementation
+    (float64-capable, the ground truth). ``triton``: the Triton launcher or None. ``cpp``/``cuda``: the op has C++
+    kernels for CPU / CUDA tensors in ``robustkern._C``. ``schema``: the op's schema when it has no C++ kernel
+    (for C++ ops it is in ``csrc/ops.cpp``). ``serves(backend, args)``: None, or why ``backend`` cannot serve
+    ``args`` (the reference runs instead). ``prepare(backend, args)``: the arguments a backend is called with, when
+    they depend on it. ``fake``, ``setup_context``, ``backward``: the meta kernel and the autograd formula
+    (``backward`` None: the op has no derivative). ``public``: an explicitly requested backend the op lacks raises
+    ``BackendUnavailable``; for an internal op (a backward pass) the reference runs instead. ``ieee``: every
+    implementation runs with IEEE float32 products and autocast off (``robustkern._numerics.ieee_products``),
+    which the rounding-error bounds of the bound ops assume, whatever the user's precision settings.
+    ``composite``: the op has one implementation (``reference``), built from ATen and other ops of the table,
+    which choose their own backends; it runs whatever backend is requested."""
+
+    def __init__(self, name: str, *, reference: Callable, triton: Optional[Callable] = None, cpp: bool = False,
+                 cuda: bool = False, schema: Optional[str] = None, fake: Optional[Callable] = None,
+                 setup_context: Optional[Callable] = None, backward: Optional[Callable] = None,
+                 serves: Optional[Callable] = None, prepare: Optional[Callable] = None, public: bool = True,
+                 ieee: bool = False, composite: bool = False):
+        self.compiled = cpp or cuda
+        if self.compiled == (schema is not None):
+            raise ValueError(f"op {name}: give a schema exactly when the op has no C++ kernels")
+        self.name = name
+        self.qualname = f"robustkern::{name}"
+        self.reference, self.triton, self.schema, self.public, self.ieee = reference, triton, schema, public, ieee
+        self.composite = composite
+        self.kernels = tuple(k for k, has in (("triton", triton is not None), ("cpp", cpp), ("cuda", cuda)) if has)
+        self.fake, self.setup_context, self.backward = fake, setup_context, backward
+        self.serves, self.prepare = serves, prepare
+        self._kernel = None                    # torch.ops.robustkern.<name>.default, once the extension is loaded
+        self._choice: dict = {}               # (device type, requested backend) -> backend
+
+    # ------------------------------------------------------------------------------------------ choice
+    def backend(self, device: torch.device) -> str:
+        """The backend that runs this op's calls on ``device`` (before the ``serves`` rule)."""
+        if self.composite:
+            return "reference"
+        key = (device.type, _backend.requested_backend())
+        name = self._choice.get(key)
+        if name is None:
+            try:
+                name = _backend.select(device, op=self.name, kernels=self.kernels)
+            except _backend.BackendUnavailable:
+                if self.public:
+                    raise
+                name = "reference"
+            self._choice[key] = name
+        return name
+
+    def implementation(self, backend: str) -> Callable:
+        if backend == "reference":
+            return self.reference
+        if backend == "triton":
+            return self.triton
+        if self._kernel is None:
+            load()
+            self._kernel = getattr(torch.ops.robustkern, self.name).default
+        return self._kernel
+
+    def _choose(self, args) -> tuple[str, Callable]:
+        for a in args:
+            if isinstance(a, Tensor):
+                backend = self.backend(a.device)
+                break
+        if self.serves is not None and backend != "reference" and self.serves(backend, args) is not None:
+            backend = "reference"
+        return backend, self.implementation(backend)
+
+    def dispatcher(self):
+        """``torch.ops.robustkern.<name>``, with the table's fake kernel and autograd attached."""
+        if self.compiled:
+            load()
+        return getattr(torch.ops.robustkern, self.name)
+
+    def run_implementation(self, backend: str, impl: Callable, args):
+        """One call of ``impl`` (no autograd recorded), its outputs new tensors."""
+        if self.prepare is not None:
+            args = self.prepare(backend, args)
+        if self.ieee:
+            with ieee_products():
+                return self._run(backend, impl, args)
+        return self._run(backend, impl, args)
+
+    @staticmethod
+    def _run(backend, impl, args):
+        if backend in _COMPILED:
+            with _below_autograd():
+                return impl(*args)
+        return fresh(impl(*args), args)
+
+    # ------------------------------------------------------------------------------------------ call
+    def __call__(self, *args):
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or not _plain(args):
+            return self.dispatcher()(*args)     # traced (fake / functional / proxy tensors): the opaque op
+        backend, impl = self._choose(args)
+        if self.backward is not None and torch.is_grad_enabled():
+            for a in args:
+                if isinstance(a, Tensor) and a.requires_grad:
+                    return _OpFunction.apply(self, backend, impl, *args)
+        return self.run_implementation(backend, impl, args)
+
+    def __repr__(self) -> str:
+        return f"Op({self.qualname}: {', '.join(('reference',) + self.kernels)})"
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _plain(args) -> bool:
+    """No tensor argument is a tensor subclass (a tracing wrapper such as a fake or functional tensor)."""
+    return all(type(a) in _PLAIN for a in args if isinstance(a, Tensor))
+
+
+class _CtxView:
+    """The autograd context as an op's formula sees it: its inputs start after ``_OpFunction``'s own three."""
+
+    __slots__ = ("_ctx",)
+    _SKIP = 3
+
+    def __init__(self, ctx):
+        object.__setattr__(self, "_ctx", ctx)
+
+    @property
+    def needs_input_grad(self):
+        return self._ctx.needs_input_grad[self._SKIP:]
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._ctx, name, value)
+
+
+class _OpFunction(torch.autograd.Function):
+    """Runs an op's chosen implementation and applies the op's own autograd formula."""
+
+    @staticmethod
+    def forward(ctx, op: Op, backend: str, impl: Callable, *args):
+        out = op.run_implementation(backend, impl, args)
+        ctx.op = op
+        op.setup_context(_CtxView(ctx), args, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = ctx.op.backward(_CtxView(ctx), *grads)
+        return (None, None, None) + (tuple(g) if isinstance(g, (tuple, list)) else (g,))
+
+
+def triton_kernel(family: str, name: str) -> Callable:
+    """The Triton launcher ``robustkern.kernels.<family>.<name>``, imported on first call (triton is optional,
+    and importing the kernels touches no device)."""
+    def launch(*args):
+        module = importlib.import_module(f"robustkern.kernels.{family}")
+        return getattr(module, name)(*args)
+    launch.__name__ = name
+    return launch
+
+
+def define_op(name: str, **kw) -> Op:
+    """``register(Op(name, **kw))``: how the family modules add their ops to the table."""
+    return register(Op(name, **kw))
+
+
+def register(op: Op) -> Op:
+    """Add ``op`` to the table; an op without C++ kernels is defined in ``robustkern::`` now."""
+    if op.name in OPS:
+        raise ValueError(f"op {op.qualname} is registered twice")
+    OPS[op.name] = op
+    if op.schema is not None:
+        _LIB.define(op.schema)
+        for key in ("CPU", "CUDA"):
+            _LIB.impl(op.name, _router(op), key)
+        _attach(op)
+    return op
+
+
+def _router(op: Op):
+    def kernel(*args):
+        backend, impl = op._choose(args)
+        return op.run_implementation(backend, impl, args)
+    return kernel
+
+
+def _attach(op: Op) -> None:
+    if op.fake is not None:
+        torch.library.register_fake(op.qualname, op.fake, lib=_LIB)
+    if op.backward is not None:
+        torch.library.register_autograd(op.qualname, op.backward, setup_context=op.setup_context, lib=_LIB)
+
+
+_REGISTERED: list[bool] = []
+
+
+def load() -> bool:
+    """Load the compiled kernels (``robustkern._ext``) and attach the fake kernels and autograd formulas of the
+    table to their dispatcher ops (once). True when the C++ kernels are there."""
+    ok = _ext.load()
+    if ok and not _REGISTERED:
+        _REGISTERED.append(True)
+        register_dispatcher()
+    return ok
+
+
+def register_dispatcher() -> None:
+    """Fake kernels and autograd formulas of the C++ ops (defined by ``robustkern._C``), and, on devices where
+    an op has no C++ kernel, a kernel that runs the op's chosen implementation (Triton or the reference)."""
+    for op in OPS.values():
+        if not op.compiled:
+            continue
+        _attach(op)
+        for key, kind in (("CPU", "cpp"), ("CUDA", "cuda")):
+            if kind not in op.kernels or (kind == "cuda" and not _ext.has_cuda_kernels()):
+                _LIB.impl(op.name, _router(op), key)
+
+
+def cpu_options(*, portable_simd: Optional[bool] = None, huge_pages: Optional[bool] = None) -> tuple[bool, bool]:
+    """Set the process-wide options of the C++ CPU kernels that are given, and return the values before:
+    ``(portable_simd, huge_pages)``. ``portable_simd``: run the portable code paths instead of the AVX2 ones
+    (for comparing the two). ``huge_pages``: advise transparent huge pages for kernel outputs of 8 MB or more
+    (on by default: fresh large outputs are then not faulted in 4 KB at a time; ``csrc/include/robustkern/
+    alloc.h``). Returns ``(False, False)`` and changes nothing when the compiled kernels are absent."""
+    if not load():
+        return False, False
+    return tuple(torch.ops.robustkern.cpu_options(portable_simd, huge_pages))
