@@ -332,6 +332,7 @@ def main(argv=None):
     ap.add_argument("--lirpa-path", default=os.environ.get("AUTO_LIRPA_PATH", "/work/scratch/lirpa"))
     ap.add_argument("--no-save", action="store_true", help="do not append the rows to results/clients_lirpa.csv")
     ap.add_argument("--write-results", action="store_true")
+    common.add_output_options(ap)
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="CPU: robustkern.cpu_malloc.keep_freed_memory() first (what the robustkern command does: no "
                          "page faults of re-allocated tensors), for every provider alike")
@@ -347,7 +348,7 @@ def main(argv=None):
         from robustkern.cpu_malloc import keep_freed_memory
         if device.type != "cpu" or not keep_freed_memory():
             ap.error("--keep-freed-memory is for the CPU and needs glibc's mallopt")
-    env = common.start(device, args.threads if device.type == "cpu" else 0)
+    env = common.start(device, args.threads if device.type == "cpu" else 0, args)
     rows = run(args)
     body = common.table(rows, ["model", "batch", "step"], device, "facade", "own")
     print(body)
