@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .._numerics import ieee_products, round_down, round_up, unit_roundoff
 from .batch_stats import enclosed_statistics, point_statistics, uses_batch_stats
 from ..graph import BoundNode, capture
+from ..ops import interval_input_box
 from .ibp import Box, plan_fusion, propagate
 from .precision import BoundInput, Coefficients, check_spec, enter, spec_rounding
 
@@ -227,6 +228,7 @@ class BoundedModule(nn.Module):
         Cw, C_err = spec_rounding(inp.C, inp.dtype) if inp.C is not None else (None, None)
         ibp = ()
         if intermediate is not None:  # IBP boxes of an earlier call over the same input (auto_LiRPA's reuse)
+            self._check_intermediate(intermediate, inp, input_box, sound)
             bounds = {name: nb.box for name, nb in intermediate.items()}
             self._node_bounds = dict(intermediate)
         else:
@@ -247,6 +249,23 @@ class BoundedModule(nn.Module):
                               crown_batch_size=crown_batch_size)
         out = (_nan_to_inf(lb, -1) if lb is not None else None, _nan_to_inf(ub, 1) if ub is not None else None)
         return out + (ibp if with_ibp else ())
+
+    def _check_intermediate(self, intermediate: dict, inp: BoundInput, input_box, sound: bool) -> None:
+        """Boxes of an earlier call serve only the same input set, with the same ``sound``: a bound over boxes of
+        a smaller set, or over unwidened boxes, would not be a bound."""
+        src = self.nodes[0].name
+        if src not in intermediate or not all(isinstance(v, NodeBounds) for v in intermediate.values()):
+            raise ValueError("compute_bounds: intermediate must be the node_bounds() of an earlier call")
+        if sound and not all(nb._sound for nb in intermediate.values()):
+            raise ValueError("compute_bounds: intermediate boxes of a sound=False call cannot serve sound bounds")
+        stored = intermediate[src].box()
+        if input_box is None:
+            mid, rad = interval_input_box(inp.xw, inp.eps, inp.x_min, inp.x_max, sound=sound)
+        else:
+            mid, rad = input_box
+        if stored.mid.shape != mid.shape or not (torch.equal(stored.mid, mid) and torch.equal(stored.rad, rad)):
+            raise ValueError("compute_bounds: intermediate boxes were computed for another input set (x, eps, "
+                             "x_min/x_max); compute the bounds afresh")
 
     def _dtype(self) -> torch.dtype:
         p = next(iter(self.model.parameters()), None)
