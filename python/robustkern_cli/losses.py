@@ -19,6 +19,7 @@ registered but not implemented (:data:`NOT_IMPLEMENTED`) raises NotImplementedEr
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from robustkern.attacks import madry_steps, pgd_at_loss, trades_loss
-from robustkern.bounds import BoundedModule, crown_ibp_loss, linear_eps, smoothed_eps
+from robustkern.bounds import BoundedModule, crown_ibp_loss, crown_ibp_slope_loss, linear_eps, smoothed_eps
+from robustkern.bounds.slope_training import RELAXATIONS
 from robustkern.flatness import input_grad_norm, lfr_loss
 from robustkern.smoothing import (consistency_loss, gaussian_augment, macer_loss, smoothadv_loss,
                                   smoothadv_warmup_eps, trades_rs_loss)
@@ -42,6 +44,7 @@ LOSSES: dict[str, LossFn] = {}
 METHOD_DEFAULTS: dict[str, dict] = {}
 _CHECKS: dict[str, CheckFn] = {}  # method -> check(training_params, method_params), run when a config is loaded
 # methods whose recipes are shipped but whose algorithm robustkern does not implement yet: name -> what it is
+# (none at present; the mechanism stays for recipes that come before their method)
 NOT_IMPLEMENTED: dict[str, str] = {}
 
 
@@ -369,13 +372,81 @@ def _grad_norm(model, x, y, cfg, state):
                   "grad_penalty": penalty.item()}
 
 
-def _not_implemented(model, x, y, cfg, state):
-    raise NotImplementedError(_not_implemented_message(cfg["training_params"]["method"]))
+_LLM_FROZEN = {"10": 13, "20": 12, "30": 11, "40": 10, "50": 9, "60": 8, "70": 7, "80": 6, "90": 5, "100": 4,
+               "110": 3, "120": 2, "130": 1, "140": 0}
+_LLM_DEFAULTS = {"init_kappa": 0.0, "final_kappa": 0.0, "final_beta": 1.0, "relaxation": "ours", "slope_steps": 1,
+                 "slope_step": 2.0, "bound_type": "crown-interval", "frozen_dict": dict(_LLM_FROZEN),
+                 "bounded_input": False}
 
 
-# the llm_* recipes (Lee et al. 2021) carry the published parameters; the method's optimised slopes are not in
-# robustkern.bounds yet
-NOT_IMPLEMENTED["crown_ibp_ours"] = ("CROWN-IBP with one-step optimised ReLU slopes, Lee et al. 2021 'Loss "
-                                     "Landscape Matters'")
-register_loss("crown_ibp_ours", {"final_kappa": 0.0, "final_beta": 1.0, "slope_init": "uniform",
-                                 "slope_step": 2.0})(_not_implemented)
+def _check_llm(tp, mp):
+    _one_of(mp, "relaxation", RELAXATIONS)
+    _one_of(mp, "bound_type", ("crown-interval", "crown-interval-frozen"))
+    _fraction(mp, "init_kappa", "final_kappa", "final_beta")
+    steps = mp["slope_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"training_params:method_params:slope_steps must be an integer >= 0, got {steps!r}")
+    step = mp["slope_step"]
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
+        raise ConfigError(f"training_params:method_params:slope_step must be a number > 0, got {step!r}")
+    if not isinstance(mp["bounded_input"], bool):
+        raise ConfigError(f"training_params:method_params:bounded_input must be true or false, got "
+                          f"{mp['bounded_input']!r}")
+    fd = mp["frozen_dict"]
+    ok = isinstance(fd, dict) and fd and all(str(k).isdigit() and isinstance(v, int) and not isinstance(v, bool)
+                                             and v >= 0 for k, v in fd.items())
+    if not ok:
+        raise ConfigError(f"training_params:method_params:frozen_dict must map epochs (\"10\") to layer counts "
+                          f"(integers >= 0), got {fd!r}")
+
+
+def frozen_layers(frozen_dict: dict, epoch: int) -> int:
+    """Loss Landscape Matters' ``frozen`` for ``epoch`` (from 0): the value of the largest epoch key <= epoch; before
+    the first key, its value (the original starts at 13, the first value of its schedule)."""
+    keys = sorted(int(k) for k in frozen_dict)
+    chosen = keys[0]
+    for k in keys:
+        if epoch >= k:
+            chosen = k
+    return int(frozen_dict[str(chosen)])
+
+
+@register_loss("crown_ibp_ours", _LLM_DEFAULTS, _check_llm)
+def _crown_ibp_ours(model, x, y, cfg, state):
+    """CROWN-IBP with optimised ReLU slopes (Lee et al. 2021 "Loss Landscape Matters", sungyoon-lee/
+    LossLandscapeMatters train.py ``Train_calloss_ours``; ``robustkern.bounds.crown_ibp_slope_loss``): each unstable
+    ReLU's lower slope starts uniform in [0, 1] and takes ``slope_steps`` signed-gradient steps of ``slope_step`` on
+    the robust loss (1 of 2: the paper's method; 7 of 0.1: its multistep variant), then the loss with those slopes is
+    back-propagated to the weights. ``relaxation``: "ours", or the paper's comparisons "uniform", "binary" (random
+    slopes), "adaptive" (plain CROWN-IBP), "same-slope", "zero-lb", "one-lb". ``bound_type``
+    "crown-interval-frozen": the backward pass through the last ``frozen + 1`` layers only, ``frozen`` from
+    ``frozen_dict`` by epoch. kappa and beta ramp with eps as in ``crown_ibp`` (the recipes: kappa 0, beta 1).
+    ``bounded_input`` false (the original's setting): the eps box is not clipped to [0, 1] in training. While eps is
+    0 the step is natural training, as in the original."""
+    tp = cfg["training_params"]
+    mp = tp["method_params"]
+    eps, max_eps = state.eps, state.max_eps
+    frac = eps / max_eps if max_eps > 0 else 1.0
+    kappa = mp["init_kappa"] + (mp["final_kappa"] - mp["init_kappa"]) * frac
+    beta = 1.0 - (1.0 - mp["final_beta"]) * frac
+    key = ("bounded", id(model))
+    bm = state.cache.get(key)
+    if bm is None:
+        bm = state.cache[key] = BoundedModule(model, x[:1])
+    frozen = frozen_layers(mp["frozen_dict"], state.epoch) if mp["bound_type"] == "crown-interval-frozen" else None
+    if eps < torch.finfo(torch.float32).tiny:     # natural training while eps is 0, as the original
+        logits = bm(x)
+        loss = natural = robust = F.cross_entropy(logits, y)
+        verified = _accuracy(logits, y)
+    else:
+        lo, hi = (0.0, 1.0) if mp["bounded_input"] else (-math.inf, math.inf)
+        loss, info = crown_ibp_slope_loss(bm, x, y, eps, relaxation=mp["relaxation"], steps=int(mp["slope_steps"]),
+                                          step_size=float(mp["slope_step"]), beta=beta if beta >= 1e-5 else 0.0,
+                                          kappa=kappa, frozen=frozen, norm=float(tp["norm"]), x_min=lo, x_max=hi)
+        logits, natural, robust = info["logits"], info["natural"], info["robust"]
+        verified = (info["lb"] > 0).all(dim=1).float().mean().item()
+    metrics = {"loss": loss.item(), "acc": _accuracy(logits, y), "natural_ce": natural.item(),
+               "robust_ce": robust.item(), "verified_acc": verified, "eps": eps, "kappa": kappa, "beta": beta}
+    if frozen is not None:
+        metrics["frozen"] = float(frozen)
+    return loss, metrics

@@ -54,18 +54,20 @@ working precision with no accounting (training).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.crown import RELU_LOWER_MODES, crown_concretize, crown_relu_backward
+from ..ops.crown import RELU_LOWER_MODES, crown_concretize, crown_relu_backward, crown_relu_backward_slopes
 from .._numerics import gamma, next_down, next_up, tiny, unit_roundoff
 from ..graph import BoundNode
 from .ibp import Box
 from .precision import Coefficients
 
-__all__ = ["node_shapes", "backward_bound", "crown_bounds"]
+__all__ = ["node_shapes", "backward_bound", "crown_bounds", "crown_setup", "crown_intermediate", "identity_rows",
+           "output_spec", "finish", "chain_start", "CrownSetup"]
 
 # Transposed convolutions of ``A`` run channels-last (see ``_gemm_step``); False: contiguous NCHW.
 CHANNELS_LAST = True
@@ -347,21 +349,51 @@ def _step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int) -> tuple[list[t
     raise AssertionError(kind)  # relu and input are handled by the caller
 
 
-def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], input_box: Box, ball, sound: bool
-                   ) -> dict[bool, Tensor]:
+def _relu_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, upper: bool, slope: Tensor | None):
+    """``A`` through the ReLU ``node`` by ``crown_relu_backward`` (the lower-slope rule ``ctx.mode``) or, with
+    ``slope`` (B, 1 or S, N in the flattened C*H*W order), by ``crown_relu_backward_slopes``."""
+    src = node.inputs[0]
+    if _is_channels_last(A):  # the ReLU step on the (B, S, H*W*C) layout, bounds (and slopes) permuted to match
+        l, u_ = ctx.relu_bounds_channels_last(src)
+        A_hwc = A.permute(0, 1, 3, 4, 2)
+        flat = A_hwc.reshape(B, S, -1)
+        if slope is None:
+            A_new, b = crown_relu_backward(flat, l, u_, ctx.mode, upper)
+        else:
+            c, h, w = ctx.shapes[src]
+            hwc = slope.reshape(B, -1, c, h, w).permute(0, 1, 3, 4, 2).reshape(B, slope.shape[1], -1)
+            A_new, b = crown_relu_backward_slopes(flat, l, u_, hwc.to(flat.dtype), upper)
+        return A_new.reshape(A_hwc.shape).permute(0, 1, 4, 2, 3), b
+    l, u_ = ctx.relu_bounds[src]
+    flat = A.reshape(B, S, -1)
+    if slope is None:
+        A_new, b = crown_relu_backward(flat, l, u_, ctx.mode, upper)
+    else:
+        A_new, b = crown_relu_backward_slopes(flat, l, u_, slope.to(flat.dtype), upper)
+    return A_new.reshape(A.shape), b
+
+
+def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], input_box: Box, ball, sound: bool,
+                   slopes: dict | None = None, first: int | None = None) -> dict[bool, Tensor]:
     """Bounds of ``A0 h_start`` (A0 (B, S, *shape)) over the input set, for each side in ``sides``
     (False: lower, True: upper). ``ball`` is (center, eps) flattened for an L2 ball, else None. With ``sound``
-    the rounding errors of every step are accumulated and the result is rounded outwards (module docstring)."""
+    the rounding errors of every step are accumulated and the result is rounded outwards (module docstring).
+    ``slopes``: ``{side: {relu node name: lower slopes (B, 1 or S, N)}}`` for the ReLUs whose lower slope is
+    given explicitly (the others follow ``ctx.mode``). ``first``: the index of the earliest node to go through
+    (the nodes from it to ``start`` must be a chain); the bound is then concretised over the IBP box of that
+    node's input (``input_box``/``ball`` when it is the input), as Loss Landscape Matters'
+    ``backward_range_frozen``."""
     B, S = A0.shape[:2]
     result = {}
     stop = ctx.index[start]
     u = unit_roundoff(A0.dtype)
     for upper in sides:
+        side_slopes = slopes.get(upper, {}) if slopes else {}
         As: dict[str, Tensor] = {start: A0}
         bias = A0.new_zeros((B, S))
         err = A0.new_zeros((B, S)) if sound else None
         A_input = None
-        for node in reversed(ctx.nodes[:stop + 1]):
+        for node in reversed(ctx.nodes[first or 0:stop + 1]):
             A = As.pop(node.name, None)
             if A is None:
                 continue
@@ -369,17 +401,8 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
                 A_input = A
                 continue
             if node.kind == "relu":
-                src = node.inputs[0]
-                if _is_channels_last(A):  # the ReLU step on the (B, S, H*W*C) layout, bounds permuted to match
-                    l, u_ = ctx.relu_bounds_channels_last(src)
-                    A_hwc = A.permute(0, 1, 3, 4, 2)
-                    A_new, b = crown_relu_backward(A_hwc.reshape(B, S, -1), l, u_, ctx.mode, upper)
-                    A_new = A_new.reshape(A_hwc.shape).permute(0, 1, 4, 2, 3)
-                else:
-                    l, u_ = ctx.relu_bounds[src]
-                    A_new, b = crown_relu_backward(A.reshape(B, S, -1), l, u_, ctx.mode, upper)
-                    A_new = A_new.reshape(A.shape)
-                outs, bterm, v = [(src, A_new)], b, _relu_error(ctx, node) if sound else None
+                A_new, b = _relu_step(ctx, node, A, B, S, upper, side_slopes.get(node.name))
+                outs, bterm, v = [(node.inputs[0], A_new)], b, _relu_error(ctx, node) if sound else None
             else:
                 outs, bterm, v = _step(ctx, node, A, B, S)
             if sound and v is not None:
@@ -395,11 +418,19 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
                     As[name] = As[name] + a
                 else:
                     As[name] = a
+        box, at_ball = input_box, ball
+        if first:       # concretise over the IBP box of the first node's input
+            src = _tensor_input(ctx.nodes[first], ctx.shapes)
+            A_input = As.pop(src, None)
+            if ctx.by_name[src].kind != "input":
+                v = ctx.boxes[src]
+                ibp = v() if callable(v) else v
+                box, at_ball = Box(ibp.mid.to(ctx.dtype), ibp.rad.to(ctx.dtype)), None
         if A_input is None:  # the specification does not depend on the input
-            A_input = A0.new_zeros((B, S) + tuple(input_box.mid.shape[1:]))
+            A_input = A0.new_zeros((B, S) + tuple(box.mid.shape[1:]))
         A_flat = A_input.reshape(B, S, -1)
-        mid, rad = input_box.mid.reshape(B, -1), input_box.rad.reshape(B, -1)
-        center, eps = ball if ball is not None else (None, None)
+        mid, rad = box.mid.reshape(B, -1), box.rad.reshape(B, -1)
+        center, eps = at_ball if at_ball is not None else (None, None)
         val = crown_concretize(A_flat, bias, mid, rad, center, eps, upper)
         if sound:
             absA = A_flat.abs()
@@ -413,20 +444,27 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
     return result
 
 
-def crown_bounds(nodes, shapes, ibp_bounds: dict, C: Tensor | None, num_outputs: int, method: str, *,
-                 bound_lower: bool, bound_upper: bool, sound: bool, coeffs: Coefficients, norm: float, x: Tensor,
-                 eps: Tensor, relu_lower: str = "adaptive", crown_batch_size: int | None = None):
-    """CROWN-IBP (``method="CROWN-IBP"``) or CROWN (``"CROWN"``) bounds on ``C f(x)`` (or ``f(x)``).
-    ``ibp_bounds`` are ``propagate``'s per-node boxes (values or callables). ``C`` in any float dtype: with
-    ``sound`` the backward pass runs in float64 and takes it exactly. Returns ``(lb, ub)``; None for a side not
-    requested."""
+@dataclass
+class CrownSetup:
+    """What every backward pass of one bound computation shares: the context (graph, ReLU input bounds, dtype,
+    affine coefficients), the input box and L2 ball in the pass's dtype, the ReLU-input nodes in topological
+    order, and the dtype the bounds come back in."""
+    ctx: _Ctx
+    input_box: Box
+    ball: tuple | None
+    relu_inputs: list
+    work: torch.dtype
+
+
+def crown_setup(nodes, shapes, ibp_bounds: dict, *, sound: bool, coeffs: Coefficients, norm: float, x: Tensor,
+                eps: Tensor, relu_lower: str = "adaptive") -> CrownSetup:
+    """The shared state of a CROWN-IBP / CROWN computation, with the ReLU input bounds from IBP."""
     if relu_lower not in RELU_LOWER_MODES:
         raise ValueError(f"compute_bounds: relu_lower must be one of {sorted(RELU_LOWER_MODES)}, got {relu_lower!r}")
     work = x.dtype
     cdtype = torch.float64 if sound else work
     B = x.shape[0]
-    in_node = nodes[0]
-    box = _box(ibp_bounds[in_node.name])
+    box = _box(ibp_bounds[nodes[0].name])
     input_box = Box(box.mid.to(cdtype), box.rad.to(cdtype))
     ball = None
     if norm == 2:
@@ -441,36 +479,102 @@ def crown_bounds(nodes, shapes, ibp_bounds: dict, C: Tensor | None, num_outputs:
         relu_bounds[name] = (lo.reshape(B, -1).to(cdtype), hi.reshape(B, -1).to(cdtype))
     ctx = _Ctx(nodes, shapes, relu_bounds, cdtype, x.device, coeffs, RELU_LOWER_MODES[relu_lower], ibp_bounds,
                input_box, sound)
-    if method == "CROWN":
-        chunk = crown_batch_size or math.inf
-        for name in relu_inputs:   # topological order: earlier ReLUs' bounds are ready when needed
-            shp = shapes[name]
-            n = int(torch.tensor(shp).prod()) if shp else 1
-            los, his = [], []
-            for s0 in range(0, n, int(min(chunk, n))):
-                s1 = int(min(n, s0 + min(chunk, n)))
-                eye = torch.eye(n, dtype=cdtype, device=x.device)[s0:s1]
-                A0 = eye.reshape(1, s1 - s0, *shp).expand(B, -1, *shp)
-                r = backward_bound(ctx, name, A0, (False, True), input_box, ball, sound)
-                los.append(r[False])
-                his.append(r[True])
-            l_ibp, u_ibp = relu_bounds[name]
-            relu_bounds[name] = (torch.maximum(l_ibp, torch.cat(los, 1)), torch.minimum(u_ibp, torch.cat(his, 1)))
-    out_src = nodes[-1].inputs[0]
+    return CrownSetup(ctx, input_box, ball, relu_inputs, work)
+
+
+def identity_rows(setup: CrownSetup, name: str, rows: Tensor | None = None) -> Tensor:
+    """The specification (B, n, *shape of ``name``) whose rows are the unit vectors of the node's neurons
+    (``rows``: the indices of some of them; default all)."""
+    ctx = setup.ctx
+    shp = ctx.shapes[name]
+    n = math.prod(shp)
+    B = setup.input_box.mid.shape[0]
+    eye = torch.eye(n, dtype=ctx.dtype, device=ctx.device)
+    if rows is not None:
+        eye = eye[rows]
+    return eye.reshape(1, eye.shape[0], *shp).expand(B, -1, *shp)
+
+
+def crown_intermediate(setup: CrownSetup, crown_batch_size: int | None = None) -> None:
+    """CROWN's ReLU input bounds: for each ReLU-input node in topological order, the backward pass from the
+    identity (``crown_batch_size`` rows at a time) with the bounds of the earlier ReLUs, intersected with IBP's."""
+    ctx = setup.ctx
+    chunk = crown_batch_size or math.inf
+    for name in setup.relu_inputs:   # topological order: earlier ReLUs' bounds are ready when needed
+        n = math.prod(ctx.shapes[name])
+        los, his = [], []
+        step = int(min(chunk, n))
+        for s0 in range(0, n, step):
+            rows = torch.arange(s0, min(n, s0 + step), device=ctx.device)
+            r = backward_bound(ctx, name, identity_rows(setup, name, rows), (False, True), setup.input_box,
+                               setup.ball, ctx.sound)
+            los.append(r[False])
+            his.append(r[True])
+        l_ibp, u_ibp = ctx.relu_bounds[name]
+        ctx.relu_bounds[name] = (torch.maximum(l_ibp, torch.cat(los, 1)), torch.minimum(u_ibp, torch.cat(his, 1)))
+
+
+def output_spec(setup: CrownSetup, C: Tensor | None, num_outputs: int) -> tuple[str, Tensor]:
+    """The node whose value ``C`` multiplies (the output's input) and ``A0`` = ``C`` (or the identity) in the
+    pass's dtype, shaped (B, S, *shape of that node)."""
+    ctx = setup.ctx
+    out_src = ctx.nodes[-1].inputs[0]
+    B = setup.input_box.mid.shape[0]
     if C is None:
-        eye = torch.eye(num_outputs, dtype=cdtype, device=x.device)
-        A0 = eye.unsqueeze(0).expand(B, -1, -1)
+        A0 = torch.eye(num_outputs, dtype=ctx.dtype, device=ctx.device).unsqueeze(0).expand(B, -1, -1)
     else:
-        A0 = C.to(cdtype)
-    out_shape = shapes[out_src]
-    A0 = A0.reshape(B, A0.shape[1], *out_shape)
-    sides = tuple(s for s, want in ((False, bound_lower), (True, bound_upper)) if want)
-    r = backward_bound(ctx, out_src, A0, sides, input_box, ball, sound)
-    lb, ub = r.get(False), r.get(True)
-    if sound and cdtype != work:
-        lb = _round_down(lb, work) if lb is not None else None
-        ub = _round_up(ub, work) if ub is not None else None
+        A0 = C.to(ctx.dtype)
+    return out_src, A0.reshape(B, A0.shape[1], *ctx.shapes[out_src])
+
+
+def finish(setup: CrownSetup, lb: Tensor | None, ub: Tensor | None) -> tuple:
+    """Sound bounds computed in float64 for a float32 model, rounded outwards to float32."""
+    if setup.ctx.sound and setup.ctx.dtype != setup.work:
+        lb = _round_down(lb, setup.work) if lb is not None else None
+        ub = _round_up(ub, setup.work) if ub is not None else None
     return lb, ub
+
+
+def chain_start(nodes, start: str, layers: int) -> int:
+    """The index of the earliest of the last ``layers`` layers up to ``start`` (Loss Landscape Matters'
+    ``frozen + 1`` modules: every node but the input, the output and non-tensor values counts), checking that
+    they form a chain (each reads the one before it)."""
+    by_name = {n.name: n for n in nodes}
+    node, count = by_name[start], 1
+    while True:
+        srcs = [i for i in node.inputs if by_name[i].kind != "meta"]
+        if len(srcs) != 1:
+            raise ValueError(f"frozen: the backward pass through the last layers only needs a chain of layers; "
+                             f"{node.path!r} reads {len(srcs)} tensors")
+        prev = by_name[srcs[0]]
+        if count >= layers or prev.kind == "input":
+            return next(i for i, n in enumerate(nodes) if n is node)
+        node, count = prev, count + 1
+
+
+def crown_bounds(nodes, shapes, ibp_bounds: dict, C: Tensor | None, num_outputs: int, method: str, *,
+                 bound_lower: bool, bound_upper: bool, sound: bool, coeffs: Coefficients, norm: float, x: Tensor,
+                 eps: Tensor, relu_lower: str = "adaptive", crown_batch_size: int | None = None,
+                 slopes: dict | None = None, frozen: int | None = None):
+    """CROWN-IBP (``method="CROWN-IBP"``) or CROWN (``"CROWN"``) bounds on ``C f(x)`` (or ``f(x)``).
+    ``ibp_bounds`` are ``propagate``'s per-node boxes (values or callables). ``C`` in any float dtype: with
+    ``sound`` the backward pass runs in float64 and takes it exactly. ``slopes``: explicit ReLU lower slopes of
+    the final backward pass (see ``backward_bound``). ``frozen`` (CROWN-IBP): the final backward pass goes through
+    the last ``frozen + 1`` layers only and is concretised over the IBP box before them (Loss Landscape Matters'
+    ``crown-interval-frozen``). Returns ``(lb, ub)``; None for a side not requested."""
+    setup = crown_setup(nodes, shapes, ibp_bounds, sound=sound, coeffs=coeffs, norm=norm, x=x, eps=eps,
+                        relu_lower=relu_lower)
+    if method == "CROWN":
+        crown_intermediate(setup, crown_batch_size)
+    out_src, A0 = output_spec(setup, C, num_outputs)
+    first = None
+    if frozen is not None:
+        if method != "CROWN-IBP":
+            raise ValueError(f"compute_bounds: frozen takes method 'CROWN-IBP', got {method!r}")
+        first = chain_start(nodes, out_src, int(frozen) + 1)
+    sides = tuple(s for s, want in ((False, bound_lower), (True, bound_upper)) if want)
+    r = backward_bound(setup.ctx, out_src, A0, sides, setup.input_box, setup.ball, sound, slopes, first)
+    return finish(setup, r.get(False), r.get(True))
 
 
 def _box(v) -> Box:

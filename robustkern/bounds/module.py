@@ -17,16 +17,14 @@ from .precision import BoundInput, Coefficients, check_spec, enter, spec_roundin
 __all__ = ["BoundedModule"]
 
 _METHODS = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "ibp+backward": "CROWN-IBP", "ibp+crown": "CROWN-IBP",
-            "crown": "CROWN", "backward": "CROWN"}
-_PLANNED = {"alpha-crown", "crown-optimized"}
-_AVAILABLE = "IBP, CROWN-IBP (aliases IBP+backward, ibp+crown), CROWN (alias backward)"
+            "crown": "CROWN", "backward": "CROWN", "alpha-crown": "alpha-CROWN", "crown-optimized": "alpha-CROWN"}
+_AVAILABLE = ("IBP, CROWN-IBP (aliases IBP+backward, ibp+crown), CROWN (alias backward), alpha-CROWN (alias "
+              "CROWN-Optimized)")
 
 
 def canonical_method(method) -> str:
-    """"IBP", "CROWN-IBP" or "CROWN" for a method name or alias (case-insensitive)."""
+    """"IBP", "CROWN-IBP", "CROWN" or "alpha-CROWN" for a method name or alias (case-insensitive)."""
     key = str(method).strip().lower()
-    if key in _PLANNED:
-        raise NotImplementedError(f"compute_bounds: method {method!r} is not available yet; available: {_AVAILABLE}")
     if key not in _METHODS:
         raise ValueError(f"compute_bounds: unknown method {method!r}; available: {_AVAILABLE}")
     return _METHODS[key]
@@ -149,7 +147,8 @@ class BoundedModule(nn.Module):
     def compute_bounds(self, x: Tensor, eps, norm: float = math.inf, method: str = "IBP", C: Tensor | None = None,
                        x_min: float = 0.0, x_max: float = 1.0, *, sound: bool = True, bound_lower: bool = True,
                        bound_upper: bool = True, relu_lower: str = "adaptive", crown_batch_size: int | None = None,
-                       check_values: bool = True, intermediate: dict | None = None):
+                       check_values: bool = True, intermediate: dict | None = None,
+                       optimize_bound_args: dict | None = None):
         """Bounds ``(lb, ub)`` on the model's outputs (B, n_out), or on ``C`` times them (B, n_spec) when a
         specification ``C`` (B, n_spec, n_out) is given, over every input ``x'`` with ``||x' - x|| <= eps``
         (``norm`` inf or 2) and ``x_min <= x' <= x_max``.
@@ -158,8 +157,11 @@ class BoundedModule(nn.Module):
         "IBP" (interval bound propagation, Gowal et al. 2018); "CROWN-IBP" (aliases "IBP+backward",
         "ibp+crown": IBP for the ReLU input bounds, one backward linear relaxation from ``C``; Zhang et al.
         2020); "CROWN" (alias "backward": backward relaxations for the ReLU input bounds too, intersected with
-        IBP, ``crown_batch_size`` identity rows at a time; Zhang et al. 2018). ``relu_lower``: the ReLU lower
-        slope of the linear relaxation, "adaptive" (default), "zero", "one" or "same-slope".
+        IBP, ``crown_batch_size`` identity rows at a time; Zhang et al. 2018); "alpha-CROWN" (alias
+        "CROWN-Optimized": CROWN with its ReLU lower slopes optimised on the bound per neuron and specification
+        row, never looser than CROWN; Xu et al. 2021; ``optimize_bound_args`` as auto_LiRPA's, see
+        ``robustkern.bounds.alpha_crown``). ``relu_lower``: the ReLU lower slope of the linear relaxation,
+        "adaptive" (default), "zero", "one" or "same-slope" (for alpha-CROWN: the slopes it starts from).
         ``sound=True`` makes the bounds hold for the real-valued network (see the class docstring): every
         step is widened by a bound on its floating-point rounding error (``robustkern.reference.interval``,
         ``robustkern.bounds.crown``). ``sound=False`` computes in the working precision without guarantees
@@ -175,18 +177,19 @@ class BoundedModule(nn.Module):
         method = canonical_method(method)
         inp = self._enter(x, eps, norm, x_min, x_max, C, check_values)
         out = self._bounds(inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
-                           intermediate=intermediate)
+                           intermediate=intermediate, optimize_bound_args=optimize_bound_args)
         return out[0], out[1]
 
     def compute_bounds_box(self, lower: Tensor, upper: Tensor, method: str = "IBP", C: Tensor | None = None, *,
                            sound: bool = True, bound_lower: bool = True, bound_upper: bool = True,
                            relu_lower: str = "adaptive", crown_batch_size: int | None = None,
-                           x: Tensor | None = None, check_values: bool = True, intermediate: dict | None = None):
+                           x: Tensor | None = None, check_values: bool = True, intermediate: dict | None = None,
+                           optimize_bound_args: dict | None = None):
         """As ``compute_bounds`` over the element-wise box ``lower <= x' <= upper`` (B, ...) given explicitly
         (e.g. auto_LiRPA's ``x_L``/``x_U``; rounded outwards to the working precision). ``x``: the clean batch,
         used only for batch-statistics BatchNorm (default: the box centre). ``check_values=False`` skips the
-        checks that read tensor values (NaN, ``lower <= upper``), as in ``compute_bounds``; ``intermediate`` as
-        there."""
+        checks that read tensor values (NaN, ``lower <= upper``), as in ``compute_bounds``; ``intermediate`` and
+        ``optimize_bound_args`` as there."""
         method = canonical_method(method)
         for name, t in (("lower", lower), ("upper", upper)):
             if not isinstance(t, Tensor) or not t.is_floating_point():
@@ -206,24 +209,31 @@ class BoundedModule(nn.Module):
         if sound:  # the centre and radius round; widen so that [mid - rad, mid + rad] contains [lower, upper]
             rad = rad + 4 * unit_roundoff(dtype) * (mid.abs() + rad) + torch.finfo(dtype).tiny
         out = self._bounds(inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
-                           input_box=(mid, rad), intermediate=intermediate)
+                           input_box=(mid, rad), intermediate=intermediate, optimize_bound_args=optimize_bound_args)
         return out[0], out[1]
 
     def _bounds(self, inp: BoundInput, method: str, sound: bool, bound_lower: bool = True, bound_upper: bool = True,
                 relu_lower: str = "adaptive", crown_batch_size: int | None = None, *, input_box=None,
-                with_ibp: bool = False, stats: dict | None = None, intermediate: dict | None = None):
+                with_ibp: bool = False, stats: dict | None = None, intermediate: dict | None = None,
+                optimize_bound_args: dict | None = None, slopes: dict | None = None, frozen: int | None = None):
         """(lb, ub[, ibp_lb, ibp_ub]) for an entered input: the engine behind compute_bounds(_box). Every
         product inside runs in IEEE float32/float64 with autocast off (``robustkern._numerics.ieee_products``):
-        TF32 or bf16 would break the rounding-error bounds."""
+        TF32 or bf16 would break the rounding-error bounds. ``slopes`` and ``frozen`` (CROWN-IBP and CROWN):
+        explicit ReLU lower slopes of the final backward pass and the back-substitution through the last layers
+        only (``robustkern.bounds.crown.crown_bounds``)."""
         if intermediate is not None and (method != "CROWN-IBP" or with_ibp):
             raise ValueError(f"compute_bounds: intermediate (an earlier call's IBP boxes) takes method 'CROWN-IBP', "
                              f"got {method!r}")
+        if optimize_bound_args is not None and method != "alpha-CROWN":
+            raise ValueError(f"compute_bounds: optimize_bound_args takes method 'alpha-CROWN', got {method!r}")
+        extra = dict(slopes=slopes, frozen=frozen, optimize_bound_args=optimize_bound_args)
         with ieee_products():
             return self._bounds_engine(inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
-                                       input_box, with_ibp, stats, intermediate)
+                                       input_box, with_ibp, stats, intermediate, extra)
 
     def _bounds_engine(self, inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
-                       input_box, with_ibp, stats, intermediate=None):
+                       input_box, with_ibp, stats, intermediate=None, extra=None):
+        extra = extra or {}
         coeffs = self._coefficients(inp.x, sound, stats)
         Cw, C_err = spec_rounding(inp.C, inp.dtype) if inp.C is not None else (None, None)
         ibp = ()
@@ -243,10 +253,16 @@ class BoundedModule(nn.Module):
         from .crown import crown_bounds, node_shapes
         if self._shapes is None:
             self._shapes = node_shapes(self.nodes, self.model, inp.xw.new_zeros((1,) + self.input_shape))
-        lb, ub = crown_bounds(self.nodes, self._shapes, bounds, inp.C if sound else Cw, self.num_outputs, method,
-                              bound_lower=bound_lower, bound_upper=bound_upper, sound=sound, coeffs=coeffs,
-                              norm=inp.norm, x=inp.xw, eps=inp.eps, relu_lower=relu_lower,
-                              crown_batch_size=crown_batch_size)
+        common = dict(bound_lower=bound_lower, bound_upper=bound_upper, sound=sound, coeffs=coeffs, norm=inp.norm,
+                      x=inp.xw, eps=inp.eps, relu_lower=relu_lower, crown_batch_size=crown_batch_size)
+        C = inp.C if sound else Cw
+        if method == "alpha-CROWN":
+            from .alpha_crown import alpha_crown_bounds
+            lb, ub = alpha_crown_bounds(self.nodes, self._shapes, bounds, C, self.num_outputs,
+                                        optimize_bound_args=extra.get("optimize_bound_args"), **common)
+        else:
+            lb, ub = crown_bounds(self.nodes, self._shapes, bounds, C, self.num_outputs, method,
+                                  slopes=extra.get("slopes"), frozen=extra.get("frozen"), **common)
         out = (_nan_to_inf(lb, -1) if lb is not None else None, _nan_to_inf(ub, 1) if ub is not None else None)
         return out + (ibp if with_ibp else ())
 

@@ -52,36 +52,37 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bounds import BoundedModule
-from ..ops.crown import crown_concretize, crown_relu_backward
+from ..ops.crown import crown_concretize, crown_relu_backward, crown_relu_backward_slopes
 
 __all__ = ["BoundSequential", "BoundLinear", "BoundConv2d", "BoundReLU", "BoundFlatten", "BoundDataParallel",
-           "UNSTABLE_GUARD", "check_bound_opts", "relu_lower_mode"]
+           "UNSTABLE_GUARD", "SLOPE_OPTS", "check_bound_opts", "relu_lower_mode"]
 
 UNSTABLE_GUARD = 1e-5        # the original's threshold for counting a ReLU input interval as unstable
 _BOOL_OPTS = ("same-slope", "zero-lb", "one-lb")
 
 
-_PLANNED_OPTS = ("ours", "binary", "uniform")     # Loss Landscape Matters' optimised / random lower slopes
+SLOPE_OPTS = ("ours", "binary", "uniform")     # Loss Landscape Matters' optimised / random lower slopes
 
 
-def check_bound_opts(bound_opts: dict | None) -> dict:
-    """``bound_opts`` as a dict; the optimised lower slopes of Loss Landscape Matters raise."""
+def check_bound_opts(bound_opts: dict | None, slopes: bool = False) -> dict:
+    """``bound_opts`` as a dict. Loss Landscape Matters' slope options (``ours``, ``binary``, ``uniform``) are
+    that project's (``slopes=True``): CROWN-IBP's layers refuse them."""
     opts = dict(bound_opts or {})
-    on = [k for k in _PLANNED_OPTS if opts.get(k, False)]
-    if on:
-        raise NotImplementedError(f"bound_opts {on[0]!r}: Loss Landscape Matters' optimised lower slopes are not "
-                                  f"available in robustkern yet (planned); use the default, same-slope, zero-lb "
-                                  f"or one-lb")
+    on = [k for k in SLOPE_OPTS if opts.get(k, False)]
+    if on and not slopes:
+        raise NotImplementedError(f"bound_opts {on[0]!r}: Loss Landscape Matters' lower slopes are not part of "
+                                  f"CROWN-IBP's bound layers; use robustkern.compat.loss_landscape")
     return opts
 
 
 def relu_lower_mode(bound_opts: dict | None) -> str:
     """The lower-slope mode of ``robustkern.ops.crown_relu_backward`` for CROWN-IBP's ``bound_opts``
     (the first true key of same-slope, zero-lb, one-lb, in the original's order; else adaptive)."""
-    opts = check_bound_opts(bound_opts)
+    opts = dict(bound_opts or {})
     for key, mode in (("same-slope", "same-slope"), ("zero-lb", "zero"), ("one-lb", "one")):
         if opts.get(key, False):
             return mode
+    check_bound_opts(opts)
     return "adaptive"
 
 
@@ -93,7 +94,7 @@ class _BoundLayer:
     bound_opts: dict | None = None
 
     def convert_eval(self, bound_opts=None) -> None:
-        self.bound_opts = check_bound_opts(bound_opts)
+        self.bound_opts = dict(bound_opts or {})
 
     def __getstate__(self):
         """Copies and pickles leave out the bounds kept from the last call."""
@@ -364,6 +365,7 @@ class BoundSequential(nn.Sequential):
         layers = list(self)
         shapes = self._layer_shapes(x_U)
         C = C.to(x_U.dtype)
+        slopes = self._relu_slopes(concretize_at, stop, x_U)
         out = {}
         for side, want in ((True, upper), (False, lower)):
             if not want:
@@ -379,7 +381,11 @@ class BoundSequential(nn.Sequential):
                     lo, up = (t.reshape(t.shape[0], -1) for t in self._relu_bounds[i])
                     B, S = lo.shape[0], A.shape[1]
                     flat = A.reshape(A.shape[0], S, -1).expand(B, S, -1).contiguous()
-                    A_in, b = crown_relu_backward(flat, lo, up, relu_lower_mode(m.bound_opts), side)
+                    if i in slopes:
+                        d = slopes[i].reshape(B, 1, -1).to(flat.dtype)
+                        A_in, b = crown_relu_backward_slopes(flat, lo, up, d, side)
+                    else:
+                        A_in, b = crown_relu_backward(flat, lo, up, relu_lower_mode(m.bound_opts), side)
                     A, relu_bias = A_in.reshape(B, S, *A.shape[2:]), relu_bias + b
                 elif isinstance(m, BoundFlatten):
                     A = A.reshape(A.shape[0], A.shape[1], *shapes[i][0])
@@ -394,6 +400,11 @@ class BoundSequential(nn.Sequential):
             out[side] = self._concretize(norm, x_U, x_L, eps, A, relu_bias, layer_bias, side, batch,
                                          concretize_at)
         return out
+
+    def _relu_slopes(self, start: int, stop: int, x_U: Tensor) -> dict:
+        """Explicit lower slopes ``{layer index: (B, 1, *input shape)}`` of the ReLUs in layers ``[start, stop)``
+        for one backward pass (both sides); CROWN-IBP's layers have none (their slopes follow ``bound_opts``)."""
+        return {}
 
     def _concretize(self, norm, x_U, x_L, eps, A, relu_bias, layer_bias, side, batch, at) -> _Side:
         B = x_U.shape[0] if batch is None else batch

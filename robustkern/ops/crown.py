@@ -6,6 +6,10 @@ CUDA, or CPU under ``TRITON_INTERPRET=1``), the C++ CPU kernel (``csrc/cpu/crown
 pure-PyTorch reference. There is no CUDA C++ kernel: on CUDA ``auto`` picks Triton, and requesting ``cuda``
 raises ``BackendUnavailable``.
 
+``crown_relu_backward_slopes`` is the ReLU step with explicit (optimisable) lower slopes: an op with its
+reference only (its cost is the passes over ``A`` that ATen's element-wise kernels make), whose backward op
+``crown_relu_backward_slopes_grad`` gives the gradients with respect to ``A``, the bounds and the slopes.
+
 Backward passes are the ops ``crown_relu_backward_grad`` and ``crown_concretize_grad``: single-pass C++ kernels
 where the compiled backend runs and no double backward is recorded (the concretisation's for the box only),
 otherwise their differentiable references (``robustkern.reference.crown``), so double backward works. Both save only the
@@ -26,7 +30,7 @@ from ..reference.crown import RELU_LOWER_MODES
 from ._registry import define_op, triton_kernel
 
 
-__all__ = ["crown_relu_backward", "crown_concretize", "RELU_LOWER_MODES"]
+__all__ = ["crown_relu_backward", "crown_relu_backward_slopes", "crown_concretize", "RELU_LOWER_MODES"]
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -106,6 +110,64 @@ def crown_relu_backward(A: Tensor, lower: Tensor, upper: Tensor, mode: int | str
         raise ValueError(f"{op}: mode must be 0..3, got {mode}")
     _check(op, A, lower=(lower, "BN"), upper=(upper, "BN"))
     return CROWN_RELU_BACKWARD(A, lower, upper, int(mode), bool(upper_side))
+
+
+# ----------------------------------------------------------------------------------------------- relu step, slopes
+def _slopes_setup(ctx, inputs, output):
+    A, lower, upper, slope, upper_side = inputs
+    ctx.upper_side = upper_side
+    ctx.save_for_backward(A, lower, upper, slope)
+
+
+def _slopes_grad_fake(A, lower, upper, slope, upper_side, g_A, g_bias, need_lu, need_slope):
+    lu = (torch.empty_like(lower), torch.empty_like(upper)) if need_lu else (lower.new_empty(0), upper.new_empty(0))
+    return (torch.empty_like(A),) + lu + ((torch.empty_like(slope),) if need_slope else (slope.new_empty(0),))
+
+
+CROWN_RELU_BACKWARD_SLOPES_GRAD = define_op(
+    "crown_relu_backward_slopes_grad", reference=_ref.crown_relu_backward_slopes_grad, public=False,
+    schema="crown_relu_backward_slopes_grad(Tensor A, Tensor lower, Tensor upper, Tensor slope, bool upper_side, "
+           "Tensor g_A, Tensor g_bias, bool need_lu, bool need_slope) -> (Tensor, Tensor, Tensor, Tensor)",
+    fake=_slopes_grad_fake)
+
+
+def _slopes_backward(ctx, g_A, g_bias):
+    A, lower, upper, slope = ctx.saved_tensors
+    need_lu = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+    need_slope = bool(ctx.needs_input_grad[3])
+    g_A = torch.zeros_like(A) if g_A is None else g_A
+    g_bias = A.new_zeros(A.shape[:2]) if g_bias is None else g_bias
+    grad_A, grad_l, grad_u, grad_s = CROWN_RELU_BACKWARD_SLOPES_GRAD(A, lower, upper, slope, ctx.upper_side, g_A,
+                                                                      g_bias, need_lu, need_slope)
+    return (grad_A, grad_l if need_lu else None, grad_u if need_lu else None, grad_s if need_slope else None,
+            None)
+
+
+CROWN_RELU_BACKWARD_SLOPES = define_op(
+    "crown_relu_backward_slopes", reference=_ref.crown_relu_backward_slopes,
+    schema="crown_relu_backward_slopes(Tensor A, Tensor lower, Tensor upper, Tensor slope, bool upper_side) "
+           "-> (Tensor, Tensor)",
+    fake=lambda A, lower, upper, slope, upper_side: (torch.empty_like(A), A.new_empty(A.shape[:2])),
+    setup_context=_slopes_setup, backward=_slopes_backward)
+
+
+def crown_relu_backward_slopes(A: Tensor, lower: Tensor, upper: Tensor, slope: Tensor,
+                               upper_side: bool = False) -> tuple[Tensor, Tensor]:
+    """``crown_relu_backward`` with the lower slopes given per neuron: ``slope`` (B, 1, N) (one per neuron,
+    shared by the specification rows) or (B, S, N) (one per neuron and row), clamped to [0, 1] on the unstable
+    neurons (``lower < 0 < upper``); stable neurons take 1 (``lower >= 0``) and 0 (``upper <= 0``). Any slope in
+    [0, 1] is a valid lower line, so ``(A', bias)`` is a bound step whatever ``slope`` holds. Differentiable with
+    respect to ``A``, ``lower``, ``upper`` and ``slope`` (see ``robustkern.reference.crown``)."""
+    op = "crown_relu_backward_slopes"
+    _check(op, A, lower=(lower, "BN"), upper=(upper, "BN"))
+    B, S, N = A.shape
+    if not isinstance(slope, Tensor) or slope.dim() != 3 or slope.shape[0] != B or slope.shape[2] != N or \
+            slope.shape[1] not in (1, S):
+        got = tuple(slope.shape) if isinstance(slope, Tensor) else type(slope).__name__
+        raise ValueError(f"{op}: slope must have shape ({B}, 1, {N}) or ({B}, {S}, {N}), got {got}")
+    if slope.dtype != A.dtype or slope.device != A.device:
+        raise ValueError(f"{op}: slope must have A's dtype and device ({A.dtype}, {A.device})")
+    return CROWN_RELU_BACKWARD_SLOPES(A, lower, upper, slope, bool(upper_side))
 
 
 # ----------------------------------------------------------------------------------------------- concretize

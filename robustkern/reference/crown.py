@@ -26,6 +26,13 @@ the lower line and negative entries the upper line::
 and the upper side mirrors it (``A' = d_u A+ + d_l A-``, ``bias = sum_N A+ b_u``). Returns ``(A', bias)`` with
 ``bias`` (B, S).
 
+``crown_relu_backward_slopes(A, lower, upper, slope, upper_side)``: the same step with explicit lower slopes
+``slope`` (B, 1, N) (one per neuron, shared by the specifications: Lee et al. 2021, "Loss Landscape Matters")
+or (B, S, N) (one per neuron and specification row: alpha-CROWN, Xu et al. 2021), for the unstable neurons
+(``l < 0 < u``), clamped to [0, 1]; stable neurons get 1 (``l >= 0``) and 0 (``u <= 0``), as auto_LiRPA's
+``BoundRelu`` masks its alphas. Every slope in [0, 1] gives a valid lower line, so the result is a bound
+whatever ``slope`` holds.
+
 ``crown_concretize(A, bias, mid, rad, center, eps, upper_side)``: the bound of ``A x + bias`` over the box
 ``|x - mid| <= rad`` (L-inf, clipped): ``A mid + bias -/+ |A| rad``; with ``center, eps`` (an L2 ball
 ``||x - center||_2 <= eps`` whose clipped box is ``(mid, rad)``) also ``A center + bias -/+ eps ||A||_2`` (the
@@ -39,7 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["RELU_LOWER_MODES", "relu_relaxation", "crown_relu_backward", "crown_concretize", "crown_relu_backward_grad",
-           "crown_concretize_grad", "dense_crown"]
+           "crown_concretize_grad", "slope_lower_line", "crown_relu_backward_slopes", "crown_relu_backward_slopes_grad",
+           "dense_crown"]
 
 RELU_LOWER_MODES = {"adaptive": 0, "zero": 1, "one": 2, "same-slope": 3}
 
@@ -131,6 +139,62 @@ def crown_relu_backward_grad(A: Tensor, lower: Tensor, upper: Tensor, mode: int,
         g_du = g_du + g_dl
     grad_l, grad_u = _upper_line_grads(lower, upper, g_du, g_bu)
     return grad_A, grad_l, grad_u
+
+
+def slope_lower_line(lower: Tensor, upper: Tensor, slope: Tensor) -> Tensor:
+    """The lower slopes ``d_l`` (B, S', N) used for explicit ``slope`` (B, S', N): ``clamp(slope, 0, 1)`` where
+    ``lower < 0 < upper``, 1 where ``lower >= 0``, 0 where ``upper <= 0`` (``lower, upper`` (B, N))."""
+    lo, up = lower.unsqueeze(1), upper.unsqueeze(1)
+    return torch.where(lo >= 0, 1.0, torch.where(up <= 0, 0.0, slope.clamp(0.0, 1.0)))
+
+
+def crown_relu_backward_slopes(A: Tensor, lower: Tensor, upper: Tensor, slope: Tensor, upper_side: bool):
+    """``crown_relu_backward`` with the lower slopes given: ``d_l = slope_lower_line(lower, upper, slope)``."""
+    _, d_u, b_u = relu_relaxation(lower, upper, 0)
+    d_l = slope_lower_line(lower, upper, slope)
+    d_u, b_u = d_u.unsqueeze(1), b_u.unsqueeze(1)
+    pos, neg = A.clamp(min=0), A.clamp(max=0)
+    if upper_side:
+        return pos * d_u + neg * d_l, (pos * b_u).sum(-1)
+    return pos * d_l + neg * d_u, (neg * b_u).sum(-1)
+
+
+def crown_relu_backward_slopes_grad(A: Tensor, lower: Tensor, upper: Tensor, slope: Tensor, upper_side: bool,
+                                    g_A: Tensor, g_bias: Tensor, need_lu: bool, need_slope: bool):
+    """The backward pass of ``crown_relu_backward_slopes``: ``(grad_A, grad_lower, grad_upper, grad_slope)``
+    (a gradient not needed is empty). In differentiable PyTorch ops, so a double backward runs through it.
+    ``d A'/d slope`` is ``A+`` (lower side) or ``A-`` (upper side) on the unstable neurons whose slope lies in
+    [0, 1] (the clamp passes the gradient at its ends, as ``torch.clamp`` does), summed over the specifications
+    for a shared (B, 1, N) slope; ``l, u`` enter through the upper line ``d_u``, ``b_u`` only (the lower slope
+    is piecewise constant in them)."""
+    _, d_u, b_u = (t.unsqueeze(1) for t in relu_relaxation(lower, upper, 0))
+    d_l = slope_lower_line(lower, upper, slope)
+    pos = A > 0
+    zero = torch.zeros((), dtype=A.dtype, device=A.device)
+    if upper_side:
+        d_p, d_n, b_p, b_n = d_u, d_l, b_u, zero
+    else:
+        d_p, d_n, b_p, b_n = d_l, d_u, zero, b_u
+    gb = g_bias.unsqueeze(-1)
+    grad_A = g_A * torch.where(pos, d_p, d_n) + gb * torch.where(pos, b_p, b_n)
+    gA_A = g_A * A
+    empty = lower.new_empty(0)
+    grad_slope = empty
+    if need_slope:
+        g_dl = torch.where(pos, zero, gA_A) if upper_side else torch.where(pos, gA_A, zero)
+        if slope.shape[1] == 1 and A.shape[1] != 1:
+            g_dl = g_dl.sum(1, keepdim=True)
+        free = (lower.unsqueeze(1) < 0) & (upper.unsqueeze(1) > 0) & (slope >= 0) & (slope <= 1)
+        grad_slope = torch.where(free, g_dl, zero)
+    if not need_lu:
+        return grad_A, empty, empty, grad_slope
+    Ap, An = torch.where(pos, A, zero), torch.where(pos, zero, A)
+    if upper_side:
+        g_du, g_bu = torch.where(pos, gA_A, zero).sum(1), (gb * Ap).sum(1)
+    else:
+        g_du, g_bu = torch.where(pos, zero, gA_A).sum(1), (gb * An).sum(1)
+    grad_l, grad_u = _upper_line_grads(lower, upper, g_du, g_bu)
+    return grad_A, grad_l, grad_u, grad_slope
 
 
 def crown_concretize_grad(A: Tensor, mid: Tensor, rad: Tensor, g: Tensor, upper_side: bool):
