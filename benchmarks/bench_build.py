@@ -5,7 +5,7 @@ pip, a re-install, and the JIT build on first use.
 
 Each source tree (the work tree, tracked and untracked files; with ``--baseline`` also the git revision REV)
 is copied into a temporary folder and installed there into its own virtual environment, which sees this
-Python's packages (``--system-site-packages``: torch, ninja) but keeps the install to itself. Steps, each timed
+Python's packages (``--system-site-packages``: pip, setuptools, torch, ninja) but keeps the install to itself. Steps, each timed
 by the wall clock of one command run in the copy:
 
 1. ``clean install``: ``pip install --no-build-isolation -e .`` in the fresh copy;
@@ -98,7 +98,9 @@ def measure(rev: str | None, touch: str, keep: bool) -> tuple[str, list[Step]]:
         src.mkdir()
         label = _copy_tree(rev, src)
         print(f"{label}: copied into {src}", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        # No pip of its own: this Python's pip, setuptools and ninja serve, as in the user's environment.
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+                       check=True)
         python = str(venv / "bin" / "python")
         env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
         env.pop("PYTHONPATH", None)
