@@ -127,6 +127,7 @@ def _jit_compile() -> None:
     src = _source_dir()
     sources = _build_spec.sources(src, cuda=False)
     build_dir = _build_dir()
+    cpp_extension.verify_ninja_availability()  # RuntimeError (-> "absent", with the advice) before announcing
     if not _up_to_date(build_dir / f"{_JIT_NAME}.so", sources + _build_spec.headers(src)):
         print(f"robustkern: compiling the C++ CPU kernels on first use, {_JIT_DURATION}; cached in {build_dir} "
               f"(`pip install --no-build-isolation -e .` prebuilds them)", file=sys.stderr, flush=True)

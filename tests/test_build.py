@@ -196,3 +196,15 @@ def test_cmake_globs_the_sources_setup_py_compiles(monkeypatch):
         assert re.search(rf"\b{name}=", cmake), f"CMakeLists.txt does not define {name}"
     for flag in extension.extra_compile_args["cxx"]:
         assert flag.startswith(("-O", "-g")) or flag in cmake, f"CMakeLists.txt does not pass {flag}"
+
+
+def test_jit_build_without_ninja_fails_before_announcing(monkeypatch, tmp_path, capsys):
+    calls = _record_jit_build(monkeypatch, tmp_path)
+
+    def no_ninja():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp_extension, "verify_ninja_availability", no_ninja)
+    with pytest.raises(RuntimeError, match="Ninja"):
+        _ext._jit_compile()
+    assert capsys.readouterr().err == "" and calls == []
