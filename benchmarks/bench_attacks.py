@@ -10,7 +10,7 @@ Providers (L-inf, random start, cross-entropy, model in eval mode, the same inpu
   robustkern-graph  ``pgd(..., cuda_graph=True)``: the k-step loop replayed as a CUDA graph (CUDA only)
 
 Models: ``mnist_small`` (MNIST CNN, 1x28x28, eps 0.3, alpha 0.01) and ``preact_resnet18`` (CIFAR, 3x32x32,
-eps 8/255, alpha 2/255) from ``robustkern_cli.models``.
+eps 8/255, alpha 2/255) from ``robustkern.models``.
 
     PYTHONPATH=python:. python benchmarks/bench_attacks.py --threads 1 --write-results     # CPU defaults
     PYTHONPATH=python:. python benchmarks/bench_attacks.py --quick                         # smoke test
@@ -32,7 +32,7 @@ BENCH = "attacks"
 PROVIDERS = ["floor", "eager", "torchattacks", "robustkern", "robustkern-graph"]
 MODELS = {"mnist_small": dict(shape=(1, 28, 28), eps=0.3, alpha=0.01),
           "preact_resnet18": dict(shape=(3, 32, 32), eps=8 / 255, alpha=2 / 255)}
-# The sizes on CUDA; on 2 shared CPU cores PGD-100 on a ResNet-18 takes minutes per call at batch 128,
+# The GPU sizes; on 2 shared CPU cores PGD-100 on a ResNet-18 takes minutes per call at batch 128,
 # so CPU runs default to small batches (pass --batch for others).
 DEFAULT_BATCH = {"cuda": {"mnist_small": 256, "preact_resnet18": 128},
                  "cpu": {"mnist_small": 32, "preact_resnet18": 4}}
@@ -68,7 +68,7 @@ def providers(model, x, y, eps, alpha, steps, device):
 
 def run_case(name, batch, steps, args, device):
     spec = MODELS[name]
-    from robustkern_cli.models import build_model
+    from robustkern.models import build_model
 
     torch.manual_seed(args.seed)
     kw = {"in_ch": spec["shape"][0], "in_dim": spec["shape"][1]}
@@ -107,6 +107,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--write-results", action="store_true", help="write this run's block into RESULTS.md")
+    common.add_output_options(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.models = args.models.split(",")
@@ -123,7 +124,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args, device = parse_args(argv)
-    env = common.start(device, args.threads)
+    env = common.start(device, args.threads, args=args)
     rows = []
     for name, batch in zip(args.models, args.batch):
         for steps in args.steps:

@@ -260,9 +260,10 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="timing rounds at least (short steps get more)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: leave torch's default)")
     ap.add_argument("--write-results", action="store_true")
+    common.add_output_options(ap)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    env = common.start(device, args.threads if device.type == "cpu" else 0)
+    env = common.start(device, args.threads if device.type == "cpu" else 0, args=args)
     makers = {"crown_ibp": lambda: crown_ibp_cases(args, device),
               "loss_landscape": lambda: crown_ibp_cases(args, device, "loss_landscape"),
               "trades_rs": lambda: trades_cases(args, device), "macer": lambda: macer_cases(args, device),

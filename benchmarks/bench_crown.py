@@ -22,7 +22,7 @@ torch threads) and "saved MB" (bytes autograd keeps for the backward, fwd+bwd ro
 per provider (triton do_bench, at least 5 timed calls) and "peak MB" (``common.cuda_peak_bytes``: peak allocated
 during one call, both modes), TF32 off for every provider (robustkern's bound ops force IEEE fp32 themselves; the
 run sets ``torch.backends.cuda.matmul.fp32_precision`` and ``torch.backends.cudnn.conv.fp32_precision`` to "ieee"
-for the others), and the issue's GPU targets below the table (``target_lines``).
+for the others), and robustkern's GPU targets below the table (``target_lines``).
 
     PYTHONPATH=python:. python benchmarks/bench_crown.py --device cpu --threads 1 [--write-results]
     PYTHONPATH=python:. python benchmarks/bench_crown.py --device cuda --models cnn_7layer_bn --batch 256 \
@@ -51,7 +51,7 @@ from robustkern.reference import crown as ref_crown  # noqa: E402
 
 BENCH = "crown"
 PROVIDERS = ["plain", "robustkern-ibp", "robustkern", "robustkern-lf", "eager", "auto_lirpa", "auto_lirpa-lf"]
-# The issue's GPU targets for the CROWN-IBP robust loss (fwd and fwd+bwd): robustkern at least 3x faster than
+# robustkern's GPU targets for the CROWN-IBP robust loss (fwd and fwd+bwd): robustkern at least 3x faster than
 # auto_LiRPA's plain CROWN-IBP, at most half its peak memory, and robustkern's loss fusion faster than auto_LiRPA's.
 TARGET_X_AUTO_LIRPA = 3.0
 TARGET_MEM_X_AUTO_LIRPA = 0.5
@@ -106,7 +106,7 @@ def setup(name, case, args):
 
 
 def target_lines(rows: list[common.Row]) -> list[str]:
-    """The issue's GPU targets per (model, batch, mode), from the medians and peak memory of ``rows``: robustkern
+    """robustkern's GPU targets per (model, batch, mode), from the medians and peak memory of ``rows``: robustkern
     >= ``TARGET_X_AUTO_LIRPA`` x faster than auto_lirpa, its peak memory <= ``TARGET_MEM_X_AUTO_LIRPA`` x
     auto_lirpa's, robustkern-lf faster than auto_lirpa-lf. A provider missing or failed reads "not measured"."""
     by_case: dict[tuple, dict[str, common.Row]] = {}
@@ -158,9 +158,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs only)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
-    ap.add_argument("--lirpa-path", default=os.environ.get("AUTO_LIRPA_PATH", "/work/scratch/lirpa"))
+    ap.add_argument("--lirpa-path", default=os.environ.get("AUTO_LIRPA_PATH"),
+                    help="directory holding the auto_LiRPA package (default: $AUTO_LIRPA_PATH)")
     ap.add_argument("--no-save", action="store_true", help="do not append the rows to results/crown.csv")
     ap.add_argument("--write-results", action="store_true")
+    common.add_output_options(ap)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type not in ("cpu", "cuda"):
@@ -171,6 +173,7 @@ def main(argv=None):
         torch.backends.cudnn.conv.fp32_precision = "ieee"
     else:
         torch.set_num_threads(args.threads)
+    common.use_output_options(args)
     env = common.Environment.capture(device)
     rows = []
     for model_name in args.models.split(","):
@@ -225,7 +228,7 @@ def main(argv=None):
             body += "\n\nGPU targets, from the medians and peak memory above:\n" + "\n".join(targets)
         else:
             intro = ("CPU, small batch (" + str(args.batch) + "), L-inf eps 2/255, 9 margin specs, BatchNorm in "
-                     "training mode. GPU rows: not measured: no GPU in this session.\n\n")
+                     "training mode. GPU rows: see the GPU blocks (bench_crown.py --device cuda).\n\n")
         common.update_results_md(BENCH, "CROWN-IBP robust loss (`bench_crown.py`)", intro + body, env,
                                  variant=f"batch {args.batch}")
 

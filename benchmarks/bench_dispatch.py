@@ -81,9 +81,10 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--write-results", action="store_true", help="write the CSV rows and the RESULTS.md block")
+    common.add_output_options(p)
     args = p.parse_args(argv)
     device = torch.device("cpu")
-    env = common.start(device, threads=1)
+    env = common.start(device, threads=1, args=args)
     rows, lines = [], []
     for name, ours, direct, aten in cases():
         t = common.time_cpu({"robustkern": loop(ours, args.calls), "implementation": loop(direct, args.calls),

@@ -15,7 +15,7 @@ inputs for every provider:
   lfr-robustkern   ``robustkern.flatness.lfr_loss`` (backend auto) with the same K
   pgd-at           ``robustkern.attacks.pgd_at_loss`` with the same K (Madry et al.), for scale
 
-Models (``robustkern_cli.models``): ``small_cnn`` (LFR's MNIST SmallCNN, max pooling, 1x28x28, eps 0.3, step
+Models (``robustkern.models``): ``small_cnn`` (LFR's MNIST SmallCNN, max pooling, 1x28x28, eps 0.3, step
 0.01), ``small_cnn_avg`` (the same with average pooling, which the fused path supports), ``preact_resnet18``
 (3x32x32, eps 0.031, step 0.007, LFR's CIFAR defaults). ``--bn-modes train,eval``: the mode the model is in for
 the step (eval = frozen BatchNorm statistics; only matters for the ResNet). LFR's inner search runs in eval mode
@@ -47,7 +47,7 @@ PROVIDERS = ["plain", "db-torch", "db-robustkern", "fd-robustkern", "lfr-upstrea
 MODELS = {"small_cnn": dict(build="small_cnn", kw={"pool": "max"}, shape=(1, 28, 28), eps=0.3, alpha=0.01),
           "small_cnn_avg": dict(build="small_cnn", kw={"pool": "avg"}, shape=(1, 28, 28), eps=0.3, alpha=0.01),
           "preact_resnet18": dict(build="preact_resnet18", kw={}, shape=(3, 32, 32), eps=0.031, alpha=0.007)}
-# The issue's sizes on CUDA; two shared CPU cores take seconds per LFR-10 step on a ResNet-18 even at batch 4.
+# The GPU sizes; two shared CPU cores take seconds per LFR-10 step on a ResNet-18 even at batch 4.
 DEFAULT_BATCH = {"cuda": {"small_cnn": 128, "small_cnn_avg": 128, "preact_resnet18": 128},
                  "cpu": {"small_cnn": 32, "small_cnn_avg": 32, "preact_resnet18": 4}}
 LAM = 0.02
@@ -126,7 +126,7 @@ def _fused_note(model) -> tuple[str, str]:
 
 
 def run_case(name, batch, bn_mode, steps, args, device):
-    from robustkern_cli.models import build_model
+    from robustkern.models import build_model
 
     spec = MODELS[name]
     torch.manual_seed(args.seed)
@@ -179,6 +179,7 @@ def parse_args(argv):
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="CPU: robustkern.cpu_malloc.keep_freed_memory() first, as the robustkern command does (no "
                         "page faults of re-allocated tensors; auto then takes the fused penalty step on the CPU)")
+    common.add_output_options(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.keep_freed_memory:
@@ -199,7 +200,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args, device = parse_args(argv)
-    env = common.start(device, args.threads)
+    env = common.start(device, args.threads, args=args)
     rows = []
     for name, batch in zip(args.models, args.batch):
         for bn_mode in args.bn_modes:

@@ -79,7 +79,7 @@ def providers(model, x, y, lam: float = 0.1, p=1):
 
 
 def _setup(name: str, batch: int, seed: int, device: torch.device = torch.device("cpu")):
-    from robustkern_cli.models import build_model
+    from robustkern.models import build_model
 
     torch.manual_seed(seed)
     model = build_model(name).eval()
@@ -132,6 +132,7 @@ def main(argv=None):
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="robustkern.cpu_malloc.keep_freed_memory() first (what the robustkern command does): no "
                          "page faults of re-allocated tensors in any provider (a separate RESULTS block); CPU only")
+    common.add_output_options(ap)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and args.keep_freed_memory:
@@ -142,6 +143,7 @@ def main(argv=None):
         from robustkern.cpu_malloc import keep_freed_memory
         if not keep_freed_memory():
             ap.error("--keep-freed-memory needs glibc's mallopt")
+    common.use_output_options(args)
     env = common.Environment.capture(device)
     print(f"device: {env.device}\ntorch {env.torch}, commit {env.commit}\ncommand: {env.command}")
     rows = []

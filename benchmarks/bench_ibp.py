@@ -13,7 +13,7 @@ Providers
               ``robustkern-unsound`` passes ``sound=False`` when compute_bounds accepts it
   auto_lirpa  auto_LiRPA's IBP, when importable (``--lirpa-path`` or ``$AUTO_LIRPA_PATH``; see README.md)
 
-Before timing, every provider's lower bounds are checked against the eager ones. Targets from the issue are
+Before timing, every provider's lower bounds are checked against the eager ones. robustkern's targets are
 evaluated from the measured medians and printed below the table.
 
     PYTHONPATH=python:. python benchmarks/bench_ibp.py                 # defaults for this device
@@ -45,7 +45,7 @@ BENCH = "ibp"
 PROVIDERS = ["plain", "eager", "compile", "robustkern", "robustkern-unsound", "auto_lirpa"]
 MODES = ["fwd", "fwd+bwd"]
 NUM_CLASSES = 10
-# The issue's targets, per device type: provider -> the least (provider time / robustkern time) that meets it.
+# robustkern's targets, per device type: provider -> the least (provider time / robustkern time) that meets it.
 # For "plain" that is 1/2.3: robustkern at most 2.3x the plain step.
 TARGETS = {
     "cuda": {"auto_lirpa": 2.0, "eager": 1.3, "plain": 1 / 2.3},
@@ -53,12 +53,12 @@ TARGETS = {
 }
 
 
-# The issue's models: CNN-7 (auto_LiRPA's cnn_7layer_bn) and the CROWN-IBP "cifar_medium" 4-conv CNN with SAME
+# The models: CNN-7 (auto_LiRPA's cnn_7layer_bn) and the CROWN-IBP "cifar_medium" 4-conv CNN with SAME
 # padding (conv32 3x3, conv32 4x4/2, conv64 3x3, conv64 4x4/2, fc 4096->512; the zoo's version has one more
 # 512->512 layer before the final linear, as CROWN-IBP's model_cnn_4layer does).
 DEFAULT_MODELS = "cnn_7layer_bn,cifar_medium:padding=1"
-# The issue's sizes on CUDA; on 2 shared CPU cores CNN-7 at batch 256 takes seconds per step, so CPU runs
-# default to batch 32 for it (pass --batch 256,64 for the issue's sizes).
+# The GPU sizes; on 2 shared CPU cores CNN-7 at batch 256 takes seconds per step, so CPU runs
+# default to batch 32 for it (pass --batch 256,64 for the GPU sizes).
 DEFAULT_BATCH = {"cuda": {"cnn_7layer_bn": 256, "cifar_medium": 64}, "cpu": {"cnn_7layer_bn": 32, "cifar_medium": 64}}
 
 
@@ -87,7 +87,7 @@ class Case:
 def build(spec: str) -> torch.nn.Module:
     """A zoo model from ``name`` or ``name:key=value:key=value``, with CIFAR-10 normalisation as its first
     layer (so boxes are clipped to [0, 1] in pixel units, as in certified training)."""
-    from robustkern_cli.models import CIFAR10_MEAN, CIFAR10_STD, build_model
+    from robustkern.models import CIFAR10_MEAN, CIFAR10_STD, build_model
 
     name, *opts = spec.split(":")
     kw = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in opts)}
@@ -304,7 +304,7 @@ def run_case(case: Case, args, device: torch.device) -> list[common.Row]:
 
 
 def check_targets(rows: list[common.Row], device: torch.device) -> list[str]:
-    """The issue's targets, evaluated on the measured medians."""
+    """robustkern's targets, evaluated on the measured medians."""
     lines = []
     by_case: dict[tuple, dict[str, common.Row]] = {}
     for r in rows:
@@ -340,7 +340,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=DEFAULT_MODELS,
-                   help="comma-separated robustkern_cli.models names, each optionally followed by "
+                   help="comma-separated robustkern.models names, each optionally followed by "
                         ":key=value builder arguments (default: %(default)s)")
     p.add_argument("--batch", default=None,
                    help="batch size per model, comma-separated (default: 256 for CNN-7 and 64 for cifar_medium on "
@@ -364,6 +364,7 @@ def parse_args(argv=None):
     p.add_argument("--no-save", action="store_true", help="do not append to results/ibp.csv")
     p.add_argument("--write-results", action="store_true",
                    help="replace this device's IBP section of benchmarks/RESULTS.md with this run")
+    common.add_output_options(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.models = args.models.split(",")
@@ -394,6 +395,7 @@ def main(argv=None):
     if device.type == "cuda" and args.tf32 == "off":     # like for like: robustkern's bounds use IEEE fp32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    common.use_output_options(args)
     env = common.Environment.capture(device)
     print(f"device: {env.device}\ntorch {env.torch}, triton {env.triton}, commit {env.commit}\n"
           f"robustkern backend: {args.backend}\ncommand: {env.command}")

@@ -105,11 +105,12 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-save", action="store_true", help="do not append the rows to results/macer_tail.csv")
     ap.add_argument("--write-results", action="store_true", help="write this run's block into RESULTS.md")
+    common.add_output_options(ap)
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
     device = torch.device(args.device)
-    env = common.start(device, args.threads if device.type == "cpu" else 0)
+    env = common.start(device, args.threads if device.type == "cpu" else 0, args=args)
     rows = []
     for b, k, c in SIZES:
         rows += run_case(b, k, c, args, device)

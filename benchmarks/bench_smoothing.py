@@ -31,11 +31,11 @@ from robustkern.reference.smoothing import CohenSmooth  # noqa: E402
 from robustkern.smoothing import Smooth  # noqa: E402
 
 BENCH = "smoothing"
-TARGET_CPU = 1.5          # robustkern >= 1.5x Cohen's loop for the small CNN on CPU (the target)
+TARGET_CPU = 1.5          # robustkern >= 1.5x Cohen's loop for the small CNN on CPU (robustkern's target)
 
 
 def build(name: str, device):
-    from robustkern_cli.models import build_model
+    from robustkern.models import build_model
 
     kw = {"mean": None} if name == "resnet110" else {}
     return build_model(name, **kw).to(device).eval()
@@ -55,6 +55,7 @@ def main(argv=None):
     ap.add_argument("--write-results", action="store_true")
     ap.add_argument("--no-compiled", action="store_true", help="leave out robustkern-compiled (compiling "
                     "resnet110 takes about a minute on 2 cores)")
+    common.add_output_options(ap)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
@@ -64,6 +65,7 @@ def main(argv=None):
     models = args.models.split(",")
     ns = [int(v) for v in args.n.split(",")] if args.n else ([100_000] * len(models) if device.type == "cuda"
                                                               else [2000, 200][:len(models)])
+    common.use_output_options(args)
     env = common.Environment.capture(device)
     rows = []
     for name, n in zip(models, ns):

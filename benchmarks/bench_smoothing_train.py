@@ -1,6 +1,6 @@
 """Smoothing-based training: time of one training step (loss forward + backward + SGD step) per method.
 
-Methods (CIFAR-10-shaped inputs, models from robustkern_cli.models in train mode, fp32)
+Methods (CIFAR-10-shaped inputs, models from robustkern.models in train mode, fp32)
   macer        MACER (Zhai et al. 2020), k noisy copies per image, lbd 12, gamma 8, beta 16, sigma 0.25
   smoothadv    SmoothAdv (Salman et al. 2019), PGD-L2 on the soft smoothed classifier, m noise draws,
                T steps, eps 0.5, sigma 0.25, train-multi-noise
@@ -42,7 +42,7 @@ def build(name: str, device):
     """The model in train mode, its BatchNorm running statistics set from one pass over random images (the
     attacks run in eval mode; with the initial statistics a deep ResNet's eval-mode logits reach ~1e8 and the
     attack gradients vanish)."""
-    from robustkern_cli.models import build_model
+    from robustkern.models import build_model
 
     model = build_model(name).to(device).train()
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -129,6 +129,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: leave torch's default)")
     ap.add_argument("--write-results", action="store_true")
+    common.add_output_options(ap)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and args.threads > 0:
@@ -136,6 +137,7 @@ def main(argv=None):
     models = args.models.split(",")
     batches = [int(v) for v in args.batch.split(",")] if args.batch else (
         [64] * len(models) if device.type == "cuda" else [16, 2][:len(models)])
+    common.use_output_options(args)
     env = common.Environment.capture(device)
     rows, skipped = [], []
     for name, b in zip(models, batches):

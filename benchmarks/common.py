@@ -10,7 +10,10 @@ Memory. On CUDA: ``torch.cuda.max_memory_allocated`` during one call, minus what
 backward pass: unique storages seen by ``torch.autograd.graph.saved_tensors_hooks`` during the forward
 ("saved"; the parameters' own storages left out, forward-only calls save nothing). The table says which.
 
-Every figure in ``RESULTS.md`` and ``results/*.csv`` is written by these functions, never by hand.
+Every figure in ``RESULTS.md`` and ``results/*.csv`` is written by these functions, never by hand. Every script
+takes ``--results-dir DIR`` (write ``DIR/RESULTS.md`` and ``DIR/results/*.csv`` instead of the ones beside this
+file; ``merge_results`` merges such a folder back) and ``--commit ID`` (the commit recorded with the figures when
+the sources are not a git checkout), through :func:`add_output_options` and :func:`start`.
 """
 from __future__ import annotations
 
@@ -66,15 +69,18 @@ def _version(module: str) -> str:
         return "absent"
 
 
+_COMMIT: list[str] = []   # --commit, when given
+
+
 def git_commit() -> str:
     """The checked-out commit (short), with ``+dirty`` when the work tree differs; where there is no git
-    repository (a copy of the work tree, as on the GPU machine) ``$ROBUSTKERN_GIT_COMMIT`` or ``none``."""
+    repository (a copy of the sources) the ``--commit`` given to the script, else ``none``."""
     root = BENCH_DIR.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("ROBUSTKERN_GIT_COMMIT") or "none"
+        return _COMMIT[0] if _COMMIT else "none"
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
     return head + ("+dirty" if dirty.strip() else "")
 
@@ -90,7 +96,7 @@ class Environment:
 
     @classmethod
     def capture(cls, device: torch.device) -> "Environment":
-        argv = [Path(sys.argv[0]).as_posix()] + sys.argv[1:]
+        argv = [Path(sys.argv[0]).as_posix()] + _without_output_options(sys.argv[1:])
         if argv[0].startswith(str(BENCH_DIR.parent)):
             argv[0] = os.path.relpath(argv[0], BENCH_DIR.parent)
         env = " ".join(f"{k}={os.environ[k]}" for k in ENV_VARS if k in os.environ)
@@ -100,8 +106,41 @@ class Environment:
                    command=command)
 
 
-def start(device: torch.device, threads: int = 0) -> "Environment":
-    """Set the torch thread count (0: leave torch's default), capture and print the environment."""
+def _without_output_options(args: list[str]) -> list[str]:
+    """``args`` less ``--results-dir``/``--commit`` and their values: where figures go does not change them."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("--results-dir", "--commit"):
+            skip = True
+        elif not a.startswith(("--results-dir=", "--commit=")):
+            out.append(a)
+    return out
+
+
+def add_output_options(parser) -> None:
+    """``--results-dir`` and ``--commit``, which every benchmark script takes (see the module doc)."""
+    parser.add_argument("--results-dir", type=Path, default=None, metavar="DIR",
+                        help="write DIR/RESULTS.md and DIR/results/<bench>.csv (default: beside this script)")
+    parser.add_argument("--commit", default=None, metavar="ID",
+                        help="the commit recorded with the results when the sources are not a git checkout")
+
+
+def use_output_options(args) -> None:
+    """Apply ``--results-dir`` and ``--commit`` of parsed ``args`` (from :func:`add_output_options`)."""
+    global RESULTS_DIR, RESULTS_MD
+    if getattr(args, "results_dir", None) is not None:
+        RESULTS_DIR, RESULTS_MD = args.results_dir / "results", args.results_dir / "RESULTS.md"
+    if getattr(args, "commit", None):
+        _COMMIT[:] = [args.commit]
+
+
+def start(device: torch.device, threads: int = 0, args=None) -> "Environment":
+    """Apply the output options of ``args`` (:func:`use_output_options`), set the torch thread count (0: leave
+    torch's default), capture and print the environment."""
+    if args is not None:
+        use_output_options(args)
     if threads:
         torch.set_num_threads(threads)
     env = Environment.capture(device)
@@ -347,6 +386,20 @@ def append_csv(bench: str, rows: list[Row], env: Environment, device: torch.devi
     return path
 
 
+BLOCK = re.compile(r"<!-- BEGIN (\S+) (\S+) -->.*?<!-- END \1 \2 -->", re.S)
+_DATE = re.compile(r"^- date: (\S+)$", re.M)
+
+
+def _put_block(text: str, bench: str, tag: str, block: str) -> str:
+    """``text`` with the block ``<bench> <tag>`` replaced by ``block``, or ``block`` inserted after the line
+    ``<!-- <bench> sections -->`` when there is one, else at the end."""
+    begin, end = f"<!-- BEGIN {bench} {tag} -->", f"<!-- END {bench} {tag} -->"
+    if begin in text and end in text:
+        return text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    anchor = f"<!-- {bench} sections -->"
+    return text.replace(anchor, anchor + "\n\n" + block) if anchor in text else text.rstrip() + "\n\n" + block + "\n"
+
+
 def update_results_md(bench: str, title: str, body: str, env: Environment, variant: str = "") -> None:
     """Write the latest run of ``bench`` on this device (and ``variant``, e.g. the sizes) into RESULTS.md as
     the block ``<!-- BEGIN <bench> <tag> --> ... <!-- END <bench> <tag> -->``, replacing the previous one;
@@ -354,15 +407,84 @@ def update_results_md(bench: str, title: str, body: str, env: Environment, varia
     when there is one, else at the end."""
     heading = f"{env.device}, {variant}" if variant else env.device
     tag = re.sub(r"[^A-Za-z0-9]+", "-", heading).strip("-").lower()
-    begin, end = f"<!-- BEGIN {bench} {tag} -->", f"<!-- END {bench} {tag} -->"
     block = "\n".join([
-        begin, f"### {title}: {heading}", "",
+        f"<!-- BEGIN {bench} {tag} -->", f"### {title}: {heading}", "",
         f"- date: {env.date}", f"- commit: `{env.commit}`", f"- torch {env.torch}, triton {env.triton}",
-        f"- command: `{env.command}`", "", body, end])
+        f"- command: `{env.command}`", "", body, f"<!-- END {bench} {tag} -->"])
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        anchor = f"<!-- {bench} sections -->"
-        text = text.replace(anchor, anchor + "\n\n" + block) if anchor in text else text.rstrip() + "\n\n" + block + "\n"
-    RESULTS_MD.write_text(text)
+    RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_MD.write_text(_put_block(text, bench, tag, block))
+
+
+def _block_date(block: str) -> datetime.datetime | None:
+    m = _DATE.search(block)
+    try:
+        return datetime.datetime.fromisoformat(m.group(1)) if m else None
+    except ValueError:
+        return None
+
+
+def merge_results_md(src: Path, dst: Path) -> list[str]:
+    """Put the blocks of ``src`` into ``dst`` where ``dst`` lacks them or holds an older one (by the blocks'
+    ``- date:`` lines); nothing outside blocks changes. Returns the ``bench tag`` of each block applied."""
+    if not src.exists():
+        return []
+    text = dst.read_text() if dst.exists() else "# Benchmark results\n"
+    have = {(m.group(1), m.group(2)): m.group(0) for m in BLOCK.finditer(text)}
+    applied = []
+    for m in BLOCK.finditer(src.read_text()):
+        (bench, tag), block = (m.group(1), m.group(2)), m.group(0)
+        old = have.get((bench, tag))
+        if old == block:
+            continue
+        if old is not None:
+            new_date, old_date = _block_date(block), _block_date(old)
+            if new_date is not None and old_date is not None and new_date <= old_date:
+                continue
+        text = _put_block(text, bench, tag, block)
+        applied.append(f"{bench} {tag}")
+    if applied:
+        dst.write_text(text)
+    return applied
+
+
+def merge_csv(src: Path, dst: Path) -> str:
+    """Append the rows of ``src`` that ``dst`` (same header) lacks; a ``dst`` that does not exist is a copy of
+    ``src``, one with another header is left alone. Returns a one-line report."""
+    def rows(path: Path) -> list[list[str]]:
+        with open(path, newline="") as f:
+            return list(csv.reader(f))
+    new = rows(src)
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+        return f"{dst.name}: new file, {max(len(new) - 1, 0)} rows"
+    old = rows(dst)
+    if not new:
+        return f"{dst.name}: nothing to merge"
+    if old and new[0] != old[0]:
+        return f"{dst.name}: its header differs from {src}'s: left out"
+    have = {tuple(r) for r in old}
+    missing = [r for r in new[1:] if tuple(r) not in have]
+    with open(dst, "a", newline="") as f:
+        w = csv.writer(f)
+        if not old:
+            w.writerow(new[0])
+        w.writerows(missing)
+    return f"{dst.name}: {len(missing)} rows appended"
+
+
+def merge_results(src_dir: Path, dst_dir: Path = BENCH_DIR) -> list[str]:
+    """Merge a ``--results-dir`` folder (its ``RESULTS.md`` blocks, newer ones only, and ``results/*.csv`` rows)
+    into ``dst_dir`` (default: beside this script). Returns one report line per file."""
+    applied = merge_results_md(src_dir / "RESULTS.md", dst_dir / "RESULTS.md")
+    lines = [f"RESULTS.md: {len(applied)} block(s) applied" + (": " + "; ".join(applied) if applied else "")]
+    lines += ["results/" + merge_csv(path, dst_dir / "results" / path.name)
+              for path in sorted((src_dir / "results").glob("*.csv"))]
+    return lines
+
+
+if __name__ == "__main__":   # python benchmarks/common.py merge SRC_DIR [DST_DIR]
+    if len(sys.argv) not in (3, 4) or sys.argv[1] != "merge":
+        sys.exit("usage: python benchmarks/common.py merge RESULTS_DIR [INTO_DIR]   (INTO_DIR: default benchmarks/)")
+    print("\n".join(merge_results(Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) == 4 else BENCH_DIR)))

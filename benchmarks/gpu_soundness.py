@@ -197,12 +197,13 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write-results", action="store_true", help="write this run's block into RESULTS.md")
+    common.add_output_options(ap)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     backends = (args.backends.split(",") if args.backends else
                 [b for b in backends_for(device.type, include_interpreter=False) if b != "auto"])
     flags = [False, True] if device.type == "cuda" else [False]   # cuDNN exists only on CUDA
-    env = common.start(device)
+    env = common.start(device, args=args)
     print(f"backends: {backends}; cudnn {torch.backends.cudnn.version() if device.type == 'cuda' else '-'}; "
           f"TF32 allowed for cuDNN convolutions: {torch.backends.cudnn.allow_tf32}", flush=True)
     rows = []

@@ -15,7 +15,7 @@ to ``mmap_threshold`` bytes come from the heap and freed memory stays there for 
 again. The price is that the process keeps its peak heap (up to ``trim_threshold`` bytes of it free) until it
 exits, which suits a training or certification run. It changes the whole process (every
 library's allocations), so the library never calls it on import; the ``robustkern`` command does at start-up
-unless ``ROBUSTKERN_KEEP_FREED_MEMORY=0``. The same effect without code:
+unless given ``--no-keep-freed-memory``. The same effect without code:
 ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824``.
 
 Only glibc has ``mallopt``; elsewhere (macOS, musl, Windows) the function does nothing and returns False.
@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 
-__all__ = ["keep_freed_memory", "keeps_freed_memory", "ENV_SWITCH", "DEFAULT_THRESHOLD"]
+__all__ = ["keep_freed_memory", "keeps_freed_memory", "DEFAULT_THRESHOLD"]
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 DEFAULT_THRESHOLD = 1 << 30       # 1 GiB
-ENV_SWITCH = "ROBUSTKERN_KEEP_FREED_MEMORY"
 _APPLIED: list[bool] = []   # set once keep_freed_memory() has succeeded in this process
 
 
@@ -68,9 +66,3 @@ def keeps_freed_memory() -> bool:
     """Whether ``keep_freed_memory()`` has been applied in this process (kernel choices that depend on the
     allocator read this: see ``robustkern.flatness.grad_norm``)."""
     return bool(_APPLIED)
-
-
-def enabled_by_env() -> bool:
-    """Whether the ``robustkern`` command should call ``keep_freed_memory`` (``ROBUSTKERN_KEEP_FREED_MEMORY``
-    unset or not ``0``)."""
-    return os.environ.get(ENV_SWITCH, "1").strip() != "0"

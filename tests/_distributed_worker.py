@@ -41,7 +41,7 @@ def cfg_for(*overrides):
 
 
 def grad_case_inputs():
-    from robustkern_cli.models import build_model_for
+    from robustkern.models import build_model_for
     torch.manual_seed(0)
     model = build_model_for("digits_cnn", {}, (1, 8, 8), 10)
     g = torch.Generator().manual_seed(1)

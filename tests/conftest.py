@@ -27,7 +27,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_slow = pytest.mark.skip(reason="slow: run with --run-slow")
-    run_slow = config.getoption("--run-slow") or os.environ.get("ROBUSTKERN_RUN_SLOW") == "1"
+    run_slow = config.getoption("--run-slow")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)

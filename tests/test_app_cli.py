@@ -44,9 +44,13 @@ def test_missing_data_exits_3(tmp_path, capsys):
     assert "t10k-images-idx3-ubyte" in err and str(tmp_path) in err
 
 
-def test_methods_without_their_library_part_exit_4(tmp_path, capsys):
-    assert main(["train", "-q", "-c", "llm_mnist_0.4", "--out", str(tmp_path)]) == 4
-    assert "robustkern.bounds" in capsys.readouterr().err
+def test_methods_not_implemented_yet_exit_4_before_any_data_is_read(tmp_path, capsys):
+    assert main(["train", "-q", "-c", "llm_mnist_0.4", "--out", str(tmp_path / "run"), "--data-dir",
+                 str(tmp_path)]) == 4  # MNIST is not in tmp_path: exit 3 had the data been read first
+    err = capsys.readouterr().err
+    assert "crown_ibp_ours" in err and "not implemented" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    assert main(["bench", "-q", "-c", "llm_mnist_0.4", "--steps", "1", "--batch-size", "2"]) == 4
 
 
 def test_certify_usage_and_data_errors(tmp_path, capsys):
@@ -175,4 +179,14 @@ def test_bench_and_info(capsys):
     assert res["batch"] == 16 and res["train_step_ms"] > 0 and res["params"] > 1000
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "library parts:" in out and "digits_standard" in out and "resnet110" in out
+    assert "environment:" in out and "digits_standard" in out and "resnet110" in out
+
+
+def test_info_reports_the_environment_variables(monkeypatch, capsys):
+    monkeypatch.setenv("ROBUSTKERN_DATA", "/data/somewhere")
+    monkeypatch.delenv("ROBUSTKERN_JIT", raising=False)
+    monkeypatch.setenv("ROBUSTKERN_BACKEND", "reference")
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    env = {line.split()[0]: line.split()[1] for line in lines if line.startswith("  ROBUSTKERN_")}
+    assert env == {"ROBUSTKERN_BACKEND": "reference", "ROBUSTKERN_JIT": "(unset)", "ROBUSTKERN_DATA": "/data/somewhere"}

@@ -1,5 +1,6 @@
 """robustkern_cli.config: defaults, base chains, validation, typed overrides, and every shipped recipe."""
 import json
+import re
 
 import pytest
 
@@ -10,7 +11,7 @@ from robustkern_cli.errors import ConfigError
 from robustkern_cli.evaluate import EVALS
 from robustkern_cli.losses import LOSSES, METHOD_DEFAULTS
 from robustkern_cli.evaluate import fill_all_defaults as _fill_all
-from robustkern_cli.models import MODEL_NAMES, model_kwargs
+from robustkern.models import MODEL_NAMES, model_kwargs
 
 
 def load(name, *overrides):
@@ -106,6 +107,38 @@ def test_bad_values_and_sections_are_errors():
         load("digits_standard", "training_params=3")
     with pytest.raises(ConfigError, match="is a value"):
         load("digits_standard", "seed:x=1")
+
+
+_TP = "training_params:method_params:"
+
+
+@pytest.mark.parametrize("recipe, overrides, needle", [
+    ("digits_standard", ["training_params:optimizer=rmsprop"], "training_params:optimizer"),
+    ("digits_standard", ["training_params:lr_schedule=linear"], "training_params:lr_schedule"),
+    ("digits_standard", ["training_params:lr_schedule=step"], "lr_step > 0"),
+    ("digits_standard", ["training_params:schedule_type=cosine"], "training_params:schedule_type"),
+    ("digits_standard", ["training_params:schedule_length=0"], "training_params:schedule_length"),
+    ("digits_standard", ["data:augment=rotate"], "data:augment"),
+    ("digits_standard", ["training_params:grad_sync=nccl"], "training_params:grad_sync"),
+    ("digits_ibp", ["training_params:norm=1"], "training_params:norm"),
+    ("digits_standard", ["eval_params:method=pgd", "eval_params:norm=l1"], "eval_params:norm"),
+    ("digits_standard", ["eval_params:method=fgsm"], "unknown evaluation method"),
+    ("digits_ibp", [_TP + "bound_type=zonotope"], _TP + "bound_type"),
+    ("digits_ibp", [_TP + "final_kappa=1.5"], _TP + "final_kappa"),
+    ("digits_standard", ["training_params:method=macer", _TP + "deferred=true"], "deferred"),
+    ("digits_standard", ["training_params:method=smoothadv", _TP + "attack=DDN"], _TP + "attack"),
+    ("digits_standard", ["training_params:method=trades_rs", _TP + "distance=l_inf"], _TP + "distance"),
+    ("digits_standard", ["training_params:method=pgd", _TP + "steps_rule=auto"], _TP + "steps_rule"),
+    ("digits_standard", ["training_params:method=trades", _TP + "distance=l_1"], _TP + "distance"),
+    ("digits_standard", ["training_params:method=lfr", _TP + "norm=l_1"], _TP + "norm"),
+    ("digits_standard", ["training_params:method=grad_norm", _TP + "p=3"], _TP + "p"),
+    ("digits_standard", ["training_params:method=grad_norm", _TP + "h=0.1"], _TP + "h"),
+])
+def test_names_and_method_parameters_are_checked_when_the_config_loads(recipe, overrides, needle):
+    """A value the training, evaluation or a method cannot take is refused where it enters, by load_config, not
+    when the loop or the loss first meets it."""
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load(recipe, *overrides)
 
 
 def test_recipe_files_are_validated(tmp_path):

@@ -272,5 +272,8 @@ def test_unexpected_failures_are_one_line_with_exit_1(gaussian_run, monkeypatch,
     monkeypatch.setitem(evaluate.EVALS, "clean", broken)
     assert main(["eval", "-q", "--checkpoint", str(gaussian_run / "checkpoint.pt")]) == 1
     err = one_line_error(capsys)
-    assert "something inside broke" in err and "ROBUSTKERN_TRACEBACK" in err
+    assert "something inside broke" in err and "--traceback" in err
+    for argv in (["--traceback", "eval"], ["eval", "--traceback"]):  # before or after the command
+        with pytest.raises(RuntimeError, match="something inside broke"):
+            main([*argv, "-q", "--checkpoint", str(gaussian_run / "checkpoint.pt")])
 

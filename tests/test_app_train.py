@@ -1,6 +1,5 @@
 """robustkern_cli.train: standard training learns, resume is exact, the epsilon schedules, IBP training."""
 import csv
-import importlib.util
 import math
 
 import pytest
@@ -9,9 +8,9 @@ import torch
 from robustkern_cli.checkpoint import load_checkpoint
 from robustkern_cli.config import load_config
 from robustkern_cli.data import load_dataset, make_loader
-from robustkern_cli.errors import ConfigError, MethodUnavailable
+from robustkern_cli.errors import ConfigError
 from robustkern_cli.evaluate import clean_metrics, evaluate, model_from_config
-from robustkern_cli.losses import EpsilonScheduler, check_available, probe_bound_method
+from robustkern_cli.losses import LOSSES, NOT_IMPLEMENTED, scheduled_epsilon, training_loss
 from robustkern_cli.evaluate import fill_all_defaults as _fill_all
 from robustkern_cli.main import main
 from robustkern_cli.train import train
@@ -81,35 +80,83 @@ def test_a_different_seed_gives_a_different_run(tmp_path):
     assert a.final["train_loss"] != b.final["train_loss"]
 
 
-def test_linear_and_smoothed_schedules_match_crown_ibp():
-    lin = EpsilonScheduler("linear", 2, 3, 0.0, 1.0, steps_per_epoch=10)  # steps 20 .. 40
-    assert [lin.get_eps(e, s) for e, s in ((1, 5), (2, 0), (3, 0), (4, 0), (9, 3))] == [0.0, 0.0, 0.5, 1.0, 1.0]
-    sm = EpsilonScheduler("smoothed", 2, 3, 0.0, 1.0, steps_per_epoch=10)  # mid step 25
-    values = [sm.get_eps(0, t) for t in range(0, 50)]
+def crown_ibp_eps(t, schedule_type, start, length, init, final, steps_per_epoch, mid=0.25, beta=4.0):
+    """CROWN-IBP's EpsilonScheduler.get_eps at global step t (huanzhang12/CROWN-IBP eps_scheduler.py and
+    train.py's init_step/final_step, DeepMind's linear_schedule/smooth_schedule), written out for the test."""
+    t0, t1 = start * steps_per_epoch, (start + length - 1) * steps_per_epoch
+
+    def linear(t, a, b, va, vb):
+        if a == b:
+            return vb
+        return min(max(va + (t - a) / (b - a) * (vb - va), min(va, vb)), max(va, vb))
+    if schedule_type == "linear":
+        return linear(t, t0, t1, init, final)
+    m = int((t1 - t0) * mid) + t0
+    if m <= t0:
+        a = 1.0
+    else:
+        a = (final - init) / ((t1 - m) * beta * (m - t0) ** (beta - 1) + (m - t0) * (m - t0) ** (beta - 1))
+    if t <= t0:
+        return init
+    if t < m:
+        return init + a * (t - t0) ** beta
+    return linear(t, m, t1, a * (m - t0) ** beta + init, final)
+
+
+def schedule(kind, start, length, init, final):
+    return {"schedule_type": kind, "schedule_start": start, "schedule_length": length, "starting_epsilon": init,
+            "epsilon": final}
+
+
+@pytest.mark.parametrize("kind", ["linear", "smoothed"])
+@pytest.mark.parametrize("start, length, init, final, spe", [
+    (2, 3, 0.0, 1.0, 10), (0, 1, 0.0, 0.3, 7), (1, 1, 0.1, 0.4, 5), (3, 11, 0.05, 0.4, 13), (0, 2, 0.0, 0.2, 1)])
+def test_epsilon_schedule_is_crown_ibps(kind, start, length, init, final, spe):
+    """The app's ramp (robustkern.bounds.linear_eps / smoothed_eps with CROWN-IBP's step mapping) gives
+    CROWN-IBP's epsilon at every step, starting_epsilon included, for ramps of any length."""
+    tp = schedule(kind, start, length, init, final)
+    for t in range((start + length + 2) * spe):
+        got = scheduled_epsilon(tp, t // spe, t % spe, spe)
+        assert got == pytest.approx(crown_ibp_eps(t, kind, start, length, init, final, spe), rel=1e-12, abs=1e-15)
+
+
+def test_epsilon_schedule_values():
+    lin, sm = schedule("linear", 2, 3, 0.0, 1.0), schedule("smoothed", 2, 3, 0.0, 1.0)  # steps 20 .. 40
+    assert [scheduled_epsilon(lin, e, s, 10) for e, s in ((1, 5), (2, 0), (3, 0), (4, 0), (9, 3))] == \
+        [0.0, 0.0, 0.5, 1.0, 1.0]
+    values = [scheduled_epsilon(sm, 0, t, 10) for t in range(50)]
     assert values[20] == 0.0 and values[40] == pytest.approx(1.0) and values[49] == pytest.approx(1.0)
     assert all(b >= a for a, b in zip(values, values[1:]))
-    # CROWN-IBP/DeepMind: alpha = 1 / ((40-25)*4*5**3 + 5*5**3) = 1/8125, eps(t) = alpha*(t-20)**4 before mid
+    # DeepMind's smooth schedule: alpha = 1 / ((40-25)*4*5**3 + 5*5**3) = 1/8125, eps(t) = alpha*(t-20)**4 to 25
     assert values[23] == pytest.approx(3 ** 4 / 8125)
     assert values[25] == pytest.approx(5 ** 4 / 8125)  # continuous into the linear part
-    assert values[23] < lin.get_eps(0, 23)
-    iat = EpsilonScheduler("linear_epoch", 0, 40, 0.0, 0.4, steps_per_epoch=7)
-    assert [iat.get_eps(e, 3) for e in (0, 1, 39, 45)] == pytest.approx([0.01, 0.02, 0.4, 0.4])
+    assert values[23] < scheduled_epsilon(lin, 0, 23, 10)
+    iat = schedule("linear_epoch", 0, 40, 0.0, 0.4)  # Shaeiri et al.'s IAT: 0.01 per epoch
+    assert [scheduled_epsilon(iat, e, 3, 7) for e in (0, 1, 39, 45)] == pytest.approx([0.01, 0.02, 0.4, 0.4])
 
 
-def test_placeholders_and_unknown_methods():
-    with pytest.raises(MethodUnavailable, match="robustkern.bounds"):
-        check_available("crown_ibp_ours")
-    check_available("lfr")  # wired to robustkern.flatness.lfr_loss (tests/test_flatness.py)
+def test_the_iat_recipe_trains_at_the_scheduled_radius(tmp_path):
+    """iat_mnist_0.4: PGD-AT at eps_t = 0.01 (t + 1) with int(2.5 eps_t / 0.01) steps (Shaeiri et al.), not at
+    the final 0.4 from the first epoch."""
+    cfg = cfg_for("iat_mnist_0.4", "data:dataset=digits", "training_params:epochs=2",
+                  "data:num_train=32", "data:batch_size=16", "training_params:eval_every=0")
+    res = train(cfg, tmp_path / "iat", progress=False, log=lambda s: None)
+    assert [row["eps"] for row in res.history] == pytest.approx([0.01, 0.02])
+    assert [row["train_steps"] for row in res.history] == [2, 5]
+
+
+def test_methods_and_unknown_methods():
+    with pytest.raises(NotImplementedError, match="Lee et al. 2021"):
+        training_loss("crown_ibp_ours")
+    assert training_loss("lfr") is LOSSES["lfr"]
     with pytest.raises(ConfigError, match="unknown training method 'sgd'"):
-        check_available("sgd")
+        cfg_for("digits_standard", "training_params:method=sgd")
     with pytest.raises(ConfigError, match="use method 'ibp' for pure IBP"):
-        check_available("crown_ibp", cfg_for("digits_ibp", "training_params:method=crown_ibp"))
+        cfg_for("digits_ibp", "training_params:method=crown_ibp", "training_params:method_params:bound_type=interval")
+    with pytest.raises(ConfigError, match="method_params:epsilon to the same value"):
+        cfg_for("pgd_at_mnist_0.3", "training_params:epsilon=0.3", "training_params:method_params:epsilon=0.1")
 
 
-HAVE_BOUNDS = importlib.util.find_spec("robustkern.bounds") is not None
-
-
-@pytest.mark.skipif(not HAVE_BOUNDS, reason="robustkern.bounds (BoundedModule) is not installed yet")
 def test_ibp_training_and_verified_evaluation(tmp_path):
     cfg = cfg_for("digits_ibp", "training_params:epochs=3", "training_params:schedule_start=0",
                   "training_params:schedule_length=2", "training_params:epsilon=0.02", "eval_params:epsilon=0.02")
@@ -126,26 +173,11 @@ def test_ibp_training_and_verified_evaluation(tmp_path):
     assert ev0["verified_acc"] > ev["verified_acc"]
 
 
-def crown_ibp_available():
-    if not HAVE_BOUNDS:
-        return False
-    try:
-        probe_bound_method("CROWN-IBP", "test")
-        return True
-    except MethodUnavailable:
-        return False
-
-
-def test_crown_ibp_exits_4_until_the_library_has_it(tmp_path, capsys):
+def test_crown_ibp_training(tmp_path):
     argv = ["train", "-q", "-c", "digits_ibp", "--out", str(tmp_path), "training_params:method=crown_ibp",
             "training_params:method_params:bound_type=crown-interval", "training_params:epochs=1"]
-    if crown_ibp_available():
-        assert main(argv) == 0
-        assert load_checkpoint(tmp_path / "checkpoint.pt")["metrics"][0]["train_beta"] > 0
-    else:
-        assert main(argv) == 4
-        assert "CROWN-IBP" in capsys.readouterr().err
-        assert not (tmp_path / "checkpoint.pt").exists()
+    assert main(argv) == 0
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["metrics"][0]["train_beta"] > 0
 
 
 @pytest.mark.parametrize("method,params", [
@@ -182,9 +214,7 @@ _FAST = {
 
 
 def _available_methods():
-    from robustkern_cli.losses import LOSSES
-
-    return sorted(m for m, fn in LOSSES.items() if not getattr(fn, "placeholder", False))
+    return sorted(m for m in LOSSES if m not in NOT_IMPLEMENTED)
 
 
 def test_every_available_method_has_a_one_epoch_test():
@@ -227,7 +257,7 @@ def test_logged_eps_is_the_radius_the_method_uses(tmp_path, method, params, radi
     the certified-training schedule's epsilon, 0 here, for every method); a method without one logs none."""
     import csv as _csv
 
-    from robustkern_cli import tensorboard as tb
+    from robustkern_cli import scalar_log as tb
 
     epochs = len(radii) if radii else 1
     cfg = cfg_for("digits_standard", f"training_params:method={method}", f"training_params:epochs={epochs}",
@@ -254,7 +284,7 @@ def test_logged_eps_is_the_radius_the_method_uses(tmp_path, method, params, radi
 
 def test_grad_norm_loss_is_ce_plus_squared_input_gradient_norm():
     """The app's grad_norm method: CE + lam * mean ||grad_x CE_i||_2^2, against torch's own double backprop."""
-    from robustkern_cli.losses import LOSSES, StepState
+    from robustkern_cli.losses import StepState
 
     cfg = cfg_for("digits_standard", "training_params:method=grad_norm", "training_params:method_params:lam=0.7")
     torch.manual_seed(0)
@@ -271,5 +301,4 @@ def test_grad_norm_loss_is_ce_plus_squared_input_gradient_norm():
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)
     with pytest.raises(ConfigError, match="power"):
-        LOSSES["grad_norm"](model, x, y, cfg_for("digits_standard", "training_params:method=grad_norm",
-                                                 "training_params:method_params:power=3"), StepState())
+        cfg_for("digits_standard", "training_params:method=grad_norm", "training_params:method_params:power=3")

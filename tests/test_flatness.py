@@ -315,11 +315,13 @@ def test_lfr_app_loss_one_step_on_digits():
     opt.step()
     torch.manual_seed(5)
     assert LOSSES["lfr"](model, x, y, cfg, None)[0].item() < loss.item()
-    cfg["training_params"]["method_params"]["norm"] = "l_1"
+    from robustkern_cli.config import load_config
     from robustkern_cli.errors import ConfigError
+    from robustkern_cli.evaluate import fill_all_defaults
 
-    with pytest.raises(ConfigError, match="norm"):
-        LOSSES["lfr"](model, x, y, cfg, None)
+    with pytest.raises(ConfigError, match="norm"):   # refused when the config is loaded
+        load_config("digits_standard", ["training_params:method=lfr", "training_params:method_params:norm=l_1"],
+                    fill_defaults=fill_all_defaults)
 
 
 # ----------------------------------------------------------------------------------------------- GradAlign, F-GR

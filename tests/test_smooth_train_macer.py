@@ -474,9 +474,8 @@ def _app_cfg(*overrides):
 
 def test_app_macer_step_is_macer_loss():
     from robustkern_cli.errors import ConfigError
-    from robustkern_cli.losses import LOSSES, StepState, check_available
+    from robustkern_cli.losses import LOSSES, StepState
 
-    check_available("macer")                                          # no longer a placeholder
     cfg = _app_cfg("training_params:method_params:lbd=3.0")
     x, y, _ = _batch()
     model = mlp()
@@ -489,8 +488,8 @@ def test_app_macer_step_is_macer_loss():
                         "training_params:lr_milestones=[2]")
     assert LOSSES["macer"](model, x, y, deferred, StepState(epoch=1))[1]["lbd"] == 0.0
     assert LOSSES["macer"](model, x, y, deferred, StepState(epoch=2))[1]["lbd"] == 12.0
-    with pytest.raises(ConfigError, match="deferred"):
-        LOSSES["macer"](model, x, y, _app_cfg("training_params:method_params:deferred=true"), StepState())
+    with pytest.raises(ConfigError, match="deferred"):   # refused when the config is loaded
+        _app_cfg("training_params:method_params:deferred=true")
 
 
 def test_app_trains_macer_on_digits(tmp_path, one_thread):

@@ -14,9 +14,12 @@ from pathlib import Path
 
 import torch
 
+from robustkern.smoothing import Smooth
+from robustkern.smoothing.runner import SettingsMismatch, certify_dataset
+
 from .analyze import parse_radii, summarize
 from .data import dataset_info, load_dataset
-from .errors import ConfigError, library_part
+from .errors import ConfigError
 
 __all__ = ["certify_params", "default_outfile", "default_radii", "certify_checkpoint", "certify_summary",
            "file_sha256"]
@@ -24,14 +27,14 @@ __all__ = ["certify_params", "default_outfile", "default_radii", "certify_checkp
 
 def certify_params(cfg: dict) -> dict:
     """``certify_params`` typed: sigma, n0, n, alpha, batch, skip, max (their ranges are checked when the config
-    is loaded, :func:`robustkern_cli.config.check_values`)."""
+    is loaded, :func:`robustkern_cli.config.check_values`). ``start`` other than 0 (MACER's ``start_img``) is
+    refused here, the only command that reads it."""
     cp = cfg["certify_params"]
-    p = {"sigma": float(cp["sigma"]), "n0": int(cp["N0"]), "n": int(cp["N"]), "alpha": float(cp["alpha"]),
-         "batch": int(cp["batch"]), "skip": int(cp["skip"]), "max": int(cp["max"]), "start": int(cp.get("start", 0))}
-    if p["start"] != 0:
+    if cp["start"] != 0:
         raise ConfigError("certify_params:start is not supported by the certify runner (Cohen's --skip/--max "
                           "select images from index 0); use skip and max")
-    return p
+    return {"sigma": float(cp["sigma"]), "n0": int(cp["N0"]), "n": int(cp["N"]), "alpha": float(cp["alpha"]),
+            "batch": int(cp["batch"]), "skip": int(cp["skip"]), "max": int(cp["max"])}
 
 
 def default_outfile(out_dir: str | Path, sigma: float) -> Path:
@@ -61,9 +64,6 @@ def certify_checkpoint(cfg: dict, model: torch.nn.Module, outfile: str | Path, *
     ``weights``: the file ``model``'s weights came from, whose SHA-256 is one of them). ``num_examples > 0``
     caps the selection like ``certify_params:max`` (the smaller wins). ``overwrite`` discards the results
     already in ``outfile``. Returns the path written (a part file on ranks > 0 under torchrun)."""
-    smoothing = library_part("robustkern.smoothing", "Smooth", purpose="'robustkern certify' (randomised smoothing)")
-    runner = library_part("robustkern.smoothing.runner", "certify_dataset",
-                          purpose="'robustkern certify' (randomised smoothing)")
     p = certify_params(cfg)
     info = dataset_info(cfg["data"]["dataset"])
     ds = load_dataset(info.name, "test", data_dir or cfg["data"]["data_dir"] or None, download)
@@ -73,14 +73,14 @@ def certify_checkpoint(cfg: dict, model: torch.nn.Module, outfile: str | Path, *
     if images_per_batch is None:  # several images share a forward when N is small against the batch
         images_per_batch = max(1, min(64, p["batch"] // max(p["n"], 1)))
     model = model.to(device).eval()
-    smooth = smoothing.Smooth(model, info.num_classes, p["sigma"])
+    smooth = Smooth(model, info.num_classes, p["sigma"])
     identity = {"dataset": info.name, "weights_sha256": file_sha256(weights) if weights else None}
     try:
-        return runner.certify_dataset(smooth, ds, outfile, n0=p["n0"], n=p["n"], alpha=p["alpha"],
-                                      batch_size=p["batch"], skip=p["skip"], max=stop, seed=int(cfg.get("seed", 0)),
-                                      images_per_batch=images_per_batch, device=torch.device(device),
-                                      progress=progress, identity=identity, overwrite=overwrite)
-    except runner.SettingsMismatch as exc:
+        return certify_dataset(smooth, ds, outfile, n0=p["n0"], n=p["n"], alpha=p["alpha"], batch_size=p["batch"],
+                               skip=p["skip"], max=stop, seed=int(cfg.get("seed", 0)),
+                               images_per_batch=images_per_batch, device=torch.device(device), progress=progress,
+                               identity=identity, overwrite=overwrite)
+    except SettingsMismatch as exc:
         raise ConfigError(f"{exc}: certify into another --outfile to keep both, or pass --overwrite to start it "
                           "afresh") from None
 

@@ -30,18 +30,15 @@ from .errors import ConfigError
 
 __all__ = [
     "CONFIG_DIR", "FREE_FORM", "resolve_config_path", "list_configs", "read_config_file", "load_config",
-    "parse_override", "apply_overrides", "validate", "get_path", "save_config",
+    "parse_override", "apply_overrides", "validate", "get_path", "save_config", "check_values", "parse_norm",
 ]
 
 DEFAULTS_NAME = "defaults.json"
 
 
 def _config_dir() -> Path:
-    """``$ROBUSTKERN_CONFIG_DIR``, else the recipes installed as the data package ``robustkern_cli.configs``
-    (setup.py maps python/configs there), else python/configs of a source checkout."""
-    env = os.environ.get("ROBUSTKERN_CONFIG_DIR")
-    if env:
-        return Path(env).expanduser()
+    """The recipes installed as the data package ``robustkern_cli.configs`` (setup.py maps python/configs
+    there), else python/configs of a source checkout. Recipes elsewhere are given by path (``--config FILE``)."""
     here = Path(__file__).resolve().parent
     for cand in (here / "configs", here.parent / "configs"):
         if (cand / DEFAULTS_NAME).is_file():
@@ -272,9 +269,11 @@ def get_path(cfg: Mapping, dotted: str, default: Any = None) -> Any:
 # each key's type; these rules fix what the value may be), so every command refuses a bad value with one line before
 # it reads data or writes a file: sizes and counts of at least 1, radii, learning rates and step sizes of at least 0,
 # noise levels above 0, starting_epsilon <= epsilon, certify_params:alpha in (0, 1), and model normalisation
-# statistics with one value per image channel of the data set. The per-method parameters (*:method_params) are
+# statistics with one value per image channel of the data set, names chosen from a fixed set (optimiser, LR
+# schedule, epsilon schedule, augmentation, norms, methods). The per-method parameters (*:method_params) are
 # free-form; the keys that mean the same in every method (sigma, epsilon, step_size, num_steps, gauss_num,
-# num_noise_vec) are checked wherever they appear.
+# num_noise_vec) are checked wherever they appear, the others by their method (robustkern_cli.losses,
+# robustkern_cli.evaluate). The code that uses a value takes it as checked here.
 # rule name -> (test, what the value must be)
 RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     ">=0": (lambda v: v >= 0, "a number >= 0"),
@@ -290,7 +289,7 @@ VALUE_RULES: dict[str, str] = {
     "training_params:weight_decay": ">=0", "training_params:lr_step": ">=0", "training_params:lr_gamma": ">0",
     "training_params:grad_clip": ">=0", "training_params:batch_multiplier": ">=1",
     "training_params:epsilon": ">=0", "training_params:starting_epsilon": ">=0",
-    "training_params:schedule_start": ">=0", "training_params:schedule_length": ">=0",
+    "training_params:schedule_start": ">=0", "training_params:schedule_length": ">=1",
     "training_params:eval_every": ">=0",
     "eval_params:epsilon": ">=0", "eval_params:batch_size": ">=1", "eval_params:num_examples": ">=0",
     "certify_params:sigma": ">0", "certify_params:N0": ">=1", "certify_params:N": ">=1",
@@ -329,8 +328,43 @@ def _check_normalisation(cfg: Mapping) -> None:
             _check(f"model:kwargs:{key}", v, ">0" if key == "std" else ">=0")
 
 
+NORMS = {"inf": math.inf, "linf": math.inf, "l_inf": math.inf, "2": 2.0, "2.0": 2.0, "l2": 2.0, "l_2": 2.0}
+
+
+def parse_norm(path: str, value: Any) -> float:
+    """A config's norm (``inf``, ``linf``, ``l_inf``; ``2``, ``l2``, ``l_2``) as ``math.inf`` or ``2.0``."""
+    norm = NORMS.get(str(value).strip().lower())
+    if norm is None:
+        raise ConfigError(f"{path} must be 'inf' or '2', got {value!r}")
+    return norm
+
+
+def _check_choices(cfg: Mapping) -> None:
+    """The values that name one of a fixed set (optimiser, LR schedule, augmentation, gradient sync, norms) and
+    the parameters of the training, evaluation and certification methods."""
+    from .data import AUGMENTATIONS
+    from .distributed import GradientSync
+    from .evaluate import check_eval_params
+    from .losses import check_training_params
+    from .train import LR_SCHEDULES, OPTIMIZERS
+    for path, allowed in (("data:augment", AUGMENTATIONS), ("training_params:optimizer", OPTIMIZERS),
+                          ("training_params:lr_schedule", LR_SCHEDULES), ("training_params:grad_sync",
+                                                                          GradientSync.MODES)):
+        value = get_path(cfg, path)
+        if value not in allowed:
+            raise ConfigError(f"{path} must be one of {', '.join(allowed)}, got {value!r}")
+    tp = cfg["training_params"]
+    if tp["lr_schedule"] in ("step", "step_after_ramp") and tp["lr_step"] <= 0:
+        raise ConfigError(f"training_params:lr_schedule={tp['lr_schedule']} needs training_params:lr_step > 0")
+    parse_norm("training_params:norm", tp["norm"])
+    parse_norm("eval_params:norm", cfg["eval_params"]["norm"])
+    check_training_params(cfg)
+    check_eval_params(cfg)
+
+
 def check_values(cfg: Mapping) -> None:
-    """Raise :class:`ConfigError` naming the first value of ``cfg`` outside its range (see the module doc)."""
+    """Raise :class:`ConfigError` naming the first value of ``cfg`` outside its range or choices (see the module
+    doc)."""
     for path, rule in VALUE_RULES.items():
         value = get_path(cfg, path)
         if value is not None:
@@ -344,6 +378,7 @@ def check_values(cfg: Mapping) -> None:
             if key in METHOD_PARAM_RULES:
                 _check(f"{section}:method_params:{key}", value, METHOD_PARAM_RULES[key])
     _check_normalisation(cfg)
+    _check_choices(cfg)
 
 
 def load_defaults() -> dict:

@@ -35,10 +35,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from robustkern.models import DATASET_STATS
+
 from .errors import ConfigError, DataFormatError, DataMissingError, optional_import
 
 __all__ = ["DatasetInfo", "DATASETS", "default_data_dir", "dataset_info", "load_dataset", "make_loader",
-           "augment_batch", "read_idx", "download_dataset"]
+           "AUGMENTATIONS", "augment_batch", "read_idx", "download_dataset"]
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,9 @@ class DatasetInfo:
     std: tuple
 
 
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # Cohen et al., CROWN-IBP
-DATASETS = {
-    "digits": DatasetInfo("digits", (1, 8, 8), 10, (0.3054,), (0.3761,)),
-    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, (0.1307,), (0.3081,)),
-    "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, CIFAR10_MEAN, CIFAR10_STD),
-    "svhn": DatasetInfo("svhn", (3, 32, 32), 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-}
+DATASETS = {name: DatasetInfo(name, shape, 10, *DATASET_STATS[name])
+            for name, shape in (("digits", (1, 8, 8)), ("mnist", (1, 28, 28)), ("cifar10", (3, 32, 32)),
+                                ("svhn", (3, 32, 32)))}
 ALIASES = {"cifar": "cifar10", "cifar-10": "cifar10", "sklearn_digits": "digits"}
 
 MNIST_FILES = {
@@ -237,17 +235,19 @@ def make_loader(ds: TensorDataset, batch_size: int, shuffle: bool = False, gener
 
 
 # ---------------------------------------------------------------------------------------------- augmentation
+AUGMENTATIONS = ("none", "flip", "crop_flip")
+
+
 def augment_batch(x: torch.Tensor, kind: str, pad: int = 4) -> torch.Tensor:
     """Per-sample random augmentation of a batch with the global torch RNG (seeded by the training loop).
 
-    ``"none"``; ``"flip"`` (horizontal, p = 1/2); ``"crop_flip"``: zero-pad by ``pad`` and crop back at a random
-    offset (torchvision's ``RandomCrop(size, padding=4)``) then flip, the CIFAR recipe of Cohen et al.,
-    CROWN-IBP, MACER and TRADES.
+    ``kind`` (one of :data:`AUGMENTATIONS`, ``data:augment``, checked when the config is loaded): ``"none"``;
+    ``"flip"`` (horizontal, p = 1/2); ``"crop_flip"``: zero-pad by ``pad`` and crop back at a random offset
+    (torchvision's ``RandomCrop(size, padding=4)``) then flip, the CIFAR recipe of Cohen et al., CROWN-IBP, MACER
+    and TRADES.
     """
     if kind == "none":
         return x
-    if kind not in ("flip", "crop_flip"):
-        raise ConfigError(f"unknown augmentation '{kind}'; valid: none, flip, crop_flip")
     b, _, h, w = x.shape
     if kind == "crop_flip":
         xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))

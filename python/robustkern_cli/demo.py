@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from robustkern.attacks import pgd, robust_accuracy
+
 from .config import load_config
-from .errors import (EXIT_OK, EXIT_UNAVAILABLE, ConfigError, MethodUnavailable, MissingDependency, library_part,
-                     optional_import)
+from .errors import EXIT_OK, ConfigError, MissingDependency, optional_import
 
 __all__ = ["PARTS", "run_demo"]
 
@@ -27,20 +28,16 @@ RADII = (0.25, 0.5, 0.75)
 
 
 def _pgd_accuracy(model, ds, eps: float, steps: int, device: str) -> float:
-    attacks = library_part("robustkern.attacks", "pgd", "robust_accuracy", purpose="the demo's PGD evaluation")
     from .data import make_loader
     alpha = 2.5 * eps / steps  # Madry et al.'s step size rule
-    res = attacks.robust_accuracy(model, make_loader(ds, 360),
-                                  lambda x, y: attacks.pgd(model, x, y, eps, alpha, steps, norm="linf"),
-                                  device=device)
+    res = robust_accuracy(model, make_loader(ds, 360), lambda x, y: pgd(model, x, y, eps, alpha, steps, norm="linf"),
+                          device=device)
     return res["robust_accuracy"]
 
 
 def _ibp_accuracy(model, ds, cfg, device: str) -> float:
     from .data import make_loader
     from .evaluate import verified_metrics
-    from .losses import probe_bound_method
-    probe_bound_method("IBP", "the demo's IBP-verified accuracy")
     return verified_metrics(model, make_loader(ds, 360), cfg, device, method="IBP")["verified_acc"]
 
 
@@ -67,13 +64,11 @@ def _print_table(rows: dict, eps: float, pgd_steps: int) -> None:
 
 
 def run_demo(args, progress: bool) -> int:
-    """The demo with the parsed ``robustkern demo`` arguments; returns the exit code (4 if a part was missing)."""
+    """The demo with the parsed ``robustkern demo`` arguments; returns the exit code."""
     from .analyze import plot_curves
     from .certify import certify_checkpoint, certify_summary
     from .data import load_dataset, make_loader
-    from .evaluate import clean_metrics, model_from_config
-    from .losses import check_available
-    from .evaluate import fill_all_defaults
+    from .evaluate import clean_metrics, fill_all_defaults, model_from_config
     from .train import train
     optional_import("sklearn.datasets", "scikit-learn", "the demo (scikit-learn's digits data set)")
     t_start = time.perf_counter()
@@ -88,49 +83,30 @@ def run_demo(args, progress: bool) -> int:
     ibp_cfg = configs["digits_ibp"]
     eps = float(ibp_cfg["training_params"]["epsilon"])
     test_ds = load_dataset("digits", "test")
-    missing: list[str] = []
     rows: dict = {}
     tsv = None
-
-    def unavailable(exc) -> None:
-        print(f"      NOT AVAILABLE: {exc}")
-        missing.append(str(exc))
 
     for k, (name, recipe, what) in enumerate(PARTS, 1):
         cfg = configs[recipe]
         what = f"{what} (eps {eps:g})" if recipe == "digits_ibp" else what
         print(f"[{k}/{len(PARTS)}] {what} of digits_cnn on scikit-learn's digits "
               f"({cfg['training_params']['epochs']} epochs) -> {out}/{name}")
-        row = rows[name] = {"clean": None, "pgd": None, "ibp": None}
-        try:
-            check_available(cfg["training_params"]["method"], cfg)
-            train(cfg, out / name, device=args.device, progress=progress, log=lambda s: None,
-                  overwrite=args.overwrite)
-        except (MethodUnavailable, NotImplementedError) as exc:
-            unavailable(exc)
-            continue
+        train(cfg, out / name, device=args.device, progress=progress, log=lambda s: None, overwrite=args.overwrite)
         model = model_from_config(cfg, out / name / "checkpoint.pt").to(args.device).eval()
-        row["clean"] = clean_metrics(model, make_loader(test_ds, 360), args.device)["acc"]
-        for key, measure in (("pgd", lambda: _pgd_accuracy(model, test_ds, eps, args.pgd_steps, args.device)),
-                             ("ibp", lambda: _ibp_accuracy(model, test_ds, ibp_cfg, args.device))):
-            try:
-                row[key] = measure()
-            except (MethodUnavailable, NotImplementedError) as exc:
-                unavailable(exc)
+        row = rows[name] = {"clean": clean_metrics(model, make_loader(test_ds, 360), args.device)["acc"],
+                            "pgd": _pgd_accuracy(model, test_ds, eps, args.pgd_steps, args.device),
+                            "ibp": _ibp_accuracy(model, test_ds, ibp_cfg, args.device)}
         if name == "gaussian":
             cp = cfg["certify_params"]
             cp["N0"] = min(int(cp["N0"]), int(cp["N"]))
             path = out / name / f"certify_sigma{float(cp['sigma']):g}.tsv"
             print(f"      certifying {args.certify_images} test images (sigma {cp['sigma']:g}, N0 {cp['N0']}, "
                   f"N {cp['N']}, alpha {cp['alpha']:g}) -> {path}")
-            try:
-                certify_checkpoint(cfg, model, path, device=args.device, progress=progress,
-                                   weights=out / name / "checkpoint.pt", overwrite=args.overwrite)
-                summ = certify_summary(path, RADII)[0]
-                row.update({f"r{r:g}": summ[f"{r:g}"] for r in RADII}, acr=summ["acr"])
-                tsv = path
-            except (MethodUnavailable, NotImplementedError) as exc:
-                unavailable(exc)
+            certify_checkpoint(cfg, model, path, device=args.device, progress=progress,
+                               weights=out / name / "checkpoint.pt", overwrite=args.overwrite)
+            summ = certify_summary(path, RADII)[0]
+            row.update({f"r{r:g}": summ[f"{r:g}"] for r in RADII}, acr=summ["acr"])
+            tsv = path
 
     _print_table(rows, eps, args.pgd_steps)
     if tsv is not None:
@@ -140,4 +116,4 @@ def run_demo(args, progress: bool) -> int:
         except MissingDependency as exc:
             print(f"plot skipped: {exc}")
     print(f"demo finished in {time.perf_counter() - t_start:.1f} s; runs in {out}")
-    return EXIT_UNAVAILABLE if missing else EXIT_OK
+    return EXIT_OK

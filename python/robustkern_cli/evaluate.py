@@ -1,6 +1,6 @@
 """Evaluation: clean accuracy; verified accuracy (IBP, CROWN-IBP) through robustkern.bounds; PGD-k with
-restarts and the APGD cascade through robustkern.attacks. A missing library part raises MethodUnavailable
-(exit code 4) before any data is read."""
+restarts and the APGD cascade through robustkern.attacks. The evaluation parameters are checked when the config
+is loaded (:func:`check_eval_params`)."""
 from __future__ import annotations
 
 import time
@@ -10,13 +10,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from robustkern.attacks import evaluate_robust, pgd, robust_accuracy
+from robustkern.bounds import BoundedModule, margin_spec
+from robustkern.models import build_model_for
+
 from .checkpoint import load_weights, read_checkpoint
+from .config import parse_norm
 from .data import dataset_info, load_dataset, make_loader
-from .errors import ConfigError, library_part
-from .models import build_model_for
+from .errors import ConfigError
 
 __all__ = ["EVALS", "EVAL_DEFAULTS", "clean_metrics", "verified_metrics", "evaluate", "fill_eval_defaults",
-           "model_from_config", "describe"]
+           "check_eval_params", "model_from_config", "describe"]
 
 
 @torch.no_grad()
@@ -38,20 +42,17 @@ def clean_metrics(model, loader, device="cpu", progress=False) -> dict:
 def verified_metrics(model, loader, cfg, device="cpu", progress=False, method="IBP") -> dict:
     """Verified accuracy: the share of examples whose every margin ``f_y - f_j`` has a positive lower bound
     over the L-p ball of radius ``eval_params:epsilon`` clipped to [0, 1] (model in eval mode)."""
-    bounds = library_part("robustkern.bounds", "BoundedModule", "margin_spec",
-                          purpose=f"evaluation method '{cfg['eval_params']['method']}'")
     ep = cfg["eval_params"]
-    eps, norm = float(ep["epsilon"]), float(ep["norm"])
+    eps, norm = float(ep["epsilon"]), parse_norm("eval_params:norm", ep["norm"])
     model.eval()
     bm, verified, correct, n = None, 0, 0, 0
     for x, y in tqdm(loader, disable=not progress, desc=f"eval {method}", leave=False):
         x, y = x.to(device), y.to(device)
         if bm is None:
-            from .losses import bounded_module
-            bm = bounded_module(bounds, model, x[:1], f"evaluation method '{ep['method']}'")
+            bm = BoundedModule(model, x[:1])
         with torch.no_grad():
             logits = model(x)
-            C = bounds.margin_spec(y, logits.shape[1])
+            C = margin_spec(y, logits.shape[1])
             lb, _ = bm.compute_bounds(x, eps, norm=norm, method=method, C=C, x_min=0.0, x_max=1.0)
         verified += (lb > 0).all(dim=1).sum().item()
         correct += (logits.argmax(1) == y).sum().item()
@@ -73,26 +74,21 @@ def _crown_ibp(model, loader, cfg, device, progress):
 
 
 def _attack_norm(ep: dict) -> str:
-    norm = str(ep["norm"]).lower()
-    if norm in ("inf", "linf", "l_inf"):
-        return "linf"
-    if norm in ("2", "2.0", "l2", "l_2"):
-        return "l2"
-    raise ConfigError(f"eval_params:norm must be 'inf' or '2', got '{ep['norm']}'")
+    """``eval_params:norm`` in robustkern.attacks' words: ``"linf"`` or ``"l2"``."""
+    return "l2" if parse_norm("eval_params:norm", ep["norm"]) == 2.0 else "linf"
 
 
 def _pgd(model, loader, cfg, device, progress):
     """Accuracy under PGD-k with restarts (Madry et al. 2018; the seeds' "PGD^100" column), plus clean."""
-    attacks = library_part("robustkern.attacks", "pgd", "robust_accuracy", purpose="evaluation method 'pgd'")
     ep = cfg["eval_params"]
     mp = ep["method_params"]
     eps, norm = float(ep["epsilon"]), _attack_norm(ep)
 
     def attack(x, y):
-        return attacks.pgd(model, x, y, eps, mp["step_size"], mp["num_steps"], norm=norm,
-                           random_start=mp["random_start"], restarts=mp["restarts"])
+        return pgd(model, x, y, eps, mp["step_size"], mp["num_steps"], norm=norm, random_start=mp["random_start"],
+                   restarts=mp["restarts"])
 
-    res = attacks.robust_accuracy(model, loader, attack, device=device)
+    res = robust_accuracy(model, loader, attack, device=device)
     return {"acc": res["clean_accuracy"], "pgd_acc": res["robust_accuracy"], "n": res["n"], "epsilon": eps, "norm": norm,
             "steps": mp["num_steps"], "restarts": mp["restarts"]}
 
@@ -100,7 +96,6 @@ def _pgd(model, loader, cfg, device, progress):
 def _autoattack(model, loader, cfg, device, progress):
     """APGD-CE then APGD-T, each on the points still robust (AutoAttack's standard order, Croce & Hein 2020;
     without FAB-T and Square, so the accuracy is an upper bound on AutoAttack's)."""
-    attacks = library_part("robustkern.attacks", "evaluate_robust", purpose="evaluation method 'autoattack'")
     ep = cfg["eval_params"]
     mp = ep["method_params"]
     xs, ys = zip(*[(x, y) for x, y in loader])
@@ -108,7 +103,7 @@ def _autoattack(model, loader, cfg, device, progress):
     was_training = model.training
     model.eval()
     try:
-        res = attacks.evaluate_robust(model, x, y, float(ep["epsilon"]), norm=_attack_norm(ep), steps=mp["num_steps"],
+        res = evaluate_robust(model, x, y, float(ep["epsilon"]), norm=_attack_norm(ep), steps=mp["num_steps"],
                                       bs=ep["batch_size"])
     finally:
         model.train(was_training)
@@ -136,12 +131,23 @@ def fill_eval_defaults(cfg: dict) -> None:
         ep.setdefault("method_params", {}).setdefault(k, v)
 
 
+def check_eval_params(cfg: dict) -> None:
+    """Raise ConfigError for an unknown ``eval_params:method`` (called when the config is loaded)."""
+    method = cfg["eval_params"]["method"]
+    if method not in EVALS:
+        raise ConfigError(f"unknown evaluation method '{method}'; known: {', '.join(sorted(EVALS))}")
+
+
 def model_from_config(cfg: dict, checkpoint: str | Path | dict | None = None, trust: bool = False) -> torch.nn.Module:
-    """Build the configured zoo model for the configured data set, optionally loading weights from
-    ``checkpoint`` (a file, read by :func:`robustkern_cli.checkpoint.read_checkpoint` with ``trust``, or its
-    already loaded content)."""
+    """Build the configured zoo model (robustkern.models) for the configured data set, optionally loading weights
+    from ``checkpoint`` (a file, read by :func:`robustkern_cli.checkpoint.read_checkpoint` with ``trust``, or its
+    already loaded content). A model the config's ``model`` section cannot build is a ConfigError."""
     info = dataset_info(cfg["data"]["dataset"])
-    model = build_model_for(cfg["model"]["name"], cfg["model"]["kwargs"], info.shape, info.num_classes)
+    try:
+        model = build_model_for(cfg["model"]["name"], cfg["model"]["kwargs"], info.shape, info.num_classes)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model:name={cfg['model']['name']} with model:kwargs {cfg['model']['kwargs']}: "
+                          f"{exc}") from None
     if isinstance(checkpoint, dict):
         load_weights(model, checkpoint)
     elif checkpoint:
@@ -149,23 +155,11 @@ def model_from_config(cfg: dict, checkpoint: str | Path | dict | None = None, tr
     return model
 
 
-def _precheck(method: str) -> None:
-    """Fail before loading data when the method's library part is missing."""
-    from .losses import probe_bound_method
-    if method in ("ibp", "crown_ibp"):
-        probe_bound_method("IBP" if method == "ibp" else "CROWN-IBP", f"evaluation method '{method}'")
-    elif method in ("pgd", "autoattack"):
-        library_part("robustkern.attacks", "pgd", "evaluate_robust", purpose=f"evaluation method '{method}'")
-
-
 def evaluate(cfg: dict, checkpoint: str | Path | None = None, *, data_dir=None, download=False, device="cpu",
              progress=False, trust_checkpoint: bool = False) -> dict:
     """Run ``eval_params:method`` on the test split; returns the metrics (and what was evaluated)."""
     ep = cfg["eval_params"]
     method = ep["method"]
-    if method not in EVALS:
-        raise ConfigError(f"unknown evaluation method '{method}'; known: {', '.join(sorted(EVALS))}")
-    _precheck(method)
     checkpoint = checkpoint or ep["checkpoint"] or None
     model = model_from_config(cfg, checkpoint, trust_checkpoint).to(device)
     ds = load_dataset(cfg["data"]["dataset"], "test", data_dir or cfg["data"]["data_dir"] or None, download,

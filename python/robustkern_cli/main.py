@@ -1,15 +1,14 @@
 """robustkern: train, evaluate, certify and analyse robust models from JSON recipes.
 
-Every mistake is answered with one line on stderr. Exit codes: 0 ok, 1 any other failure
-(ROBUSTKERN_TRACEBACK=1 shows its traceback), 2 usage or configuration error, 3 data missing or unreadable,
-4 a part this installation lacks (a robustkern library part, or an optional package), 130 interrupted.
+Every mistake is answered with one line on stderr. Exit codes: 0 ok, 1 any other failure (--traceback
+shows its traceback), 2 usage or configuration error, 3 data missing or unreadable, 4 not available (an
+optional package that is not installed, or something robustkern does not implement), 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -17,14 +16,24 @@ from pathlib import Path
 
 import torch
 
+from robustkern import BackendUnavailable, cpu_malloc
+from robustkern.bounds import UnsupportedLayerError
+from robustkern.ops import interval_input_box
+
 from . import __version__
 from .config import CONFIG_DIR, list_configs, load_config
 from .evaluate import fill_all_defaults
-from .errors import (EXIT_DATA, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, ConfigError,
-                     DataFormatError, DataMissingError, MethodUnavailable)
+from .errors import (EXIT_DATA, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NOT_AVAILABLE, EXIT_OK, EXIT_USAGE, ConfigError,
+                     DataFormatError, DataMissingError, MissingDependency)
 
-EPILOG = ("exit codes: 0 ok, 1 failure, 2 usage/config error, 3 data missing, 4 not available in this installation, "
-          "130 interrupted")
+EPILOG = ("exit codes: 0 ok, 1 failure (--traceback shows it), 2 usage/config error, 3 data missing, 4 not "
+          "available (an optional package, or not implemented), 130 interrupted")
+# The environment variables robustkern reads: name -> what it does (README's table; `robustkern info` shows them).
+ENVIRONMENT = {
+    "ROBUSTKERN_BACKEND": "force one implementation of every op: auto|triton|cpp|cuda|reference (default auto)",
+    "ROBUSTKERN_JIT": "0: never compile the C++ extension on first use (default: compile it when it is not built)",
+    "ROBUSTKERN_DATA": "the data folder when --data-dir is not given (default ~/.robustkern/data)",
+}
 DEMO_TIME = "About 40-90 s on 2 CPU cores (measured from start to end: 38-53 s, 90 s on a busy machine)"
 OVERRIDES_HELP = ("config overrides 'section:key=value', nested 'training_params:method_params:bound_type=interval'; "
                   "values are typed by the key's current value (floats may be fractions such as 8/255)")
@@ -40,14 +49,6 @@ def _config_from(args, base_cfg=None) -> dict:
                           f"recipes: {', '.join(list_configs())}")
     return load_config(getattr(args, "config", None) if base_cfg is None else None, args.overrides,
                        fill_defaults=fill_all_defaults, base_cfg=base_cfg)
-
-
-def _keep_freed_memory() -> bool:
-    """The command's CPU work allocates the same tensor sizes every step: keep freed memory in the process so
-    that pages are not faulted in and zeroed again each step (robustkern.cpu_malloc; off with
-    ROBUSTKERN_KEEP_FREED_MEMORY=0)."""
-    from robustkern import cpu_malloc
-    return cpu_malloc.enabled_by_env() and cpu_malloc.keep_freed_memory()
 
 
 def _progress(args) -> bool:
@@ -78,7 +79,6 @@ def _check_backend(device: str) -> None:
     value fails in a second with one line (robustkern.BackendUnavailable, exit 2)."""
     if os.environ.get("ROBUSTKERN_BACKEND", "").strip().lower() in ("", "auto"):
         return
-    from robustkern.ops import interval_input_box
     interval_input_box(torch.zeros(1, 1, device=device), 0.0)
 
 
@@ -219,16 +219,16 @@ def cmd_analyze(args) -> int:
 def cmd_bench(args) -> int:
     _override_not_path(args, "json", "-")
     from .data import dataset_info
-    from .losses import LOSSES, StepState, check_available
-    from .models import build_model_for
+    from .evaluate import model_from_config
+    from .losses import StepState, training_loss
     from .train import build_optimizer
     cfg = _config_from(args)
     tp = cfg["training_params"]
-    check_available(tp["method"], cfg)
+    loss_fn = training_loss(tp["method"])
     info = dataset_info(cfg["data"]["dataset"])
     bs = args.batch_size or cfg["data"]["batch_size"]
     torch.manual_seed(cfg["seed"])
-    model = build_model_for(cfg["model"]["name"], cfg["model"]["kwargs"], info.shape, info.num_classes)
+    model = model_from_config(cfg)
     model.to(args.device)
     x = torch.rand(bs, *info.shape, device=args.device)
     y = torch.randint(0, info.num_classes, (bs,), device=args.device)
@@ -236,7 +236,7 @@ def cmd_bench(args) -> int:
     state = StepState(eps=float(tp["epsilon"]), max_eps=float(tp["epsilon"]))
 
     def step():
-        loss, _ = LOSSES[tp["method"]](model, x, y, cfg, state)
+        loss, _ = loss_fn(model, x, y, cfg, state)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -280,52 +280,21 @@ def cmd_demo(args) -> int:
     return run_demo(args, _progress(args))
 
 
-def _library_parts() -> dict:
-    import importlib.util
-    parts = {}
-    for mod in ("robustkern.nn", "robustkern.ops", "robustkern.bounds", "robustkern.smoothing",
-                "robustkern.attacks", "robustkern.flatness"):
-        try:
-            parts[mod] = importlib.util.find_spec(mod) is not None
-        except ImportError:
-            parts[mod] = False
-    return parts
-
-
 def cmd_info(args) -> int:
+    import robustkern
+    from robustkern.models import MODEL_NAMES
+
     from .data import default_data_dir
-    from .losses import LOSSES, METHOD_DEFAULTS, check_available
-    from .models import MODEL_NAMES
-    try:
-        import robustkern
-        lib_info = getattr(robustkern, "info", None)
-    except ImportError:
-        lib_info = None
-    if callable(lib_info):
-        out = lib_info()  # robustkern.info() prints its report (and returns it as a dict)
-        if isinstance(out, str):
-            print(out)
-    else:
-        import numpy
-        versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
-        for name in ("scipy", "sklearn", "triton"):
-            try:
-                versions[name] = __import__(name).__version__
-            except ImportError:
-                versions[name] = "not installed"
-        print("robustkern.info() not available; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-        print(f"cuda available: {torch.cuda.is_available()}")
-    parts = _library_parts()
+    from .losses import LOSSES, NOT_IMPLEMENTED
+    robustkern.info()  # versions, the compiled extension, the backend each device gets
     print(f"robustkern_cli {__version__}")
-    print("library parts: " + ", ".join(f"{k} {'yes' if v else 'missing'}" for k, v in parts.items()))
-    ready, missing = [], []
-    for m in sorted(LOSSES):
-        try:
-            check_available(m, {"training_params": {"method_params": dict(METHOD_DEFAULTS[m])}})
-            ready.append(m)
-        except MethodUnavailable:
-            missing.append(m)
-    print("training methods: " + ", ".join(ready) + "; not available yet (exit 4): " + ", ".join(missing))
+    print("environment:")
+    width = max(len(k) for k in ENVIRONMENT)
+    for name, what in ENVIRONMENT.items():
+        print(f"  {name:<{width}}  {os.environ.get(name, '(unset)')!s:<10}  {what}")
+    implemented = [m for m in sorted(LOSSES) if m not in NOT_IMPLEMENTED]
+    print("training methods: " + ", ".join(implemented) + "; not implemented yet (exit 4): "
+          + ", ".join(sorted(NOT_IMPLEMENTED)))
     print("models: " + ", ".join(MODEL_NAMES))
     print(f"configs ({CONFIG_DIR}): " + ", ".join(list_configs()))
     print(f"data dir: {default_data_dir()}")
@@ -387,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a recipe", formatter_class=raw, epilog=EPILOG, description=(
         "Train the model of a JSON recipe with its method, training_params:method, one of:\n"
         f"  {methods}.\n"
-        "'robustkern info' lists the methods this installation cannot run; those exit 4. Every epoch writes\n"
+        "'robustkern info' lists the methods not implemented yet; those exit 4. Every epoch writes\n"
         "<out>/checkpoint.pt (model, optimiser, config, epoch, metrics, RNG states) and <out>/log.csv;\n"
         "--resume continues exactly where a run stopped. A folder that already holds a run is never\n"
         "overwritten unless --overwrite is given. Under torchrun the run is data-parallel\n"
@@ -405,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (its checkpoint and log) instead of refusing")
     p.add_argument("--tensorboard", metavar="DIR",
-                   help="write TensorBoard event files to DIR (default training_params:tensorboard; '' = none)")
+                   help="log the training scalars to DIR: TensorBoard event files when the tensorboard package is "
+                        "installed, else DIR/scalars.csv (default training_params:tensorboard; '' = none)")
     _add_trust(p)
     p.set_defaults(func=cmd_train)
 
@@ -471,8 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG, description=(
         "Time one training step (the recipe's method: loss, backward, optimiser step) and one forward pass\n"
         "of its model on a synthetic batch of the data set's shape (no data files needed); prints the median\n"
-        "over --steps runs as one readable line (--json: as JSON). Methods whose library part is missing\n"
-        "exit 4.\n\n"
+        "over --steps runs as one readable line (--json: as JSON). Methods not implemented yet exit 4.\n\n"
         "example:\n  robustkern bench -c cifar_crown_ibp_8_255 --batch-size 64 --steps 5"))
     _add_common(p, data=False)
     p.add_argument("--batch-size", type=_count(1), help="batch size (default data:batch_size)")
@@ -488,8 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with randomised smoothing; then print one table: clean accuracy, PGD accuracy (L-inf eps of the IBP\n"
         "recipe), IBP-verified accuracy and smoothing certified accuracy at L2 radii 0.25/0.5/0.75 with the\n"
         f"ACR (Gaussian model), and save <out>/certified_accuracy.png. {DEMO_TIME}.\n"
-        "Needs scikit-learn (the data set) and, for the plot, matplotlib: pip install -e '.[data,plots]'.\n"
-        "Parts whose library pieces are missing are reported and make the exit code 4."))
+        "Needs scikit-learn (the data set) and, for the plot, matplotlib: pip install -e '.[data,plots]'."))
     _add_common(p, config=False, data=False)
     p.add_argument("--out", "-o", help="where to put the runs (default a new temporary folder)")
     p.add_argument("--overwrite", action="store_true", help="replace the demo's runs already in --out")
@@ -501,12 +469,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pgd-steps", type=_count(1), default=20, help="PGD steps (default 20)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("info", help="versions, library parts, models, recipes", formatter_class=raw,
+    p = sub.add_parser("info", help="versions, backends, environment, models, recipes", formatter_class=raw,
                        epilog=EPILOG, description=(
-        "Print robustkern.info() when the library provides it (else the versions of Python, torch and\n"
-        "friends), which library parts are installed, and the app's methods, models and recipes."))
+        "Print robustkern.info() (versions, the compiled extension, the backend each device gets), the\n"
+        "environment variables robustkern reads (ROBUSTKERN_BACKEND, ROBUSTKERN_JIT, ROBUSTKERN_DATA) with\n"
+        "their values, and the app's methods, models and recipes."))
     p.set_defaults(func=cmd_info)
+    for p in [parser, *sub.choices.values()]:
+        _add_process_options(p, argparse.SUPPRESS if p is not parser else None)
     return parser
+
+
+def _add_process_options(p: argparse.ArgumentParser, default) -> None:
+    """Options of the whole process, accepted before and after the command (``default`` SUPPRESS on the
+    commands, so that a value given before the command is kept)."""
+    p.add_argument("--traceback", action="store_true", default=default if default is not None else False,
+                   help="on an unexpected failure (exit 1), show the Python traceback instead of one line")
+    p.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
+                   default=default if default is not None else True,
+                   help="let glibc return freed memory to the system (by default the command keeps it for reuse, "
+                        "robustkern.cpu_malloc.keep_freed_memory: steps 3-25%% faster on the CPU, the process keeps "
+                        "its peak heap)")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -531,8 +514,8 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     if args.threads:
         torch.set_num_threads(args.threads)
-    _keep_freed_memory()
-    from robustkern import BackendUnavailable
+    if args.keep_freed_memory:  # every step allocates the same sizes: no page faults once the heap has settled
+        cpu_malloc.keep_freed_memory()
     try:
         if hasattr(args, "device"):  # not for info, which reports the backends, nor analyze
             _check_backend(args.device)
@@ -543,20 +526,17 @@ def main(argv=None) -> int:
     except (DataMissingError, DataFormatError) as exc:
         _err(f"data: {_one_line(exc)}")
         return EXIT_DATA
-    except MethodUnavailable as exc:
-        _err(f"not available: {_one_line(exc)}")
-        return EXIT_UNAVAILABLE
-    except NotImplementedError as exc:  # raised by a library part for a case it does not support yet
-        _err(f"not available: {_one_line(exc) if str(exc) else 'not implemented in the installed robustkern'}")
-        return EXIT_UNAVAILABLE
+    except (MissingDependency, NotImplementedError, UnsupportedLayerError) as exc:
+        _err(f"not available: {_one_line(exc) if str(exc) else 'not implemented in robustkern'}")
+        return EXIT_NOT_AVAILABLE
     except KeyboardInterrupt:
         hint = getattr(args, "interrupt_hint", None)
         _err("interrupted" + (f": {hint()}" if hint else ""))
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - anything else: one line, the traceback on request
-        if os.environ.get("ROBUSTKERN_TRACEBACK") == "1":
+        if args.traceback:
             raise
-        _err(f"error: {type(exc).__name__}: {_one_line(exc)} (ROBUSTKERN_TRACEBACK=1 shows the traceback)")
+        _err(f"error: {type(exc).__name__}: {_one_line(exc)} (--traceback shows the traceback)")
         return EXIT_FAILURE
 
 

@@ -26,7 +26,8 @@ a refused run leaves no folder behind.
 ``training_params:tensorboard`` (or ``--tensorboard DIR``) logs ``train/loss``, ``train/lr`` and
 ``train/eps`` per optimiser step (the loss averaged over the step's micro-batches and all ranks), every
 per-epoch metric of ``log.csv`` as ``epoch/<name>`` and the test evaluation as ``eval/<name>``
-(:mod:`robustkern_cli.tensorboard`).
+(:mod:`robustkern_cli.scalar_log`: TensorBoard event files when ``tensorboard`` is installed, else
+``<dir>/scalars.csv``).
 
 ``eps`` (the ``log.csv`` column, the log line, ``train/eps``) is the radius the method itself used on the
 step, as its loss reports it in ``metrics["eps"]`` (:mod:`robustkern_cli.losses`): the scheduled epsilon for
@@ -49,17 +50,16 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import (load_checkpoint, load_weights, read_checkpoint, rng_state, save_checkpoint, seed_everything,
-                         set_rng_state)
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .config import save_config
 from .data import augment_batch, dataset_info, load_dataset, make_loader
 from .errors import ConfigError
-from .evaluate import clean_metrics
-from .losses import LOSSES, EpsilonScheduler, StepState, check_available
-from .models import build_model_for
-from .tensorboard import is_finite_number, open_writer
+from .evaluate import clean_metrics, model_from_config
+from .losses import StepState, scheduled_epsilon, training_loss
+from .scalar_log import is_finite_number, open_scalar_log
 
-__all__ = ["TrainResult", "train", "default_run_dir", "existing_run_files", "build_optimizer", "build_lr_scheduler"]
+__all__ = ["TrainResult", "train", "default_run_dir", "existing_run_files", "build_optimizer", "build_lr_scheduler",
+           "OPTIMIZERS", "LR_SCHEDULES"]
 
 RUN_FILES = ("checkpoint.pt", "log.csv")  # what makes a folder a run that overwriting would lose
 
@@ -97,37 +97,33 @@ def _check_run_dir(run_dir: Path, resume, overwrite: bool, ctx: distributed.Dist
                           f"{run_dir / 'checkpoint.pt'}, choose another --out, or pass --overwrite to replace it")
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "multistep", "step", "cosine", "step_after_ramp")
+
+
 def build_optimizer(params, tp: dict) -> torch.optim.Optimizer:
-    name = tp["optimizer"].lower()
+    """``training_params:optimizer`` (one of :data:`OPTIMIZERS`, checked when the config is loaded)."""
+    name = tp["optimizer"]
     if name == "sgd":
         return torch.optim.SGD(params, lr=tp["lr"], momentum=tp["momentum"], nesterov=tp["nesterov"],
                                weight_decay=tp["weight_decay"])
-    if name == "adam":
-        return torch.optim.Adam(params, lr=tp["lr"], weight_decay=tp["weight_decay"])
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=tp["lr"], weight_decay=tp["weight_decay"])
-    raise ConfigError(f"training_params:optimizer must be sgd, adam or adamw, got '{tp['optimizer']}'")
+    optimizer = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return optimizer(params, lr=tp["lr"], weight_decay=tp["weight_decay"])
 
 
 def build_lr_scheduler(opt, tp: dict):
+    """``training_params:lr_schedule`` (one of :data:`LR_SCHEDULES`, checked when the config is loaded)."""
     kind = tp["lr_schedule"]
-    if kind == "constant":
-        return None
     if kind == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(tp["lr_milestones"]), gamma=tp["lr_gamma"])
     if kind == "step":
-        if tp["lr_step"] <= 0:
-            raise ConfigError("training_params:lr_schedule=step needs training_params:lr_step > 0")
         return torch.optim.lr_scheduler.StepLR(opt, step_size=tp["lr_step"], gamma=tp["lr_gamma"])
     if kind == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tp["epochs"])
     if kind == "step_after_ramp":
-        if tp["lr_step"] <= 0:
-            raise ConfigError("training_params:lr_schedule=step_after_ramp needs training_params:lr_step > 0")
         ramp_end, step, gamma = tp["schedule_start"] + tp["schedule_length"] - 1, tp["lr_step"], tp["lr_gamma"]
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: gamma ** (max(e - ramp_end, 0) // step))
-    raise ConfigError("training_params:lr_schedule must be constant, multistep, step, cosine or step_after_ramp, "
-                      f"got '{kind}'")
+    return None  # constant
 
 
 def _write_csv(path: Path, history: list) -> None:
@@ -194,21 +190,17 @@ def _train(cfg, run_dir, ctx: distributed.DistContext, *, data_dir, download, re
     progress = sys.stderr.isatty() if progress is None else progress
     device = ctx.device
     tp, dcfg = cfg["training_params"], cfg["data"]
-    method = tp["method"]
-    check_available(method, cfg)
-    loss_fn = LOSSES[method]
+    loss_fn = training_loss(tp["method"])
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
     _check_run_dir(run_dir, resume, overwrite, ctx)
     ckpt = load_checkpoint(resume, trust) if resume is not None else None  # every rank loads the same file
+    seed_everything(cfg["seed"])  # every rank: the same initial weights
+    init = tp["init_checkpoint"] if resume is None else None
+    model = model_from_config(cfg, init or None, trust)  # before the data: a model the config cannot build fails fast
     info = dataset_info(dcfg["dataset"])
     data_dir = data_dir or dcfg["data_dir"] or None
     train_ds = load_dataset(info.name, "train", data_dir, download, limit=dcfg["num_train"])
     test_ds = load_dataset(info.name, "test", data_dir, download, limit=dcfg["num_test"])
-
-    seed_everything(cfg["seed"])  # every rank: the same initial weights
-    model = build_model_for(cfg["model"]["name"], cfg["model"]["kwargs"], info.shape, info.num_classes)
-    if tp["init_checkpoint"] and resume is None:
-        load_weights(model, read_checkpoint(tp["init_checkpoint"], trust))
     model.to(device)
     if ctx.enabled:
         seed_everything(distributed.rank_seed(cfg["seed"], ctx.rank))  # each rank its own noise
@@ -237,11 +229,9 @@ def _train(cfg, run_dir, ctx: distributed.DistContext, *, data_dir, download, re
             log(f"note: {resume} was written by {len(per_rank) if per_rank else 1} process(es), this run has "
                 f"{ctx.world_size}: the random streams restart from new per-rank seeds")
         log(f"resumed from {resume} after epoch {start_epoch}")
-    sync = distributed.GradientSync(model, ctx, method, tp.get("grad_sync", "auto"))
+    sync = distributed.GradientSync(model, ctx, tp["method"], tp["grad_sync"])
     k = max(int(tp["batch_multiplier"]), 1)
     steps_per_epoch = max(math.ceil(len(loader) / k), 1)
-    eps_sched = EpsilonScheduler(tp["schedule_type"], tp["schedule_start"], tp["schedule_length"],
-                                 tp["starting_epsilon"], tp["epsilon"], steps_per_epoch)
     state = StepState(steps_per_epoch=steps_per_epoch, max_eps=float(tp["epsilon"]))
     if ctx.is_main:  # everything is checked: the first write
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -252,13 +242,13 @@ def _train(cfg, run_dir, ctx: distributed.DistContext, *, data_dir, download, re
 
     epochs = int(tp["epochs"])
     tb_dir = tensorboard if tensorboard is not None else tp.get("tensorboard", "")
-    writer = open_writer(tb_dir) if tb_dir and ctx.is_main else None
+    writer = open_scalar_log(tb_dir, log) if tb_dir and ctx.is_main else None
     if start_epoch >= epochs:
         log(f"nothing to do: checkpoint is at epoch {start_epoch}, training_params:epochs is {epochs}")
     try:
         for epoch in range(start_epoch, epochs):
-            row = _train_epoch(epoch, epochs, model, sync, loss_fn, loader, sampler, opt, cfg, state, eps_sched,
-                               k, ctx, writer, bool(tb_dir), progress)
+            row = _train_epoch(epoch, epochs, model, sync, loss_fn, loader, sampler, opt, cfg, state, k, ctx,
+                               writer, bool(tb_dir), progress)
             if sched is not None:
                 sched.step()
             sync.sync_buffers()  # rank 0's BatchNorm statistics everywhere, as DDP keeps them
@@ -293,7 +283,7 @@ def _train(cfg, run_dir, ctx: distributed.DistContext, *, data_dir, download, re
     return TrainResult(run_dir=run_dir, history=history, model=model, rank=ctx.rank, world_size=ctx.world_size)
 
 
-def _train_epoch(epoch, epochs, model, sync, loss_fn, loader, sampler, opt, cfg, state, eps_sched, k, ctx, writer,
+def _train_epoch(epoch, epochs, model, sync, loss_fn, loader, sampler, opt, cfg, state, k, ctx, writer,
                  log_steps: bool, progress: bool) -> dict:
     """One epoch; returns its row of metrics (averaged over all examples of all ranks), ``_t0`` its start."""
     tp, dcfg, device = cfg["training_params"], cfg["data"], ctx.device
@@ -310,7 +300,7 @@ def _train_epoch(epoch, epochs, model, sync, loss_fn, loader, sampler, opt, cfg,
         x = augment_batch(x.to(device), dcfg["augment"])
         y = y.to(device)
         state.epoch, state.batch_idx = epoch, i // k
-        state.eps = eps_sched.get_eps(epoch, i // k)
+        state.eps = scheduled_epsilon(tp, epoch, i // k, state.steps_per_epoch)
         last = (i + 1) % k == 0 or i + 1 == len(loader)
         # this rank's examples and its share of the global batch (all of it, weight 1, in a single process)
         count, weight = (len(y), 1.0) if sampler is None else (sampler.local_count(i), sampler.loss_weight(i))

@@ -37,22 +37,35 @@ from .loss_fusion import fused_sum_bounds, log_bound
 from .module import BoundedModule, canonical_method
 from .spec import margin_spec, robust_cross_entropy
 
-__all__ = ["crown_ibp_loss", "crown_ibp_beta", "smoothed_eps", "verified_accuracy"]
+__all__ = ["crown_ibp_loss", "crown_ibp_beta", "smoothed_eps", "linear_eps", "verified_accuracy"]
 
 
 def smoothed_eps(step: int, start: int, length: int, eps: float, mid: float = 0.25, beta: float = 4.0) -> float:
-    """The "smoothed" epsilon ramp of CROWN-IBP / auto_LiRPA's ``SmoothedScheduler``: 0 before ``start``,
-    then ``eps * (t / mid)^beta * mid_value`` polynomially up to the fraction ``mid`` of ``length`` steps,
-    then linear to ``eps`` at ``start + length``, constant after."""
-    if length <= 0 or step >= start + length:
-        return float(eps) if step >= start else 0.0
-    if step < start:
+    """The "smoothed" epsilon ramp of DeepMind's IBP code (Gowal et al. 2018, ``smooth_schedule``), which
+    auto_LiRPA's ``SmoothedScheduler`` and CROWN-IBP's "smoothed" schedule use, over the steps ``start`` to
+    ``start + length``: 0 up to ``start``; then ``a (step - start)^beta`` up to the switch step
+    ``start + m``, ``m = int(length * mid)``; then linear from there to ``eps`` at ``start + length``; ``eps``
+    after. ``a = eps / ((length - m) beta m^(beta-1) + m^beta)`` makes the slope continuous at the switch.
+    With ``m = 0`` (fewer than ``1 / mid`` steps) the ramp is linear from ``start``. ``beta >= 2``,
+    ``0 <= mid <= 1``. auto_LiRPA's batch ``b`` (from 1) of epoch length ``L`` is
+    ``smoothed_eps(b - 1, (start_epoch - 1) * L, length_epochs * L, max_eps, mid, beta)``."""
+    if not beta >= 2.0:
+        raise ValueError(f"smoothed_eps: beta must be >= 2, got {beta}")
+    if not 0.0 <= mid <= 1.0:
+        raise ValueError(f"smoothed_eps: mid must lie in [0, 1], got {mid}")
+    if step <= start:
         return 0.0
-    t = (step - start) / length
-    mid_eps = eps * mid  # the value reached at the end of the polynomial part (continuous slope at mid)
-    if t < mid:
-        return float(mid_eps * (t / mid) ** beta)
-    return float(mid_eps + (eps - mid_eps) * (t - mid) / (1 - mid))
+    if length <= 0 or step >= start + length:
+        return float(eps)
+    m = int(length * mid)
+    mid_value = 0.0
+    if m > 0:
+        p = float(m) ** (beta - 1.0)
+        a = eps / ((length - m) * beta * p + m * p)
+        if step - start < m:
+            return float(a * float(step - start) ** beta)
+        mid_value = a * float(m) ** beta
+    return float(min(mid_value + (eps - mid_value) * (step - start - m) / (length - m), eps))
 
 
 def crown_ibp_beta(eps_now: float, eps_max: float, final_beta: float = 0.0) -> float:
@@ -62,6 +75,16 @@ def crown_ibp_beta(eps_now: float, eps_max: float, final_beta: float = 0.0) -> f
         return 1.0
     f = min(max(eps_now / eps_max, 0.0), 1.0)
     return float((1 - f) * 1.0 + f * final_beta)
+
+
+def linear_eps(step: int, start: int, length: int, eps: float) -> float:
+    """The linear epsilon ramp of DeepMind's IBP code (Gowal et al. 2018, ``linear_schedule``), which
+    CROWN-IBP's "linear" schedule and auto_LiRPA's ``LinearScheduler`` use: 0 up to ``start``, then linear to
+    ``eps`` at ``start + length``, ``eps`` after; ``eps`` at every step when ``length <= 0`` (a ramp with no
+    length has ended before it starts, as DeepMind's ``init_step == final_step``)."""
+    if length <= 0:
+        return float(eps)
+    return float(eps * min(max((step - start) / length, 0.0), 1.0))
 
 
 def crown_ibp_loss(bm: BoundedModule, x: Tensor, y: Tensor, eps, *, beta: float = 1.0, kappa: float = 0.0,

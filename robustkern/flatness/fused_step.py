@@ -14,24 +14,14 @@ fixed by the ReLU masks), and whose backward is the double backward written out.
     3. backward          through the network's forward graph: the ordinary parameter gradients (and ``x``'s).
 
 Per Linear/Conv2d that is the same six products as PyTorch's double backprop (forward, input-gradient pass,
-tangent, backward, two weight gradients), with one Python-level autograd node for the whole pass instead of
-one per op (the ``robustkern::`` op chain of ``fused.py`` cost ~0.1 ms of dispatch per op on CPU), ATen called
-directly with only the needed outputs (``convolution_backward`` with one output mask, ``threshold_backward`` for
-the masks read from the ReLU outputs), no products towards ``x`` unless ``x`` requires grad, and kernel
-choices measured on one core (``_conv_t``, ``_conv_wgrad``): a strided layer with few input channels takes its
-input gradient as a GEMM + ``fold`` (col2im), other strided layers run oneDNN's transposed convolution in
-channels-last, and a layer with one input channel its weight gradient as ``unfold`` + one GEMM. Tried and
-dropped: both weight gradients of a Conv2d as one product on batch-concatenated operands (the concatenation
-cost more than it saved), the whole pass in channels-last (slower for stride-1 layers), a strided transposed
-convolution as one stride-1 convolution per output phase (faster than NCHW in isolation, slower than
-channels-last), ReLU masks applied in place (no change). Measured (bench_flatness_fused, 1 thread, batch 128,
-DM MNIST small/medium/large, quiet machine): 1.15x / 0.96x / 1.08x PyTorch's double backprop. Both run the
-same oneDNN products, and the user CPU time of the two is equal to 1-3%; the difference is system time: the
-page faults glibc's allocator causes when it returns freed blocks to the kernel and maps fresh ones (10-28 k
-faults per step on mnist_medium, varying from run to run for either). With ``mallopt`` thresholds that keep
-freed memory (``robustkern.cpu_malloc``) both steps are ~20% faster on mnist_medium and this one is 1.10x /
-1.02x / 1.05x PyTorch's. The LFR direction (``lfr_direction``: no graph at all) is 1.16-1.50x PyTorch's double
-backprop over three runs.
+tangent, backward, two weight gradients), in one autograd node for the whole pass rather than one per op (a
+``robustkern::`` op costs ~0.1 ms of dispatch on the CPU), with ATen called for only the outputs needed
+(``convolution_backward`` with one output mask, ``threshold_backward`` for the masks read from the ReLU outputs),
+no products towards ``x`` unless ``x`` requires grad, and the cheaper CPU kernel per layer shape (``_conv_t``,
+``_conv_wgrad``): a strided layer with few input channels takes its input gradient as a GEMM + ``fold``
+(col2im), other strided layers oneDNN's transposed convolution in channels-last, and a layer with one input
+channel its weight gradient as ``unfold`` + one GEMM. Timings: ``benchmarks/bench_flatness_fused.py`` and
+``benchmarks/RESULTS.md``.
 
 The backward is itself not differentiable (``once_differentiable``: a third derivative raises); the op-based
 path of ``robustkern.flatness.fused`` (``impl="ops"``) keeps every order. Exact as PyTorch's double backprop

@@ -1,4 +1,5 @@
-"""Model zoo: the published architectures of the experiments robustkern reproduces.
+"""Model zoo: the published architectures of the experiments robustkern reproduces, and the per-channel
+statistics of the data sets they are trained on.
 
 Every builder takes ``in_ch``, ``in_dim`` (square inputs) and ``num_classes``, and ``mean``/``std``: when given,
 a :class:`robustkern.nn.Normalize` layer comes first so the model takes pixels in [0, 1] and perturbations are
@@ -22,11 +23,21 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from .errors import ConfigError
+from .nn import Normalize
 
-__all__ = ["MODEL_NAMES", "build_model", "build_model_for", "CIFAR10_MEAN", "CIFAR10_STD"]
+__all__ = ["MODEL_NAMES", "build_model", "build_model_for", "model_kwargs", "DATASET_STATS", "CIFAR10_MEAN",
+           "CIFAR10_STD"]
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # Cohen et al. datasets.py
+# Per-channel mean and standard deviation of each data set's training images in [0, 1] (the ``mean``/``std`` of a
+# model's Normalize layer): MNIST as in PyTorch's examples, CIFAR-10 as Cohen et al. and CROWN-IBP, SVHN as Loss
+# Landscape Matters' datasets.py, digits: scikit-learn's 8x8 digits scaled to [0, 1].
+DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "digits": ((0.3054,), (0.3761,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
 
 
 def _out(dim: int, k: int, s: int, p: int) -> int:
@@ -35,9 +46,8 @@ def _out(dim: int, k: int, s: int, p: int) -> int:
 
 def _seq(layers: list, mean, std) -> nn.Sequential:
     if mean is not None:
-        from robustkern.nn import Normalize
         if std is None:
-            raise ConfigError("model: 'mean' is given but 'std' is not")
+            raise ValueError("model: 'mean' is given but 'std' is not")
         layers = [Normalize(mean, std)] + list(layers)
     return nn.Sequential(*layers)
 
@@ -47,7 +57,7 @@ def _pool(kind: str) -> nn.Module:
         return nn.MaxPool2d(2, 2)
     if kind == "avg":
         return nn.AvgPool2d(2, 2)
-    raise ConfigError(f"pool must be 'max' or 'avg', got '{kind}'")
+    raise ValueError(f"pool must be 'max' or 'avg', got '{kind}'")
 
 
 # ------------------------------------------------------------------------------------------ small demo models
@@ -157,7 +167,6 @@ def small_cnn(in_ch=1, in_dim=28, num_classes=10, pool="max", mean=None, std=Non
     nn.init.zeros_(classifier.fc3.bias)
     layers = OrderedDict([("feature_extractor", features), ("flatten", nn.Flatten()), ("classifier", classifier)])
     if mean is not None:
-        from robustkern.nn import Normalize
         layers = OrderedDict([("normalize", Normalize(mean, std))] + list(layers.items()))
     return nn.Sequential(layers)
 
@@ -200,7 +209,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, in_ch: int = 3, in_dim: int = 32, num_classes: int = 10):
         super().__init__()
         if (depth - 2) % 6:
-            raise ConfigError(f"ResNet depth must be 6n+2, got {depth}")
+            raise ValueError(f"ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_ch, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -310,16 +319,16 @@ MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 def model_kwargs(name: str) -> dict:
     """The keyword arguments a zoo model accepts, with their defaults."""
     if name not in _BUILDERS:
-        raise ConfigError(f"unknown model '{name}'; known models: {', '.join(MODEL_NAMES)}")
+        raise ValueError(f"unknown model '{name}'; known models: {', '.join(MODEL_NAMES)}")
     return {k: p.default for k, p in inspect.signature(_BUILDERS[name]).parameters.items()}
 
 
 def build_model(name: str, **kw) -> nn.Module:
-    """Build zoo model ``name``; an unknown name or keyword raises ConfigError listing the valid ones."""
+    """Build zoo model ``name``; an unknown name or keyword raises ValueError listing the valid ones."""
     valid = model_kwargs(name)
     bad = sorted(set(kw) - set(valid))
     if bad:
-        raise ConfigError(f"model '{name}' has no parameter(s) {', '.join(bad)}; valid: {', '.join(valid)}")
+        raise ValueError(f"model '{name}' has no parameter(s) {', '.join(bad)}; valid: {', '.join(valid)}")
     return _BUILDERS[name](**kw)
 
 

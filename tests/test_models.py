@@ -1,4 +1,4 @@
-"""robustkern_cli.models: shapes, published parameter counts, layer types, torch.fx tracing, checkpoint layouts."""
+"""robustkern.models: shapes, published parameter counts, layer types, torch.fx tracing, checkpoint layouts."""
 import operator
 
 import pytest
@@ -6,10 +6,10 @@ import torch
 import torch.fx
 from torch import nn
 
+from robustkern.models import CIFAR10_MEAN, MODEL_NAMES, build_model, model_kwargs
 from robustkern.nn import Normalize
 from robustkern_cli.checkpoint import load_weights
 from robustkern_cli.errors import ConfigError
-from robustkern_cli.models import CIFAR10_MEAN, MODEL_NAMES, build_model, model_kwargs
 
 ALLOWED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten, nn.AvgPool2d, nn.Identity,
            Normalize)
@@ -95,10 +95,10 @@ def test_resnet110_normalize_first_and_other_sizes():
     assert n_params(gray) == n_params(build_model("mnist_large"))
 
 
-def test_unknown_model_and_keyword_are_config_errors():
-    with pytest.raises(ConfigError, match="known models: digits_mlp"):
+def test_unknown_model_and_keyword_are_value_errors():
+    with pytest.raises(ValueError, match="known models: digits_mlp"):
         build_model("resnet1000")
-    with pytest.raises(ConfigError, match=r"no parameter\(s\) widht; valid: in_ch, in_dim, num_classes, width"):
+    with pytest.raises(ValueError, match=r"no parameter\(s\) widht; valid: in_ch, in_dim, num_classes, width"):
         build_model("digits_cnn", widht=3)
 
 
