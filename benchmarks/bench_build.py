@@ -1,12 +1,13 @@
 """How long installing robustkern takes, as a user would run it: the ahead-of-time build of robustkern._C with
 pip, a re-install, and the JIT build on first use.
 
-    python benchmarks/bench_build.py [--baseline REV] [--touch csrc/cpu/crown_cpu.cpp] [--write-results]
+    python benchmarks/bench_build.py [--baseline REV] [--steps install,jit] [--touch csrc/cpu/crown_cpu.cpp]
+                                     [--write-results]
 
 Each source tree (the work tree, tracked and untracked files; with ``--baseline`` also the git revision REV)
 is copied into a temporary folder and installed there into its own virtual environment, which sees this
-Python's packages (``--system-site-packages``: pip, setuptools, torch, ninja) but keeps the install to itself. Steps, each timed
-by the wall clock of one command run in the copy:
+Python's packages (``--system-site-packages``: pip, setuptools, torch, ninja) but keeps the install to itself.
+Steps, each one command run in the copy:
 
 1. ``clean install``: ``pip install --no-build-isolation -e .`` in the fresh copy;
 2. ``re-install``: the same command again, nothing changed (what a second set-up line costs);
@@ -15,9 +16,11 @@ by the wall clock of one command run in the copy:
    empty cache (``XDG_CACHE_HOME``): the build a plain ``pip install -e .`` leaves for the first use;
 5. ``JIT, next process``: the same call again, the library cached.
 
-``MAX_JOBS`` is left as the user has it (unset: ninja runs CPUs + 2 jobs). The machine may be shared: the
-1-minute load average before each step is recorded beside its time. ``--write-results`` writes the table into
-``RESULTS.md`` (block "build") and appends the rows to ``results/build.csv``.
+``--steps install`` runs steps 1-3 only, ``--steps jit`` steps 4-5 only. Each step is timed by the wall clock
+and by the CPU time of the command and every process it waited for (pip, ninja, the compilers); the machine's
+1-minute load average before the step is recorded beside them, as the wall time of a build on shared CPUs
+depends on it. ``MAX_JOBS`` is left as the user has it (unset: ninja runs CPUs + 2 jobs). ``--write-results``
+writes the table into ``RESULTS.md`` (block "build") and appends the rows to ``results/build.csv``.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import csv
 import dataclasses
 import io
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -47,7 +51,8 @@ JIT_LOAD = ("import sys, time\n"
             "t = time.perf_counter()\n"
             "assert _ext.load(), _ext.status()\n"
             "print(f'load() {time.perf_counter() - t:.1f} s, {_ext.status()}')\n")
-STEPS = ("clean install", "re-install", "re-install, one .cpp touched", "JIT first use", "JIT, next process")
+INSTALL_STEPS = ("clean install", "re-install", "re-install, one .cpp touched")
+JIT_STEPS = ("JIT first use", "JIT, next process")
 
 
 @dataclasses.dataclass
@@ -55,12 +60,14 @@ class Step:
     name: str
     command: str
     seconds: float
+    cpu_seconds: float
     load1: float
     note: str = ""
 
 
 def _copy_tree(rev: str | None, dest: Path) -> str:
-    """The work tree (rev None: tracked and untracked, not ignored) or the revision ``rev`` into ``dest``;
+    """The work tree (rev None: tracked and untracked, not ignored; without git, all but the build outputs) or
+    the revision ``rev`` into ``dest``;
     returns a label (the revision's short hash; the work tree's commit, ``+dirty`` when it differs)."""
     git = ["git", "-C", str(ROOT)]
     if rev is not None:
@@ -68,8 +75,13 @@ def _copy_tree(rev: str | None, dest: Path) -> str:
         tarfile.open(fileobj=io.BytesIO(archive)).extractall(dest, filter="data")
         return subprocess.run(git + ["rev-parse", "--short", rev], capture_output=True, text=True,
                               check=True).stdout.strip()
-    files = subprocess.run(git + ["ls-files", "-co", "--exclude-standard", "-z"], capture_output=True, text=True,
-                           check=True).stdout.split("\0")
+    try:
+        files = subprocess.run(git + ["ls-files", "-co", "--exclude-standard", "-z"], capture_output=True,
+                               text=True, check=True).stdout.split("\0")
+    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without git: all but build outputs
+        shutil.copytree(ROOT, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+            ".git", "build", "*.so", "*.egg-info", "__pycache__", ".pytest_cache"))
+        return common.git_commit()
     for name in filter(None, files):
         src = ROOT / name
         if src.is_file():
@@ -78,20 +90,27 @@ def _copy_tree(rev: str | None, dest: Path) -> str:
     return common.git_commit()
 
 
-def _run(cmd: list[str], cwd: Path, env: dict, log: Path) -> tuple[float, str]:
-    """Run ``cmd``; (wall seconds, its output). Raises with the output's tail when it fails."""
-    t = time.perf_counter()
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, log: Path) -> tuple[float, float, str]:
+    """Run ``cmd``; (wall seconds, CPU seconds of it and everything it waited for (pip, ninja, the compilers),
+    its output). Raises with the output's tail when it fails."""
+    t, cpu = time.perf_counter(), _children_cpu_seconds()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, _children_cpu_seconds() - cpu
     output = proc.stdout + proc.stderr
     log.write_text(output)
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}) in {cwd}:\n{output[-3000:]}")
-    return seconds, output
+    return seconds, cpu, output
 
 
-def measure(rev: str | None, touch: str, keep: bool) -> tuple[str, list[Step]]:
-    """The five steps for one source tree; (its label, the steps)."""
+def measure(rev: str | None, touch: str, keep: bool, install: bool = True, jit: bool = True
+            ) -> tuple[str, list[Step]]:
+    """The install steps and/or the JIT steps for one source tree; (its label, the steps)."""
     work = Path(tempfile.mkdtemp(prefix="robustkern-bench-build-"))
     try:
         src, venv, cache = work / "src", work / "venv", work / "cache"
@@ -108,20 +127,22 @@ def measure(rev: str | None, touch: str, keep: bool) -> tuple[str, list[Step]]:
 
         def step(name, cmd, command, run_env=env, note_from=None):
             load1 = os.getloadavg()[0]
-            seconds, output = _run(cmd, src, run_env, work / f"{len(steps)}.log")
+            seconds, cpu, output = _run(cmd, src, run_env, work / f"{len(steps)}.log")
             note = note_from(output) if note_from else ""
-            steps.append(Step(name, command, seconds, load1, note))
-            print(f"{label}: {name}: {seconds:.1f} s (load {load1:.2f}) {note}", flush=True)
+            steps.append(Step(name, command, seconds, cpu, load1, note))
+            print(f"{label}: {name}: {seconds:.1f} s, CPU {cpu:.1f} s (load {load1:.2f}) {note}", flush=True)
 
-        install = "pip install --no-build-isolation -e ."
-        step(STEPS[0], [python] + INSTALL, install)
-        step(STEPS[1], [python] + INSTALL, install)
-        os.utime(src / touch)
-        step(STEPS[2], [python] + INSTALL, f"touch {touch}; {install}")
-        jit_env = {**env, "XDG_CACHE_HOME": str(cache), "ROBUSTKERN_JIT": "1"}
-        load = "python -c 'from robustkern import _ext; _ext.load()'"
-        step(STEPS[3], [python, "-c", JIT_LOAD], load, jit_env, _jit_note)
-        step(STEPS[4], [python, "-c", JIT_LOAD], load, jit_env, _jit_note)
+        if install:
+            command = "pip install --no-build-isolation -e ."
+            step(INSTALL_STEPS[0], [python] + INSTALL, command)
+            step(INSTALL_STEPS[1], [python] + INSTALL, command)
+            os.utime(src / touch)
+            step(INSTALL_STEPS[2], [python] + INSTALL, f"touch {touch}; {command}")
+        if jit:
+            jit_env = {**env, "XDG_CACHE_HOME": str(cache), "ROBUSTKERN_JIT": "1"}
+            load = "python -c 'from robustkern import _ext; _ext.load()'"
+            for name in JIT_STEPS:
+                step(name, [python, "-c", JIT_LOAD], load, jit_env, _jit_note)
         return label, steps
     finally:
         if keep:
@@ -138,11 +159,11 @@ def _jit_note(output: str) -> str:
 
 
 def table(runs: list[tuple[str, list[Step]]]) -> str:
-    head = "| step | command | " + " | ".join(f"`{label}` s (load)" for label, _ in runs) + " |"
+    head = "| step | command | " + " | ".join(f"`{label}`: wall s, CPU s (load)" for label, _ in runs) + " |"
     rows = [head, "|" + "---|" * (2 + len(runs))]
-    for i, name in enumerate(STEPS):
-        cells = [f"{steps[i].seconds:.1f} ({steps[i].load1:.2f})" for _, steps in runs]
-        rows.append(f"| {name} | `{runs[-1][1][i].command}` | " + " | ".join(cells) + " |")
+    for i, last in enumerate(runs[-1][1]):
+        cells = [f"{steps[i].seconds:.1f}, {steps[i].cpu_seconds:.1f} ({steps[i].load1:.2f})" for _, steps in runs]
+        rows.append(f"| {last.name} | `{last.command}` | " + " | ".join(cells) + " |")
     notes = [f"- `{label}`, {s.name}: {s.note}" for label, steps in runs for s in steps if s.note]
     return "\n".join(rows + [""] + notes)
 
@@ -154,31 +175,40 @@ def append_csv(runs, env: common.Environment) -> Path:
     with open(path, "a", newline="") as f:
         w = csv.writer(f)
         if new:
-            w.writerow(["bench", "device", "tree", "step", "seconds", "load1", "command", "commit", "date"])
+            w.writerow(["bench", "device", "tree", "step", "seconds", "cpu_seconds", "load1", "command", "commit",
+                        "date"])
         for label, steps in runs:
             for s in steps:
-                w.writerow([BENCH, env.device, label, s.name, round(s.seconds, 2), round(s.load1, 2), s.command,
-                            env.commit, env.date])
+                w.writerow([BENCH, env.device, label, s.name, round(s.seconds, 2), round(s.cpu_seconds, 2),
+                            round(s.load1, 2), s.command, env.commit, env.date])
     return path
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", metavar="REV", help="also measure this git revision (the 'before')")
+    parser.add_argument("--steps", default="install,jit", help="install (steps 1-3), jit (steps 4-5) or both")
     parser.add_argument("--touch", default="csrc/cpu/crown_cpu.cpp", help="the source touched in step 3")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copies (their logs: N.log)")
     parser.add_argument("--write-results", action="store_true", help="write RESULTS.md and results/build.csv")
+    common.add_output_options(parser)
     args = parser.parse_args(argv)
+    steps = set(args.steps.split(","))
+    if not steps or steps - {"install", "jit"}:
+        parser.error(f"--steps takes install, jit or install,jit, got {args.steps!r}")
+    common.use_output_options(args)
 
     import torch
 
     env = common.Environment.capture(torch.device("cpu"))
     env = dataclasses.replace(env, device=f"{common.cpu_model()} ({os.cpu_count()} CPUs)")
     print(f"device: {env.device}\ntorch {env.torch}, commit {env.commit}\ncommand: {env.command}", flush=True)
-    runs = ([measure(args.baseline, args.touch, args.keep)] if args.baseline else []) + \
-        [measure(None, args.touch, args.keep)]
-    body = (f"Wall seconds of each step, and the 1-minute load average of the machine before it (the CPUs are "
-            f"shared). MAX_JOBS {os.environ.get('MAX_JOBS', 'unset (ninja: CPUs + 2 jobs)')}.\n\n{table(runs)}")
+    which = dict(touch=args.touch, keep=args.keep, install="install" in steps, jit="jit" in steps)
+    runs = ([measure(args.baseline, **which)] if args.baseline else []) + [measure(None, **which)]
+    body = (f"Wall seconds of each step, the CPU seconds it used (with every process it waited for: pip, ninja, "
+            f"the compilers) and the 1-minute load average of the machine before it: the CPUs are shared, so the "
+            f"wall time depends on the load, the CPU time much less. MAX_JOBS "
+            f"{os.environ.get('MAX_JOBS', 'unset (ninja: CPUs + 2 jobs)')}.\n\n{table(runs)}")
     print(body)
     if args.write_results:
         common.update_results_md(BENCH, "Build and install times (`bench_build.py`)", body, env)
