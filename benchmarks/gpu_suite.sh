@@ -57,6 +57,7 @@ flatness             | 300 | bench_flatness.py --device cuda --models small_cnn,
 flatness-fused       | 180 | bench_flatness_fused.py --device cuda --models mnist_small,mnist_large --batch 128 --lfr --write-results | bench_flatness_fused.py --device cpu --models mnist_small --batch 8 --rounds 1 --write-results
 # ---- the published projects' own steps, their call path against robustkern.compat, at their configs' sizes
 clients              | 600 | bench_clients.py --device cuda --trades-batch 256 --certify-n 100000 --write-results | bench_clients.py --device cpu --small --rounds 1 --lfr-steps 2 --certify-n 200 --write-results
+clients-lirpa        | 300 | bench_clients_lirpa.py --device cuda --write-results | bench_clients_lirpa.py --device cpu --models mlp_3layer,resnet --batch 2 --rounds 1 --short-rounds 1 --write-results
 # ---- what the op floor adds per call, on this machine's CPU
 dispatch             | 120 | bench_dispatch.py --write-results | bench_dispatch.py --rounds 2 --calls 50 --write-results
 # ---- installing robustkern on this machine: the build with pip, a re-install, the JIT build's first use
