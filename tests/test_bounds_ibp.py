@@ -324,8 +324,8 @@ def test_bad_input_is_a_clear_error():
         bm.compute_bounds(x, 0.1, C=torch.rand(3, 3, 4))
     with pytest.raises(ValueError, match="norm must be"):
         bm.compute_bounds(x, 0.1, norm=1)
-    with pytest.raises(NotImplementedError, match="not available yet"):
-        bm.compute_bounds(x, 0.1, method="alpha-CROWN")
+    with pytest.raises(ValueError, match="optimize_bound_args takes method 'alpha-CROWN'"):
+        bm.compute_bounds(x, 0.1, method="CROWN", optimize_bound_args={"iteration": 2})
     with pytest.raises(ValueError, match="unknown method"):
         bm.compute_bounds(x, 0.1, method="magic")
     with pytest.raises(ValueError, match="labels must lie"):

@@ -147,8 +147,10 @@ def test_explicit_box_equals_clipped_ball_and_bad_input():
         bm.compute_bounds(x, -0.1, method="CROWN")
     with pytest.raises(ValueError, match="C must have shape"):
         bm.compute_bounds(x, 0.1, method="CROWN-IBP", C=torch.rand(2, 3, 5))
-    with pytest.raises(NotImplementedError, match="not available yet"):
-        bm.compute_bounds(x, 0.1, method="alpha-CROWN")
+    with pytest.raises(ValueError, match="optimize_bound_args: unknown key 'iterations'"):
+        bm.compute_bounds(x, 0.1, method="alpha-CROWN", optimize_bound_args={"iterations": 2})
+    with pytest.raises(NotImplementedError, match="beta-CROWN"):
+        bm.compute_bounds(x, 0.1, method="CROWN-Optimized", optimize_bound_args={"enable_beta_crown": True})
 
 
 def test_nan_weights_give_infinite_bounds():

@@ -202,7 +202,7 @@ def test_layers_and_errors():
         bs(norm=math.inf, x_U=x, x_L=x, eps=0.0, C=None, method_opt="backward_range")
     with pytest.raises(TypeError, match="layer 1 is BatchNorm2d"):
         BoundSequential.convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()))
-    with pytest.raises(NotImplementedError, match="optimised lower slopes"):
+    with pytest.raises(NotImplementedError, match="use robustkern.compat.loss_landscape"):
         BoundSequential.convert(model, {"ours": True})
     with pytest.raises(ValueError, match="norm"):
         bs(norm=1, x_U=x, x_L=x, eps=0.0, C=None, method_opt="interval_range")

@@ -2,7 +2,7 @@
 plus what this version keeps and adds (per-layer input bounds, the lower bound's decomposition ``lower_A``,
 ``A_x``, ``A_norm``, ``ReLU_lower_b``, ``not_ReLU_lower_b``, ``backward_range_frozen``, ``define_bound_opts`` /
 ``convert_bounds``), against the float64 transcription ``robustkern.reference.published.crown_ibp`` on the same
-weights, to 1e-6 relative; its optimised slopes raise ``NotImplementedError``."""
+weights, to 1e-6 relative; and the paper's slopes (``ours``, ``binary``, ``uniform``, ``lower_d_list2``)."""
 import math
 
 import pytest
@@ -11,6 +11,7 @@ import torch
 from robustkern import use_backend
 from robustkern.compat.loss_landscape import BoundSequential
 from robustkern.reference.published.crown_ibp import BoundSequentialReference
+from robustkern.reference.published.loss_landscape import SlopeBoundSequentialReference
 from robustkern.reference.published.seed_models import model_cnn_4layer
 from robustkern.testing import backends_for
 
@@ -81,7 +82,7 @@ def test_backward_range_frozen_equals_the_original(backend, frozen):
         close(ours.A_x, ref.lower["A_x"])
 
 
-def test_bound_option_switches_and_planned_slopes():
+def test_bound_option_switches():
     model, x, labels, x_U, x_L = setup(seed=2)
     C, _ = spec(labels)
     ours = BoundSequential.convert(model, {"same-slope": False})
@@ -94,11 +95,71 @@ def test_bound_option_switches_and_planned_slopes():
     assert ours.bound_opts == {"same-slope": True} and all(m.bound_opts == {"same-slope": True} for m in ours)
     got = ours(norm=math.inf, x_U=x_U, x_L=x_L, eps=0.08, C=C, method_opt="backward_range")
     close(got[2], ref.backward_range(math.inf, x_U, x_L, 0.08, C)[2])
-    for key in ("ours", "binary", "uniform"):
-        with pytest.raises(NotImplementedError, match="optimised lower slopes"):
-            BoundSequential.convert(model, {key: True})
-        with pytest.raises(NotImplementedError, match="optimised lower slopes"):
-            ours.convert_bounds({key: True})
-    with pytest.raises(NotImplementedError, match="lower_d_list2"):
-        ours(norm=math.inf, x_U=x_U, x_L=x_L, eps=0.08, C=C, method_opt="backward_range",
-             lower_d_list2=[torch.zeros(1)])
+
+
+RELU_LAYERS_BACKWARD = [12, 10, 7, 5, 3, 1]      # model_cnn_4layer's ReLU layers, in the backward pass's order
+
+
+@pytest.mark.parametrize("frozen", [None, 4])
+def test_ours_slopes_and_their_step_as_train_calloss_ours(frozen):
+    """train.py's ``Train_calloss_ours``: the slopes drawn by a backward pass are leaves in ``lower_d_list``
+    (backward order, stable neurons 1/0) whose gradient the original steps; the stepped list given back as
+    ``lower_d_list2`` is what the next pass uses. Both passes equal the transcription with those slopes."""
+    model, x, labels, x_U, x_L = setup(seed=3)
+    C, _ = spec(labels)
+    ours = BoundSequential.convert(model, {"ours": True})
+    ours.define_bound_opts({"ours": True})
+    ours(x, method_opt="forward")
+    ours(norm=math.inf, x_U=x_U, x_L=x_L, eps=0.08, C=C, method_opt="interval_range")
+    ref = SlopeBoundSequentialReference(model)
+    ref.forward(x)
+    ref.interval_range(math.inf, x_U, x_L, 0.08, C)
+    call = dict(norm=math.inf, x_U=x_U, x_L=x_L, eps=0.08, C=C)
+    if frozen is None:
+        call["method_opt"] = "backward_range"
+        first = 0
+    else:
+        call.update(method_opt="backward_range_frozen", frozen=frozen)
+        first = len(model) - frozen - 1
+    torch.manual_seed(11)
+    lb = ours(**call)[2]
+    layers = [i for i in RELU_LAYERS_BACKWARD if i >= first]
+    drawn = ours.lower_d_list
+    assert len(drawn) == len(layers) and all(d.requires_grad and d.is_leaf for d in drawn)
+    for i, d in zip(layers, drawn):
+        lo, up = ref.relu_bounds[i]
+        assert (d[lo.unsqueeze(1) > 0] == 1).all() and (d[up.unsqueeze(1) < 0] == 0).all()
+        assert ((d >= 0) & (d < 1) | (d == 1)).all()
+    ref.slopes = dict(zip(layers, drawn))
+    close(lb, ref.backward_range(math.inf, x_U, x_L, 0.08, C, first=first)[2])
+    grads = torch.autograd.grad(-lb.sum(), drawn)      # the loss: -sum(lb), lowered by the step
+    stepped = [torch.clamp(d - 2 * g.sign(), min=0, max=1).detach() for d, g in zip(drawn, grads)]
+    lb2 = ours(lower_d_list2=stepped, **call)[2]
+    assert ours.lower_d_list == []
+    ref.slopes = dict(zip(layers, stepped))
+    close(lb2, ref.backward_range(math.inf, x_U, x_L, 0.08, C, first=first)[2])
+    assert lb2.sum() > lb.sum()
+    with pytest.raises(ValueError, match="lower_d_list2 has 1 slope tensors"):
+        ours(lower_d_list2=stepped[:1], **call)
+
+
+@pytest.mark.parametrize("key", ["binary", "uniform"])
+def test_random_slopes_are_drawn_per_pass_and_not_kept(key):
+    model, x, labels, x_U, x_L = setup(seed=4)
+    C, _ = spec(labels)
+    ours = BoundSequential.convert(model, {key: True})
+    ours.convert_bounds({key: True})
+    ours(x, method_opt="forward")
+    ours(norm=math.inf, x_U=x_U, x_L=x_L, eps=0.08, C=C, method_opt="interval_range")
+    torch.manual_seed(5)
+    a = ours(norm=math.inf, x_U=x_U, x_L=x_L, eps=0.08, C=C, method_opt="backward_range")[2]
+    assert ours.lower_d_list == []
+    b = ours(norm=math.inf, x_U=x_U, x_L=x_L, eps=0.08, C=C, method_opt="backward_range")[2]
+    torch.manual_seed(5)
+    again = ours(norm=math.inf, x_U=x_U, x_L=x_L, eps=0.08, C=C, method_opt="backward_range")[2]
+    assert not torch.equal(a, b) and torch.equal(a, again)
+    plain = BoundSequential.convert(model, {})
+    plain(x, method_opt="forward")
+    plain(norm=math.inf, x_U=x_U, x_L=x_L, eps=0.08, C=C, method_opt="interval_range")
+    zero = plain(norm=math.inf, x_U=x_U, x_L=x_L, eps=0.08, C=C, method_opt="backward_range")[2]
+    assert zero.shape == a.shape
