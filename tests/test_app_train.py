@@ -146,8 +146,7 @@ def test_the_iat_recipe_trains_at_the_scheduled_radius(tmp_path):
 
 
 def test_methods_and_unknown_methods():
-    with pytest.raises(NotImplementedError, match="Lee et al. 2021"):
-        training_loss("crown_ibp_ours")
+    assert training_loss("crown_ibp_ours") is LOSSES["crown_ibp_ours"]
     assert training_loss("lfr") is LOSSES["lfr"]
     with pytest.raises(ConfigError, match="unknown training method 'sgd'"):
         cfg_for("digits_standard", "training_params:method=sgd")
@@ -200,6 +199,7 @@ _FAST = {
     "gaussian": ["training_params:method_params:sigma=0.25"],
     "ibp": ["training_params:epsilon=0.001", "training_params:schedule_length=1"],
     "crown_ibp": ["training_params:epsilon=0.001", "training_params:schedule_length=1"],
+    "crown_ibp_ours": ["training_params:epsilon=0.001", "training_params:schedule_length=1"],
     "pgd": ["training_params:method_params:epsilon=0.1", "training_params:method_params:step_size=0.05",
             "training_params:method_params:num_steps=2"],
     "trades": ["training_params:method_params:epsilon=0.1", "training_params:method_params:step_size=0.05",

@@ -6,7 +6,8 @@ Covered per example (drawn from a seed): convolutional nets with BatchNorm in tr
 module applied twice, residual additions, average pooling, input normalisation, a channel with a large mean and
 small spread; float32 and float64 models; eps from 0 to 1 (L-inf and L2, clipped or not), given as a float or as
 a float32/float64 tensor; ``x`` in float64 for a float32 model; margin or random specifications in float64;
-autocast on; the reference and the compiled backends; IBP, CROWN-IBP and CROWN with every ReLU lower slope.
+autocast on; the reference and the compiled backends; IBP, CROWN-IBP, CROWN with every ReLU lower slope and alpha-CROWN
+(4 iterations, starting from that slope).
 
 ``--property-examples N`` sets the number of examples (default 60: about half a minute on 2 cores);
 ``--property-seed S`` the first seed.
@@ -162,7 +163,7 @@ def draw(seed: int) -> dict:
                 getattr(torch, eps_kind))
     return dict(model=model, dtype=dtype, x=x, norm=norm, eps=eps_arg, clip=clip, C=C,
                 autocast=rng.random() < 0.2, backend=rng.choice(BACKENDS),
-                relu_lower=rng.choice(RELU_LOWER), method_order=rng.sample(["IBP", "CROWN-IBP", "CROWN"], 3))
+                relu_lower=rng.choice(RELU_LOWER), method_order=rng.sample(["IBP", "CROWN-IBP", "CROWN", "alpha-CROWN"], 4))
 
 
 def exact_eps(eps, B) -> torch.Tensor:
@@ -264,8 +265,9 @@ def run_example(seed: int) -> list[str]:
     problems = []
     for method in ex["method_order"]:
         with use_backend(ex["backend"]), torch.autocast("cpu", dtype=torch.bfloat16, enabled=ex["autocast"]):
+            opt = {"optimize_bound_args": {"iteration": 4, "lr_alpha": 1.0}} if method == "alpha-CROWN" else {}
             lb, ub = bm.compute_bounds(x, eps, norm=norm, method=method, C=C, x_min=lo_clip, x_max=hi_clip,
-                                       relu_lower=ex["relu_lower"])
+                                       relu_lower=ex["relu_lower"], **opt)
         lb, ub = lb.detach().double(), ub.detach().double()
         order = closest(vals, lb, ub)
         for k in range(order.shape[0]):

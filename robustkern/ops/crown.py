@@ -6,8 +6,9 @@ CUDA, or CPU under ``TRITON_INTERPRET=1``), the C++ CPU kernel (``csrc/cpu/crown
 pure-PyTorch reference. There is no CUDA C++ kernel: on CUDA ``auto`` picks Triton, and requesting ``cuda``
 raises ``BackendUnavailable``.
 
-``crown_relu_backward_slopes`` is the ReLU step with explicit (optimisable) lower slopes: an op with its
-reference only (its cost is the passes over ``A`` that ATen's element-wise kernels make), whose backward op
+``crown_relu_backward_slopes`` is the ReLU step with explicit (optimisable) lower slopes: a composite op, its
+reference only, whatever backend is requested (its cost is the passes over ``A`` that ATen's element-wise
+kernels make), whose backward op
 ``crown_relu_backward_slopes_grad`` gives the gradients with respect to ``A``, the bounds and the slopes.
 
 Backward passes are the ops ``crown_relu_backward_grad`` and ``crown_concretize_grad``: single-pass C++ kernels
@@ -125,7 +126,7 @@ def _slopes_grad_fake(A, lower, upper, slope, upper_side, g_A, g_bias, need_lu, 
 
 
 CROWN_RELU_BACKWARD_SLOPES_GRAD = define_op(
-    "crown_relu_backward_slopes_grad", reference=_ref.crown_relu_backward_slopes_grad, public=False,
+    "crown_relu_backward_slopes_grad", reference=_ref.crown_relu_backward_slopes_grad, public=False, composite=True,
     schema="crown_relu_backward_slopes_grad(Tensor A, Tensor lower, Tensor upper, Tensor slope, bool upper_side, "
            "Tensor g_A, Tensor g_bias, bool need_lu, bool need_slope) -> (Tensor, Tensor, Tensor, Tensor)",
     fake=_slopes_grad_fake)
@@ -148,7 +149,7 @@ CROWN_RELU_BACKWARD_SLOPES = define_op(
     schema="crown_relu_backward_slopes(Tensor A, Tensor lower, Tensor upper, Tensor slope, bool upper_side) "
            "-> (Tensor, Tensor)",
     fake=lambda A, lower, upper, slope, upper_side: (torch.empty_like(A), A.new_empty(A.shape[:2])),
-    setup_context=_slopes_setup, backward=_slopes_backward)
+    setup_context=_slopes_setup, backward=_slopes_backward, composite=True)
 
 
 def crown_relu_backward_slopes(A: Tensor, lower: Tensor, upper: Tensor, slope: Tensor,
