@@ -159,3 +159,12 @@ def test_same_bounds_as_auto_lirpa_for_the_same_iterations(kind):
                                optimize_bound_args=args)
     want = want.detach()
     assert (got >= want - 1e-3 * want.abs().clamp(min=1e-2)).all(), (got - want).min()
+
+
+def test_runs_under_no_grad_with_the_same_bounds(case):
+    _, bm, x, _, C = case
+    args = {"iteration": 4}
+    want = bounds(bm, x, C, "alpha-CROWN", optimize_bound_args=args)
+    with torch.no_grad():
+        got = bounds(bm, x, C, "alpha-CROWN", optimize_bound_args=args)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -64,10 +64,42 @@ def test_unsupported_is_a_clear_error():
     lirpa = BoundedModule(model, x)
     bx = BoundedTensor(x, PerturbationLpNorm(eps=0.02))
     with pytest.raises(NotImplementedError, match="not supported"):
-        lirpa.compute_bounds(x=(bx,), method="alpha-CROWN")
+        lirpa.compute_bounds(x=(bx,), method="forward")
     with pytest.raises(NotImplementedError, match="return_A"):
         lirpa.compute_bounds(x=(bx,), method="CROWN", return_A=True)
     with pytest.raises(ValueError, match="BoundedTensor"):
         lirpa.compute_bounds(x=(x,), method="IBP")
     with pytest.raises(NotImplementedError, match="norm must be inf or 2"):
         PerturbationLpNorm(norm=1, eps=0.1)
+
+
+def test_crown_optimized_is_alpha_crown_with_the_bound_opts_arguments():
+    """auto_LiRPA's "CROWN-Optimized" / "alpha-CROWN" with ``bound_opts["optimize_bound_args"]`` (and
+    ``set_bound_opts``) is robustkern's alpha-CROWN with those arguments; a later backward call without x
+    gives CROWN."""
+    model = random_sequential(6, bn=False)
+    x = torch.rand(2, 2, 6, 6)
+    C = margin_spec(torch.tensor([0, 2]), 4)
+    eps = 0.05
+    args = {"iteration": 5, "lr_alpha": 0.3, "lr_decay": 0.9}
+    lirpa = BoundedModule(model, x, bound_opts={"optimize_bound_args": dict(args), "sound": True})
+    bx = BoundedTensor(x, PerturbationLpNorm(eps=eps, x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1)))
+    rk = RKModule(model, x)
+    want = rk.compute_bounds(x, eps, C=C, method="alpha-CROWN", optimize_bound_args=args)
+    crown = rk.compute_bounds(x, eps, C=C, method="CROWN")
+    for name in ("CROWN-Optimized", "alpha-crown"):
+        lb, ub = lirpa.compute_bounds(x=(bx,), C=C, method=name)
+        torch.testing.assert_close(lb, want[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ub, want[1], rtol=1e-6, atol=1e-6)
+    lb, _ = lirpa.compute_bounds(C=C, method="backward")
+    torch.testing.assert_close(lb, crown[0], rtol=1e-6, atol=1e-6)
+    lirpa.set_bound_opts({"optimize_bound_args": {"iteration": 0}})
+    assert lirpa.bound_opts["optimize_bound_args"] == dict(args, iteration=0)
+    lb, _ = lirpa.compute_bounds(x=(bx,), C=C, method="CROWN-Optimized", bound_upper=False)
+    torch.testing.assert_close(lb, crown[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown key 'iterations'"):
+        lirpa.set_bound_opts({"optimize_bound_args": {"iterations": 3}})
+    with pytest.raises(NotImplementedError, match="read when the BoundedModule is built"):
+        lirpa.set_bound_opts({"activation_bound_option": "same-slope"})
+    with pytest.raises(NotImplementedError, match="beta-CROWN"):
+        BoundedModule(model, x, bound_opts={"optimize_bound_args": {"enable_beta_crown": True}})

@@ -1,4 +1,4 @@
-"""Evaluation: clean accuracy; verified accuracy (IBP, CROWN-IBP) through robustkern.bounds; PGD-k with
+"""Evaluation: clean accuracy; verified accuracy (IBP, CROWN-IBP, CROWN, alpha-CROWN) through robustkern.bounds; PGD-k with
 restarts and the APGD cascade through robustkern.attacks. The evaluation parameters are checked when the config
 is loaded (:func:`check_eval_params`)."""
 from __future__ import annotations
@@ -39,9 +39,11 @@ def clean_metrics(model, loader, device="cpu", progress=False) -> dict:
     return {"acc": correct / max(n, 1), "loss": loss_sum / max(n, 1), "n": n}
 
 
-def verified_metrics(model, loader, cfg, device="cpu", progress=False, method="IBP") -> dict:
-    """Verified accuracy: the share of examples whose every margin ``f_y - f_j`` has a positive lower bound
-    over the L-p ball of radius ``eval_params:epsilon`` clipped to [0, 1] (model in eval mode)."""
+def verified_metrics(model, loader, cfg, device="cpu", progress=False, method="IBP",
+                     optimize_bound_args: dict | None = None) -> dict:
+    """Verified accuracy: the share of examples whose every margin ``f_y - f_j`` has a sound positive lower bound
+    over the L-p ball of radius ``eval_params:epsilon`` clipped to [0, 1] (model in eval mode).
+    ``optimize_bound_args``: alpha-CROWN's (``robustkern.bounds.alpha_crown``)."""
     ep = cfg["eval_params"]
     eps, norm = float(ep["epsilon"]), parse_norm("eval_params:norm", ep["norm"])
     model.eval()
@@ -53,7 +55,9 @@ def verified_metrics(model, loader, cfg, device="cpu", progress=False, method="I
         with torch.no_grad():
             logits = model(x)
             C = margin_spec(y, logits.shape[1])
-            lb, _ = bm.compute_bounds(x, eps, norm=norm, method=method, C=C, x_min=0.0, x_max=1.0)
+            extra = {"optimize_bound_args": optimize_bound_args} if method == "alpha-CROWN" else {}
+            lb, _ = bm.compute_bounds(x, eps, norm=norm, method=method, C=C, x_min=0.0, x_max=1.0,
+                                      bound_upper=False, **extra)
         verified += (lb > 0).all(dim=1).sum().item()
         correct += (logits.argmax(1) == y).sum().item()
         n += len(y)
@@ -71,6 +75,20 @@ def _ibp(model, loader, cfg, device, progress):
 
 def _crown_ibp(model, loader, cfg, device, progress):
     return verified_metrics(model, loader, cfg, device, progress, method="CROWN-IBP")
+
+
+def _crown(model, loader, cfg, device, progress):
+    return verified_metrics(model, loader, cfg, device, progress, method="CROWN")
+
+
+def _alpha_crown(model, loader, cfg, device, progress):
+    """alpha-CROWN (Xu et al. 2021) with ``eval_params:method_params`` as auto_LiRPA's ``optimize_bound_args``
+    (``iteration``, ``lr_alpha``, ``lr_decay``, ``early_stop_patience``, ...); an example stops once all its
+    margins are verified."""
+    args = dict(cfg["eval_params"]["method_params"])
+    args["stop_criterion_func"] = lambda lb: (lb > 0).all(1)
+    out = verified_metrics(model, loader, cfg, device, progress, method="alpha-CROWN", optimize_bound_args=args)
+    return {**out, "iteration": args["iteration"]}
 
 
 def _attack_norm(ep: dict) -> str:
@@ -116,13 +134,17 @@ EVALS = {
     "clean": _clean,
     "ibp": _ibp,
     "crown_ibp": _crown_ibp,
+    "crown": _crown,
+    "alpha_crown": _alpha_crown,
     "pgd": _pgd,
     "autoattack": _autoattack,
 }
 EVAL_DEFAULTS = {
     "pgd": {"num_steps": 40, "step_size": 0.01, "restarts": 1, "random_start": True},
     "autoattack": {"version": "standard", "num_steps": 100},
+    "alpha_crown": {"iteration": 20, "lr_alpha": 0.5, "lr_decay": 0.98, "early_stop_patience": 10},
 }
+_VERIFIED = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN", "alpha_crown": "alpha-CROWN"}
 
 
 def fill_eval_defaults(cfg: dict) -> None:
@@ -136,6 +158,16 @@ def check_eval_params(cfg: dict) -> None:
     method = cfg["eval_params"]["method"]
     if method not in EVALS:
         raise ConfigError(f"unknown evaluation method '{method}'; known: {', '.join(sorted(EVALS))}")
+    if method == "alpha_crown":
+        from robustkern.bounds.alpha_crown import check_optimize_bound_args
+        args = cfg["eval_params"].get("method_params", {})
+        if "stop_criterion_func" in args or "loss_reduction_func" in args:
+            raise ConfigError("eval_params:method_params: stop_criterion_func and loss_reduction_func are functions, "
+                              "not config values")
+        try:
+            check_optimize_bound_args(args)
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            raise ConfigError(f"eval_params:method_params (alpha-CROWN's optimize_bound_args): {exc}") from None
 
 
 def model_from_config(cfg: dict, checkpoint: str | Path | dict | None = None, trust: bool = False) -> torch.nn.Module:
@@ -177,8 +209,8 @@ def describe(res: dict) -> str:
     norm = "L2" if str(res.get("norm", "inf")).lower() in ("2", "2.0", "l2", "l_2") else "L-inf"
     radius = f"at {norm} epsilon {res.get('epsilon', 0):g}"
     method = res["method"]
-    if method in ("ibp", "crown_ibp"):
-        head = f"{'IBP' if method == 'ibp' else 'CROWN-IBP'}-verified accuracy {res['verified_acc']:.3f} {radius}, "
+    if method in _VERIFIED:
+        head = f"{_VERIFIED[method]}-verified accuracy {res['verified_acc']:.3f} {radius}, "
     elif method == "pgd":
         restarts = res["restarts"]
         head = f"PGD-{res['steps']} accuracy {res['pgd_acc']:.3f} {radius} ({restarts} restart" \

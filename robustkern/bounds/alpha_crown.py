@@ -209,10 +209,11 @@ def _optimize(passes: _Passes, crown: Tensor, upper: bool, args: dict) -> Tensor
             stop_all = bool(stop) if isinstance(stop, bool) else bool(stop.all())
         if final or stop_all or patience > args["early_stop_patience"] or time.time() - start > args["max_time"]:
             break
-        per_example = sign * reduce(bound)
-        if isinstance(stop, Tensor):
-            per_example = per_example * (~stop.reshape(-1, *([1] * (per_example.dim() - 1)))).to(bound.dtype)
-        grads = torch.autograd.grad(per_example.sum(), params, allow_unused=True)
+        with torch.enable_grad():      # the caller may run under torch.no_grad()
+            per_example = sign * reduce(bound)
+            if isinstance(stop, Tensor):
+                per_example = per_example * (~stop.reshape(-1, *([1] * (per_example.dim() - 1)))).to(bound.dtype)
+            grads = torch.autograd.grad(per_example.sum(), params, allow_unused=True)
         opt.zero_grad(set_to_none=True)
         for p, g in zip(params, grads):
             p.grad = g

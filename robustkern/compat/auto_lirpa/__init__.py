@@ -11,8 +11,9 @@
     ilb, iub = lirpa_model.compute_bounds(IBP=True, C=C, method=None)               # IBP
     clb, _ = lirpa_model.compute_bounds(IBP=False, C=C, method="backward", bound_upper=False)  # CROWN-IBP
 
-Methods: IBP, CROWN-IBP and CROWN (``bounded_module``: auto_LiRPA's method names and its rule for reusing the
-intermediate bounds of the previous call); L-inf and L2 perturbations (``perturbations``); auto_LiRPA's epsilon
+Methods: IBP, CROWN-IBP, CROWN and alpha-CROWN ("CROWN-Optimized", ``bound_opts["optimize_bound_args"]``)
+(``bounded_module``: auto_LiRPA's method names and its rule for reusing the intermediate bounds of the previous
+call); L-inf and L2 perturbations (``perturbations``); auto_LiRPA's epsilon
 schedulers (``eps_scheduler``) and ``MultiAverageMeter``/``logger`` (``utils``).
 
 Differences from auto_LiRPA:
@@ -21,9 +22,11 @@ Differences from auto_LiRPA:
 - CROWN's intermediate bounds are intersected with IBP's (auto_LiRPA keeps CROWN's alone unless
   ``compare_crown_with_ibp``), so CROWN bounds can be tighter than auto_LiRPA's; IBP and CROWN-IBP are the same.
 - Stale stored bounds (parameters, perturbation or mode changed since) are an error, not silently reused.
-- Not supported, each a one-line ``NotImplementedError`` at use that says what to use instead: alpha-CROWN and
-  forward modes, ``return_A``, ``final_node_name``, ``interm_bounds``, perturbed parameters
-  (``BoundedParameter``), L0/L1/synonym/linear perturbations, ``CrossEntropyWrapper`` bounding (loss fusion:
+- alpha-CROWN's result is never looser than CROWN's (the element-wise best of CROWN and every iterate), which
+  can make it tighter than auto_LiRPA's for the same ``optimize_bound_args``; beta-CROWN is not supported.
+- Not supported, each a one-line ``NotImplementedError`` at use that says what to use instead: forward modes,
+  ``return_A``, ``final_node_name``, ``interm_bounds``, perturbed parameters (``BoundedParameter``),
+  L0/L1/synonym/linear perturbations, ``CrossEntropyWrapper`` bounding (loss fusion:
   ``robustkern.bounds.crown_ibp_loss(..., loss_fusion=True)``), ``register_custom_op``, several inputs.
   ``BoundDataParallel`` runs the whole batch on the module's device.
 """

@@ -2,7 +2,9 @@
 call leaves behind.
 
 Methods, case-insensitive, normalised as auto_LiRPA does: "IBP" is ``method=None, IBP=True``; "CROWN-IBP",
-"IBP+backward" and "IBP+CROWN" are "backward" with ``IBP=True``; "CROWN" is "backward".
+"IBP+backward" and "IBP+CROWN" are "backward" with ``IBP=True``; "CROWN" is "backward"; "CROWN-Optimized" and
+"alpha-CROWN" are alpha-CROWN (``robustkern.bounds.alpha_crown``), with the ``optimize_bound_args`` of
+``bound_opts`` (auto_LiRPA's names; ``set_bound_opts`` updates them as auto_LiRPA's does).
 
 Stored intermediate bounds (auto_LiRPA's ``compute_bounds``): every node's bounds stay on the graph until the
 input is set again, by ``forward`` (``model(x)``) or by ``compute_bounds(x=...)``; a call with ``x=None``
@@ -17,7 +19,11 @@ backward, IBP=False    IBP                           CROWN-IBP, its backward pas
 backward, IBP=False    nothing                       CROWN (stored: CROWN)
 backward               CROWN                         CROWN (its intermediate bounds are CROWN's again)
 IBP                    CROWN                         refused: auto_LiRPA would start IBP from CROWN's bounds
+alpha-CROWN            anything                      alpha-CROWN afresh (stored: CROWN)
 =====================  ===========================  ==========================================================
+
+After alpha-CROWN the stored intermediate bounds are CROWN's (auto_LiRPA keeps the optimised ones): a later
+backward call without ``x`` gives CROWN's bound, which is sound but can be looser than auto_LiRPA's there.
 
 So ``examples/vision/simple_training.py``'s ``model(x)``, ``compute_bounds(IBP=True, C=c, method=None)``,
 ``compute_bounds(IBP=False, C=c, method="backward")`` is IBP then CROWN-IBP, with one IBP pass in all as in
@@ -37,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ...bounds import BoundedModule as _RKBoundedModule
+from ...bounds.alpha_crown import check_optimize_bound_args
 from .bounded_tensor import plain
 from .wrapper import LOSS_FUSION_ADVICE, CrossEntropyWrapper, CrossEntropyWrapperMultiInput
 
@@ -44,6 +51,7 @@ __all__ = ["BoundedModule", "lirpa_method"]
 
 _ACT = {None: "adaptive", "adaptive": "adaptive", "same-slope": "same-slope", "zero-lb": "zero", "one-lb": "one"}
 _BACKWARD = {"crown": False, "backward": False, "crown-ibp": True, "ibp+backward": True, "ibp+crown": True}
+_OPTIMIZED = ("crown-optimized", "alpha-crown")
 # compute_bounds arguments that change what auto_LiRPA computes and have no counterpart here: refused when set
 _REFUSED = ("interm_bounds", "reference_bounds", "aux_reference_bounds", "needed_A_dict", "intermediate_constr",
             "alpha_idx", "need_A_only", "cutter", "update_mask", "ibp_nodes", "average_A", "cache_bounds")
@@ -54,16 +62,18 @@ _STALE = ("compute_bounds: the parameters, the train/eval mode or the input's pe
 
 
 def lirpa_method(method, IBP: bool = False) -> tuple[str | None, bool]:
-    """auto_LiRPA's normalisation of ``(method, IBP)``: ``(None, True)`` (IBP only) or ``("backward", ibp)``
-    (a backward pass; IBP intermediate bounds when ``ibp``)."""
+    """auto_LiRPA's normalisation of ``(method, IBP)``: ``(None, True)`` (IBP only), ``("backward", ibp)``
+    (a backward pass; IBP intermediate bounds when ``ibp``) or ``("CROWN-Optimized", False)`` (alpha-CROWN)."""
     if method is None:
         return None, bool(IBP)
     key = str(method).strip().lower()
     if key == "ibp":
         return None, True
+    if key in _OPTIMIZED:
+        return "CROWN-Optimized", False
     if key not in _BACKWARD:
         raise NotImplementedError(f"compute_bounds: method {method!r} is not supported by robustkern's facade; use "
-                                  f"IBP, CROWN-IBP or CROWN (alpha-CROWN and forward modes: auto_LiRPA itself)")
+                                  f"IBP, CROWN-IBP, CROWN or CROWN-Optimized (forward modes: auto_LiRPA itself)")
     return "backward", bool(IBP) or _BACKWARD[key]
 
 
@@ -89,7 +99,8 @@ class BoundedModule(nn.Module):
     input); ``bm(method_opt="compute_bounds", ...)`` is ``compute_bounds``.
 
     ``bound_opts`` understood: ``activation_bound_option`` (None or "adaptive", "same-slope", "zero-lb",
-    "one-lb"), ``crown_batch_size``, ``forward_before_compute_bounds``, and robustkern's own ``sound``
+    "one-lb"), ``crown_batch_size``, ``forward_before_compute_bounds``, ``optimize_bound_args`` (alpha-CROWN's,
+    checked at construction: ``robustkern.bounds.alpha_crown``), and robustkern's own ``sound``
     (default False: auto_LiRPA's numbers, no rounding-error widening; True for certificates, see
     ``robustkern.bounds.crown``). Keys that only tune auto_LiRPA's own engine (``conv_mode``,
     ``sparse_intermediate_bounds``, ``loss_fusion`` on a plain model, ...) are accepted and ignored;
@@ -113,6 +124,8 @@ class BoundedModule(nn.Module):
             raise NotImplementedError("BoundedModule: compare_crown_with_ibp is not supported; intersect with the "
                                       "IBP bounds yourself (torch.maximum(lb, ibp_lb))")
         self._relu_lower = _ACT[act]
+        self.bound_opts["optimize_bound_args"] = dict(self.bound_opts.get("optimize_bound_args") or {})
+        check_optimize_bound_args(self.bound_opts["optimize_bound_args"])
         self._sound = bool(self.bound_opts.get("sound", False))
         self._forward_first = bool(self.bound_opts.get("forward_before_compute_bounds", False))
         cbs = self.bound_opts.get("crown_batch_size", math.inf)
@@ -150,6 +163,22 @@ class BoundedModule(nn.Module):
     def _store(self, kind: str):
         boxes = self.bm.node_bounds() if kind == "IBP" else None
         self._stored = _Stored(kind, self._snapshot(), boxes)
+
+    def set_bound_opts(self, new_opts: dict) -> None:
+        """auto_LiRPA's ``set_bound_opts``: a dict value updates the option's dict (``optimize_bound_args``), any
+        other value replaces it. Options read at construction (``activation_bound_option``, ``sound``, ...) are
+        refused: build a new BoundedModule for those."""
+        for key, value in new_opts.items():
+            if key != "optimize_bound_args":
+                raise NotImplementedError(f"set_bound_opts: {key!r} is read when the BoundedModule is built; "
+                                          f"build a new one with bound_opts={{{key!r}: ...}}")
+            args = dict(self.bound_opts["optimize_bound_args"])
+            if isinstance(value, dict):
+                args.update(value)
+            else:
+                raise TypeError(f"set_bound_opts: optimize_bound_args must be a dict, got {type(value).__name__}")
+            check_optimize_bound_args(args)
+            self.bound_opts["optimize_bound_args"] = args
 
     def forward(self, *x, method_opt=None, final_node_name=None, interm_bounds=None, get_property=False,
                 **kwargs):
@@ -210,6 +239,10 @@ class BoundedModule(nn.Module):
         stored = self._stored
         if stored is not None and not _same(stored.key, self._snapshot()):
             raise ValueError(_STALE)
+        if method == "CROWN-Optimized":
+            out = self._run("alpha-CROWN", C, bound_lower, bound_upper)
+            self._store("CROWN")
+            return out
         if stored is not None and stored.kind == "CROWN":
             if method is None:
                 raise NotImplementedError("compute_bounds: IBP without a new input after CROWN would start from "
@@ -260,6 +293,8 @@ class BoundedModule(nn.Module):
         ``intermediate``: stored IBP boxes for CROWN-IBP's backward pass (no second IBP pass)."""
         opts = dict(method=method, C=C, sound=self._sound, bound_lower=bound_lower, bound_upper=bound_upper,
                     relu_lower=self._relu_lower, crown_batch_size=self._crown_batch_size, intermediate=intermediate)
+        if method == "alpha-CROWN":
+            opts["optimize_bound_args"] = self.bound_opts["optimize_bound_args"]
         ptb = self._input.ptb
         if float(ptb.norm) == 2:
             return self.bm.compute_bounds(self._plain, ptb.eps, norm=2, x_min=-math.inf, x_max=math.inf, **opts)
