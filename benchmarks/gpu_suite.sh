@@ -9,8 +9,8 @@
 #
 # Options: --budget SECONDS (start no step once the time is spent: each step's limit is cut to what is left),
 # --archive FILE (after every step, pack OUT into FILE, a .tar.gz), --lirpa-path DIR (auto_LiRPA for the
-# comparison rows of bench_ibp.py and bench_crown.py), --commit ID (recorded with the figures where the sources
-# are not a git checkout), --python PY (default: the first of python3, python that imports torch). Packages on
+# comparison rows of bench_ibp.py, bench_crown.py and bench_alpha_crown.py), --commit ID (recorded with the
+# figures where the sources are not a git checkout), --python PY (default: the first of python3, python that imports torch). Packages on
 # PYTHONPATH (torchattacks, ...) stay on it.
 #
 # The steps run in order of value, so that a run cut short has the most useful results: the build (pip install
@@ -46,6 +46,7 @@ soundness            | 240 | gpu_soundness.py --batch 32 --write-results | gpu_s
 ibp                  | 360 | bench_ibp.py --device cuda --models cnn_7layer_bn,cifar_medium:padding=1 --batch 256,64 --eps 2/255 --providers plain,eager,robustkern,robustkern-unsound,auto_lirpa --write-results | bench_ibp.py --device cpu --threads 1 --quick --models cifar_medium:padding=1 --providers plain,eager,robustkern,robustkern-unsound,auto_lirpa --write-results
 crown-cnn7           | 300 | bench_crown.py --device cuda --models cnn_7layer_bn --batch 256 --write-results | bench_crown.py --device cpu --models cnn_7layer_bn --batch 2 --rounds 1 --write-results
 crown-medium         | 240 | bench_crown.py --device cuda --models cifar_medium:padding=1 --batch 64 --write-results | bench_crown.py --device cpu --models cifar_medium:padding=1 --batch 3 --rounds 1 --write-results
+alpha-crown          | 300 | bench_alpha_crown.py --device cuda --batch 256 --write-results | bench_alpha_crown.py --device cpu --threads 1 --models mlp --batch 2 --iterations 3 --rounds 1 --write-results
 # ---- randomized smoothing (bench_smoothing.py and bench_smoothing_train.py take the GPU when there is one)
 smoothing            | 540 | bench_smoothing.py --models cifar_small,resnet110 --n 100000,100000 --images 1 --write-results | bench_smoothing.py --models cifar_small --n 200 --n0 10 --images 1 --batch 100 --threads 1 --rounds 1 --no-compiled --write-results
 smoothing-train      | 300 | bench_smoothing_train.py --models cifar_small,resnet110 --batch 64,64 --write-results | bench_smoothing_train.py --models cifar_small --batch 2 --rounds 1 --smoothadv-steps 1 --trades-steps 1 --write-results

@@ -122,9 +122,15 @@ def test_the_test_setup_is_the_one_ci_uses():
 
 
 def test_recipes_that_exit_4_are_named():
-    unavailable = [recipe for recipe in list_configs()
-                   if load_config(recipe, fill_defaults=_fill_all)["training_params"]["method"] in NOT_IMPLEMENTED]
-    assert unavailable
+    """A recipe whose method is not implemented is named in the README; one whose method is, is not said to
+    exit 4 (the llm_* recipes run since crown_ibp_ours exists)."""
+    methods = {recipe: load_config(recipe, fill_defaults=_fill_all)["training_params"]["method"]
+               for recipe in list_configs()}
+    unavailable = [recipe for recipe, method in methods.items() if method in NOT_IMPLEMENTED]
+    said = " ".join(_clauses_saying_exit_4(README))
+    for recipe, method in methods.items():
+        if recipe not in unavailable:
+            assert method not in said and recipe not in said, (recipe, said)
     for recipe in unavailable:
         prefix = recipe.split("_")[0] + "_"
         assert recipe in README or f"{prefix}*" in README, recipe

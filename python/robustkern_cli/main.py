@@ -293,8 +293,8 @@ def cmd_info(args) -> int:
     for name, what in ENVIRONMENT.items():
         print(f"  {name:<{width}}  {os.environ.get(name, '(unset)')!s:<10}  {what}")
     implemented = [m for m in sorted(LOSSES) if m not in NOT_IMPLEMENTED]
-    print("training methods: " + ", ".join(implemented) + "; not implemented yet (exit 4): "
-          + ", ".join(sorted(NOT_IMPLEMENTED)))
+    pending = f"; not implemented yet (exit 4): {', '.join(sorted(NOT_IMPLEMENTED))}" if NOT_IMPLEMENTED else ""
+    print("training methods: " + ", ".join(implemented) + pending)
     print("models: " + ", ".join(MODEL_NAMES))
     print(f"configs ({CONFIG_DIR}): " + ", ".join(list_configs()))
     print(f"data dir: {default_data_dir()}")
