@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import os
 import sys
 import time
@@ -53,16 +52,6 @@ def make_model(name: str) -> nn.Sequential:
     raise ValueError(f"unknown model {name!r}; choose mlp or cnn_4layer")
 
 
-def import_lirpa(path: str | None):
-    for p in reversed((path or "").split(os.pathsep)):
-        if p and p not in sys.path:
-            sys.path.insert(0, p)
-    try:
-        return importlib.import_module("auto_LiRPA")
-    except Exception as e:  # noqa: BLE001 - any import failure means "unavailable"
-        raise RuntimeError(f"auto_LiRPA does not import ({type(e).__name__}: {e})") from None
-
-
 def providers(args, model, x, C, device):
     """``{provider: fn}``; each ``fn()`` returns the lower bounds (B, 9)."""
     eps = args.eps
@@ -78,7 +67,7 @@ def providers(args, model, x, C, device):
             out[name] = lambda: bm.compute_bounds(x, eps, method="CROWN", C=C, bound_upper=False, sound=False)[0]
         elif name == "auto_lirpa":
             try:
-                lib = import_lirpa(args.lirpa_path)
+                lib = common.import_auto_lirpa(args.lirpa_path)
             except RuntimeError as e:
                 print(f"auto_lirpa: skipped: {e}")
                 continue

@@ -245,13 +245,7 @@ def import_lib(name: str, lirpa_path: str | None):
     ``RuntimeError`` when it does not import)."""
     if name == "facade":
         return importlib.import_module("robustkern.compat.auto_lirpa")
-    for p in reversed((lirpa_path or "").split(os.pathsep)):
-        if p and p not in sys.path:
-            sys.path.insert(0, p)
-    try:
-        return importlib.import_module("auto_LiRPA")
-    except Exception as e:  # noqa: BLE001 - any import failure means "unavailable"
-        raise RuntimeError(f"auto_LiRPA not importable ({type(e).__name__}: {e})") from None
+    return common.import_auto_lirpa(lirpa_path)
 
 
 def setup(provider: str, model: nn.Module, data, labels, eps, max_eps, step, lirpa_path):

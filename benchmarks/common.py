@@ -149,6 +149,20 @@ def start(device: torch.device, threads: int = 0, args=None) -> "Environment":
     return env
 
 
+def import_auto_lirpa(path: str | None):
+    """auto_LiRPA, imported with the folders of ``path`` (separated by ``os.pathsep``) first on ``sys.path``;
+    ``RuntimeError`` saying why when it does not import (the benchmarks then leave its rows out)."""
+    import importlib
+
+    for p in reversed((path or "").split(os.pathsep)):
+        if p and p not in sys.path:
+            sys.path.insert(0, p)
+    try:
+        return importlib.import_module("auto_LiRPA")
+    except Exception as e:  # noqa: BLE001 - any import failure means "unavailable"
+        raise RuntimeError(f"auto_LiRPA not importable ({type(e).__name__}: {e})") from None
+
+
 # ----------------------------------------------------------------------------------------------- measurement
 @dataclass
 class Timing:

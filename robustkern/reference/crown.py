@@ -108,13 +108,9 @@ def _upper_line_grads(lower: Tensor, upper: Tensor, g_du: Tensor, g_bu: Tensor):
     return g_l, g_u
 
 
-def crown_relu_backward_grad(A: Tensor, lower: Tensor, upper: Tensor, mode: int, upper_side: bool, g_A: Tensor,
-                             g_bias: Tensor, need_lu: bool):
-    """The backward pass of ``crown_relu_backward``: ``(grad_A, grad_lower, grad_upper)`` from the gradients
-    ``g_A, g_bias`` of its outputs (the bound gradients empty unless ``need_lu``). In differentiable PyTorch ops:
-    a double backward runs through it. Gradients w.r.t. ``l, u`` flow through the upper line ``d_u(l, u)``,
-    ``b_u(l, u)`` (and ``d_l = d_u`` in the "same-slope" mode; the other lower slopes are piecewise constant)."""
-    d_l, d_u, b_u = (t.unsqueeze(1) for t in relu_relaxation(lower, upper, mode))
+def _grad_A(A: Tensor, d_l: Tensor, d_u: Tensor, b_u: Tensor, upper_side: bool, g_A: Tensor, g_bias: Tensor):
+    """The gradient with respect to ``A`` of a ReLU step with lower slopes ``d_l`` and upper line ``d_u, b_u``,
+    and what the bounds' gradients reuse: ``(grad_A, A > 0, a zero, g_bias (B, S, 1))``."""
     pos = A > 0
     zero = torch.zeros((), dtype=A.dtype, device=A.device)
     if upper_side:
@@ -122,7 +118,17 @@ def crown_relu_backward_grad(A: Tensor, lower: Tensor, upper: Tensor, mode: int,
     else:
         d_p, d_n, b_p, b_n = d_l, d_u, zero, b_u
     gb = g_bias.unsqueeze(-1)
-    grad_A = g_A * torch.where(pos, d_p, d_n) + gb * torch.where(pos, b_p, b_n)
+    return g_A * torch.where(pos, d_p, d_n) + gb * torch.where(pos, b_p, b_n), pos, zero, gb
+
+
+def crown_relu_backward_grad(A: Tensor, lower: Tensor, upper: Tensor, mode: int, upper_side: bool, g_A: Tensor,
+                             g_bias: Tensor, need_lu: bool):
+    """The backward pass of ``crown_relu_backward``: ``(grad_A, grad_lower, grad_upper)`` from the gradients
+    ``g_A, g_bias`` of its outputs (the bound gradients empty unless ``need_lu``). In differentiable PyTorch ops:
+    a double backward runs through it. Gradients w.r.t. ``l, u`` flow through the upper line ``d_u(l, u)``,
+    ``b_u(l, u)`` (and ``d_l = d_u`` in the "same-slope" mode; the other lower slopes are piecewise constant)."""
+    d_l, d_u, b_u = (t.unsqueeze(1) for t in relu_relaxation(lower, upper, mode))
+    grad_A, pos, zero, gb = _grad_A(A, d_l, d_u, b_u, upper_side, g_A, g_bias)
     if not need_lu:
         return grad_A, lower.new_empty(0), upper.new_empty(0)
     gA_A = g_A * A
@@ -169,14 +175,7 @@ def crown_relu_backward_slopes_grad(A: Tensor, lower: Tensor, upper: Tensor, slo
     is piecewise constant in them)."""
     _, d_u, b_u = (t.unsqueeze(1) for t in relu_relaxation(lower, upper, 0))
     d_l = slope_lower_line(lower, upper, slope)
-    pos = A > 0
-    zero = torch.zeros((), dtype=A.dtype, device=A.device)
-    if upper_side:
-        d_p, d_n, b_p, b_n = d_u, d_l, b_u, zero
-    else:
-        d_p, d_n, b_p, b_n = d_l, d_u, zero, b_u
-    gb = g_bias.unsqueeze(-1)
-    grad_A = g_A * torch.where(pos, d_p, d_n) + gb * torch.where(pos, b_p, b_n)
+    grad_A, pos, zero, gb = _grad_A(A, d_l, d_u, b_u, upper_side, g_A, g_bias)
     gA_A = g_A * A
     empty = lower.new_empty(0)
     grad_slope = empty
