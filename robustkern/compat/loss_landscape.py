@@ -29,7 +29,8 @@ Everything of ``robustkern.compat.crown_ibp`` (same numbers, same differences), 
   1 (``l >= 0``) and 0 (``u <= 0``) itself.
 
 What differs from the original: the tensors in ``lower_d_list2`` are not modified (the original sets their
-stable entries to 1 and 0 in place); a list shorter than the ``ours`` layers of the pass is a ``ValueError``;
+stable entries to 1 and 0 in place); a neuron whose bounds touch 0 (``l = 0`` or ``u = 0`` exactly) takes slope
+1 or 0 (the exact line there), where the original keeps the drawn or given slope (also a valid, looser one); a list shorter than the ``ours`` layers of the pass is a ``ValueError``;
 the layers keep no ``lower_d`` attribute.
 """
 from __future__ import annotations
