@@ -60,3 +60,12 @@ def test_bad_slopes_are_clear_errors():
         crown_relu_backward_slopes(A, lo, hi, torch.rand(2, 2, 37, dtype=A.dtype))
     with pytest.raises(ValueError, match="slope must have A's dtype"):
         crown_relu_backward_slopes(A, lo, hi, torch.rand(2, 1, 37))
+
+
+def test_lower_slopes_of_a_mode_by_name():
+    from robustkern.ops.crown import RELU_LOWER_MODES, crown_relu_lower_slopes
+    A, lo, hi = make()
+    for name, mode in RELU_LOWER_MODES.items():
+        assert torch.equal(crown_relu_lower_slopes(lo, hi, name), relu_relaxation(lo, hi, mode)[0])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        crown_relu_lower_slopes(lo, hi, "steep")

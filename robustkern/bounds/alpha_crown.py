@@ -46,7 +46,7 @@ import time
 import torch
 from torch import Tensor
 
-from ..reference.crown import relu_relaxation
+from ..ops.crown import crown_relu_lower_slopes
 from .crown import (CrownSetup, backward_bound, crown_intermediate, crown_setup, finish, identity_rows,
                     output_spec)
 
@@ -121,7 +121,7 @@ class _Passes:
         init = {}
         for n in relus:
             lo, hi = reference[n.inputs[0]]
-            init[n.name] = relu_relaxation(lo, hi, ctx.mode)[0]       # CROWN's own slopes, (B, N)
+            init[n.name] = crown_relu_lower_slopes(lo, hi, ctx.mode)  # CROWN's own slopes, (B, N)
 
         def slopes_for(start: str, rows: int, sides: tuple) -> dict:
             before = [n for n in relus if ctx.index[n.name] < ctx.index[start]]

@@ -31,7 +31,8 @@ from ..reference.crown import RELU_LOWER_MODES
 from ._registry import define_op, triton_kernel
 
 
-__all__ = ["crown_relu_backward", "crown_relu_backward_slopes", "crown_concretize", "RELU_LOWER_MODES"]
+__all__ = ["crown_relu_backward", "crown_relu_backward_slopes", "crown_relu_lower_slopes", "crown_concretize",
+           "RELU_LOWER_MODES"]
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -111,6 +112,16 @@ def crown_relu_backward(A: Tensor, lower: Tensor, upper: Tensor, mode: int | str
         raise ValueError(f"{op}: mode must be 0..3, got {mode}")
     _check(op, A, lower=(lower, "BN"), upper=(upper, "BN"))
     return CROWN_RELU_BACKWARD(A, lower, upper, int(mode), bool(upper_side))
+
+
+def crown_relu_lower_slopes(lower: Tensor, upper: Tensor, mode: int | str = "adaptive") -> Tensor:
+    """The lower slopes (B, N) that ``crown_relu_backward`` uses in ``mode`` for the ReLU input bounds
+    ``lower, upper`` (B, N): where alpha-CROWN's optimised slopes start."""
+    if isinstance(mode, str):
+        if mode not in RELU_LOWER_MODES:
+            raise ValueError(f"crown_relu_lower_slopes: mode must be one of {sorted(RELU_LOWER_MODES)}, got {mode!r}")
+        mode = RELU_LOWER_MODES[mode]
+    return _ref.relu_relaxation(lower, upper, int(mode))[0]
 
 
 # ----------------------------------------------------------------------------------------------- relu step, slopes
