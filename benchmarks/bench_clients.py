@@ -4,7 +4,7 @@ The projects are not installable packages, so "original" is robustkern's faithfu
 re-implementation of each project's call path (``robustkern.reference``: ``bound_sequential``,
 ``smooth_train``, ``flatness``, ``macer``, ``smoothing``), written from the published code and tested equal to it
 to 1e-6 (``tests/clients``); "robustkern" is the same script with the one import changed to
-``robustkern.compat.<project>``. Models are the projects' own (``robustkern.reference.seed_models``), at the
+``robustkern.compat.<project>``. Models are the projects' own (``robustkern.reference.published.seed_models``), at the
 batch sizes of their configs unless ``--small`` (CPU smoke run).
 
 Cases (one training step = loss, backward and optimiser step; certification = one image)
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from robustkern.reference import seed_models as sm  # noqa: E402
+from robustkern.reference.published import seed_models as sm  # noqa: E402
 
 BENCH = "clients"
 CLIENTS = ("crown_ibp", "loss_landscape", "trades_rs", "macer", "lfr")
@@ -77,7 +77,7 @@ def crown_ibp_cases(args, device, module="crown_ibp"):
     import importlib
 
     from robustkern.bounds import BoundedModule, crown_ibp_loss
-    from robustkern.reference.bound_sequential import BoundSequentialReference
+    from robustkern.reference.published.crown_ibp import BoundSequentialReference
 
     compat = importlib.import_module(f"robustkern.compat.{module}")
     if module == "crown_ibp":
@@ -121,8 +121,8 @@ def crown_ibp_cases(args, device, module="crown_ibp"):
 # ----------------------------------------------------------------------------------------------- TRADES + RS
 def trades_cases(args, device):
     from robustkern.compat import trades_smoothing as compat
-    from robustkern.reference.smooth_train import trades_smoothing_loss_reference
-    from robustkern.reference.smoothing import TradesSmoothReference
+    from robustkern.reference.published.smooth_train import trades_smoothing_loss_reference
+    from robustkern.reference.published.smoothing import TradesSmoothReference
 
     batch = 16 if args.small else args.trades_batch
     torch.manual_seed(0)
@@ -155,7 +155,7 @@ def trades_cases(args, device):
 # ----------------------------------------------------------------------------------------------- MACER
 def macer_cases(args, device):
     from robustkern.compat import macer as compat
-    from robustkern.reference.macer import MacerSmoothReference, macer_train_reference
+    from robustkern.reference.published.macer import MacerSmoothReference, macer_train_reference
 
     batch = 8 if args.small else 64
     torch.manual_seed(0)
@@ -183,7 +183,7 @@ def macer_cases(args, device):
 # ----------------------------------------------------------------------------------------------- LFR
 def lfr_cases(args, device):
     from robustkern.compat.lfr import LFR_loss
-    from robustkern.reference.flatness import lfr_loss_reference
+    from robustkern.reference.published.lfr import lfr_loss_reference
 
     batch = 16 if args.small else 128
     steps = 3 if args.small else args.lfr_steps

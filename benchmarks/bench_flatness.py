@@ -10,7 +10,7 @@ inputs for every provider:
   fd-robustkern    the same penalty by ``input_grad_norm(method="finite_difference")`` (central difference, the
                    clean forward shared with the CE: forwards of B and 2B examples, an input-only backward,
                    first-order backprop to the parameters)
-  lfr-upstream     LFR-K as published: ``robustkern.reference.flatness.lfr_loss_reference`` (the transcription of
+  lfr-upstream     LFR-K as published: ``robustkern.reference.published.lfr.lfr_loss_reference`` (the transcription of
                    LFR_loss.py: double backprop in every inner step and in the outer loss)
   lfr-robustkern   ``robustkern.flatness.lfr_loss`` (backend auto) with the same K
   pgd-at           ``robustkern.attacks.pgd_at_loss`` with the same K (Madry et al.), for scale
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from robustkern.attacks import pgd_at_loss  # noqa: E402
 from robustkern.flatness import input_grad_norm, lfr_loss  # noqa: E402
-from robustkern.reference.flatness import lfr_loss_reference  # noqa: E402
+from robustkern.reference.published.lfr import lfr_loss_reference  # noqa: E402
 
 BENCH = "flatness"
 PROVIDERS = ["plain", "db-torch", "db-robustkern", "fd-robustkern", "lfr-upstream", "lfr-robustkern", "pgd-at"]

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from robustkern.ops import macer_tail  # noqa: E402
-from robustkern.reference.macer import macer_tail_terms_reference  # noqa: E402
+from robustkern.reference.published.macer import macer_tail_terms_reference  # noqa: E402
 
 BENCH = "macer_tail"
 SIGMA, GAMMA, BETA, LBD = 0.25, 8.0, 16.0, 12.0

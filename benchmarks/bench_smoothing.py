@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from robustkern.reference.smoothing import CohenSmooth  # noqa: E402
+from robustkern.reference.published.smoothing import CohenSmooth  # noqa: E402
 from robustkern.smoothing import Smooth  # noqa: E402
 
 BENCH = "smoothing"

@@ -11,7 +11,7 @@ Providers (the same explicit noise and random start for all, drawn outside the t
 its own copy of the same initial model with its own optimizer)
   plain        cross-entropy on the method's noisy copies: one forward + backward + step, the floor
   reference    robustkern.reference: faithful transcription of the original script's loss
-               (MACER: robustkern.reference.macer; the others: robustkern.reference.smooth_train)
+               (MACER: robustkern.reference.macer; the others: robustkern.reference.published.smooth_train)
   robustkern   robustkern.smoothing.<method>_loss (fast default)
 
 Before timing, each robustkern loss is compared with the reference on the same model, batch, noise and global
@@ -62,7 +62,7 @@ def _loss_of(result):
 
 def providers(method: str, x, y, args, device):
     """``{provider: (loss_fn(model) -> loss)}`` for ``method`` on the batch, plus a note when unavailable."""
-    import robustkern.reference.smooth_train as ref
+    import robustkern.reference.published.smooth_train as ref
     import robustkern.smoothing as rs
 
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -73,7 +73,7 @@ def providers(method: str, x, y, args, device):
 
     if method == "macer":
         try:
-            from robustkern.reference.macer import macer_loss_reference
+            from robustkern.reference.published.macer import macer_loss_reference
             macer_loss = rs.macer_loss
         except (ImportError, AttributeError) as exc:
             return None, f"MACER not available yet ({exc})"

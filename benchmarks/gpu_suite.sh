@@ -16,12 +16,12 @@
 # The steps run in order of value, so that a run cut short has the most useful results: the build (pip install
 # --no-build-isolation -e ., skipped when the extension in place was built from the same sources:
 # build/gpu_suite.stamp), the GPU tests (pytest -m gpu and the CUDA selections of the op tests), then the
-# benchmarks of bound propagation, randomized smoothing, attacks, flatness, the published projects' own steps and
-# the op floor's per-call cost at the sizes benchmarks/README.md documents. Each step runs under `timeout` with its
-# own limit, a failing step does not stop the others, and after every step OUT holds: summary.txt (step, status,
-# seconds, limit, log), logs/NN-step.log (and the pytest junit XML), RESULTS.md (the blocks of this run's
-# benchmarks, each with device, date, commit and command) and results/<bench>.csv. Exit status 0 when every step
-# passed or was skipped because its script lacks an option the step gives it, 1 otherwise.
+# benchmarks of bound propagation, randomized smoothing, attacks, flatness, the published projects' own steps, the
+# op floor's per-call cost and the install times at the sizes benchmarks/README.md documents. Each step runs under
+# `timeout` with its own limit, a failing step does not stop the others, and after every step OUT holds: summary.txt
+# (step, status, seconds, limit, log), logs/NN-step.log (and the pytest junit XML), RESULTS.md (the blocks of this
+# run's benchmarks, each with device, date, commit and command) and results/<bench>.csv. Exit status 0 when every
+# step passed or was skipped because its script lacks an option the step gives it, 1 otherwise.
 set -uo pipefail
 
 SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
@@ -57,8 +57,11 @@ flatness             | 300 | bench_flatness.py --device cuda --models small_cnn,
 flatness-fused       | 180 | bench_flatness_fused.py --device cuda --models mnist_small,mnist_large --batch 128 --lfr --write-results | bench_flatness_fused.py --device cpu --models mnist_small --batch 8 --rounds 1 --write-results
 # ---- the published projects' own steps, their call path against robustkern.compat, at their configs' sizes
 clients              | 600 | bench_clients.py --device cuda --trades-batch 256 --certify-n 100000 --write-results | bench_clients.py --device cpu --small --rounds 1 --lfr-steps 2 --certify-n 200 --write-results
+clients-lirpa        | 300 | bench_clients_lirpa.py --device cuda --write-results | bench_clients_lirpa.py --device cpu --models mlp_3layer,resnet --batch 2 --rounds 1 --short-rounds 1 --write-results
 # ---- what the op floor adds per call, on this machine's CPU
 dispatch             | 120 | bench_dispatch.py --write-results | bench_dispatch.py --rounds 2 --calls 50 --write-results
+# ---- installing robustkern on this machine: the build with pip, a re-install, the JIT build's first use
+build-times          | 600 | bench_build.py --write-results | bench_build.py --steps jit --write-results
 EOF
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -107,11 +110,12 @@ for m in ("triton", "numpy", "scipy", "pytest", "xdist", "torchattacks", "auto_L
 PYEOF
 }
 
-build_stamp() { # what the extension must have been built from: the C++/CUDA sources, setup.py, torch, python
+build_stamp() { # what the extension must have been built from: the C++/CUDA sources, setup.py and its flags
+               # (robustkern/_build_spec.py), torch, python
   "$PY" - <<'PYEOF'
 import hashlib, pathlib, sys, torch
 h = hashlib.sha256()
-for p in sorted(pathlib.Path("csrc").rglob("*")) + [pathlib.Path("setup.py")]:
+for p in sorted(pathlib.Path("csrc").rglob("*")) + [pathlib.Path("setup.py"), pathlib.Path("robustkern/_build_spec.py")]:
     if p.is_file():
         h.update(str(p).encode()); h.update(p.read_bytes())
 h.update(f"{torch.__version__} {torch.version.cuda} {sys.version_info[:2]}".encode())

@@ -2,7 +2,15 @@
 // IEEE float32, and the device's element-wise stages. Math: robustkern/reference/interval.py.
 #include "robustkern/interval.h"
 
-#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_convolution.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
 
 #include <limits>
 #include <vector>

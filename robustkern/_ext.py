@@ -1,27 +1,33 @@
 """Loads the compiled kernels (the C++ kernels of the ``torch.ops.robustkern`` ops) on first use:
 
 1. ``prebuilt``: the ``robustkern._C`` library built by ``pip install --no-build-isolation -e .``;
-2. ``jit``: else the CPU sources in ``csrc/`` compiled with ``torch.utils.cpp_extension.load`` (about a
-   minute on 2 cores, once; cached under ``~/.cache/robustkern``). ``ROBUSTKERN_JIT=0`` turns this off;
+2. ``jit``: else the CPU sources in ``csrc/`` compiled with ``torch.utils.cpp_extension.load``, with the
+   sources and flags of setup.py (``robustkern/_build_spec.py``): once, announced by one line on stderr, and
+   cached under ``~/.cache/robustkern`` (``$XDG_CACHE_HOME``). ``ROBUSTKERN_JIT=0`` turns this off;
 3. absent: else one warning saying why and how to fix it; callers then run the PyTorch reference.
 
 Nothing happens at import time; ``load()`` does the work once per process and caches the outcome.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
-import logging
 import os
 import sys
 import threading
 import warnings
 from pathlib import Path
 
+from robustkern import _build_spec
+
 __all__ = ["load", "available", "has_cuda_kernels", "status"]
 
-_log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _outcome: tuple[str, str] | None = None  # (how, detail): how in {"prebuilt", "jit", "absent"}
+
+_JIT_NAME = "robustkern_jit"
+# How long the JIT build takes, as measured by benchmarks/bench_build.py (benchmarks/RESULTS.md, "Build").
+_JIT_DURATION = "usually about 1 minute on 2 CPU cores"
 
 _BUILD = "build it with `pip install --no-build-isolation -e .` in the robustkern checkout (needs a C++ compiler)"
 
@@ -95,28 +101,41 @@ def _source_dir() -> Path:
 
 
 def _build_dir() -> Path:
+    """One folder per torch, Python and set of flags, so that a changed flag compiles afresh (and says so)."""
     import torch
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
+    flags = hashlib.sha256(" ".join(_build_spec.jit_cflags()).encode()).hexdigest()[:8]
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{flags}".replace("+", "_")
     path = cache / "robustkern" / f"jit-{tag}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
+def _up_to_date(library: Path, inputs: list[Path]) -> bool:
+    """Whether ``library`` exists and is newer than every input (ninja would then have nothing to do)."""
+    if not library.is_file():
+        return False
+    built = library.stat().st_mtime
+    return all(p.stat().st_mtime <= built for p in inputs)
+
+
 def _jit_compile() -> None:
-    """Compile csrc/*.cpp + csrc/cpu/*.cpp into a library that registers the ops (CPU kernels only)."""
+    """Compile the CPU build's sources (robustkern/_build_spec.py) into a library that registers the ops."""
     from torch.utils import cpp_extension
 
     src = _source_dir()
-    sources = sorted(str(p) for p in src.glob("*.cpp")) + sorted(str(p) for p in (src / "cpu").glob("*.cpp"))
+    sources = _build_spec.sources(src, cuda=False)
     build_dir = _build_dir()
-    _log.info("robustkern: JIT-compiling the CPU kernels into %s (first use only)", build_dir)
+    cpp_extension.verify_ninja_availability()  # RuntimeError (-> "absent", with the advice) before announcing
+    if not _up_to_date(build_dir / f"{_JIT_NAME}.so", sources + _build_spec.headers(src)):
+        print(f"robustkern: compiling the C++ CPU kernels on first use, {_JIT_DURATION}; cached in {build_dir} "
+              f"(`pip install --no-build-isolation -e .` prebuilds them)", file=sys.stderr, flush=True)
     cpp_extension.load(
-        name="robustkern_jit",
-        sources=sources,
-        extra_include_paths=[str(src / "include")],
-        extra_cflags=["-O3", "-fopenmp-simd"],
+        name=_JIT_NAME,
+        sources=[str(p) for p in sources],
+        extra_include_paths=[str(src / _build_spec.INCLUDE_DIR)],
+        extra_cflags=_build_spec.jit_cflags(),
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=False,

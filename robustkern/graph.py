@@ -6,8 +6,8 @@ Supported: one tensor input; ``nn.Linear``, ``nn.Conv2d`` (zero padding; stride,
 ``view`` / ``reshape`` that keep the batch dimension, ``nn.AvgPool2d``, ``nn.Identity``, ``nn.Dropout`` (in eval
 mode), a normalisation layer (``robustkern.nn.Normalize``, or a module whose class name contains "Normalize"
 with per-channel ``means``/``sds`` or ``mean``/``std`` tensors, as in Cohen et al.'s ``NormalizeLayer``) and
-``+`` of two branches (residual blocks). Anything else raises ``UnsupportedLayerError`` naming its type and
-where it is in the model.
+``+`` of two branches (residual blocks; also ``sum()`` over branches, whose leading ``0 +`` is the identity).
+Anything else raises ``UnsupportedLayerError`` naming its type and where it is in the model.
 """
 from __future__ import annotations
 
@@ -173,6 +173,9 @@ def _function_node(node: fx.Node, inputs: list[str]) -> BoundNode:
     fn = node.target
     name = getattr(fn, "__name__", str(fn))
     if fn in (operator.add, torch.add, operator.iadd):
+        if len(node.args) == 2 and not node.kwargs and len(inputs) == 1 and any(
+                type(a) in (int, float) and a == 0 for a in node.args):
+            return BoundNode(node.name, "identity", name, inputs)  # 0 + x: Python's sum() of branch outputs
         if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
             raise _unsupported(f"{name} with constants or alpha", name, node)
         return BoundNode(node.name, "add", name, inputs)

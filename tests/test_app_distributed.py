@@ -18,7 +18,7 @@ from robustkern_cli import distributed
 from robustkern_cli.checkpoint import load_checkpoint
 from robustkern_cli.errors import ConfigError
 from robustkern_cli.losses import LOSSES
-from robustkern_cli.scalar_log import read_scalars
+from robustkern_cli.scalar_log import CSV_NAME, read_scalars
 from robustkern_cli.train import train
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -153,4 +153,8 @@ def test_torchrun_command_line(tmp_path):
     single = train(W.cfg_for(*W.TRAIN_OVERRIDES), tmp_path / "single", **QUIET)
     _assert_close(ckpt["model"], single.model.state_dict(), atol=1e-5, rtol=1e-4)
     assert printed["test_acc"] == pytest.approx(single.final["test_acc"])
-    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
+    # rank 0 alone writes the scalar log (TensorBoard's event file, or scalars.csv without tensorboard)
+    tb = tmp_path / "tb"
+    assert len(list(tb.glob("events.out.tfevents.*"))) + len(list(tb.glob(CSV_NAME))) == 1
+    scalars = read_scalars(tb)
+    assert scalars and all(len({step for step, _ in rows}) == len(rows) for rows in scalars.values()), scalars

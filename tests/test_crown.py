@@ -199,3 +199,43 @@ def test_verified_accuracy():
     assert next(model.parameters()).dtype == torch.float32
     acc2 = verified_accuracy(model, x, y, 0.2, norm=2, methods=("CROWN-IBP",))
     assert 0.0 <= acc2 <= 0.75
+
+
+@pytest.mark.parametrize("loss_fusion", [False, True])
+def test_crown_ibp_loss_end_weights_leave_out_the_other_term(loss_fusion):
+    """kappa = 0 (the default) is the robust loss alone: its backward pass does not run through the clean
+    forward (``0 * natural`` would, for nothing); kappa = 1 is the clean loss alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    x, y = torch.rand(4, 2, 2, 2), torch.tensor([0, 1, 2, 0])
+    bm = BoundedModule(model, x)
+    for kappa, kept, left_out in ((0.0, "robust", "logits"), (1.0, "natural", None)):
+        loss, info = crown_ibp_loss(bm, x, y, 0.05, beta=0.5, kappa=kappa, loss_fusion=loss_fusion)
+        assert loss is info[kept]
+        if left_out is not None:
+            assert torch.autograd.grad(loss, info[left_out], allow_unused=True)[0] is None
+    mixed, info = crown_ibp_loss(bm, x, y, 0.05, beta=0.5, kappa=0.25, loss_fusion=loss_fusion)
+    torch.testing.assert_close(mixed, 0.25 * info["natural"] + 0.75 * info["robust"])
+
+
+@pytest.mark.parametrize("sound", [False, True])
+def test_crown_ibp_over_the_ibp_boxes_of_an_earlier_call(sound):
+    """``intermediate=bm.node_bounds()`` of an IBP call over the same input: the CROWN-IBP backward pass runs
+    over those boxes (no second IBP pass) and gives the numbers of a fresh CROWN-IBP call."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 3)).train()
+    x = torch.rand(4, 1, 4, 4)
+    lo, hi = (x - 0.1).clamp(0, 1), (x + 0.1).clamp(0, 1)
+    C = margin_spec(torch.tensor([0, 2, 1, 0]), 3)
+    bm = BoundedModule(model, x)
+    for box in (True, False):
+        run = ((lambda **k: bm.compute_bounds_box(lo, hi, C=C, sound=sound, x=x, **k)) if box else
+               (lambda **k: bm.compute_bounds(x, 0.1, C=C, sound=sound, **k)))
+        want = run(method="CROWN-IBP")
+        run(method="IBP")
+        got = run(method="CROWN-IBP", intermediate=bm.node_bounds())
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+        with pytest.raises(ValueError, match="intermediate"):
+            run(method="CROWN", intermediate=bm.node_bounds())

@@ -1,5 +1,5 @@
 """robustkern.flatness: input-gradient norms, LFR, GradAlign, F-GR against PyTorch's own double backprop and
-against the transcription of the published LFR step (robustkern.reference.flatness)."""
+against the transcription of the published LFR step (robustkern.reference.published.lfr)."""
 import copy
 import contextlib
 import functools
@@ -13,7 +13,7 @@ import _digits
 from robustkern.flatness import fgr_penalty, gradalign_penalty, input_grad_norm, lfr_loss, lfr_perturb
 from robustkern import cpu_malloc
 from robustkern.flatness import grad_norm as grad_norm_module
-from robustkern.reference.flatness import lfr_loss_reference
+from robustkern.reference.published.lfr import lfr_loss_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 one_thread = _digits.one_thread

@@ -67,6 +67,18 @@ def test_algorithms_reach_kernels_only_through_the_op_floor(algorithm):
     assert raw == [], "algorithms call robustkern's ops through robustkern.ops, not torch.ops.robustkern"
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_algorithms_use_no_test_oracle(algorithm):
+    """The references are the ops' ground truth (the op table runs them) and the tests' oracles; an algorithm
+    reaches them only through the ops. The one exception: MACER's ``faithful=True`` mode, which exists to
+    reproduce the original's numbers with its arithmetic (``reference.published.macer``)."""
+    allowed = {"robustkern/smoothing/macer.py": {"robustkern.reference.published.macer"}}
+    bad = [line for line in _offenders(_files(algorithm), ["robustkern.reference"])
+           if not any(line.startswith(f) and line.split(" imports ")[1].startswith(tuple(a))
+                      for f, a in allowed.items())]
+    assert bad == []
+
+
 def test_the_library_never_imports_the_application():
     assert _offenders(sorted(LIB.rglob("*.py")), ["robustkern_cli"]) == []
 

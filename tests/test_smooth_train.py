@@ -1,5 +1,5 @@
 """Smoothing-based training losses (robustkern.smoothing.augment / adversarial) against the faithful
-transcriptions of the original training scripts (robustkern.reference.smooth_train), in float64 on tiny nets,
+transcriptions of the original training scripts (robustkern.reference.published.smooth_train), in float64 on tiny nets,
 plus replay, projection, faithful-vs-fast, bad input and the app's registered losses."""
 import copy
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkern.reference.smooth_train import (consistency_loss_reference, smoothadv_attack_reference,
+from robustkern.reference.published.smooth_train import (consistency_loss_reference, smoothadv_attack_reference,
                                                smoothadv_loss_reference, trades_rs_loss_reference)
 from robustkern.smoothing import (consistency_loss, gaussian_augment, smoothadv_attack, smoothadv_loss,
                                   smoothadv_warmup_eps, trades_rs_loss)

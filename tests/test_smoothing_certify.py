@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from robustkern.reference.smoothing import CohenSmooth
+from robustkern.reference.published.smoothing import CohenSmooth
 from robustkern.smoothing import Smooth, certify_batch
 from robustkern.testing import backend
 

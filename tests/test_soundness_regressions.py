@@ -305,3 +305,20 @@ def test_products_inside_bounds_are_ieee_whatever_the_global_setting(backend, no
         torch.set_float32_matmul_precision(saved)
         for k, v in zip(knobs, before):
             k.fp32_precision = v
+
+
+# ------------------------------------------------------------------------------------------ reused intermediate boxes
+def test_intermediate_boxes_serve_only_their_own_input_set_and_soundness():
+    model = random_sequential(4).eval()
+    x = torch.rand(2, 2, 6, 6)
+    C = margin_spec(torch.tensor([0, 1]), 4)
+    bm = BoundedModule(model, x)
+    bm.compute_bounds(x, 0.01, C=C, method="IBP", sound=True)
+    small = bm.node_bounds()
+    with pytest.raises(ValueError, match="another input set"):
+        bm.compute_bounds(x, 0.1, C=C, method="CROWN-IBP", intermediate=small)   # boxes of a smaller ball
+    lb, ub = bm.compute_bounds(x, 0.01, C=C, method="CROWN-IBP", intermediate=small)
+    assert exact_misses(model, x, lb, ub, C) == 0
+    bm.compute_bounds(x, 0.01, C=C, method="IBP", sound=False)
+    with pytest.raises(ValueError, match="sound=False"):
+        bm.compute_bounds(x, 0.01, C=C, method="CROWN-IBP", intermediate=bm.node_bounds())

@@ -4,7 +4,7 @@ that runs them: bound propagation (IBP, CROWN-IBP, CROWN; the CPU boxes are chan
 result equals the one of the same weights written with ``nn.Flatten`` / ``reshape`` (or with the layout
 optimisation off), on every backend the whole-model tests use.
 
-The models are the seeds' own ``.view`` models (``robustkern.reference.seed_models``): CROWN-IBP's / Loss
+The models are the seeds' own ``.view`` models (``robustkern.reference.published.seed_models``): CROWN-IBP's / Loss
 Landscape Matters' ``model_cnn_2layer`` with ``Flatten = x.view(x.size(0), -1)``, MACER's ``LeNet``
 (``x.view(-1, 4*4*50)``) and LFR's / TRADES' ``SmallCNN`` (``features.view(-1, 64*4*4)``)."""
 import math
@@ -17,7 +17,7 @@ from robustkern import use_backend
 from robustkern.attacks import pgd
 from robustkern.bounds import BoundedModule, margin_spec
 from robustkern.flatness import input_grad_norm, lfr_loss
-from robustkern.reference.seed_models import Flatten, LeNet, SmallCNN, model_cnn_2layer
+from robustkern.reference.published.seed_models import Flatten, LeNet, SmallCNN, model_cnn_2layer
 from robustkern.smoothing import Smooth
 from robustkern.testing import backends_for
 

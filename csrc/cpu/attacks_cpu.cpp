@@ -26,7 +26,9 @@
 // squares above FLT_MAX gives an infinite norm and squares that underflow in T count 0, as in the reference;
 // the sum itself runs in double in several lanes (omp simd reductions) where torch sums in T, so
 // |g| and |d| differ from the reference's by rounding only: L2 results agree to a few ulps, not bitwise.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -15,7 +15,10 @@
 // crown_concretize: A mid + bias -/+ |A| rad over the box and, with (center, eps), also A center + bias -/+
 //   eps ||A||_2 over the L2 ball, the tighter of the two; one pass per row, sums in double.
 // crown_concretize_grad (box only): grad_A = g (mid +/- sign(A) rad), g_mid = sum_S g A, g_rad = +/- sum_S g |A|.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -8,7 +8,10 @@
 // the gradient of the unwidened epilogue (the rounding widening is treated as a constant). It replaces about
 // twenty element-wise passes of the same formulas written with PyTorch ops; robustkern/ops/interval.py uses
 // it when no double backward is being recorded.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

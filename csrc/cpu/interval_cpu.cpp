@@ -2,7 +2,7 @@
 // registration. Each stage is one pass over memory, split across threads with at::parallel_for; the inner
 // loops are plain loops over contiguous memory that the compiler vectorises (no -ffast-math: the
 // rounding-error bounds need IEEE arithmetic).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -14,7 +14,14 @@
 // A channels-last output of an image with 2-4 channels is written pixel-major instead (noise_rows_pixel_major).
 // This file is compiled without -ffast-math and without FMA (the x86-64 baseline has none): the fp32 product
 // and sum round separately, as in the reference.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cos.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/log.h>
+#include <ATen/ops/sin.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>

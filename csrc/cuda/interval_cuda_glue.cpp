@@ -1,7 +1,7 @@
 // CUDA registration of the interval ops: the shared driver (csrc/interval.cpp: checks, cuBLAS / cuDNN in
 // IEEE float32) with the element-wise stages of interval_cuda.cu on the current stream. Compiled only in
 // CUDA builds (ROBUSTKERN_WITH_CUDA).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .._numerics import ieee_products, round_down, round_up, unit_roundoff
 from .batch_stats import enclosed_statistics, point_statistics, uses_batch_stats
 from ..graph import BoundNode, capture
+from ..ops import interval_input_box
 from .ibp import Box, plan_fusion, propagate
 from .precision import BoundInput, Coefficients, check_spec, enter, spec_rounding
 
@@ -148,7 +149,7 @@ class BoundedModule(nn.Module):
     def compute_bounds(self, x: Tensor, eps, norm: float = math.inf, method: str = "IBP", C: Tensor | None = None,
                        x_min: float = 0.0, x_max: float = 1.0, *, sound: bool = True, bound_lower: bool = True,
                        bound_upper: bool = True, relu_lower: str = "adaptive", crown_batch_size: int | None = None,
-                       check_values: bool = True):
+                       check_values: bool = True, intermediate: dict | None = None):
         """Bounds ``(lb, ub)`` on the model's outputs (B, n_out), or on ``C`` times them (B, n_spec) when a
         specification ``C`` (B, n_spec, n_out) is given, over every input ``x'`` with ``||x' - x|| <= eps``
         (``norm`` inf or 2) and ``x_min <= x' <= x_max``.
@@ -167,21 +168,25 @@ class BoundedModule(nn.Module):
         ``check_values=False`` skips the checks that read tensor values (NaN in ``x``/``eps``/``C``, ``x``
         inside [x_min, x_max], ``eps >= 0`` for tensor eps): each is a host-device sync, which a GPU training
         loop may not want once its inputs are known to be valid. Shapes, dtypes and a negative float ``eps``
-        are always checked.
+        are always checked. ``intermediate``: the ``node_bounds()`` of an earlier call over the same input,
+        weights and ``sound``: CROWN-IBP's backward pass runs over those IBP boxes instead of a new IBP pass (the
+        same numbers; auto_LiRPA's reuse of stored intermediate bounds). CROWN-IBP only.
         """
         method = canonical_method(method)
         inp = self._enter(x, eps, norm, x_min, x_max, C, check_values)
-        out = self._bounds(inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size)
+        out = self._bounds(inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
+                           intermediate=intermediate)
         return out[0], out[1]
 
     def compute_bounds_box(self, lower: Tensor, upper: Tensor, method: str = "IBP", C: Tensor | None = None, *,
                            sound: bool = True, bound_lower: bool = True, bound_upper: bool = True,
                            relu_lower: str = "adaptive", crown_batch_size: int | None = None,
-                           x: Tensor | None = None, check_values: bool = True):
+                           x: Tensor | None = None, check_values: bool = True, intermediate: dict | None = None):
         """As ``compute_bounds`` over the element-wise box ``lower <= x' <= upper`` (B, ...) given explicitly
         (e.g. auto_LiRPA's ``x_L``/``x_U``; rounded outwards to the working precision). ``x``: the clean batch,
         used only for batch-statistics BatchNorm (default: the box centre). ``check_values=False`` skips the
-        checks that read tensor values (NaN, ``lower <= upper``), as in ``compute_bounds``."""
+        checks that read tensor values (NaN, ``lower <= upper``), as in ``compute_bounds``; ``intermediate`` as
+        there."""
         method = canonical_method(method)
         for name, t in (("lower", lower), ("upper", upper)):
             if not isinstance(t, Tensor) or not t.is_floating_point():
@@ -201,29 +206,38 @@ class BoundedModule(nn.Module):
         if sound:  # the centre and radius round; widen so that [mid - rad, mid + rad] contains [lower, upper]
             rad = rad + 4 * unit_roundoff(dtype) * (mid.abs() + rad) + torch.finfo(dtype).tiny
         out = self._bounds(inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
-                           input_box=(mid, rad))
+                           input_box=(mid, rad), intermediate=intermediate)
         return out[0], out[1]
 
     def _bounds(self, inp: BoundInput, method: str, sound: bool, bound_lower: bool = True, bound_upper: bool = True,
                 relu_lower: str = "adaptive", crown_batch_size: int | None = None, *, input_box=None,
-                with_ibp: bool = False, stats: dict | None = None):
+                with_ibp: bool = False, stats: dict | None = None, intermediate: dict | None = None):
         """(lb, ub[, ibp_lb, ibp_ub]) for an entered input: the engine behind compute_bounds(_box). Every
         product inside runs in IEEE float32/float64 with autocast off (``robustkern._numerics.ieee_products``):
         TF32 or bf16 would break the rounding-error bounds."""
+        if intermediate is not None and (method != "CROWN-IBP" or with_ibp):
+            raise ValueError(f"compute_bounds: intermediate (an earlier call's IBP boxes) takes method 'CROWN-IBP', "
+                             f"got {method!r}")
         with ieee_products():
             return self._bounds_engine(inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
-                                       input_box, with_ibp, stats)
+                                       input_box, with_ibp, stats, intermediate)
 
     def _bounds_engine(self, inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
-                       input_box, with_ibp, stats):
+                       input_box, with_ibp, stats, intermediate=None):
         coeffs = self._coefficients(inp.x, sound, stats)
         Cw, C_err = spec_rounding(inp.C, inp.dtype) if inp.C is not None else (None, None)
-        box, bounds = propagate(self.nodes, self.groups, inp.xw, inp.eps, inp.norm, inp.x_min, inp.x_max, Cw,
-                                sound, coeffs, input_box=input_box, C_err=C_err if sound else None)
-        by_name = {n.name: n for n in self.nodes}
-        self._node_bounds = {name: NodeBounds(by_name[name], v, sound) for name, v in bounds.items()}
-        lower, upper = Box(box.mid.flatten(1), box.rad.flatten(1)).end_points(sound)
-        ibp = (_nan_to_inf(lower, -1) if bound_lower else None, _nan_to_inf(upper, 1) if bound_upper else None)
+        ibp = ()
+        if intermediate is not None:  # IBP boxes of an earlier call over the same input (auto_LiRPA's reuse)
+            self._check_intermediate(intermediate, inp, input_box, sound)
+            bounds = {name: nb.box for name, nb in intermediate.items()}
+            self._node_bounds = dict(intermediate)
+        else:
+            box, bounds = propagate(self.nodes, self.groups, inp.xw, inp.eps, inp.norm, inp.x_min, inp.x_max, Cw,
+                                    sound, coeffs, input_box=input_box, C_err=C_err if sound else None)
+            by_name = {n.name: n for n in self.nodes}
+            self._node_bounds = {name: NodeBounds(by_name[name], v, sound) for name, v in bounds.items()}
+            lower, upper = Box(box.mid.flatten(1), box.rad.flatten(1)).end_points(sound)
+            ibp = (_nan_to_inf(lower, -1) if bound_lower else None, _nan_to_inf(upper, 1) if bound_upper else None)
         if method == "IBP":
             return ibp + (ibp if with_ibp else ())
         from .crown import crown_bounds, node_shapes
@@ -235,6 +249,23 @@ class BoundedModule(nn.Module):
                               crown_batch_size=crown_batch_size)
         out = (_nan_to_inf(lb, -1) if lb is not None else None, _nan_to_inf(ub, 1) if ub is not None else None)
         return out + (ibp if with_ibp else ())
+
+    def _check_intermediate(self, intermediate: dict, inp: BoundInput, input_box, sound: bool) -> None:
+        """Boxes of an earlier call serve only the same input set, with the same ``sound``: a bound over boxes of
+        a smaller set, or over unwidened boxes, would not be a bound."""
+        src = self.nodes[0].name
+        if src not in intermediate or not all(isinstance(v, NodeBounds) for v in intermediate.values()):
+            raise ValueError("compute_bounds: intermediate must be the node_bounds() of an earlier call")
+        if sound and not all(nb._sound for nb in intermediate.values()):
+            raise ValueError("compute_bounds: intermediate boxes of a sound=False call cannot serve sound bounds")
+        stored = intermediate[src].box()
+        if input_box is None:
+            mid, rad = interval_input_box(inp.xw, inp.eps, inp.x_min, inp.x_max, sound=sound)
+        else:
+            mid, rad = input_box
+        if stored.mid.shape != mid.shape or not (torch.equal(stored.mid, mid) and torch.equal(stored.rad, rad)):
+            raise ValueError("compute_bounds: intermediate boxes were computed for another input set (x, eps, "
+                             "x_min/x_max); compute the bounds afresh")
 
     def _dtype(self) -> torch.dtype:
         p = next(iter(self.model.parameters()), None)

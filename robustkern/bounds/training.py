@@ -110,7 +110,7 @@ def crown_ibp_loss(bm: BoundedModule, x: Tensor, y: Tensor, eps, *, beta: float 
         s = s_i if beta == 0.0 else s_c if beta == 1.0 else beta * s_c + (1 - beta) * s_i
         fused = log_bound(s, M, sound, logits.dtype)
         robust = fused.mean() if reduction == "mean" else fused.sum() if reduction == "sum" else fused
-        loss = kappa * natural + (1 - kappa) * robust
+        loss = _mix(kappa, natural, robust)
         return loss, {"natural": natural, "robust": robust, "lb": None, "fused_ub": fused, "logits": logits}
     inp = bm._enter(x, eps, norm, x_min, x_max, margin_spec(y, bm.num_outputs, dtype=bm._dtype()))
     if beta == 0.0:
@@ -119,8 +119,18 @@ def crown_ibp_loss(bm: BoundedModule, x: Tensor, y: Tensor, eps, *, beta: float 
         out = bm._bounds(inp, "CROWN-IBP", sound, True, False, relu_lower, with_ibp=True, stats=stats)
         lb = out[0] if beta == 1.0 else beta * out[0] + (1 - beta) * out[2]
     robust = robust_cross_entropy(lb, reduction=reduction)
-    loss = kappa * natural + (1 - kappa) * robust
+    loss = _mix(kappa, natural, robust)
     return loss, {"natural": natural, "robust": robust, "lb": lb, "logits": logits}
+
+
+def _mix(kappa: float, natural: Tensor, robust: Tensor) -> Tensor:
+    """``kappa * natural + (1 - kappa) * robust``; at the end weights the other term is left out, so that the
+    backward pass does not run through a computation weighted by 0 (the clean forward, for kappa = 0)."""
+    if kappa == 0.0:
+        return robust
+    if kappa == 1.0:
+        return natural
+    return kappa * natural + (1 - kappa) * robust
 
 
 def verified_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps, norm: float = math.inf,

@@ -12,7 +12,7 @@
     _, _, lb, _ = model(norm=np.inf, x_U=x_U, x_L=x_L, eps=eps, C=C, upper=False, lower=True,
                         method_opt="full_backward_range")
 
-Return values are the original's (the transcription ``robustkern.reference.bound_sequential`` states them):
+Return values are the original's (the transcription ``robustkern.reference.published.crown_ibp`` states them):
 ``interval_range`` -> ``(ub, lb, tightness, unstable, dead, alive)`` (the last four: counts over the batch of
 ReLU inputs with ``l < -1e-5 < 1e-5 < u`` (twice), ``u < 0``, ``l > 0``); ``backward_range`` and
 ``full_backward_range`` -> ``(ub, upper_sum_b, lb, lower_sum_b)`` with ``sum_b`` the constant term of the linear

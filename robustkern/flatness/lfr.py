@@ -31,7 +31,7 @@ loss), ``"all"`` (every forward, as published), ``"none"``.
 ``model.train()`` (the model is left in train mode), ``optimizer.zero_grad()`` inside when an optimizer is
 given, every train-mode forward updates BatchNorm statistics (``inner_mode="eval", outer_mode="train",
 bn_stats="all"``). Without it the caller's train/eval modes are restored on return. The values agree with the
-transcription ``robustkern.reference.flatness.lfr_loss_reference`` given the same noise (tests).
+transcription ``robustkern.reference.published.lfr.lfr_loss_reference`` given the same noise (tests).
 """
 from __future__ import annotations
 

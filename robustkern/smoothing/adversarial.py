@@ -9,7 +9,7 @@ directions of zero-gradient steps), else drawn by :func:`robustkern.smoothing.au
 Each loss returns ``(loss, parts)``: the scalar training loss (differentiable in the model's parameters) and a
 dict of detached tensors (logits, adversarial images, loss terms).
 
-Speed, compared with the original training scripts (``robustkern.reference.smooth_train`` transcribes them):
+Speed, compared with the original training scripts (``robustkern.reference.published.smooth_train`` transcribes them):
 the attacks differentiate with respect to the perturbation only (``torch.autograd.grad``, parameters'
 ``requires_grad`` switched off for the attack and restored after, so no weight gradients are built), the m
 noisy copies of an image share one forward and are formed by broadcasting ``x + delta`` (no repeated images),

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..ops.macer import macer_tail
 from ..ops.smoothing import smoothing_noise
-from ..reference.macer import macer_tail_terms_reference
+from ..reference.published.macer import macer_tail_terms_reference
 
 __all__ = ["macer_loss", "macer_train"]
 

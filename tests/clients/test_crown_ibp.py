@@ -1,8 +1,8 @@
 """CROWN-IBP's ``bound_layers`` API (``robustkern.compat.crown_ibp``) gives the numbers of the original: the
 call sequence of CROWN-IBP's ``train.py`` (``convert``, forward, ``interval_range``, ``backward_range``,
 ``full_backward_range``, the robust loss and an optimiser step) on its own models (``model_defs``, rewritten in
-``robustkern.reference.seed_models``) against a float64 transcription of the original's bound computation
-(``robustkern.reference.bound_sequential``) on the same weights: bounds and bias sums to 1e-6 relative, ReLU
+``robustkern.reference.published.seed_models``) against a float64 transcription of the original's bound computation
+(``robustkern.reference.published.crown_ibp``) on the same weights: bounds and bias sums to 1e-6 relative, ReLU
 counts exactly, losses and parameter gradients to 1e-6; on every backend the whole-model tests use."""
 import copy
 import math
@@ -14,8 +14,8 @@ from torch import nn
 
 from robustkern import use_backend
 from robustkern.compat.crown_ibp import BoundConv2d, BoundLinear, BoundSequential
-from robustkern.reference.bound_sequential import BoundSequentialReference
-from robustkern.reference.seed_models import (model_cnn_2layer, model_cnn_3layer_fixed, model_cnn_4layer,
+from robustkern.reference.published.crown_ibp import BoundSequentialReference
+from robustkern.reference.published.seed_models import (model_cnn_2layer, model_cnn_3layer_fixed, model_cnn_4layer,
                                               model_mlp_any)
 from robustkern.testing import backends_for
 

@@ -1,6 +1,6 @@
 """Local Flatness Regularization's ``LFR_loss`` (``robustkern.compat.lfr``) returns the original's four values
 (Uooga/Local-Flatness-Regularization ``loss_function/LFR_loss.py``), equal to 1e-6 to the transcription
-``robustkern.reference.flatness.lfr_loss_reference`` given the same seed, with the same parameter gradients,
+``robustkern.reference.published.lfr.lfr_loss_reference`` given the same seed, with the same parameter gradients,
 BatchNorm running statistics, train/eval mode and zeroed optimiser gradients afterwards, on its MNIST
 ``SmallCNN`` (its ``.view`` flatten included) and a model with BatchNorm; the original's prints are kept."""
 import copy
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from robustkern.compat.lfr import LFR_loss
-from robustkern.reference.flatness import lfr_loss_reference
-from robustkern.reference.seed_models import SmallCNN
+from robustkern.reference.published.lfr import lfr_loss_reference
+from robustkern.reference.published.seed_models import SmallCNN
 
 
 def bn_model():

@@ -1,7 +1,7 @@
 """Loss Landscape Matters' ``bound_layers`` API (``robustkern.compat.loss_landscape``): CROWN-IBP's numbers
 plus what this version keeps and adds (per-layer input bounds, the lower bound's decomposition ``lower_A``,
 ``A_x``, ``A_norm``, ``ReLU_lower_b``, ``not_ReLU_lower_b``, ``backward_range_frozen``, ``define_bound_opts`` /
-``convert_bounds``), against the float64 transcription ``robustkern.reference.bound_sequential`` on the same
+``convert_bounds``), against the float64 transcription ``robustkern.reference.published.crown_ibp`` on the same
 weights, to 1e-6 relative; its optimised slopes raise ``NotImplementedError``."""
 import math
 
@@ -10,8 +10,8 @@ import torch
 
 from robustkern import use_backend
 from robustkern.compat.loss_landscape import BoundSequential
-from robustkern.reference.bound_sequential import BoundSequentialReference
-from robustkern.reference.seed_models import model_cnn_4layer
+from robustkern.reference.published.crown_ibp import BoundSequentialReference
+from robustkern.reference.published.seed_models import model_cnn_4layer
 from robustkern.testing import backends_for
 
 from .test_crown_ibp import box, close, spec

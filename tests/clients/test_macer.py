@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from robustkern.compat.macer import Smooth, macer_train
-from robustkern.reference.macer import MacerSmoothReference, macer_train_reference
-from robustkern.reference.seed_models import LeNet
+from robustkern.reference.published.macer import MacerSmoothReference, macer_train_reference
+from robustkern.reference.published.seed_models import LeNet
 
 
 def lenet(seed=0):

@@ -1,6 +1,6 @@
 """TRADES + random smoothing's API (``robustkern.compat.trades_smoothing``) gives the numbers of
 hongyanz/TRADES-smoothing: ``trades_loss`` (both distances, with and without a mask; its L2 step ignores
-``step_size``) equals the transcription ``robustkern.reference.smooth_train.trades_smoothing_loss_reference`` to
+``step_size``) equals the transcription ``robustkern.reference.published.smooth_train.trades_smoothing_loss_reference`` to
 1e-6 with the same seed, gradients included, with the original's side effects; ``Smooth.certify(x, mask, ...)``
 with ``rng="torch"`` returns the labels of the transcription ``robustkern.reference.smoothing
 .TradesSmoothReference`` and its two-sided radius."""
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from robustkern.compat.trades_smoothing import Smooth, trades_loss
-from robustkern.reference.seed_models import model_cnn_2layer
-from robustkern.reference.smooth_train import trades_smoothing_loss_reference
-from robustkern.reference.smoothing import TradesSmoothReference
+from robustkern.reference.published.seed_models import model_cnn_2layer
+from robustkern.reference.published.smooth_train import trades_smoothing_loss_reference
+from robustkern.reference.published.smoothing import TradesSmoothReference
 
 
 def small_model(seed=0):

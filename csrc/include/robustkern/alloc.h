@@ -11,7 +11,8 @@
 // cpu_options().huge_pages = false (robustkern.cpu_malloc.huge_pages(False)) turns the advice off.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include "robustkern/options.h"
 

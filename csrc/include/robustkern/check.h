@@ -4,7 +4,7 @@
 // behind them take the names explicitly.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

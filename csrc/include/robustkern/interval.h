@@ -3,7 +3,7 @@
 // (csrc/cpu/interval_cpu.cpp, csrc/cuda/interval_cuda_glue.cpp). Semantics: robustkern/reference/interval.py.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <tuple>
