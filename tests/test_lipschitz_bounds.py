@@ -20,7 +20,7 @@ from robustkern.bounds.lipschitz import (estimated_norms, lmt_bounds, lmt_loss, 
                                          propagate_ball, upper_norms)
 from robustkern.graph import UnsupportedLayerError, capture
 from robustkern.nn import Normalize
-from robustkern.reference.lipschitz import bcp_loss_reference, lmt_loss_reference
+from robustkern.reference.published.bcp import bcp_loss_reference, lmt_loss_reference
 from test_soundness_property import attack_points, closest, exactly_inside
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -220,7 +220,7 @@ def test_training_bounds_with_converged_norms_match_the_certificate():
 
 def test_training_losses_match_the_transcription_of_bcps_code():
     """BCP's net_BCP + BCP_translation (opt_iter 1000) and LMT on its power iterations, transcribed in
-    robustkern.reference.lipschitz: the same losses and margin bounds once both power iterations have converged
+    robustkern.reference.published.bcp: the same losses and margin bounds once both power iterations have converged
     (no input clipping, as BCP)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, 1, 1), nn.ReLU(), nn.Conv2d(4, 8, 4, 2, 1), nn.ReLU(), nn.Flatten(),
