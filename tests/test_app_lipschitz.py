@@ -11,6 +11,7 @@ from robustkern_cli.errors import ConfigError
 from robustkern_cli.evaluate import describe, evaluate
 from robustkern_cli.evaluate import fill_all_defaults as _fill_all
 from robustkern_cli.main import main
+from robustkern_cli.checkpoint import load_checkpoint
 from robustkern_cli.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,6 +61,24 @@ def test_eval_prints_the_table_and_its_json(tmp_path, standard_mlp, capsys):
     assert main(["eval", "-c", "digits_bcp", "--checkpoint", str(standard_mlp), "--threads", "1",
                  "eval_params:num_examples=40", "eval_params:method_params:num_steps=5"]) == 0
     assert "| Verification (BCP)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["bcp", "lmt"])
+def test_resume_keeps_the_power_iterates(tmp_path, method):
+    """The layers' power-iteration iterates travel in the checkpoint: a run resumed after epoch 1 ends with the
+    weights of the uninterrupted run (a restarted iterate would give other norm estimates, so other steps)."""
+    over = ["training_params:epochs=2", "data:num_train=300"]
+    full = train(cfg_for(f"digits_{method}", *over), tmp_path / "full", progress=False, log=lambda s: None)
+    assert main(["train", "-q", "-c", f"digits_{method}", "--out", str(tmp_path / "split"), "--threads", "1",
+                 "training_params:epochs=1", "data:num_train=300"]) == 0
+    first = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    linears = [m for m in full.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(first["loss_state"]["power_iterates"]) == len(linears) == 3
+    assert main(["train", "-q", "--resume", str(tmp_path / "split" / "checkpoint.pt"), "--threads", "1",
+                 "training_params:epochs=2"]) == 0
+    split = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(split["model"][k], v), k
 
 
 @pytest.mark.parametrize("overrides,needle", [

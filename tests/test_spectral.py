@@ -145,3 +145,12 @@ def test_power_iteration_gradient_is_the_top_singular_pair():
     (g_exact,) = torch.autograd.grad(torch.linalg.matrix_norm(w, 2), w)
     assert torch.allclose(g, g_exact, atol=1e-8)
     assert est.item() == pytest.approx(math.sqrt(torch.linalg.eigvalsh(w.detach().t() @ w.detach())[-1].item()))
+
+
+def test_power_iteration_refuses_iterates_of_another_model():
+    nodes, a = _power(_net())
+    conv = next(n for n in nodes if n.kind == "conv2d")
+    a.estimate(conv, conv.module.weight, steps=1)
+    other = BoundedModule(nn.Sequential(nn.Flatten(), nn.Linear(2 * 7 * 7, 3)), torch.zeros(1, 2, 7, 7))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        power_iteration_for(other).load_state_dict(a.state_dict())

@@ -53,13 +53,21 @@ NOT_IMPLEMENTED: dict[str, str] = {}
 class StepState:
     """What a loss may know about where training is. ``eps`` is the training schedule's epsilon
     (:func:`scheduled_epsilon`); methods with their own radius ignore it. ``cache`` persists across steps (not
-    checkpointed)."""
+    checkpointed). ``saved`` holds the objects (with ``state_dict``/``load_state_dict``) a method carries across
+    steps that the checkpoint keeps (``loss_state()``); ``restored`` is what a resumed run's checkpoint held, for
+    the method to load when it creates them."""
     epoch: int = 0
     batch_idx: int = 0
     steps_per_epoch: int = 1
     eps: float = 0.0
     max_eps: float = 0.0
     cache: dict = field(default_factory=dict)
+    saved: dict = field(default_factory=dict)
+    restored: dict = field(default_factory=dict)
+
+    def loss_state(self) -> dict:
+        """``{name: state_dict}`` of ``saved`` (tensors and plain containers), for the checkpoint."""
+        return {name: obj.state_dict() for name, obj in self.saved.items()}
 
 
 def register_loss(name: str, defaults: dict | None = None, check: CheckFn | None = None):
@@ -251,8 +259,8 @@ def _certified_family(model, x, y, cfg, state):
     init_kappa) * eps / max_eps`` over the scheduled epsilon (BCP's train_mnist.py / train_cifar10.py: kappa 1 -> 0
     with the epsilon ramp; LMT and CAP train on the robust loss alone, kappa 0). BCP and LMT take each layer's
     operator norm from power iteration with ``power_iterations`` steps per training step from iterates kept per
-    layer across steps (BCP's ``sniter``; the iterates live in the step cache, so a resumed run starts them
-    afresh); CAP's intermediate bounds are estimated with ``projections`` random directions (0: exact, CROWN
+    layer across steps (BCP's ``sniter``; the checkpoint carries the iterates, so a resumed run goes on from
+    them); CAP's intermediate bounds are estimated with ``projections`` random directions (0: exact, CROWN
     with same-slope relaxations). While eps is 0 the loss is the natural cross-entropy (BCP's warm-up epochs
     train naturally)."""
     tp = cfg["training_params"]
@@ -278,6 +286,9 @@ def _certified_family(model, x, y, cfg, state):
         power = state.cache.get(("power", id(model)))
         if power is None:
             power = state.cache[("power", id(model))] = power_iteration_for(bm, seed=int(cfg["seed"]))
+            if "power_iterates" in state.restored:
+                power.load_state_dict(state.restored["power_iterates"])
+            state.saved["power_iterates"] = power
         norms = estimated_norms(bm, power, int(mp["power_iterations"]))
         if method == "bcp":
             robust, lb = bcp_loss(bm, x, y, eps, norms=norms)

@@ -105,8 +105,10 @@ class PowerIteration:
         stop early when it moves by less than ``tol`` (L2). Returns the unit iterate."""
         w = weight.detach()
         x = self.iterates.get(node.name)
-        if x is None or x.dtype != w.dtype or x.device != w.device:
+        if x is None:
             x = self._start(node, w)
+        elif x.dtype != w.dtype or x.device != w.device:      # a loaded iterate (stored on the CPU)
+            x = x.to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             for _ in range(steps):
                 y = _unit(_apply(node, w, x))
@@ -128,6 +130,13 @@ class PowerIteration:
         return {k: v.detach().cpu() for k, v in self.iterates.items()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Load iterates saved by ``state_dict``; a layer name this model lacks or an iterate of another shape
+        is an error (the iterates belong to another model)."""
+        for k, v in state.items():
+            layer = next((n for n in self.layers if n.name == k), None)
+            if layer is None or tuple(v.shape[1:]) != self.in_shapes[k]:
+                raise ValueError(f"PowerIteration.load_state_dict: iterate {k!r} of shape {tuple(v.shape)} does not "
+                                 f"fit this model's layers ({', '.join(n.name for n in self.layers)})")
         self.iterates = {k: v.clone() for k, v in state.items()}
 
 
