@@ -22,8 +22,10 @@ random directions are propagated and the norms estimated: for L2 inputs ``||A_ro
 with Gaussian ``R`` (convex_adversarial ``L2BallProj``), for L-inf inputs ``||A_row||_1 ~ median_k |A_row R|``
 with standard Cauchy ``R`` (``InfBallProj``: the median of ``|Cauchy|`` is 1), and each ReLU layer's
 ``sum_u |M_u| c_u`` likewise by the median over ``k`` Cauchy directions scaled by ``c`` (``DualReLUProj``). A
-term whose dimension is at most ``k`` is propagated exactly (identity directions), as the original does below
-its projection count. The final bound is the exact backward pass from ``C`` given those estimated intermediate
+term whose dimension is at most ``k`` is propagated exactly (identity directions). The original does so for the
+input when its dimension is at most ``k`` too, and for a ReLU layer when the batch has at most ``k`` unstable units
+in all; it also draws the input directions once per batch (``(1, k, ...)``), where they are drawn here per
+example: the same law for each example's estimate. The final bound is the exact backward pass from ``C`` given those estimated intermediate
 bounds. The estimate is random and not a bound: it is for training only (``sound=True`` with projections is an
 error).
 """
@@ -66,8 +68,8 @@ def _directions(shape: tuple, k: int, kind: str, like: Tensor, generator) -> tup
     R = torch.empty((B, k) + tuple(shape), dtype=like.dtype, device=like.device)
     if kind == "normal":
         R.normal_(generator=generator)
-    else:
-        R.cauchy_(generator=generator)
+    else:   # standard Cauchy by its inverse CDF, tan(pi (U - 1/2)): the law of cauchy_, several times faster on CPU
+        R.uniform_(generator=generator).sub_(0.5).mul_(math.pi).tan_()
     return R, False
 
 
