@@ -21,8 +21,9 @@ Wong et al.'s MNIST "large" = ``mnist_medium(padding=1)``, batch 50; ``train_cif
 The transcriptions are ``robustkern.reference.published.bcp``. Each provider keeps its own iterates across calls,
 as training does, first advanced ``--converge`` steps (500; BCP's iteration stops once its iterate moves by less
 than 1e-5), as a few hundred training steps leave them: the power rows' values (``L``) then agree, and the loss
-rows differ only where BCP's ``opt_iter`` clipping rounds leave its worst case short of the exact one. CPU: ``common.time_cpu`` (interleaved rounds, order rotated, ``--threads`` torch threads, 1 by
-default) and "saved MB" (bytes autograd keeps for the backward); CUDA: ``common.time_cuda`` and "peak MB".
+rows differ only where BCP's ``opt_iter`` clipping rounds leave its worst case short of the exact one. CPU:
+``common.time_cpu`` (interleaved rounds, order rotated, ``--threads`` torch threads, 1 by default) and "saved MB"
+(bytes autograd keeps for the backward); CUDA: ``common.time_cuda`` and "peak MB".
 
     PYTHONPATH=python:. python benchmarks/bench_lipschitz.py --threads 1 [--write-results]
     PYTHONPATH=python:. python benchmarks/bench_lipschitz.py --quick            # smoke test, seconds

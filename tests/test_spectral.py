@@ -27,7 +27,7 @@ def _matrices():
     g = torch.Generator().manual_seed(0)
     u, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
-    s = torch.tensor([3.0, 3.0, 3.0 - 1e-12, 1e-3, 0.0], dtype=torch.float64)     # a top singular value of multiplicity 3
+    s = torch.tensor([3.0, 3.0, 3.0 - 1e-12, 1e-3, 0.0], dtype=torch.float64)   # top singular value, multiplicity 3
     repeated = (u[:, :5] * s) @ v.t()
     return {
         "random": torch.randn(7, 5, generator=g),

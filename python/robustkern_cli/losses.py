@@ -304,7 +304,8 @@ register_loss("bcp", {"init_kappa": 1.0, "final_kappa": 0.0, "power_iterations":
               _check_certified_family)(_certified_family)
 register_loss("lmt", {"init_kappa": 0.0, "final_kappa": 0.0, "power_iterations": 1, "last_layer": "lipschitz"},
               _check_certified_family)(_certified_family)
-register_loss("cap", {"init_kappa": 0.0, "final_kappa": 0.0, "projections": 50}, _check_certified_family)(_certified_family)
+register_loss("cap", {"init_kappa": 0.0, "final_kappa": 0.0, "projections": 50},
+              _check_certified_family)(_certified_family)
 
 
 def _macer_first_decay(tp) -> int:

@@ -25,9 +25,9 @@ with standard Cauchy ``R`` (``InfBallProj``: the median of ``|Cauchy|`` is 1), a
 term whose dimension is at most ``k`` is propagated exactly (identity directions). The original does so for the
 input when its dimension is at most ``k`` too, and for a ReLU layer when the batch has at most ``k`` unstable units
 in all; it also draws the input directions once per batch (``(1, k, ...)``), where they are drawn here per
-example: the same law for each example's estimate. The final bound is the exact backward pass from ``C`` given those estimated intermediate
-bounds. The estimate is random and not a bound: it is for training only (``sound=True`` with projections is an
-error).
+example: the same law for each example's estimate. The final bound is the exact backward pass from ``C`` given
+those estimated intermediate bounds. The estimate is random and not a bound: it is for training only
+(``sound=True`` with projections is an error).
 """
 from __future__ import annotations
 
