@@ -1,6 +1,6 @@
 """The L2 certified-training methods in the app (bcp, lmt, cap): trained by their digits recipes, each verifies
-test points at an L2 radius where the standard model verifies none; the eval methods print the seed table's
-three columns; configuration mistakes are refused when the config loads."""
+test points at an L2 radius where the standard model verifies none; the eval methods print the three
+columns of BCP's README table; configuration mistakes are refused when the config loads."""
 import json
 
 import pytest
@@ -100,7 +100,7 @@ def test_configuration_mistakes_are_refused(overrides, needle):
                                   "lmt_cifar_4c3f_36_255", "lmt_cifar_6c2f_36_255", "cap_mnist_1.58",
                                   "cap_cifar_4c3f_36_255", "cap_cifar_6c2f_36_255"])
 def test_the_seed_table_recipes(name):
-    """The radii and evaluations of the seed table (BCP's README: MNIST eps_2 = 1.58, CIFAR-10 eps_2 = 36/255;
+    """The radii and evaluations of BCP's README table (MNIST eps_2 = 1.58, CIFAR-10 eps_2 = 36/255;
     PGD^100 with step eps/4), one recipe per method and model."""
     cfg = cfg_for(name)
     tp, ep = cfg["training_params"], cfg["eval_params"]

@@ -116,9 +116,9 @@ def _autoattack(model, loader, cfg, device, progress):
 
 
 def _certified_table(model, loader, cfg, device, progress):
-    """The seed table's three columns for ``eval_params:method`` bcp, cap or lmt: clean ("Standard") accuracy,
-    accuracy under L2 PGD (``num_steps`` steps of ``step_size``, 0 = epsilon / 4, from the clean point: BCP's
-    ``pgd_l2`` with ``niter`` 100, "PGD^100") and the share of test points the method's own certificate
+    """The three columns of BCP's README table for ``eval_params:method`` bcp, cap or lmt: clean ("Standard")
+    accuracy, accuracy under L2 PGD (``num_steps`` steps of ``step_size``, 0 = epsilon / 4, from the clean point:
+    BCP's ``pgd_l2`` with ``niter`` 100, "PGD^100") and the share of test points the method's own certificate
     verifies ("Verification"): BCP's ball-and-box bound (``robustkern.bounds.bcp``), LMT's Lipschitz margin
     (``robustkern.bounds.lipschitz``), CAP's dual bound (``robustkern.bounds.cap``: CROWN with same-slope
     relaxations), all sound (float64, rigorous operator-norm bounds, rounding bounded). Model in eval mode."""
