@@ -21,6 +21,8 @@ from robustkern.bounds.lipschitz import (estimated_norms, lmt_bounds, lmt_loss, 
 from robustkern.graph import UnsupportedLayerError, capture
 from robustkern.nn import Normalize
 from robustkern.reference.published.bcp import bcp_loss_reference, lmt_loss_reference
+from robustkern.reference.published.convex_adversarial import relu_bounds_reference, robust_loss_reference
+from robustkern.reference.published.convex_adversarial import dual_objective_reference
 from test_soundness_property import attack_points, closest, exactly_inside
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -323,6 +325,43 @@ def test_cap_projection_estimate(norm, eps):
         assert typical.median() < (0.1 if norm == 2 else 0.2), (name, typical.median())
     with pytest.raises(ValueError, match="not a bound"):
         cap_bounds(bm, x, eps, C, norm=norm, projections=50)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_cap_is_convex_adversarials_dual_network_bound(kind, norm):
+    """The exact bound (projections=0, unwidened, no input clipping) against the transcription of
+    convex_adversarial's DualNetwork and robust_loss: the same margins, loss and parameter gradients where
+    robustkern's intersection with IBP does not bite, and never looser where it does (a large radius)."""
+    torch.manual_seed(5)
+    if kind == "mlp":
+        net = nn.Sequential(nn.Flatten(), nn.Linear(32, 20), nn.ReLU(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5))
+        x = torch.rand(6, 2, 4, 4, dtype=torch.float64)
+    else:
+        net = nn.Sequential(nn.Conv2d(2, 4, 4, 2, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, 1, 1), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(64, 10), nn.ReLU(), nn.Linear(10, 5))
+        x = torch.rand(6, 2, 8, 8, dtype=torch.float64)
+    net = net.double()
+    y = torch.randint(0, 5, (6,))
+    bm = BoundedModule(net, x)
+    p = 2.0 if norm == "l2" else math.inf
+    eps = 0.1 if norm == "l2" else 0.01
+    free = dict(x_min=-math.inf, x_max=math.inf)
+    loss, lb = cap_loss(bm, x, y, eps, norm=p, **free)
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    ref_loss, _ = robust_loss_reference(net, eps, x, y, norm)
+    ref_grads = torch.autograd.grad(ref_loss, list(net.parameters()))
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-10)
+    for g, rg in zip(grads, ref_grads):
+        assert torch.allclose(g, rg, rtol=1e-7, atol=1e-10)
+    C = margin_spec(y, 5, torch.float64)
+    for radius in (eps, 10 * eps):
+        ours = cap_bounds(bm, x, radius, C, norm=p, sound=False, **free).detach()
+        ref = dual_objective_reference(list(net.children()), relu_bounds_reference(net, x, radius, norm), x, radius,
+                                       C, norm).detach()
+        assert torch.all(ours >= ref - 1e-10)
+        if radius == eps:
+            assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_cap_linf_certificate_is_sound():

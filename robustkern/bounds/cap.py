@@ -11,7 +11,9 @@ relu_lower="same-slope")``: a backward pass from ``C`` with, for every ReLU, inp
 relaxation of the layers before it. robustkern's CROWN also intersects those intermediate bounds with IBP's and
 concretises over the ball clipped to ``[x_min, x_max]``, both of which can only tighten CAP's bound (CAP's L2
 ball is not clipped); it is sound in floating point with ``sound=True`` (float64 backward passes, rounding
-bounded). That is ``cap_bounds(projections=0)``, the bound CAP verifies with.
+bounded). That is ``cap_bounds(projections=0)``, the bound CAP verifies with; unwidened and unclipped it equals
+convex_adversarial's ``DualNetwork`` bound wherever the IBP intersection does not bite (tested against the
+transcription ``robustkern.reference.published.convex_adversarial``).
 
 Random projections (``projections=k``, training at scale; Wong et al. 2018 Section 3.2). The intermediate
 bounds are computed forwards: the linearised network (each unstable ReLU ``z -> d z + t``, ``t`` at its centre
