@@ -96,7 +96,11 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {us['robustkern']:.1f} | {us['implementation']:.1f} | {us['aten']:.1f} | "
                      f"{over:.1f} |")
         rows += [common.Row(case={"op": name}, provider=k, timing=v) for k, v in per_call.items()]
-    body = "\n".join(["| op | robustkern us/call | implementation us/call | one ATen call us | floor adds us |",
+    legend = ("Microseconds per call, median of interleaved rounds. `implementation`: the op's CPU kernel called "
+              "directly below autograd (or its reference where it has no C++ kernel); `floor adds` = robustkern - "
+              "implementation: argument checks, backend choice, IEEE-products context (`interval_linear`) and, in "
+              "the grad row, the autograd wrapper.")
+    body = "\n".join([legend, "", "| op | robustkern us/call | implementation us/call | one ATen call us | floor adds us |",
                       "|---|---|---|---|---|", *lines])
     print(body)
     if args.write_results:

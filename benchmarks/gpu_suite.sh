@@ -47,6 +47,7 @@ ibp                  | 360 | bench_ibp.py --device cuda --models cnn_7layer_bn,c
 crown-cnn7           | 300 | bench_crown.py --device cuda --models cnn_7layer_bn --batch 256 --write-results | bench_crown.py --device cpu --models cnn_7layer_bn --batch 2 --rounds 1 --write-results
 crown-medium         | 240 | bench_crown.py --device cuda --models cifar_medium:padding=1 --batch 64 --write-results | bench_crown.py --device cpu --models cifar_medium:padding=1 --batch 3 --rounds 1 --write-results
 alpha-crown          | 300 | bench_alpha_crown.py --device cuda --batch 256 --write-results | bench_alpha_crown.py --device cpu --threads 1 --models mlp --batch 2 --iterations 3 --rounds 1 --write-results
+lipschitz            | 300 | bench_lipschitz.py --device cuda --write-results | bench_lipschitz.py --device cpu --threads 1 --quick --write-results
 # ---- randomized smoothing (bench_smoothing.py and bench_smoothing_train.py take the GPU when there is one)
 smoothing            | 540 | bench_smoothing.py --models cifar_small,resnet110 --n 100000,100000 --images 1 --write-results | bench_smoothing.py --models cifar_small --n 200 --n0 10 --images 1 --batch 100 --threads 1 --rounds 1 --no-compiled --write-results
 smoothing-train      | 300 | bench_smoothing_train.py --models cifar_small,resnet110 --batch 64,64 --write-results | bench_smoothing_train.py --models cifar_small --batch 2 --rounds 1 --smoothadv-steps 1 --trades-steps 1 --write-results

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["L2_DIV_EPS", "unit_roundoff", "gamma", "tiny", "next_down", "next_up", "round_down", "round_up", "ieee_products",
-           "FLOAT_DTYPES"]
+           "ieee_products_held", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -77,47 +77,63 @@ def round_up(t: Tensor, dtype: torch.dtype) -> Tensor:
 _KNOBS = (("mkldnn", "matmul"), ("mkldnn", "conv"), ("cuda", "matmul"), ("cuda", "conv"))
 
 
-class _IEEEProducts:
-    """The context manager behind ``ieee_products``; re-entrant, and a counter increment when nested."""
+_DEVICE_OF_KNOB = {"mkldnn": "cpu", "cuda": "cuda"}
+_ALL_DEVICES = ("cpu", "cuda")
 
-    __slots__ = ("_saved", "_stack")
-    _depth = 0
+
+class _IEEEProducts:
+    """The context manager behind ``ieee_products``: re-entrant; a context inside one that already holds its
+    devices' settings at IEEE changes nothing (a few attribute reads)."""
+
+    __slots__ = ("_devices", "_saved", "_stack", "_outer")
+    _held: frozenset = frozenset()          # device types whose settings an enclosing context holds at IEEE
+
+    def __init__(self, devices=_ALL_DEVICES):
+        self._devices = devices
 
     def __enter__(self):
         cls = type(self)
-        cls._depth += 1
-        self._saved = ()
-        self._stack = None
-        if cls._depth > 1:
+        self._outer = held = cls._held
+        self._saved, self._stack = (), None
+        todo = [d for d in self._devices if d not in held]
+        if not todo:
             return self
-        if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
-            self._stack = contextlib.ExitStack()
-            for device in ("cpu", "cuda"):
-                if torch.is_autocast_enabled(device):
-                    self._stack.enter_context(torch.autocast(device, enabled=False))
+        cls._held = held.union(todo)
+        for device in todo:
+            if torch.is_autocast_enabled(device):
+                if self._stack is None:
+                    self._stack = contextlib.ExitStack()
+                self._stack.enter_context(torch.autocast(device, enabled=False))
         get, set_ = torch._C._get_fp32_precision_getter, torch._C._set_fp32_precision_setter
         saved = []
         for backend, op in _KNOBS:
-            v = get(backend, op)
-            if v != "ieee":
-                saved.append((backend, op, v))
-                set_(backend, op, "ieee")
+            if _DEVICE_OF_KNOB[backend] in todo:
+                v = get(backend, op)
+                if v != "ieee":
+                    saved.append((backend, op, v))
+                    set_(backend, op, "ieee")
         self._saved = saved
         return self
 
     def __exit__(self, *exc):
-        type(self)._depth -= 1
         set_ = torch._C._set_fp32_precision_setter
         for backend, op, v in self._saved:
             set_(backend, op, v)
         if self._stack is not None:
             self._stack.close()
+        type(self)._held = self._outer
         return False
 
 
-def ieee_products():
-    """A context inside which every float32 matmul and convolution runs in IEEE float32 on every device (no
-    TF32 on CUDA, no bf16 on CPUs with bf16 matrix units) and autocast is off, whatever the user set; the user's
-    settings are restored after. The rounding-error bounds of sound bound computations assume exactly this.
-    Nested uses cost a counter increment."""
-    return _IEEEProducts()
+def ieee_products(device_type: str | None = None):
+    """A context inside which every float32 matmul and convolution runs in IEEE float32 (no TF32 on CUDA, no
+    bf16 on CPUs with bf16 matrix units) and autocast is off, whatever the user set, on every device, or on
+    ``device_type`` ("cpu" or "cuda") only when given; the user's settings are restored after. The
+    rounding-error bounds of sound bound computations assume exactly this. Inside a context that already holds
+    the device's settings, a new one changes nothing."""
+    return _IEEEProducts((device_type,) if device_type in _ALL_DEVICES else _ALL_DEVICES)
+
+
+def ieee_products_held(device_type: str) -> bool:
+    """Whether an enclosing ``ieee_products`` context holds ``device_type``'s settings at IEEE."""
+    return device_type in _IEEEProducts._held

@@ -84,19 +84,33 @@ def dm_small(in_ch=1, in_dim=28, num_classes=10, mean=None, std=None):
                  nn.Linear(32 * d * d, 100), nn.ReLU(), nn.Linear(100, num_classes)], mean, std)
 
 
-def dm_medium(in_ch=1, in_dim=28, num_classes=10, width=8, linear_size=512, padding=0, mean=None, std=None):
+def dm_medium(in_ch=1, in_dim=28, num_classes=10, width=8, linear_size=512, padding=0, init="default", mean=None,
+              std=None):
     """DM "medium": conv32 3x3, conv32 4x4/2, conv64 3x3, conv64 4x4/2, fc512, fc512, final linear.
 
     ``padding=0`` is DM's VALID padding; ``padding=1`` gives CROWN-IBP's ``model_cnn_4layer(width, linear_size)``
-    (the "cifar_medium" of CROWN-IBP and LossLandscapeMatters). Channels are ``4*width, 4*width, 8*width,
-    8*width``.
+    (the "cifar_medium" of CROWN-IBP and LossLandscapeMatters), which is also Wong et al.'s "large" MNIST/CIFAR
+    model and BCP's "large"/4C3F (sungyoon-lee/bcp utils.py). Channels are ``4*width, 4*width, 8*width,
+    8*width``. ``init="he_fan_out"``: convolution weights from N(0, 2 / (k*k*C_out)) and zero biases, as BCP's
+    and Wong et al.'s CIFAR models initialise them.
     """
     c1, c2, p = 4 * width, 8 * width, padding
     d = _out(_out(_out(_out(in_dim, 3, 1, p), 4, 2, p), 3, 1, p), 4, 2, p)
-    return _seq([nn.Conv2d(in_ch, c1, 3, 1, p), nn.ReLU(), nn.Conv2d(c1, c1, 4, 2, p), nn.ReLU(),
-                 nn.Conv2d(c1, c2, 3, 1, p), nn.ReLU(), nn.Conv2d(c2, c2, 4, 2, p), nn.ReLU(), nn.Flatten(),
-                 nn.Linear(c2 * d * d, linear_size), nn.ReLU(), nn.Linear(linear_size, linear_size), nn.ReLU(),
-                 nn.Linear(linear_size, num_classes)], mean, std)
+    return _init(_seq([nn.Conv2d(in_ch, c1, 3, 1, p), nn.ReLU(), nn.Conv2d(c1, c1, 4, 2, p), nn.ReLU(),
+                       nn.Conv2d(c1, c2, 3, 1, p), nn.ReLU(), nn.Conv2d(c2, c2, 4, 2, p), nn.ReLU(), nn.Flatten(),
+                       nn.Linear(c2 * d * d, linear_size), nn.ReLU(), nn.Linear(linear_size, linear_size), nn.ReLU(),
+                       nn.Linear(linear_size, num_classes)], mean, std), init)
+
+
+def _init(model: nn.Module, init: str) -> nn.Module:
+    if init == "he_fan_out":
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+                nn.init.zeros_(m.bias)
+    elif init != "default":
+        raise ValueError(f"init must be 'default' or 'he_fan_out', got {init!r}")
+    return model
 
 
 def dm_large(in_ch=1, in_dim=28, num_classes=10, linear_size=512, mean=None, std=None):
@@ -112,8 +126,9 @@ def mnist_small(in_ch=1, in_dim=28, num_classes=10, mean=None, std=None):
     return dm_small(in_ch, in_dim, num_classes, mean, std)
 
 
-def mnist_medium(in_ch=1, in_dim=28, num_classes=10, width=8, linear_size=512, padding=0, mean=None, std=None):
-    return dm_medium(in_ch, in_dim, num_classes, width, linear_size, padding, mean, std)
+def mnist_medium(in_ch=1, in_dim=28, num_classes=10, width=8, linear_size=512, padding=0, init="default", mean=None,
+                 std=None):
+    return dm_medium(in_ch, in_dim, num_classes, width, linear_size, padding, init, mean, std)
 
 
 def mnist_large(in_ch=1, in_dim=28, num_classes=10, linear_size=512, mean=None, std=None):
@@ -124,8 +139,21 @@ def cifar_small(in_ch=3, in_dim=32, num_classes=10, mean=None, std=None):
     return dm_small(in_ch, in_dim, num_classes, mean, std)
 
 
-def cifar_medium(in_ch=3, in_dim=32, num_classes=10, width=8, linear_size=512, padding=0, mean=None, std=None):
-    return dm_medium(in_ch, in_dim, num_classes, width, linear_size, padding, mean, std)
+def cifar_medium(in_ch=3, in_dim=32, num_classes=10, width=8, linear_size=512, padding=0, init="default", mean=None,
+                 std=None):
+    return dm_medium(in_ch, in_dim, num_classes, width, linear_size, padding, init, mean, std)
+
+
+def cnn_6c2f(in_ch=3, in_dim=32, num_classes=10, linear_size=512, padding=1, init="he_fan_out", mean=None, std=None):
+    """BCP's 6C2F CIFAR model (sungyoon-lee/bcp utils.py ``c6f2_``): conv32 3x3, conv32 3x3, conv32 4x4/2,
+    conv64 3x3, conv64 3x3, conv64 4x4/2 (``padding`` 1), fc512, final linear; BCP's initialisation by default."""
+    p = padding
+    d = _out(_out(_out(_out(_out(_out(in_dim, 3, 1, p), 3, 1, p), 4, 2, p), 3, 1, p), 3, 1, p), 4, 2, p)
+    return _init(_seq([nn.Conv2d(in_ch, 32, 3, 1, p), nn.ReLU(), nn.Conv2d(32, 32, 3, 1, p), nn.ReLU(),
+                       nn.Conv2d(32, 32, 4, 2, p), nn.ReLU(), nn.Conv2d(32, 64, 3, 1, p), nn.ReLU(),
+                       nn.Conv2d(64, 64, 3, 1, p), nn.ReLU(), nn.Conv2d(64, 64, 4, 2, p), nn.ReLU(), nn.Flatten(),
+                       nn.Linear(64 * d * d, linear_size), nn.ReLU(), nn.Linear(linear_size, num_classes)], mean, std),
+                 init)
 
 
 def cifar_large(in_ch=3, in_dim=32, num_classes=10, linear_size=512, mean=None, std=None):
@@ -311,7 +339,7 @@ def preact_resnet18(in_ch=3, in_dim=32, num_classes=10, mean=None, std=None):
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     f.__name__: f for f in (
         digits_mlp, digits_cnn, mnist_small, mnist_medium, mnist_large, cifar_small, cifar_medium, cifar_large,
-        cnn_7layer_bn, small_cnn, mnist_madry, resnet20, resnet110, preact_resnet18)
+        cnn_6c2f, cnn_7layer_bn, small_cnn, mnist_madry, resnet20, resnet110, preact_resnet18)
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 

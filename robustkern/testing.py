@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 
-import os
 
 import torch
 
@@ -78,4 +77,6 @@ def portable_simd(enabled: bool = True):
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET``), read as the kernels read it."""
+    from .kernels._config import is_interpreting
+    return is_interpreting()

@@ -210,6 +210,10 @@ _FAST = {
     "consistency": [],
     "lfr": ["training_params:method_params:epsilon=0.1", "training_params:method_params:num_steps=2"],
     "grad_norm": [],
+    "bcp": ["training_params:norm=2", "training_params:epsilon=0.1", "training_params:schedule_length=1"],
+    "lmt": ["training_params:norm=2", "training_params:epsilon=0.1", "training_params:schedule_length=1"],
+    "cap": ["training_params:norm=2", "training_params:epsilon=0.1", "training_params:schedule_length=1",
+            "training_params:method_params:projections=5"],
 }
 
 

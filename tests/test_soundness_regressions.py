@@ -307,6 +307,69 @@ def test_products_inside_bounds_are_ieee_whatever_the_global_setting(backend, no
             k.fp32_precision = v
 
 
+@pytest.mark.parametrize("backend", backends_for("cpu", include_interpreter=False))
+def test_a_bound_op_called_alone_runs_ieee_products_and_restores_the_settings(backend, monkeypatch):
+    """The interval ops called directly (outside compute_bounds) run their implementation with IEEE products
+    on their device, whatever the user's settings, and restore those settings after."""
+    from robustkern import ops
+    from robustkern.ops._registry import Op
+
+    seen = []
+    run = Op._run
+
+    def spy(backend, impl, args):
+        seen.append((impl, effective_cpu_precision(False), effective_cpu_precision(True)))
+        return run(backend, impl, args)
+
+    monkeypatch.setattr(Op, "_run", staticmethod(spy))
+    g = torch.Generator().manual_seed(0)
+    mid, rad = torch.rand(3, 2, 6, 6, generator=g), torch.rand(3, 2, 6, 6, generator=g) * 0.1
+    w, bias = torch.randn(4, 2, 3, 3, generator=g), torch.randn(4, generator=g)
+    b = torch.backends
+    knobs = (b.mkldnn.matmul, b.mkldnn.conv, b.mkldnn, b.cuda.matmul, b.cudnn.conv)
+    before = [k.fp32_precision for k in knobs]
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    b.mkldnn.conv.fp32_precision = "bf16"
+    try:
+        during = [k.fp32_precision for k in knobs]
+        assert (effective_cpu_precision(False), effective_cpu_precision(True)) != ("ieee", "ieee")
+        with use_backend(backend):
+            m, r = ops.interval_conv2d(mid, rad, w, bias, 1, 1, relu=True)
+            ops.interval_linear(m.flatten(1), r.flatten(1), torch.randn(5, m[0].numel(), generator=g))
+        assert len(seen) == 2 and all(s[1:] == ("ieee", "ieee") for s in seen), seen
+        assert [k.fp32_precision for k in knobs] == during, "the user's settings were not restored"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+        for k, v in zip(knobs, before):
+            k.fp32_precision = v
+
+
+def test_ieee_products_scoped_to_a_device_and_nested():
+    """A context for one device leaves the other's settings alone; a context nested in it still sets the
+    devices the outer one does not hold, and each restores exactly what it changed."""
+    from robustkern._numerics import ieee_products, ieee_products_held
+
+    b = torch.backends
+    before = (b.mkldnn.matmul.fp32_precision, b.cuda.matmul.fp32_precision)
+    b.mkldnn.matmul.fp32_precision, b.cuda.matmul.fp32_precision = "bf16", "tf32"
+    try:
+        with ieee_products("cpu"):
+            assert ieee_products_held("cpu") and not ieee_products_held("cuda")
+            assert (b.mkldnn.matmul.fp32_precision, b.cuda.matmul.fp32_precision) == ("ieee", "tf32")
+            with ieee_products():
+                assert ieee_products_held("cuda")
+                assert (b.mkldnn.matmul.fp32_precision, b.cuda.matmul.fp32_precision) == ("ieee", "ieee")
+            assert (b.mkldnn.matmul.fp32_precision, b.cuda.matmul.fp32_precision) == ("ieee", "tf32")
+            assert not ieee_products_held("cuda")
+        assert (b.mkldnn.matmul.fp32_precision, b.cuda.matmul.fp32_precision) == ("bf16", "tf32")
+        assert not ieee_products_held("cpu")
+        with ieee_products("meta"):          # a device without products: every device's settings held
+            assert (b.mkldnn.matmul.fp32_precision, b.cuda.matmul.fp32_precision) == ("ieee", "ieee")
+    finally:
+        b.mkldnn.matmul.fp32_precision, b.cuda.matmul.fp32_precision = before
+
+
 # ------------------------------------------------------------------------------------------ reused intermediate boxes
 def test_intermediate_boxes_serve_only_their_own_input_set_and_soundness():
     model = random_sequential(4).eval()

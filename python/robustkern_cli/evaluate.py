@@ -12,6 +12,9 @@ from tqdm import tqdm
 
 from robustkern.attacks import evaluate_robust, pgd, robust_accuracy
 from robustkern.bounds import BoundedModule, margin_spec
+from robustkern.bounds.bcp import bcp_bounds
+from robustkern.bounds.cap import cap_bounds
+from robustkern.bounds.lipschitz import lmt_bounds, upper_norms
 from robustkern.models import build_model_for
 
 from .checkpoint import load_weights, read_checkpoint
@@ -130,6 +133,49 @@ def _autoattack(model, loader, cfg, device, progress):
             "note": res["note"]}
 
 
+def _certified_table(model, loader, cfg, device, progress):
+    """The three columns of BCP's README table for ``eval_params:method`` bcp, cap or lmt: clean ("Standard")
+    accuracy, accuracy under L2 PGD (``num_steps`` steps of ``step_size``, 0 = epsilon / 4, from the clean point:
+    BCP's ``pgd_l2`` with ``niter`` 100, "PGD^100") and the share of test points the method's own certificate
+    verifies ("Verification"): BCP's ball-and-box bound (``robustkern.bounds.bcp``), LMT's Lipschitz margin
+    (``robustkern.bounds.lipschitz``), CAP's dual bound (``robustkern.bounds.cap``: CROWN with same-slope
+    relaxations), all sound (float64, rigorous operator-norm bounds, rounding bounded). Model in eval mode."""
+    ep = cfg["eval_params"]
+    mp = ep["method_params"]
+    method = ep["method"]
+    eps, norm = float(ep["epsilon"]), parse_norm("eval_params:norm", ep["norm"])
+    model.eval()
+    alpha = mp["step_size"] or eps / 4
+
+    def attack(x, y):
+        return pgd(model, x, y, eps, alpha, mp["num_steps"], norm=_attack_norm(ep), random_start=mp["random_start"],
+                   restarts=mp["restarts"])
+
+    res = robust_accuracy(model, loader, attack, device=device)
+    bm, norms, verified, n = None, None, 0, 0
+    for x, y in tqdm(loader, disable=not progress, desc=f"eval {method}", leave=False):
+        x, y = x.to(device), y.to(device)
+        if bm is None:
+            bm = BoundedModule(model, x[:1])
+            norms = upper_norms(bm) if method in ("bcp", "lmt") else None
+        with torch.no_grad():
+            correct = model(x).argmax(1) == y
+            C = margin_spec(y, bm.num_outputs)
+            if method == "bcp":
+                lb = bcp_bounds(bm, x, eps, C, norms=norms)
+            elif method == "lmt":
+                lb = lmt_bounds(bm, x, eps, C, norms=norms, last_layer=mp["last_layer"])
+            else:
+                lb = cap_bounds(bm, x, eps, C, norm=norm)
+        verified += int(((lb > 0).all(dim=1) & correct).sum())
+        n += len(y)
+    out = {"acc": res["clean_accuracy"], "pgd_acc": res["robust_accuracy"], "verified_acc": verified / max(n, 1),
+           "n": n, "epsilon": eps, "norm": _attack_norm(ep), "steps": mp["num_steps"], "step_size": alpha}
+    if norms is not None:
+        out["operator_norms"] = norms
+    return out
+
+
 EVALS = {
     "clean": _clean,
     "ibp": _ibp,
@@ -138,11 +184,18 @@ EVALS = {
     "alpha_crown": _alpha_crown,
     "pgd": _pgd,
     "autoattack": _autoattack,
+    "bcp": _certified_table,
+    "cap": _certified_table,
+    "lmt": _certified_table,
 }
+_TABLE_DEFAULTS = {"num_steps": 100, "step_size": 0.0, "restarts": 1, "random_start": False}
 EVAL_DEFAULTS = {
     "pgd": {"num_steps": 40, "step_size": 0.01, "restarts": 1, "random_start": True},
     "autoattack": {"version": "standard", "num_steps": 100},
     "alpha_crown": {"iteration": 20, "lr_alpha": 0.5, "lr_decay": 0.98, "early_stop_patience": 10},
+    "bcp": dict(_TABLE_DEFAULTS),
+    "cap": dict(_TABLE_DEFAULTS),
+    "lmt": dict(_TABLE_DEFAULTS, last_layer="lipschitz"),
 }
 _VERIFIED = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN", "alpha_crown": "alpha-CROWN"}
 
@@ -155,12 +208,20 @@ def fill_eval_defaults(cfg: dict) -> None:
 
 def check_eval_params(cfg: dict) -> None:
     """Raise ConfigError for an unknown ``eval_params:method`` (called when the config is loaded)."""
-    method = cfg["eval_params"]["method"]
+    ep = cfg["eval_params"]
+    method = ep["method"]
     if method not in EVALS:
         raise ConfigError(f"unknown evaluation method '{method}'; known: {', '.join(sorted(EVALS))}")
+    if method in ("bcp", "lmt") and parse_norm("eval_params:norm", ep["norm"]) != 2.0:
+        raise ConfigError(f"evaluation method '{method}' verifies L2 balls: set eval_params:norm=2, got "
+                          f"{ep['norm']!r}")
+    mp = ep.get("method_params", {})
+    if method == "lmt" and mp.get("last_layer", "lipschitz") not in ("lipschitz", "pairwise"):
+        raise ConfigError(f"eval_params:method_params:last_layer must be 'lipschitz' or 'pairwise', got "
+                          f"{mp['last_layer']!r}")
     if method == "alpha_crown":
         from robustkern.bounds.alpha_crown import check_optimize_bound_args
-        args = cfg["eval_params"].get("method_params", {})
+        args = ep.get("method_params", {})
         if "stop_criterion_func" in args or "loss_reduction_func" in args:
             raise ConfigError("eval_params:method_params: stop_criterion_func and loss_reduction_func are functions, "
                               "not config values")
@@ -215,6 +276,11 @@ def describe(res: dict) -> str:
         restarts = res["restarts"]
         head = f"PGD-{res['steps']} accuracy {res['pgd_acc']:.3f} {radius} ({restarts} restart" \
                f"{'s' if restarts != 1 else ''}), "
+    elif method in ("bcp", "cap", "lmt"):
+        head = f"Standard {res['acc']:.4f} | PGD^{res['steps']} {res['pgd_acc']:.4f} | Verification " \
+               f"({method.upper()}) {res['verified_acc']:.4f} {radius}, "
+        return f"{head}on {res['n']} {res['dataset']} test images; model {res['model']}" \
+               f"{', checkpoint ' + res['checkpoint'] if res.get('checkpoint') else ''}; {res['seconds']:.1f} s"
     elif method == "autoattack":
         head = f"APGD-CE + APGD-T accuracy {res['autoattack_acc']:.3f} {radius} (an upper bound), "
     else:

@@ -28,11 +28,15 @@ import torch.nn.functional as F
 
 from robustkern.attacks import madry_steps, pgd_at_loss, trades_loss
 from robustkern.bounds import BoundedModule, crown_ibp_loss, crown_ibp_slope_loss, linear_eps, smoothed_eps
+from robustkern.bounds.bcp import bcp_loss
+from robustkern.bounds.cap import cap_loss
+from robustkern.bounds.lipschitz import estimated_norms, lmt_loss, power_iteration_for
 from robustkern.bounds.slope_training import RELAXATIONS
 from robustkern.flatness import input_grad_norm, lfr_loss
 from robustkern.smoothing import (consistency_loss, gaussian_augment, macer_loss, smoothadv_loss,
                                   smoothadv_warmup_eps, trades_rs_loss)
 
+from .config import parse_norm
 from .errors import ConfigError
 
 __all__ = ["LOSSES", "METHOD_DEFAULTS", "NOT_IMPLEMENTED", "StepState", "register_loss", "fill_method_defaults",
@@ -52,13 +56,21 @@ NOT_IMPLEMENTED: dict[str, str] = {}
 class StepState:
     """What a loss may know about where training is. ``eps`` is the training schedule's epsilon
     (:func:`scheduled_epsilon`); methods with their own radius ignore it. ``cache`` persists across steps (not
-    checkpointed)."""
+    checkpointed). ``saved`` holds the objects (with ``state_dict``/``load_state_dict``) a method carries across
+    steps that the checkpoint keeps (``loss_state()``); ``restored`` is what a resumed run's checkpoint held, for
+    the method to load when it creates them."""
     epoch: int = 0
     batch_idx: int = 0
     steps_per_epoch: int = 1
     eps: float = 0.0
     max_eps: float = 0.0
     cache: dict = field(default_factory=dict)
+    saved: dict = field(default_factory=dict)
+    restored: dict = field(default_factory=dict)
+
+    def loss_state(self) -> dict:
+        """``{name: state_dict}`` of ``saved`` (tensors and plain containers), for the checkpoint."""
+        return {name: obj.state_dict() for name, obj in self.saved.items()}
 
 
 def register_loss(name: str, defaults: dict | None = None, check: CheckFn | None = None):
@@ -227,6 +239,76 @@ def _ibp_family(model, x, y, cfg, state):
 
 register_loss("ibp", _IBP_DEFAULTS, _check_ibp_family)(_ibp_family)
 register_loss("crown_ibp", dict(_IBP_DEFAULTS, bound_type="crown-interval"), _check_ibp_family)(_ibp_family)
+
+
+def _check_certified_family(tp, mp):
+    method = tp["method"]
+    if method in ("bcp", "lmt") and parse_norm("training_params:norm", tp["norm"]) != 2.0:
+        raise ConfigError(f"training method '{method}' certifies L2 balls: set training_params:norm=2, got "
+                          f"{tp['norm']!r}")
+    _fraction(mp, "init_kappa", "final_kappa")
+    key = "projections" if method == "cap" else "power_iterations"
+    if isinstance(mp[key], bool) or not isinstance(mp[key], int) or mp[key] < (0 if method == "cap" else 1):
+        raise ConfigError(f"training_params:method_params:{key} must be an integer >= "
+                          f"{0 if method == 'cap' else 1}, got {mp[key]!r}")
+    if method == "lmt":
+        _one_of(mp, "last_layer", ("lipschitz", "pairwise"))
+
+
+def _certified_family(model, x, y, cfg, state):
+    """BCP (Lee et al. 2020), LMT (Tsuzuku et al. 2018) and CAP (Wong & Kolter 2018; Wong et al. 2018)
+    certified training on robustkern.bounds' ``bcp_loss``, ``lmt_loss`` and ``cap_loss``:
+    ``loss = kappa * CE(f(x), y) + (1 - kappa) * robust_CE(lb)``, ``kappa = init_kappa + (final_kappa -
+    init_kappa) * eps / max_eps`` over the scheduled epsilon (BCP's train_mnist.py / train_cifar10.py: kappa 1 -> 0
+    with the epsilon ramp; LMT and CAP train on the robust loss alone, kappa 0). BCP and LMT take each layer's
+    operator norm from power iteration with ``power_iterations`` steps per training step from iterates kept per
+    layer across steps (BCP's ``sniter``; the checkpoint carries the iterates, so a resumed run goes on from
+    them); CAP's intermediate bounds are estimated with ``projections`` random directions (0: exact, CROWN
+    with same-slope relaxations). While eps is 0 the loss is the natural cross-entropy (BCP's warm-up epochs
+    train naturally)."""
+    tp = cfg["training_params"]
+    mp = tp["method_params"]
+    method = tp["method"]
+    eps, max_eps = state.eps, state.max_eps
+    frac = eps / max_eps if max_eps > 0 else 1.0
+    kappa = mp["init_kappa"] + (mp["final_kappa"] - mp["init_kappa"]) * frac
+    key = ("bounded", id(model))
+    bm = state.cache.get(key)
+    if bm is None:
+        bm = state.cache[key] = BoundedModule(model, x[:1])
+    logits = bm(x)
+    natural = F.cross_entropy(logits, y)
+    if eps < torch.finfo(torch.float32).tiny:
+        return natural, {"loss": natural.item(), "acc": _accuracy(logits, y), "natural_ce": natural.item(),
+                         "robust_ce": natural.item(), "verified_acc": _accuracy(logits, y), "eps": eps,
+                         "kappa": kappa}
+    if method == "cap":
+        robust, lb = cap_loss(bm, x, y, eps, norm=parse_norm("training_params:norm", tp["norm"]),
+                              projections=int(mp["projections"]))
+    else:
+        power = state.cache.get(("power", id(model)))
+        if power is None:
+            power = state.cache[("power", id(model))] = power_iteration_for(bm, seed=int(cfg["seed"]))
+            if "power_iterates" in state.restored:
+                power.load_state_dict(state.restored["power_iterates"])
+            state.saved["power_iterates"] = power
+        norms = estimated_norms(bm, power, int(mp["power_iterations"]))
+        if method == "bcp":
+            robust, lb = bcp_loss(bm, x, y, eps, norms=norms)
+        else:
+            robust, lb = lmt_loss(bm, x, y, eps, norms=norms, last_layer=mp["last_layer"])
+    loss = kappa * natural + (1.0 - kappa) * robust
+    return loss, {"loss": loss.item(), "acc": _accuracy(logits, y), "natural_ce": natural.item(),
+                  "robust_ce": robust.item(), "verified_acc": (lb > 0).all(dim=1).float().mean().item(), "eps": eps,
+                  "kappa": kappa}
+
+
+register_loss("bcp", {"init_kappa": 1.0, "final_kappa": 0.0, "power_iterations": 1},
+              _check_certified_family)(_certified_family)
+register_loss("lmt", {"init_kappa": 0.0, "final_kappa": 0.0, "power_iterations": 1, "last_layer": "lipschitz"},
+              _check_certified_family)(_certified_family)
+register_loss("cap", {"init_kappa": 0.0, "final_kappa": 0.0, "projections": 50},
+              _check_certified_family)(_certified_family)
 
 
 def _macer_first_decay(tp) -> int:

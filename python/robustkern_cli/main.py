@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Train the model of a JSON recipe with its method, training_params:method, one of:\n"
         f"  {methods}.\n"
         "'robustkern info' lists the methods not implemented yet; those exit 4. Every epoch writes\n"
-        "<out>/checkpoint.pt (model, optimiser, config, epoch, metrics, RNG states) and <out>/log.csv;\n"
+        "<out>/checkpoint.pt (model, optimiser, config, epoch, metrics, RNG states, the method's own\n"
+        "state such as BCP's and LMT's power iterates) and <out>/log.csv;\n"
         "--resume continues exactly where a run stopped. A folder that already holds a run is never\n"
         "overwritten unless --overwrite is given. Under torchrun the run is data-parallel\n"
         "(data:batch_size stays the global batch; rank 0 writes the files).\n\n"
@@ -383,11 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"Evaluate a checkpoint on the test split with eval_params:method ({', '.join(EVALS)}): clean\n"
         "accuracy; ibp / crown_ibp: verified accuracy at eval_params:epsilon; pgd: accuracy under PGD-k\n"
         "with restarts; autoattack: APGD-CE then APGD-T (without FAB-T and Square: an upper bound on\n"
-        "AutoAttack's accuracy). Prints one readable line (--json: the metrics as JSON). A robustkern\n"
-        "checkpoint carries its config, so --config may be left out; other checkpoints (Cohen, MACER,\n"
-        "CROWN-IBP layouts) need one.\n\n"
+        "AutoAttack's accuracy); bcp / cap / lmt: the L2 table of Standard, PGD^100 and Verification\n"
+        "accuracy, verified by that method's own certificate. Prints one readable line (--json: the\n"
+        "metrics as JSON). A robustkern checkpoint carries its config, so --config may be left out;\n"
+        "other checkpoints (Cohen, MACER, CROWN-IBP layouts) need one.\n\n"
         "examples:\n  robustkern eval --checkpoint runs/digits_standard/checkpoint.pt\n"
-        "  robustkern eval -c cifar_crown_ibp_8_255 --checkpoint m.pth eval_params:epsilon=2/255"))
+        "  robustkern eval -c cifar_crown_ibp_8_255 --checkpoint m.pth eval_params:epsilon=2/255\n"
+        "  robustkern eval -c bcp_mnist_1.58 --checkpoint runs/bcp_mnist_1.58/checkpoint.pt"))
     _add_common(p)
     p.add_argument("--checkpoint", help="weights to evaluate (default eval_params:checkpoint)")
     _add_json(p)

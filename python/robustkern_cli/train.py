@@ -2,8 +2,9 @@
 accumulation (``batch_multiplier``, CROWN-IBP's large-batch trick), a checkpoint and a CSV row per epoch, and
 exact resumption.
 
-Each epoch writes ``<run_dir>/checkpoint.pt`` (model, optimiser, LR scheduler, config, epoch, per-epoch metrics
-and the Python/NumPy/torch/loader RNG states) and rewrites ``<run_dir>/log.csv`` from the metrics history.
+Each epoch writes ``<run_dir>/checkpoint.pt`` (model, optimiser, LR scheduler, config, epoch, per-epoch metrics,
+the Python/NumPy/torch/loader RNG states and the state a method carries across steps, such as BCP's and LMT's
+power-iteration iterates) and rewrites ``<run_dir>/log.csv`` from the metrics history.
 Resuming restores all of it, so a run interrupted after epoch k and resumed ends with the same weights and
 metrics as an uninterrupted run (same device and thread count).
 
@@ -233,6 +234,8 @@ def _train(cfg, run_dir, ctx: distributed.DistContext, *, data_dir, download, re
     k = max(int(tp["batch_multiplier"]), 1)
     steps_per_epoch = max(math.ceil(len(loader) / k), 1)
     state = StepState(steps_per_epoch=steps_per_epoch, max_eps=float(tp["epsilon"]))
+    if ckpt is not None:
+        state.restored = dict(ckpt.get("loss_state") or {})
     if ctx.is_main:  # everything is checked: the first write
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.json")
@@ -261,7 +264,8 @@ def _train(cfg, run_dir, ctx: distributed.DistContext, *, data_dir, download, re
             if ctx.is_main:
                 content = dict(model=model.state_dict(), optimizer=opt.state_dict(),
                                lr_scheduler=sched.state_dict() if sched is not None else None, config=cfg,
-                               epoch=epoch + 1, metrics=history, rng=rng_ranks[0], model_name=cfg["model"]["name"])
+                               epoch=epoch + 1, metrics=history, rng=rng_ranks[0], model_name=cfg["model"]["name"],
+                               loss_state=state.loss_state())
                 if ctx.enabled:
                     content.update(rng_ranks=rng_ranks, world_size=ctx.world_size)
                 save_checkpoint(run_dir / "checkpoint.pt", **content)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._args import pair
 from ..graph import capture, normalize_params
 
 __all__ = ["exact_forward", "exact_spec", "violations", "to_intervals", "exact_fraction", "inside_linf",
@@ -71,12 +72,10 @@ def _pad(z: np.ndarray, ph: int, pw: int, prec: int) -> np.ndarray:
     return out
 
 
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 def _conv2d(z: np.ndarray, m: nn.Conv2d, prec: int) -> np.ndarray:
-    (sh, sw), (ph, pw), (dh, dw) = _pair(m.stride), _pair(m.padding), _pair(m.dilation)
+    fn = "exact_forward"
+    (sh, sw), (ph, pw), (dh, dw) = (pair(m.stride, "stride", fn), pair(m.padding, "padding", fn),
+                                    pair(m.dilation, "dilation", fn))
     w = to_intervals(m.weight, prec)                      # (O, C/g, kh, kw)
     O, cg, kh, kw = w.shape
     zp = _pad(z, ph, pw, prec)
@@ -100,9 +99,9 @@ def _conv2d(z: np.ndarray, m: nn.Conv2d, prec: int) -> np.ndarray:
 
 def _avgpool(z: np.ndarray, m: nn.AvgPool2d, prec: int) -> np.ndarray:
     iv = _iv(prec)
-    (kh, kw) = _pair(m.kernel_size)
-    (sh, sw) = _pair(m.stride if m.stride is not None else m.kernel_size)
-    (ph, pw) = _pair(m.padding)
+    (kh, kw) = pair(m.kernel_size, "kernel_size", "exact_forward")
+    (sh, sw) = pair(m.stride if m.stride is not None else m.kernel_size, "stride", "exact_forward")
+    (ph, pw) = pair(m.padding, "padding", "exact_forward")
     B, C, H, W = z.shape
     zp = _pad(z, ph, pw, prec)
     oh = (H + 2 * ph - kh) // sh + 1

@@ -39,12 +39,13 @@ Design.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .._args import pair
 from .._numerics import gamma, unit_roundoff
 from ._config import autotune_configs
 from .interval_elementwise import (_box_affine_relu, _check_float, _device_guard, _vec,  # noqa: F401
@@ -303,17 +304,6 @@ def _gemm_constants(dtype: torch.dtype, K: int, sound: bool):
     return 2 * e, 1.0 + 3 * e, K * tiny, 4 * u, tiny
 
 
-def _pair(v: Union[int, Sequence[int]], name: str) -> Tuple[int, int]:
-    if isinstance(v, int):
-        return v, v
-    v = tuple(int(x) for x in v)
-    if len(v) == 1:
-        return v[0], v[0]
-    if len(v) != 2:
-        raise ValueError(f"interval_conv2d: {name} must be an int or a pair, got {v}")
-    return v
-
-
 def _outputs(shape, like: Tensor, epilogue: bool):
     out_mid = like.new_empty(shape)
     out_rad = like.new_empty(shape)
@@ -433,11 +423,8 @@ def interval_conv2d(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Ten
                          f"{tuple(rad.shape)}")
     if weight.dim() != 4:
         raise ValueError(f"{op}: weight must be (O, C/groups, kh, kw), got {tuple(weight.shape)}")
-    if isinstance(padding, str):
-        raise ValueError(f"{op}: padding must be an int or a pair of ints, got {padding!r}")
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
+    (sh, sw), (ph, pw), (dh, dw) = (pair(stride, "stride", op), pair(padding, "padding", op),
+                                    pair(dilation, "dilation", op))
     groups = int(groups)
     B, C, H, W = mid.shape
     O, Cg, KH, KW = weight.shape

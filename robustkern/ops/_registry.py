@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _ext
-from .._numerics import ieee_products
+from .._numerics import ieee_products, ieee_products_held
 
 __all__ = ["Op", "define_op", "triton_kernel", "register", "OPS", "load", "register_dispatcher", "fresh", "cpu_options"]
 
@@ -120,11 +120,8 @@ class Op:
             self._kernel = getattr(torch.ops.robustkern, self.name).default
         return self._kernel
 
-    def _choose(self, args) -> tuple[str, Callable]:
-        for a in args:
-            if isinstance(a, Tensor):
-                backend = self.backend(a.device)
-                break
+    def _choose(self, args, device: Optional[torch.device] = None) -> tuple[str, Callable]:
+        backend = self.backend(device if device is not None else _first_tensor(args).device)
         if self.serves is not None and backend != "reference" and self.serves(backend, args) is not None:
             backend = "reference"
         return backend, self.implementation(backend)
@@ -140,8 +137,10 @@ class Op:
         if self.prepare is not None:
             args = self.prepare(backend, args)
         if self.ieee:
-            with ieee_products():
-                return self._run(backend, impl, args)
+            device_type = _device_type(args)
+            if not ieee_products_held(device_type):
+                with ieee_products(device_type):
+                    return self._run(backend, impl, args)
         return self._run(backend, impl, args)
 
     @staticmethod
@@ -153,13 +152,20 @@ class Op:
 
     # ------------------------------------------------------------------------------------------ call
     def __call__(self, *args):
-        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or not _plain(args):
-            return self.dispatcher()(*args)     # traced (fake / functional / proxy tensors): the opaque op
-        backend, impl = self._choose(args)
-        if self.backward is not None and torch.is_grad_enabled():
-            for a in args:
-                if isinstance(a, Tensor) and a.requires_grad:
-                    return _OpFunction.apply(self, backend, impl, *args)
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+            return self.dispatcher()(*args)     # traced: the opaque op
+        device, record = None, False
+        grad = self.backward is not None and torch.is_grad_enabled()
+        for a in args:                          # one pass: tensor subclasses, the device, a gradient to record
+            if isinstance(a, Tensor):
+                if type(a) not in _PLAIN:       # a tracing wrapper (fake / functional / proxy tensor)
+                    return self.dispatcher()(*args)
+                if device is None:
+                    device = a.device
+                record = record or (grad and a.requires_grad)
+        backend, impl = self._choose(args, device)
+        if record:
+            return _OpFunction.apply(self, backend, impl, *args)
         return self.run_implementation(backend, impl, args)
 
     def __repr__(self) -> str:
@@ -169,9 +175,15 @@ class Op:
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
-def _plain(args) -> bool:
-    """No tensor argument is a tensor subclass (a tracing wrapper such as a fake or functional tensor)."""
-    return all(type(a) in _PLAIN for a in args if isinstance(a, Tensor))
+def _first_tensor(args) -> Tensor:
+    for a in args:
+        if isinstance(a, Tensor):
+            return a
+    raise TypeError("an op takes at least one tensor")
+
+
+def _device_type(args) -> str:
+    return _first_tensor(args).device.type
 
 
 class _CtxView:

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._args import pair
 from ..reference import interval as _ref
 from ._registry import define_op, triton_kernel
 
@@ -277,15 +278,6 @@ INTERVAL_CONV2D = define_op(
     setup_context=_conv_setup, backward=_conv_backward)
 
 
-def _pair(v, name: str, op: str) -> Tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(x) for x in v)
-    if len(v) != 2:
-        raise ValueError(f"{op}: {name} must be an int or a pair, got {v}")
-    return v
-
-
 def interval_conv2d(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1,
                     padding=0, dilation=1, groups: int = 1, *, scale: Optional[Tensor] = None,
                     shift: Optional[Tensor] = None, relu: bool = False, sound: bool = True,
@@ -296,8 +288,7 @@ def interval_conv2d(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Ten
     when ``sound``. Returns ``(mid', rad')`` (and the pre-epilogue box when ``return_pre``)."""
     op = "interval_conv2d"
     _check_box(op, mid, rad, 4, 4)
-    stride, padding, dilation = (_pair(stride, "stride", op), _pair(padding, "padding", op),
-                                 _pair(dilation, "dilation", op))
+    stride, padding, dilation = pair(stride, "stride", op), pair(padding, "padding", op), pair(dilation, "dilation", op)
     if weight.dim() != 4 or groups < 1 or weight.shape[1] * groups != mid.shape[1] or weight.shape[0] % groups:
         raise ValueError(f"{op}: weight of shape {tuple(weight.shape)} with groups={groups} does not fit an "
                          f"input with {mid.shape[1]} channels")
