@@ -241,3 +241,35 @@ def test_crown_ibp_over_the_ibp_boxes_of_an_earlier_call(sound):
         torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
         with pytest.raises(ValueError, match="intermediate"):
             run(method="CROWN", intermediate=bm.node_bounds())
+
+
+@pytest.mark.parametrize("sound", [False, True])
+def test_crown_passes_split_to_a_memory_budget_by_default(sound, monkeypatch):
+    """Without crown_batch_size, CROWN's intermediate passes take as many identity rows as keep their coefficient
+    matrices within CROWN_PASS_BYTES (so a large model does not build (neurons x neurons) matrices for a whole
+    layer at once); the bounds equal those of one pass per layer."""
+    from robustkern.bounds import crown as crown_mod
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(64, 10)).eval()
+    x = torch.rand(3, 1, 8, 8)
+    C = margin_spec(torch.tensor([0, 1, 2]), 10)
+    bm = BoundedModule(model, x)
+    whole = bm.compute_bounds(x, 0.05, C=C, method="CROWN", sound=sound, crown_batch_size=10 ** 6)
+    rows = []
+    pass_ = crown_mod.backward_bound
+
+    def spy(ctx, start, A0, *a, **k):
+        rows.append(A0.shape[1])
+        return pass_(ctx, start, A0, *a, **k)
+
+    monkeypatch.setattr(crown_mod, "backward_bound", spy)
+    itemsize = 8 if sound else 4
+    monkeypatch.setattr(crown_mod, "CROWN_PASS_BYTES", 3 * 256 * itemsize * crown_mod.LIVE_MATRICES * 40)
+    split = bm.compute_bounds(x, 0.05, C=C, method="CROWN", sound=sound)
+    # first ReLU input: 256 neurons, widest node 256 -> 40 rows a pass; second: 64 neurons -> 40 rows
+    assert rows[:-1] == [40] * 6 + [16] + [40, 24], rows
+    assert rows[-1] == C.shape[1]
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -489,21 +489,44 @@ def identity_rows(setup: CrownSetup, name: str, rows: Tensor | None = None) -> T
     shp = ctx.shapes[name]
     n = math.prod(shp)
     B = setup.input_box.mid.shape[0]
-    eye = torch.eye(n, dtype=ctx.dtype, device=ctx.device)
-    if rows is not None:
-        eye = eye[rows]
+    if rows is None:
+        eye = torch.eye(n, dtype=ctx.dtype, device=ctx.device)
+    else:  # only the requested rows (an (n, n) identity per chunk would cost n^2 per pass)
+        eye = torch.zeros(rows.numel(), n, dtype=ctx.dtype, device=ctx.device)
+        eye[torch.arange(rows.numel(), device=ctx.device), rows] = 1
     return eye.reshape(1, eye.shape[0], *shp).expand(B, -1, *shp)
+
+
+# Bytes that the coefficient matrices of one CROWN pass for intermediate bounds may take when the caller gives no
+# crown_batch_size: a pass from a node with n neurons holds (batch, rows, size of each node it goes through)
+# matrices, about LIVE_MATRICES of them at once (A, |A| or its split, the next A, the concretisation's product).
+CROWN_PASS_BYTES = 1 << 30
+LIVE_MATRICES = 4
+
+
+def rows_per_pass(ctx: _Ctx, start: str, batch: int, crown_batch_size: int | None = None) -> int:
+    """Rows of the identity specification per backward pass from ``start`` (CROWN's intermediate bounds):
+    ``crown_batch_size`` when given; else as many as keep a pass within ``CROWN_PASS_BYTES``, counting
+    ``LIVE_MATRICES`` matrices of (batch, rows, largest node on the way) in the pass's dtype. Every row is its own
+    specification, so the bounds do not depend on the split; only the peak memory and the number of passes do."""
+    n = math.prod(ctx.shapes[start])
+    if crown_batch_size:
+        return max(1, min(int(crown_batch_size), n))
+    widest = max(math.prod(ctx.shapes[node.name]) for node in ctx.nodes[:ctx.index[start] + 1]
+                 if node.name in ctx.shapes)
+    per_row = batch * widest * (torch.finfo(ctx.dtype).bits // 8) * LIVE_MATRICES
+    return max(1, min(n, CROWN_PASS_BYTES // per_row))
 
 
 def crown_intermediate(setup: CrownSetup, crown_batch_size: int | None = None) -> None:
     """CROWN's ReLU input bounds: for each ReLU-input node in topological order, the backward pass from the
-    identity (``crown_batch_size`` rows at a time) with the bounds of the earlier ReLUs, intersected with IBP's."""
+    identity (``rows_per_pass`` rows at a time) with the bounds of the earlier ReLUs, intersected with IBP's."""
     ctx = setup.ctx
-    chunk = crown_batch_size or math.inf
+    batch = setup.input_box.mid.shape[0]
     for name in setup.relu_inputs:   # topological order: earlier ReLUs' bounds are ready when needed
         n = math.prod(ctx.shapes[name])
         los, his = [], []
-        step = int(min(chunk, n))
+        step = rows_per_pass(ctx, name, batch, crown_batch_size)
         for s0 in range(0, n, step):
             rows = torch.arange(s0, min(n, s0 + step), device=ctx.device)
             r = backward_bound(ctx, name, identity_rows(setup, name, rows), (False, True), setup.input_box,

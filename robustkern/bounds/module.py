@@ -157,7 +157,8 @@ class BoundedModule(nn.Module):
         "IBP" (interval bound propagation, Gowal et al. 2018); "CROWN-IBP" (aliases "IBP+backward",
         "ibp+crown": IBP for the ReLU input bounds, one backward linear relaxation from ``C``; Zhang et al.
         2020); "CROWN" (alias "backward": backward relaxations for the ReLU input bounds too, intersected with
-        IBP, ``crown_batch_size`` identity rows at a time; Zhang et al. 2018); "alpha-CROWN" (alias
+        IBP, ``crown_batch_size`` identity rows at a time, by default as many as keep a pass's coefficient
+        matrices within about 1 GiB, ``robustkern.bounds.crown.rows_per_pass``; Zhang et al. 2018); "alpha-CROWN" (alias
         "CROWN-Optimized": CROWN with its ReLU lower slopes optimised on the bound per neuron and specification
         row, never looser than CROWN; Xu et al. 2021; ``optimize_bound_args`` as auto_LiRPA's, see
         ``robustkern.bounds.alpha_crown``). ``relu_lower``: the ReLU lower slope of the linear relaxation,
