@@ -40,6 +40,20 @@ def _randn_like(t: Tensor, generator) -> Tensor:
     return torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device)
 
 
+def _l2_delta_step(delta: Tensor, sgd, base: Tensor, max_norm: float, generator=None) -> None:
+    """The L2 step that SmoothAdv's ``PGD_L2`` and TRADES+RS both write out after ``backward``: each example's
+    gradient scaled to unit L2 norm (a zero gradient replaced by a normal draw), the SGD step, then ``delta``
+    projected so that ``base + delta`` lies in [0, 1] and ``delta`` in the L2 ball of radius ``max_norm``."""
+    grad_norms = delta.grad.reshape(delta.shape[0], -1).norm(p=2, dim=1)
+    delta.grad.div_(grad_norms.view((-1,) + (1,) * (delta.dim() - 1)))
+    if (grad_norms == 0).any():
+        delta.grad[grad_norms == 0] = _randn_like(delta.grad[grad_norms == 0], generator)
+    sgd.step()
+    delta.data.add_(base)
+    delta.data.clamp_(0, 1).sub_(base)
+    delta.data.renorm_(p=2, dim=0, maxnorm=max_norm)
+
+
 # ----------------------------------------------------------------------------------------------- SmoothAdv
 def smoothadv_attack_reference(model: nn.Module, inputs: Tensor, labels: Tensor, noise: Tensor, max_norm: float,
                                steps: int, num_noise_vectors: int = 1, generator=None) -> Tensor:
@@ -49,7 +63,6 @@ def smoothadv_attack_reference(model: nn.Module, inputs: Tensor, labels: Tensor,
         raise ValueError('Input values should be in the [0, 1] range.')
     multiplier = -1
     if num_noise_vectors == 1:  # PGD_L2._attack
-        batch_size = inputs.shape[0]
         delta = torch.zeros_like(inputs, requires_grad=True)
         optimizer = optim.SGD([delta], lr=max_norm / steps * 2)
         for _ in range(steps):
@@ -57,22 +70,13 @@ def smoothadv_attack_reference(model: nn.Module, inputs: Tensor, labels: Tensor,
             if noise is not None:
                 adv = adv + noise
             logits = model(adv)
-            _pred_labels = logits.argmax(1)
             ce_loss = F.cross_entropy(logits, labels, reduction='sum')
             loss = multiplier * ce_loss
             optimizer.zero_grad()
             loss.backward()
-            grad_norms = delta.grad.view(batch_size, -1).norm(p=2, dim=1)
-            delta.grad.div_(grad_norms.view(-1, 1, 1, 1))
-            if (grad_norms == 0).any():
-                delta.grad[grad_norms == 0] = _randn_like(delta.grad[grad_norms == 0], generator)
-            optimizer.step()
-            delta.data.add_(inputs)
-            delta.data.clamp_(0, 1).sub_(inputs)
-            delta.data.renorm_(p=2, dim=0, maxnorm=max_norm)
+            _l2_delta_step(delta, optimizer, inputs, max_norm, generator)
         return inputs + delta
     # PGD_L2._attack_mutlinoise
-    batch_size = labels.shape[0]
     delta = torch.zeros((len(labels), *inputs.shape[1:]), requires_grad=True, device=inputs.device,
                         dtype=inputs.dtype)
     optimizer = optim.SGD([delta], lr=max_norm / steps * 2)
@@ -81,7 +85,6 @@ def smoothadv_attack_reference(model: nn.Module, inputs: Tensor, labels: Tensor,
         if noise is not None:
             adv = adv + noise
         logits = model(adv)
-        _pred_labels = logits.argmax(1).reshape(-1, num_noise_vectors).mode(1)[0]
         softmax = F.softmax(logits, dim=1)
         average_softmax = softmax.reshape(-1, num_noise_vectors, logits.shape[-1]).mean(1, keepdim=True).squeeze(1)
         logsoftmax = torch.log(average_softmax.clamp(min=1e-20))
@@ -89,14 +92,7 @@ def smoothadv_attack_reference(model: nn.Module, inputs: Tensor, labels: Tensor,
         loss = multiplier * ce_loss
         optimizer.zero_grad()
         loss.backward()
-        grad_norms = delta.grad.view(batch_size, -1).norm(p=2, dim=1)
-        delta.grad.div_(grad_norms.view(-1, 1, 1, 1))
-        if (grad_norms == 0).any():
-            delta.grad[grad_norms == 0] = _randn_like(delta.grad[grad_norms == 0], generator)
-        optimizer.step()
-        delta.data.add_(inputs[::num_noise_vectors])
-        delta.data.clamp_(0, 1).sub_(inputs[::num_noise_vectors])
-        delta.data.renorm_(p=2, dim=0, maxnorm=max_norm)
+        _l2_delta_step(delta, optimizer, inputs[::num_noise_vectors], max_norm, generator)
     return inputs + delta.repeat(1, num_noise_vectors, 1, 1).view_as(inputs)
 
 
@@ -151,14 +147,7 @@ def trades_rs_loss_reference(model: nn.Module, x_natural: Tensor, y: Tensor, noi
             loss = (-1) * criterion_kl(F.log_softmax(model(adv + noise), dim=1),
                                        F.softmax(model(x_natural + noise), dim=1))
         loss.backward()
-        grad_norms = delta.grad.view(batch_size, -1).norm(p=2, dim=1)
-        delta.grad.div_(grad_norms.view(-1, 1, 1, 1))
-        if (grad_norms == 0).any():
-            delta.grad[grad_norms == 0] = _randn_like(delta.grad[grad_norms == 0], generator)
-        optimizer_delta.step()
-        delta.data.add_(x_natural)
-        delta.data.clamp_(0, 1).sub_(x_natural)
-        delta.data.renorm_(p=2, dim=0, maxnorm=epsilon)
+        _l2_delta_step(delta, optimizer_delta, x_natural, epsilon, generator)
     x_adv = (x_natural + delta).detach()
     model.train()
     x_adv = torch.clamp(x_adv, 0.0, 1.0).detach()
@@ -253,13 +242,7 @@ def trades_smoothing_loss_reference(model: nn.Module, x_natural: Tensor, y: Tens
             with torch.enable_grad():
                 loss = -kl_sum(F.log_softmax(model(x + delta + noise), dim=1), F.softmax(model(x + noise), dim=1))
             loss.backward()
-            norms = delta.grad.reshape(b, -1).norm(p=2, dim=1)
-            delta.grad.div_(norms.view((-1,) + (1,) * (x.dim() - 1)))
-            if bool((norms == 0).any()):
-                delta.grad[norms == 0] = torch.randn_like(delta.grad[norms == 0])
-            sgd.step()
-            with torch.no_grad():
-                delta.add_(x).clamp_(0, 1).sub_(x).renorm_(p=2, dim=0, maxnorm=epsilon)
+            _l2_delta_step(delta, sgd, x, epsilon)      # a zero gradient: torch.randn_like, as the original
         x_adv = (x + delta).detach()
     model.train()
     x_adv = torch.clamp(x_adv, 0.0, 1.0).detach()
