@@ -22,7 +22,7 @@ from torch import nn
 
 from .nn import Normalize
 
-__all__ = ["BoundNode", "UnsupportedLayerError", "capture", "normalize_params"]
+__all__ = ["BoundNode", "UnsupportedLayerError", "capture", "normalize_params", "run_graph"]
 
 
 class UnsupportedLayerError(TypeError):
@@ -209,3 +209,29 @@ def _method_node(node: fx.Node, inputs: list[str]) -> BoundNode:
     if method == "contiguous":
         return BoundNode(node.name, "identity", ".contiguous()", inputs[:1])
     raise _unsupported(f"method .{method}()", f".{method}()", node)
+
+
+def run_graph(nodes: list[BoundNode], x, layer: Callable[[BoundNode, Any], Any], shapes: dict | None = None):
+    """Run the captured network on ``x`` and return the output's value. ``layer(n, v)`` computes every layer
+    node (ReLU included) from the value ``v`` of its (first) input; the input, Identity, ``+``, reshape and meta
+    nodes are done here. With ``shapes`` given, the shape of every tensor value is recorded in it by node name.
+    The one graph walker of the forward passes (bounds' shapes and batch statistics, the fused flatness passes)."""
+    values: dict[str, Any] = {}
+    for n in nodes:
+        k = n.kind
+        if k == "input":
+            r = x
+        elif k == "output":
+            return values[n.inputs[0]]
+        elif k == "add":
+            r = values[n.inputs[0]] + values[n.inputs[1]]
+        elif k in ("reshape", "meta"):
+            r = n.call(values)
+        elif k == "identity":
+            r = values[n.inputs[0]]
+        else:
+            r = layer(n, values[n.inputs[0]])
+        if shapes is not None and isinstance(r, torch.Tensor):
+            shapes[n.name] = r.shape
+        values[n.name] = r
+    raise AssertionError("the captured graph has no output node")

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .._numerics import gamma, next_down, next_up, tiny, unit_roundoff
-from ..graph import BoundNode
+from ..graph import BoundNode, run_graph
 from .precision import Coefficients
 
 __all__ = ["uses_batch_stats", "point_statistics", "forward_with_statistics", "recorded_forward",
@@ -52,44 +52,33 @@ def forward_with_statistics(nodes: list[BoundNode], x: Tensor, stats: dict | Non
     ``stats[name] = (mean, var)`` when given (the function a bound with those statistics is about, evaluated
     at other points), else by ``x``'s own batch statistics, which are returned. Running statistics are not
     touched; autograd is kept."""
-    out_stats: dict = {}
-    env: dict = {}
     for node in nodes:
-        kind = node.kind
-        if kind == "input":
-            v = x
-        elif kind == "output":
-            return env[node.inputs[0]], out_stats
-        elif kind in ("reshape", "meta"):
-            v = node.call(env)
-        elif kind == "add":
-            v = env[node.inputs[0]] + env[node.inputs[1]]
-        elif kind == "relu":
-            v = torch.relu(env[node.inputs[0]])
-        else:
-            z = env[node.inputs[0]]
-            m = node.module
-            if kind == "batchnorm" and uses_batch_stats(m):
-                if stats is not None:
-                    mean, var = stats[node.name]
-                else:
-                    var, mean = torch.var_mean(z, _reduce_dims(z), unbiased=False)
-                out_stats[node.name] = (mean, var)
-                shape = (1, -1) + (1,) * (z.dim() - 2)
-                v = (z - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + m.eps)
-                if m.weight is not None:
-                    v = v * m.weight.reshape(shape)
-                if m.bias is not None:
-                    v = v + m.bias.reshape(shape)
-            elif kind == "identity" and isinstance(m, nn.Dropout) and m.training and m.p > 0:
-                raise RuntimeError(f"robustkern.bounds: Dropout '{node.path}' is in training mode; bounds of a "
-                                   f"random layer are undefined (put the model in eval mode)")
-            elif m is not None and kind != "identity":
-                v = m(z)
+        m = node.module
+        if node.kind == "identity" and isinstance(m, nn.Dropout) and m.training and m.p > 0:
+            raise RuntimeError(f"robustkern.bounds: Dropout '{node.path}' is in training mode; bounds of a "
+                               f"random layer are undefined (put the model in eval mode)")
+    out_stats: dict = {}
+
+    def layer(node: BoundNode, z: Tensor) -> Tensor:
+        m = node.module
+        if node.kind == "relu":
+            return torch.relu(z)
+        if node.kind == "batchnorm" and uses_batch_stats(m):
+            if stats is not None:
+                mean, var = stats[node.name]
             else:
-                v = z
-        env[node.name] = v
-    raise AssertionError("graph without output node")
+                var, mean = torch.var_mean(z, _reduce_dims(z), unbiased=False)
+            out_stats[node.name] = (mean, var)
+            shape = (1, -1) + (1,) * (z.dim() - 2)
+            v = (z - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + m.eps)
+            if m.weight is not None:
+                v = v * m.weight.reshape(shape)
+            if m.bias is not None:
+                v = v + m.bias.reshape(shape)
+            return v
+        return m(z) if m is not None else z
+
+    return run_graph(nodes, x, layer), out_stats
 
 
 def recorded_forward(model: nn.Module, nodes: list[BoundNode], x: Tensor):

@@ -21,8 +21,9 @@ reshape     ``A`` reshaped to the input's shape (per example)
 At the input, ``robustkern::crown_concretize`` evaluates ``A x + c`` over the (clipped) input box, and for
 an L2 ball also over the ball by the dual norm, ``A x0 -/+ eps ||A||_2``, keeping the tighter of the two (both
 are bounds over supersets of ball-and-box). The ReLU input bounds come from IBP (CROWN-IBP) or, for CROWN,
-from a backward pass per ReLU-input node with the identity specification (chunked by ``crown_batch_size``
-rows), intersected with the IBP box (both are sound, so their intersection is).
+from a backward pass per ReLU-input node with the identity specification (``rows_per_pass`` rows at a time:
+``crown_batch_size``, or what a memory budget allows), intersected with the IBP box (both are sound, so their
+intersection is).
 
 Floating point (``sound=True``). The relaxation is exact in real arithmetic; computed in floating point every
 product rounds, and an ``(A, c)`` whose ``A`` is only close to the exact product is not by itself a valid bound.
@@ -61,8 +62,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.crown import RELU_LOWER_MODES, crown_concretize, crown_relu_backward, crown_relu_backward_slopes
-from .._numerics import gamma, next_down, next_up, tiny, unit_roundoff
-from ..graph import BoundNode
+from .._numerics import gamma, next_down, next_up, round_down, round_up, tiny, unit_roundoff
+from ..graph import BoundNode, run_graph
 from .ibp import Box
 from .precision import Coefficients
 
@@ -79,32 +80,14 @@ def node_shapes(nodes: list[BoundNode], model, x1: Tensor) -> dict[str, tuple]:
     """Per-example output shape of every tensor node, from an eval-mode forward of one example."""
     was = [(m, m.training) for m in model.modules()]
     model.eval()
-    env: dict = {}
     shapes: dict = {}
     try:
         with torch.no_grad():
-            for n in nodes:
-                if n.kind == "input":
-                    v = x1
-                elif n.kind == "output":
-                    continue
-                elif n.kind in ("reshape", "meta"):
-                    v = n.call(env)
-                elif n.kind == "add":
-                    v = env[n.inputs[0]] + env[n.inputs[1]]
-                elif n.kind == "relu":
-                    v = torch.relu(env[n.inputs[0]])
-                elif n.module is not None:
-                    v = n.module(env[n.inputs[0]])
-                else:
-                    v = env[n.inputs[0]]
-                env[n.name] = v
-                if isinstance(v, Tensor):
-                    shapes[n.name] = tuple(v.shape[1:])
+            run_graph(nodes, x1, lambda n, v: torch.relu(v) if n.kind == "relu" else n.module(v), shapes)
     finally:
         for m, t in was:
             m.train(t)
-    return shapes
+    return {name: tuple(shape[1:]) for name, shape in shapes.items()}
 
 
 def _tensor_input(node: BoundNode, shapes: dict) -> str:
@@ -553,8 +536,8 @@ def output_spec(setup: CrownSetup, C: Tensor | None, num_outputs: int) -> tuple[
 def finish(setup: CrownSetup, lb: Tensor | None, ub: Tensor | None) -> tuple:
     """Sound bounds computed in float64 for a float32 model, rounded outwards to float32."""
     if setup.ctx.sound and setup.ctx.dtype != setup.work:
-        lb = _round_down(lb, setup.work) if lb is not None else None
-        ub = _round_up(ub, setup.work) if ub is not None else None
+        lb = round_down(lb, setup.work) if lb is not None else None
+        ub = round_up(ub, setup.work) if ub is not None else None
     return lb, ub
 
 
@@ -602,13 +585,3 @@ def crown_bounds(nodes, shapes, ibp_bounds: dict, C: Tensor | None, num_outputs:
 
 def _box(v) -> Box:
     return v() if callable(v) else v
-
-
-def _round_down(v: Tensor, dtype) -> Tensor:
-    w = v.to(dtype)
-    return torch.where(w.to(v.dtype) > v, torch.nextafter(w, torch.full_like(w, -math.inf)), w)
-
-
-def _round_up(v: Tensor, dtype) -> Tensor:
-    w = v.to(dtype)
-    return torch.where(w.to(v.dtype) < v, torch.nextafter(w, torch.full_like(w, math.inf)), w)

@@ -5,8 +5,9 @@
 the same graph, the ``BoundNode`` list of ``robustkern.graph.capture``, and differ in what they do at
 a layer. The walkers here do the graph's bookkeeping:
 
-    forward     values by node name; the input, Identity, ``+`` of branches, reshape/meta steps (``n.call``);
-                the shape of every node's value (``shapes``: what the transposed maps need)
+    run_graph   (``robustkern.graph.run_graph``, re-exported) values by node name; the input, Identity, ``+``
+                of branches, reshape/meta steps (``n.call``); the shape of every node's value (``shapes``: what
+                the transposed maps need)
     transpose   from the output's seed to the input: gradients by node name, summed where a value has several
                 users; ``+`` passes its gradient to both branches, a reshape back to its input's shape, Identity on
 
@@ -26,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..graph import BoundNode, normalize_params
+from ..graph import BoundNode, normalize_params, run_graph
 
-__all__ = ["forward", "transpose", "layer_forward", "layer_jvp", "layer_vjp", "channel_shape", "bn_inv_std",
+__all__ = ["run_graph", "transpose", "layer_forward", "layer_jvp", "layer_vjp", "channel_shape", "bn_inv_std",
            "bn_scale", "maxpool_forward", "maxpool_jvp", "maxpool_vjp"]
 
 
@@ -123,7 +124,7 @@ def layer_jvp(n: BoundNode, v: Tensor) -> Tensor:
 
 def layer_vjp(n: BoundNode, g: Tensor, shapes: dict) -> Tensor:
     """``J_n^T g`` for eval-mode BatchNorm, Normalize and AvgPool2d (``shapes``: node name -> output shape, as
-    ``forward`` records it; the pool's input shape is read from it)."""
+    ``run_graph`` records it; the pool's input shape is read from it)."""
     k, m = n.kind, n.module
     if k == "batchnorm":
         return g * bn_scale(m, g)
@@ -136,32 +137,6 @@ def layer_vjp(n: BoundNode, g: Tensor, shapes: dict) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- walkers
-def forward(nodes: list[BoundNode], x: Tensor, layer: Callable[[BoundNode, Tensor], Tensor],
-            shapes: dict | None = None):
-    """Run the captured network on ``x`` and return the output's value. ``layer(n, v)`` computes every layer
-    node from the value ``v`` of its (first) input; the input, Identity, ``+``, reshape and meta nodes are done
-    here. With ``shapes`` given, the shape of every tensor value is recorded in it by node name."""
-    values: dict[str, object] = {}
-    for n in nodes:
-        k = n.kind
-        if k == "input":
-            r = x
-        elif k == "output":
-            return values[n.inputs[0]]
-        elif k == "add":
-            r = values[n.inputs[0]] + values[n.inputs[1]]
-        elif k in ("reshape", "meta"):
-            r = n.call(values)
-        elif k == "identity":
-            r = values[n.inputs[0]]
-        else:
-            r = layer(n, values[n.inputs[0]])
-        if shapes is not None and isinstance(r, Tensor):
-            shapes[n.name] = r.shape
-        values[n.name] = r
-    raise AssertionError("the captured graph has no output node")
-
-
 def transpose(nodes: list[BoundNode], seed: Tensor, vjp: Callable[[BoundNode, Tensor], tuple[str, Tensor]],
               shapes: dict, on_node: Callable[[BoundNode, Tensor], None] | None = None,
               skip=frozenset()) -> Tensor | None:
@@ -170,7 +145,7 @@ def transpose(nodes: list[BoundNode], seed: Tensor, vjp: Callable[[BoundNode, Te
     ``vjp(n, g)`` -> ``(name, gradient)``: a layer node's transposed map of its output gradient ``g``, and the
     node that receives it (the layer's input, or the input of a node the layer absorbs, such as a ReLU whose
     mask it applies; an absorbed node then receives no gradient and is passed over). ``shapes``: the output
-    shapes ``forward`` recorded. ``on_node(n, g)`` sees the gradient at the output of every node reached
+    shapes ``run_graph`` recorded. ``on_node(n, g)`` sees the gradient at the output of every node reached
     (before it is propagated). Nodes in ``skip`` receive nothing (and layers feeding them are not transposed)."""
     grads: dict[str, Tensor] = {}
 

@@ -137,7 +137,7 @@ def _forward(nodes: list[BoundNode], x: Tensor) -> tuple[Tensor, _Tape]:
             return r
         return walk.layer_forward(n, v)
 
-    return walk.forward(nodes, x, layer, tape.shapes), tape
+    return walk.run_graph(nodes, x, layer, tape.shapes), tape
 
 
 def _tangent(nodes: list[BoundNode], tape: _Tape, t: Tensor) -> Tensor:
@@ -147,7 +147,7 @@ def _tangent(nodes: list[BoundNode], tape: _Tape, t: Tensor) -> Tensor:
             return walk.maxpool_jvp(v, tape.idx[n.name])
         return relu_masked(v, tape.bits[n.name]) if n.kind == "relu" else walk.layer_jvp(n, v)
 
-    return walk.forward(nodes, t, layer)
+    return walk.run_graph(nodes, t, layer)
 
 
 def _backward(nodes: list[BoundNode], tape: _Tape, seed: Tensor) -> Tensor:

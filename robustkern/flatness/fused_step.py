@@ -146,7 +146,7 @@ class _Pass:
                 on_layer(n, v)
             return self.jvp(n, v, saved)
 
-        return walk.forward(self.nodes, t, layer)
+        return walk.run_graph(self.nodes, t, layer)
 
 
 def _idx(n: BoundNode) -> str:
@@ -172,7 +172,7 @@ def _forward_values(p: _Pass, x: Tensor):
             keep[n.inputs[0]] = v
         return walk.layer_forward(n, v)
 
-    return walk.forward(p.nodes, x, layer, p.shapes), keep
+    return walk.run_graph(p.nodes, x, layer, p.shapes), keep
 
 
 class _InputGradientPass(torch.autograd.Function):
