@@ -14,8 +14,8 @@ Calling an op (``op(*args)``, after the public function in the family module has
    serve these arguments hands the call to the reference, without an error (an optimisation never changes what
    works);
 2. without a gradient to record, the implementation runs directly: the C++ kernel below the autograd layer
-   (``torch.ops.robustkern.<name>``), the Triton launcher or the reference: a few microseconds over the bare
-   kernel (``benchmarks/bench_dispatch.py``);
+   (``torch.ops.robustkern.<name>``), the Triton launcher or the reference: 5-8 us over the bare kernel on the
+   CPU, 14 us with the IEEE-products context (``benchmarks/bench_dispatch.py``);
 3. with one, through ``_OpFunction``, an ``autograd.Function`` that runs the same implementation and applies the
    op's formula: the same gradients on every backend;
 4. under ``torch.compile`` the dispatcher op ``torch.ops.robustkern.<name>`` is called instead, with its fake
