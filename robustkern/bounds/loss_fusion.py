@@ -60,7 +60,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._numerics import gamma, ieee_products, unit_roundoff
+from .._numerics import gamma, ieee_products, round_up, unit_roundoff
 from .crown import crown_bounds, node_shapes
 from .ibp import Box, propagate
 from .module import BoundedModule, canonical_method
@@ -193,8 +193,7 @@ def log_bound(s: Tensor, M: Tensor, sound: bool, work: torch.dtype) -> Tensor:
         u = unit_roundoff(v.dtype)
         v = v + 4 * u * v.abs()
         v = v + M + gamma(2, u) * (v.abs() + M) + torch.finfo(v.dtype).tiny
-        w = v.to(work)
-        return torch.where(w.to(v.dtype) < v, torch.nextafter(w, torch.full_like(w, math.inf)), w)
+        return round_up(v, work)
     return (v + M).to(work)
 
 

@@ -145,15 +145,11 @@ def _tensor_input(node: BoundNode, by_name: dict, shapes: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------ rigorous upper bounds
-def _up(t: Tensor) -> Tensor:
-    return next_up(t)
-
-
 def _frob_sq_upper(M: Tensor) -> Tensor:
     """An upper bound of ``||M_f||_F^2`` for each matrix of the batch ``M`` (F, m, n), float64, exact inputs."""
     n = M[0].numel()
     s = M.square().flatten(1).sum(1)
-    return _up(_up(s * (1 + gamma(n + 2, _U64))) + n * tiny(torch.float64))
+    return next_up(next_up(s * (1 + gamma(n + 2, _U64))) + n * tiny(torch.float64))
 
 
 def _pow2_scale(fro_sq: Tensor) -> Tensor:
@@ -184,15 +180,15 @@ def gram_upper(M: Tensor, iterations: int = GRAM_ITERATIONS) -> Tensor:
         m, n = G.shape[1:]
         N = G @ G.transpose(1, 2) if m <= n else G.transpose(1, 2) @ G
         k = n if m <= n else m
-        err = _up(gamma(k + 1, _U64) * _frob_sq_upper(G))
+        err = next_up(gamma(k + 1, _U64) * _frob_sq_upper(G))
         e = _pow2_scale(_frob_sq_upper(N))
         G = N * _pow2(-e).reshape(-1, 1, 1)
-        err = _up(err + N.shape[1] * N.shape[2] * tiny(torch.float64) * _pow2(e))
+        err = next_up(err + N.shape[1] * N.shape[2] * tiny(torch.float64) * _pow2(e))
         levels.append((e, err))
-    beta = _up(torch.sqrt(_frob_sq_upper(G)))
+    beta = next_up(torch.sqrt(_frob_sq_upper(G)))
     for e, err in reversed(levels):
-        beta = _up(torch.sqrt(_up(_up(_pow2(e) * beta) + err)))
-    return _up(_up(_pow2(e0) * _up(beta + extra0)))
+        beta = next_up(torch.sqrt(next_up(next_up(_pow2(e) * beta) + err)))
+    return next_up(next_up(_pow2(e0) * next_up(beta + extra0)))
 
 
 def matrix_norm_upper(weight: Tensor, iterations: int = GRAM_ITERATIONS) -> float:
@@ -246,13 +242,13 @@ def conv_norm_upper(weight: Tensor, in_hw: tuple, stride=1, padding=0, dilation=
     re = (torch.cos(theta) @ Kp.t())                  # (F, o*c*s*s)
     im = (torch.sin(theta) @ Kp.t())
     taps = k1 * k2
-    entry_err = _up((TWIDDLE_ERROR + gamma(taps + 1, _U64)) * (1 + TWIDDLE_ERROR) * Kp.abs().sum(1))
-    dft_err = _up(2.0 * _up(torch.sqrt(_frob_sq_upper(entry_err.reshape(1, 1, -1)))))[0]
+    entry_err = next_up((TWIDDLE_ERROR + gamma(taps + 1, _U64)) * (1 + TWIDDLE_ERROR) * Kp.abs().sum(1))
+    dft_err = next_up(2.0 * next_up(torch.sqrt(_frob_sq_upper(entry_err.reshape(1, 1, -1)))))[0]
     cin = c * sh * sw
     re, im = re.reshape(-1, o, cin), im.reshape(-1, o, cin)
     block = torch.cat([torch.cat([re, -im], 2), torch.cat([im, re], 2)], 1)   # (F, 2o, 2cin): same singular values
     per_freq = gram_upper(block, iterations)
-    return float(_up(per_freq.max() + dft_err))
+    return float(next_up(per_freq.max() + dft_err))
 
 
 def operator_norm_upper(node: BoundNode, in_shape: tuple, iterations: int = GRAM_ITERATIONS) -> float:
