@@ -309,10 +309,12 @@ def test_products_inside_bounds_are_ieee_whatever_the_global_setting(backend, no
 
 @pytest.mark.parametrize("backend", backends_for("cpu", include_interpreter=False))
 def test_a_bound_op_called_alone_runs_ieee_products_and_restores_the_settings(backend, monkeypatch):
-    """The interval ops called directly (outside compute_bounds) run their implementation with IEEE products
-    on their device, whatever the user's settings, and restore those settings after."""
+    """The interval ops called directly (outside compute_bounds) run with IEEE products on their device, whatever
+    the user's settings (a lowered matmul precision, bf16 convolutions, an autocast region), and restore those
+    settings after. The reference and Triton run inside the Python context (seen at the call); a compiled kernel
+    holds its own scope, so its results under the lowered settings are those under the defaults, bit for bit."""
     from robustkern import ops
-    from robustkern.ops._registry import Op
+    from robustkern.ops._registry import _COMPILED, Op
 
     seen = []
     run = Op._run
@@ -325,6 +327,15 @@ def test_a_bound_op_called_alone_runs_ieee_products_and_restores_the_settings(ba
     g = torch.Generator().manual_seed(0)
     mid, rad = torch.rand(3, 2, 6, 6, generator=g), torch.rand(3, 2, 6, 6, generator=g) * 0.1
     w, bias = torch.randn(4, 2, 3, 3, generator=g), torch.randn(4, generator=g)
+    w2 = torch.randn(5, 4 * 36, generator=g)
+
+    def calls():
+        with use_backend(backend):
+            m, r = ops.interval_conv2d(mid, rad, w, bias, 1, 1, relu=True)
+            return (m, r) + ops.interval_linear(m.flatten(1), r.flatten(1), w2)
+
+    expected = calls()
+    seen.clear()
     b = torch.backends
     knobs = (b.mkldnn.matmul, b.mkldnn.conv, b.mkldnn, b.cuda.matmul, b.cudnn.conv)
     before = [k.fp32_precision for k in knobs]
@@ -334,10 +345,16 @@ def test_a_bound_op_called_alone_runs_ieee_products_and_restores_the_settings(ba
     try:
         during = [k.fp32_precision for k in knobs]
         assert (effective_cpu_precision(False), effective_cpu_precision(True)) != ("ieee", "ieee")
-        with use_backend(backend):
-            m, r = ops.interval_conv2d(mid, rad, w, bias, 1, 1, relu=True)
-            ops.interval_linear(m.flatten(1), r.flatten(1), torch.randn(5, m[0].numel(), generator=g))
-        assert len(seen) == 2 and all(s[1:] == ("ieee", "ieee") for s in seen), seen
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = calls()
+            assert torch.is_autocast_enabled("cpu"), "the user's autocast region was left"
+        assert len(seen) == 2
+        if backend in _COMPILED:
+            for a, e in zip(got, expected):
+                assert a.dtype == torch.float32
+                torch.testing.assert_close(a, e, rtol=0, atol=0)
+        else:
+            assert all(s[1:] == ("ieee", "ieee") for s in seen), seen
         assert [k.fp32_precision for k in knobs] == during, "the user's settings were not restored"
     finally:
         torch.set_float32_matmul_precision(saved)

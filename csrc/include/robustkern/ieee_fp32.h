@@ -8,17 +8,22 @@
 // holds for torch.backends flags in Python). Convolutions additionally pass allow_tf32=false to
 // at::_convolution, which is what cuDNN reads.
 //
+// Autocast is excluded for the scope too: a kernel called inside the user's torch.autocast region runs its
+// products on the dtypes it was given, so the caller needs no Python-side context around a compiled kernel.
+//
 // Needs the Float32Backend / Float32Op precision API of torch >= 2.10.
 #pragma once
 
 #include <ATen/Context.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 namespace robustkern {
 
 class IeeeFp32Scope {
  public:
-  // active = false: a no-op (float64 inputs). conv: also keep NNPACK off. Settings are touched only when
-  // they allow reduced precision.
+  // active = false: only autocast is excluded (float64 inputs). conv: also keep NNPACK off. Settings are
+  // touched only when they allow reduced precision.
   explicit IeeeFp32Scope(bool active, bool conv = false) {
     if (!active) return;
     auto& ctx = at::globalContext();
@@ -67,6 +72,7 @@ class IeeeFp32Scope {
   }
 
   at::NoTF32Guard no_tf32_;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast_{c10::autocast_dispatch_keyset};
   bool precision_changed_ = false;
   bool nnpack_changed_ = false;
   at::Float32MatmulPrecision legacy_ = at::Float32MatmulPrecision::HIGHEST;
