@@ -14,8 +14,9 @@ Calling an op (``op(*args)``, after the public function in the family module has
    serve these arguments hands the call to the reference, without an error (an optimisation never changes what
    works);
 2. without a gradient to record, the implementation runs directly: the C++ kernel below the autograd layer
-   (``torch.ops.robustkern.<name>``), the Triton launcher or the reference: 5-8 us over the bare kernel on the
-   CPU, 14 us with the IEEE-products context (``benchmarks/bench_dispatch.py``);
+   (``torch.ops.robustkern.<name>``), the Triton launcher or the reference: 5-9 us over the bare kernel on the
+   CPU (``benchmarks/bench_dispatch.py``); an ``ieee`` op's reference and Triton run inside ``ieee_products``,
+   its compiled kernels hold their own scope;
 3. with one, through ``_OpFunction``, an ``autograd.Function`` that runs the same implementation and applies the
    op's formula: the same gradients on every backend;
 4. under ``torch.compile`` the dispatcher op ``torch.ops.robustkern.<name>`` is called instead, with its fake
@@ -70,8 +71,10 @@ class Op:
     they depend on it. ``fake``, ``setup_context``, ``backward``: the meta kernel and the autograd formula
     (``backward`` None: the op has no derivative). ``public``: an explicitly requested backend the op lacks raises
     ``BackendUnavailable``; for an internal op (a backward pass) the reference runs instead. ``ieee``: every
-    implementation runs with IEEE float32 products and autocast off (``robustkern._numerics.ieee_products``),
-    which the rounding-error bounds of the bound ops assume, whatever the user's precision settings.
+    implementation runs with IEEE float32 products and autocast off, which the rounding-error bounds of the bound
+    ops assume, whatever the user's precision settings: the reference and Triton inside
+    ``robustkern._numerics.ieee_products``, the C++/CUDA kernels inside their own ``IeeeFp32Scope``
+    (``csrc/include/robustkern/ieee_fp32.h``, which also excludes autocast), or with no ATen products at all.
     ``composite``: the op has one implementation (``reference``), built from ATen and other ops of the table,
     which choose their own backends; it runs whatever backend is requested."""
 
@@ -136,7 +139,7 @@ class Op:
         """One call of ``impl`` (no autograd recorded), its outputs new tensors."""
         if self.prepare is not None:
             args = self.prepare(backend, args)
-        if self.ieee:
+        if self.ieee and backend not in _COMPILED:     # compiled kernels hold their own IEEE scope
             device_type = _device_type(args)
             if not ieee_products_held(device_type):
                 with ieee_products(device_type):
@@ -165,6 +168,8 @@ class Op:
                 record = record or (grad and a.requires_grad)
         backend, impl = self._choose(args, device)
         if record:
+            if _apply_plain is not None and not torch._C._are_functorch_transforms_active():
+                return _apply_plain(self, backend, impl, *args)
             return _OpFunction.apply(self, backend, impl, *args)
         return self.run_implementation(backend, impl, args)
 
@@ -187,7 +192,8 @@ def _device_type(args) -> str:
 
 
 class _CtxView:
-    """The autograd context as an op's formula sees it: its inputs start after ``_OpFunction``'s own three."""
+    """The autograd context as an op's backward formula sees it: its inputs start after ``_OpFunction``'s own three
+    (``needs_input_grad`` is shifted; the setup functions get the context itself and do not read it)."""
 
     __slots__ = ("_ctx",)
     _SKIP = 3
@@ -213,13 +219,22 @@ class _OpFunction(torch.autograd.Function):
     def forward(ctx, op: Op, backend: str, impl: Callable, *args):
         out = op.run_implementation(backend, impl, args)
         ctx.op = op
-        op.setup_context(_CtxView(ctx), args, out)
+        op.setup_context(ctx, args, out)    # the formulas' setup reads no needs_input_grad: no view needed
         return out
 
     @staticmethod
     def backward(ctx, *grads):
         g = ctx.op.backward(_CtxView(ctx), *grads)
         return (None, None, None) + (tuple(g) if isinstance(g, (tuple, list)) else (g,))
+
+
+# ``_OpFunction.apply`` without ``Function.apply``'s Python preamble, which only unwraps functorch wrappers (none
+# reach it outside functorch transforms: other tensor subclasses go to the dispatcher) and binds defaults of a
+# ``setup_context``-style forward (not used here): the autograd node is the same. None where torch lacks it.
+try:
+    _apply_plain = super(torch.autograd.Function, _OpFunction).apply
+except AttributeError:  # pragma: no cover - a torch without the C apply
+    _apply_plain = None
 
 
 def triton_kernel(family: str, name: str) -> Callable:
