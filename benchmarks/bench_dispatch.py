@@ -8,7 +8,9 @@ and per step, so this is the cost that tempts them to go around the floor.
 
 Each provider is timed as ``--calls`` back-to-back calls, one thread, interleaved over ``--rounds`` rounds
 (``common.time_cpu``); the table gives microseconds per call (median over rounds) and the overhead over ATen.
-"grad" rows call with an input that requires grad (the autograd wrapper is recorded, no backward is run).
+"grad" rows call with an input that requires grad (the autograd wrapper is recorded, no backward is run); for them
+the table also gives a bare ``torch.autograd.Function`` whose forward calls the implementation and saves nothing:
+torch's own cost of a custom autograd node, which any op with its own derivative pays.
 """
 from __future__ import annotations
 
@@ -39,8 +41,25 @@ def _direct(name: str, *args):
     return lambda: op.reference(*args)
 
 
+class _Bare(torch.autograd.Function):
+    """The least a custom autograd node costs: forward runs the implementation, nothing is saved."""
+
+    @staticmethod
+    def forward(ctx, call, x):
+        return call()
+
+    @staticmethod
+    def backward(ctx, *grads):  # pragma: no cover - never run
+        return None, None
+
+
+def bare_function(direct, x):
+    return lambda: _Bare.apply(direct, x)
+
+
 def cases():
-    """(name, robustkern call, direct implementation call, ATen call) on tiny CPU inputs."""
+    """(name, robustkern call, direct implementation call, ATen call, the input that requires grad or None) on tiny
+    CPU inputs."""
     ops.load()
     g = torch.Generator().manual_seed(0)
     m, r = torch.rand(2, 8, generator=g), torch.rand(2, 8, generator=g)
@@ -52,13 +71,15 @@ def cases():
     eps = torch.full((2,), 0.1)
     logits, y = torch.randn(4, 5, generator=g), torch.randint(0, 5, (4,), generator=g)
     bits = ops.relu_pack_mask(x)
-    return [
+    rows = [
         ("interval_affine (relu)", lambda: ops.interval_affine(m, r, relu=True),
          _direct("interval_affine", m, r, None, None, True, True), lambda: torch.relu(m)),
         ("interval_affine (relu), grad", lambda: ops.interval_affine(mg, r, relu=True),
          _direct("interval_affine", mg, r, None, None, True, True), lambda: torch.relu(mg)),
         ("interval_linear", lambda: ops.interval_linear(m, r, w, b),
          _direct("interval_linear", m, r, w, b, None, None, False, True), lambda: F.linear(m, w, b)),
+        ("interval_linear, grad", lambda: ops.interval_linear(mg, r, w, b),
+         _direct("interval_linear", mg, r, w, b, None, None, False, True), lambda: F.linear(mg, w, b)),
         ("crown_relu_backward", lambda: ops.crown_relu_backward(A, lo, hi),
          _direct("crown_relu_backward", A, lo, hi, 0, False), lambda: A.clamp(min=0)),
         ("pgd_step (linf)", lambda: ops.pgd_step(x, gr, x, eps, eps),
@@ -67,6 +88,7 @@ def cases():
         ("softmax_ce_grad", lambda: ops.softmax_ce_grad(logits, y), _direct("softmax_ce_grad", logits, y),
          lambda: torch.softmax(logits, 1)),
     ]
+    return [row + ((mg,) if row[0].endswith(", grad") else (None,)) for row in rows]
 
 
 def loop(fn, n):
@@ -86,22 +108,30 @@ def main(argv=None) -> int:
     device = torch.device("cpu")
     env = common.start(device, threads=1, args=args)
     rows, lines = [], []
-    for name, ours, direct, aten in cases():
-        t = common.time_cpu({"robustkern": loop(ours, args.calls), "implementation": loop(direct, args.calls),
-                             "aten": loop(aten, args.calls)}, rounds=args.rounds, warmup=1)
+    for name, ours, direct, aten, grad_input in cases():
+        providers = {"robustkern": loop(ours, args.calls), "implementation": loop(direct, args.calls),
+                     "aten": loop(aten, args.calls)}
+        if grad_input is not None:
+            providers["autograd.Function"] = loop(bare_function(direct, grad_input), args.calls)
+        t = common.time_cpu(providers, rounds=args.rounds, warmup=1)
         per_call = {k: common.Timing(v.median_ms / args.calls, v.low_ms / args.calls, v.high_ms / args.calls,
                                      v.samples) for k, v in t.items()}
         us = {k: v.median_ms * 1e3 for k, v in per_call.items()}
         over = us["robustkern"] - us["implementation"]
+        bare = us.get("autograd.Function")
         lines.append(f"| {name} | {us['robustkern']:.1f} | {us['implementation']:.1f} | {us['aten']:.1f} | "
-                     f"{over:.1f} |")
+                     f"{over:.1f} | " + ("-" if bare is None else f"{bare:.1f} | {us['robustkern'] - bare:.1f}")
+                     + (" | -" if bare is None else "") + " |")
         rows += [common.Row(case={"op": name}, provider=k, timing=v) for k, v in per_call.items()]
     legend = ("Microseconds per call, median of interleaved rounds. `implementation`: the op's CPU kernel called "
               "directly below autograd (or its reference where it has no C++ kernel); `floor adds` = robustkern - "
-              "implementation: argument checks, backend choice, IEEE-products context (`interval_linear`) and, in "
-              "the grad row, the autograd wrapper.")
-    body = "\n".join([legend, "", "| op | robustkern us/call | implementation us/call | one ATen call us | floor adds us |",
-                      "|---|---|---|---|---|", *lines])
+              "implementation: argument checks, backend choice, the IEEE-products context (reference and Triton "
+              "only; the compiled kernels hold their own) and, in the grad rows, the autograd node. `bare "
+              "autograd.Function`: the implementation inside a custom autograd node that saves nothing (torch's "
+              "own cost of a node); `over bare` = robustkern - that: what the floor adds beyond torch's node.")
+    body = "\n".join([legend, "", "| op | robustkern us/call | implementation us/call | one ATen call us | floor adds us "
+                      "| bare autograd.Function us | over bare us |",
+                      "|---|---|---|---|---|---|---|", *lines])
     print(body)
     if args.write_results:
         common.append_csv(BENCH, rows, env, device)
