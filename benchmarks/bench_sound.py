@@ -1,0 +1,223 @@
+"""Sound bounds: what they cost in tightness and in time, against unsound bounds and a float64 reference.
+
+For every model and method (IBP, CROWN-IBP, CROWN) the margins ``C f(x)`` (C: the (B, 9, 10) margin
+specification) are bounded three ways on the same inputs:
+
+  sound      ``compute_bounds(..., sound=True)`` on the float32 model: bounds that hold for the real network
+  unsound    ``sound=False`` on the float32 model (the working precision's numbers, no guarantee)
+  float64    ``sound=False`` on a float64 copy of the model, with the float32 inputs: the same relaxation in
+             float64, whose own rounding (~1e-16 relative) is far below what is measured here; the reference
+
+Tightness, relative to the largest reference bound ``s = max |float64 bounds|``:
+  ``sound loose``  = max over bounds of how much looser sound is than float64
+                     (``max(lb64 - lb_sound, ub_sound - ub64) / s``): what soundness costs;
+  ``fp32 error``   = ``max |unsound - float64| / s``: the float32 computation's actual rounding error;
+  a sound bound tighter than float64 by more than float64's own rounding is reported as an escape.
+
+Time: the median of interleaved rounds (``common.time_cpu``) of sound and unsound, the forward alone (bounds of
+the margins' lower side under ``no_grad``) and the forward + backward of the robust cross-entropy of those lower
+bounds (the certified-training step), with the ratio sound / unsound. Models (eval mode; BatchNorm running
+statistics from one training-mode forward): small random nets (``mlp_small``, ``cnn_small`` with BatchNorm, 8x8
+inputs), the digits models of the tests trained in-process (``digits_mlp``, ``digits_cnn``), ``cnn_4layer`` (MNIST
+shape, as in ``bench_alpha_crown.py``), ``cifar_medium`` and ``cnn_7layer_bn`` (CIFAR shape, normalisation first).
+CROWN runs on the models where its intermediate passes take seconds (not on the CIFAR models).
+
+    PYTHONPATH=python:. python benchmarks/bench_sound.py                    # all models, 1 thread
+    PYTHONPATH=python:. python benchmarks/bench_sound.py --models mlp_small,cnn_small --rounds 3
+    PYTHONPATH=python:. python benchmarks/bench_sound.py --write-results
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
+from bench_ibp import build  # noqa: E402
+
+from robustkern.bounds import BoundedModule, margin_spec, robust_cross_entropy  # noqa: E402
+
+BENCH = "sound"
+TITLE = "Sound bounds: tightness against float64 and time against unsound (`bench_sound.py`)"
+METHODS = ("IBP", "CROWN-IBP", "CROWN")
+# Targets: sound looser than float64 by less than this (relative to the largest bound) ...
+TARGET_LOOSE = 1e-5
+# ... and the sound forward + backward at most this many times the unsound one (CPU).
+TARGET_TIME = 1.15
+
+
+@dataclass
+class Model:
+    name: str
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    eps: float
+    methods: tuple
+
+
+def _random_stats(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """BatchNorm running statistics from one training-mode forward (momentum 1), then eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.momentum = 1.0
+    with torch.no_grad():
+        model.train()
+        model(x)
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
+def _digits(kind: str, batch: int):
+    from tests import _digits
+
+    _, _, xte, yte = _digits.digits()
+    return _digits.trained(kind), xte[:batch], yte[:batch]
+
+
+def make_model(name: str, batch: int, seed: int) -> Model:
+    torch.manual_seed(seed)
+    small = METHODS
+    if name == "mlp_small":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                              nn.Linear(64, 10))
+        x = torch.rand(batch, 1, 8, 8)
+        return Model(name, _random_stats(model, x), x, torch.randint(10, (batch,)), 0.05, small)
+    if name == "cnn_small":
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.Conv2d(8, 16, 4, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 32),
+                              nn.ReLU(), nn.Linear(32, 10))
+        x = torch.rand(batch, 1, 8, 8)
+        return Model(name, _random_stats(model, x), x, torch.randint(10, (batch,)), 0.05, small)
+    if name in ("digits_mlp", "digits_cnn"):
+        model, x, y = _digits(name.split("_")[1], batch)
+        return Model(name, model, x, y, 0.05, small)
+    if name == "cnn_4layer":
+        from bench_alpha_crown import make_model as alpha_model
+        model = alpha_model("cnn_4layer")
+        x = torch.rand(batch, 1, 28, 28)
+        return Model(name, _random_stats(model, x), x, torch.randint(10, (batch,)), 0.1, small)
+    if name in ("cifar_medium", "cnn_7layer_bn"):
+        model = build("cifar_medium:padding=1" if name == "cifar_medium" else name)
+        x = torch.rand(batch, 3, 32, 32)
+        return Model(name, _random_stats(model, x), x, torch.randint(10, (batch,)), 2 / 255, ("IBP", "CROWN-IBP"))
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(DEFAULT_BATCH)}")
+
+
+DEFAULT_BATCH = {"mlp_small": 32, "cnn_small": 32, "digits_mlp": 64, "digits_cnn": 64, "cnn_4layer": 8,
+                 "cifar_medium": 8, "cnn_7layer_bn": 4}
+
+
+def tightness(m: Model, method: str) -> dict:
+    """``sound loose``, ``fp32 error`` and ``escape`` (module docstring) of one model and method."""
+    C = margin_spec(m.y, 10)
+    bm32 = BoundedModule(m.model, m.x[:1])
+    m64 = copy.deepcopy(m.model).double()
+    bm64 = BoundedModule(m64, m.x[:1].double())
+    with torch.no_grad():
+        ref = bm64.compute_bounds(m.x, m.eps, method=method, C=C.double(), sound=False)
+        sound = bm32.compute_bounds(m.x, m.eps, method=method, C=C, sound=True)
+        unsound = bm32.compute_bounds(m.x, m.eps, method=method, C=C, sound=False)
+    scale = float(torch.maximum(ref[0].abs(), ref[1].abs()).max())
+    gap = torch.maximum((ref[0] - sound[0].double()).max(), (sound[1].double() - ref[1]).max())
+    inside = torch.minimum((ref[0] - sound[0].double()).min(), (sound[1].double() - ref[1]).min())
+    err = torch.maximum((unsound[0].double() - ref[0]).abs().max(), (unsound[1].double() - ref[1]).abs().max())
+    return {"loose": float(gap) / scale, "fp32_err": float(err) / scale,
+            "escape": float(inside) < -1e-12 * scale, "scale": scale}
+
+
+def timings(m: Model, method: str, rounds: int) -> dict:
+    C = margin_spec(m.y, 10)
+    bm = BoundedModule(m.model, m.x[:1])
+    params = [p for p in m.model.parameters()]
+
+    def fwd(sound):
+        def run():
+            with torch.no_grad():
+                bm.compute_bounds(m.x, m.eps, method=method, C=C, sound=sound, bound_upper=False)
+        return run
+
+    def fwdbwd(sound):
+        def run():
+            for p in params:
+                p.grad = None
+            lb, _ = bm.compute_bounds(m.x, m.eps, method=method, C=C, sound=sound, bound_upper=False)
+            robust_cross_entropy(lb).backward()
+        return run
+
+    t = common.time_cpu({"fwd unsound": fwd(False), "fwd sound": fwd(True), "fwd+bwd unsound": fwdbwd(False),
+                         "fwd+bwd sound": fwdbwd(True)}, rounds=rounds)
+    return {k: v.median_ms for k, v in t.items()}
+
+
+def _fmt(v: float, kind: str) -> str:
+    return f"{v:.1e}" if kind == "rel" else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(DEFAULT_BATCH))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--batch", type=int, default=0, help="one batch size for every model (default: per model)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--write-results", action="store_true")
+    common.add_output_options(ap)
+    args = ap.parse_args(argv)
+    device = torch.device("cpu")
+    env = common.start(device, args.threads, args)
+    head = ["model", "batch", "method", "sound loose", "fp32 error", "fwd unsound ms", "fwd sound ms", "fwd x",
+            "fwd+bwd unsound ms", "fwd+bwd sound ms", "fwd+bwd x", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows, misses = [], []
+    wanted = [s.strip().upper() for s in args.methods.split(",")]
+    for name in args.models.split(","):
+        m = make_model(name, args.batch or DEFAULT_BATCH[name], args.seed)
+        for method in (mt for mt in METHODS if mt.upper() in wanted):
+            if method not in m.methods:
+                continue
+            tight = tightness(m, method)
+            t = timings(m, method, args.rounds)
+            fx, bx = t["fwd sound"] / t["fwd unsound"], t["fwd+bwd sound"] / t["fwd+bwd unsound"]
+            note = "ESCAPE: sound tighter than float64" if tight["escape"] else ""
+            if tight["loose"] >= TARGET_LOOSE:
+                misses.append(f"{name} {method}: sound {tight['loose']:.1e} looser than float64 (target "
+                              f"< {TARGET_LOOSE:.0e})")
+            if bx > TARGET_TIME:
+                misses.append(f"{name} {method}: sound forward+backward {bx:.2f}x unsound (target <= {TARGET_TIME})")
+            cells = [name, str(m.x.shape[0]), method, _fmt(tight["loose"], "rel"), _fmt(tight["fp32_err"], "rel"),
+                     _fmt(t["fwd unsound"], "ms"), _fmt(t["fwd sound"], "ms"), f"{fx:.2f}",
+                     _fmt(t["fwd+bwd unsound"], "ms"), _fmt(t["fwd+bwd sound"], "ms"), f"{bx:.2f}", note]
+            lines.append("| " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+            rows.append(common.Row({"model": name, "batch": m.x.shape[0], "method": method}, "sound",
+                                   common.Timing(t["fwd+bwd sound"], t["fwd+bwd sound"], t["fwd+bwd sound"], -1),
+                                   extra={"sound_loose": tight["loose"], "fp32_err": tight["fp32_err"],
+                                          "escape": tight["escape"], **{k.replace(" ", "_").replace("+", "_"): v
+                                                                         for k, v in t.items()}}))
+    body = "\n".join(lines)
+    targets = ["Targets: sound looser than float64 by < 1e-5 of the largest bound; sound forward+backward "
+               f"<= {TARGET_TIME}x unsound on the CPU."]
+    targets += [f"- missed: {s}" for s in misses] or ["- all met"]
+    legend = ("`sound loose`: how much looser the sound float32 bounds are than the same relaxation in float64, "
+              "over the largest bound; `fp32 error`: the unsound float32 bounds' distance from float64 (the "
+              "actual rounding error), same scale; times: medians over interleaved rounds, one thread, the "
+              "lower bounds of the margins; `x`: sound / unsound.")
+    text = legend + "\n\n" + body + "\n\n" + "\n".join(targets) + "\n"
+    print("\n" + text)
+    if args.write_results:
+        common.append_csv(BENCH, rows, env, device)
+        common.update_results_md(BENCH, TITLE, text, env, f"{args.threads} thread")
+
+
+if __name__ == "__main__":
+    main()
