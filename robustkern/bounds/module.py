@@ -34,12 +34,6 @@ def _nan_to_inf(t: Tensor, sign: int) -> Tensor:
     return torch.where(torch.isnan(t), torch.full_like(t, sign * math.inf), t)
 
 
-# Sound bounds of float32 models run in float64 (boxes, GEMMs and backward passes; products of float32 numbers are
-# exact there) and are rounded outwards to float32 once at the end; False: float32 boxes whose GEMMs are each
-# computed in float64 and rounded outwards (``robustkern.reference.interval``), with CROWN in float64 as always.
-WIDE_SOUND = True
-
-
 def _zero_with_gradient(g: Tensor | None):
     """Exactly 0 where ``g`` is finite, with ``g``'s gradient (``g - g.detach()``)."""
     if g is None:
@@ -103,6 +97,16 @@ class BoundedModule(nn.Module):
     variance of their inputs over ``x`` (``robustkern.bounds.batch_stats``); they are computed in every call,
     never remembered from an earlier forward. Autocast and a lowered ``float32_matmul_precision`` / TF32 are
     switched off inside (every product runs in IEEE float32/float64).
+
+    How (``sound=True``). Every step adds an a-priori bound of its own rounding error (Higham's ``gamma_n`` times
+    the magnitudes involved) in the precision it runs in. For a float32 model the whole computation runs in
+    float64 on the float64 values of the parameters and the input set, which are exact, and the bounds are
+    rounded outwards to float32 once: at ``u = 2^-53`` the widening is ~1e-13 of the magnitudes, so the sound
+    bounds are the exact relaxation's up to their final rounding (within ~2e-7 of the largest bound on the
+    benchmark models, ``benchmarks/bench_sound.py``); the per-node bounds are rounded outwards when read. With a
+    gradient to record, the bounds' value is that one and their gradient that of the same bounds computed in
+    float32 without widening (the widening is not differentiated, as in the interval ops), so the backward pass
+    runs in float32.
     """
 
     def __init__(self, model: nn.Module, example_input: Tensor, *, fuse: bool = True):
@@ -182,7 +186,7 @@ class BoundedModule(nn.Module):
         "adaptive" (default), "zero", "one" or "same-slope" (for alpha-CROWN: the slopes it starts from).
         ``sound=True`` makes the bounds hold for the real-valued network (see the class docstring): every
         step is widened by a bound on its floating-point rounding error (``robustkern.reference.interval``,
-        ``robustkern.bounds.crown``). ``sound=False`` computes in the working precision without guarantees
+        ``robustkern.bounds.crown``), for float32 models in float64, rounded outwards once. ``sound=False`` computes in the working precision without guarantees
         (training). A side not requested (``bound_lower``/``bound_upper``) is returned as None (and, for the
         CROWN methods, not computed). NaN in a bound (from NaN or inf weights) is returned as -inf/+inf.
         ``check_values=False`` skips the checks that read tensor values (NaN in ``x``/``eps``/``C``, ``x``
@@ -248,7 +252,7 @@ class BoundedModule(nn.Module):
         args = (method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size, input_box, with_ibp, stats,
                 intermediate, extra)
         with ieee_products():
-            if not (sound and WIDE_SOUND and inp.dtype == torch.float32):
+            if not (sound and inp.dtype == torch.float32):
                 return self._bounds_engine(inp, *args)
             if not self._records_gradient(inp, input_box):
                 return self._wide_engine(inp, *args)
@@ -268,7 +272,9 @@ class BoundedModule(nn.Module):
 
     def _wide_engine(self, inp: BoundInput, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
                      input_box, with_ibp, stats, intermediate=None, extra=None):
-        """Sound bounds of a float32 model computed in float64 (``WIDE_SOUND``), rounded outwards to float32."""
+        """Sound bounds of a float32 model computed in float64, rounded outwards to float32 once (see the class
+        docstring): the boxes, GEMMs and backward passes run on the float64 values of the parameters and the input
+        set (exact), so the only widening is float64's (~1e-13 relative) and the final rounding (an ulp)."""
         f64 = torch.float64
         wide = BoundInput(inp.x, inp.xw.to(f64), inp.eps.to(f64), inp.norm, inp.x_min, inp.x_max, inp.C, f64)
         box64 = tuple(t.to(f64) for t in input_box) if input_box is not None else None
