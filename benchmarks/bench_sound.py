@@ -8,11 +8,14 @@ specification) are bounded three ways on the same inputs:
   float64    ``sound=False`` on a float64 copy of the model, with the float32 inputs: the same relaxation in
              float64, whose own rounding (~1e-16 relative) is far below what is measured here; the reference
 
-Tightness, relative to the largest reference bound ``s = max |float64 bounds|``:
+Tightness, relative to the largest reference bound ``s = max |float64 bounds|`` (labels: the digits' own, the random
+models' predictions):
   ``sound loose``  = max over bounds of how much looser sound is than float64
                      (``max(lb64 - lb_sound, ub_sound - ub64) / s``): what soundness costs;
   ``fp32 error``   = ``max |unsound - float64| / s``: the float32 computation's actual rounding error;
-  a sound bound tighter than float64 by more than float64's own rounding is reported as an escape.
+  a sound bound tighter than float64 by more than float64's own rounding is reported as an escape;
+  ``verified``     = examples whose margin lower bounds are all positive, sound / unsound, at the radius
+                     ``eps / 2^k`` where the unsound bounds verify closest to half the batch.
 
 Time: the median of interleaved rounds (``common.time_cpu``) of sound and unsound, the forward alone (bounds of
 the margins' lower side under ``no_grad``) and the forward + backward of the robust cross-entropy of those lower
@@ -68,6 +71,12 @@ class Model:
     methods: tuple
 
 
+def _predicted(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The labels of a random model: its own predictions (so that some margins can be verified)."""
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
 def _random_stats(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """BatchNorm running statistics from one training-mode forward (momentum 1), then eval mode."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -95,13 +104,15 @@ def make_model(name: str, batch: int, seed: int) -> Model:
         model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                               nn.Linear(64, 10))
         x = torch.rand(batch, 1, 8, 8)
-        return Model(name, _random_stats(model, x), x, torch.randint(10, (batch,)), 0.05, small)
+        model = _random_stats(model, x)
+        return Model(name, model, x, _predicted(model, x), 0.05, small)
     if name == "cnn_small":
         model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                               nn.Conv2d(8, 16, 4, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 32),
                               nn.ReLU(), nn.Linear(32, 10))
         x = torch.rand(batch, 1, 8, 8)
-        return Model(name, _random_stats(model, x), x, torch.randint(10, (batch,)), 0.05, small)
+        model = _random_stats(model, x)
+        return Model(name, model, x, _predicted(model, x), 0.05, small)
     if name in ("digits_mlp", "digits_cnn"):
         model, x, y = _digits(name.split("_")[1], batch)
         return Model(name, model, x, y, 0.05, small)
@@ -109,11 +120,13 @@ def make_model(name: str, batch: int, seed: int) -> Model:
         from bench_alpha_crown import make_model as alpha_model
         model = alpha_model("cnn_4layer")
         x = torch.rand(batch, 1, 28, 28)
-        return Model(name, _random_stats(model, x), x, torch.randint(10, (batch,)), 0.1, small)
+        model = _random_stats(model, x)
+        return Model(name, model, x, _predicted(model, x), 0.1, small)
     if name in ("cifar_medium", "cnn_7layer_bn"):
         model = build("cifar_medium:padding=1" if name == "cifar_medium" else name)
         x = torch.rand(batch, 3, 32, 32)
-        return Model(name, _random_stats(model, x), x, torch.randint(10, (batch,)), 2 / 255, ("IBP", "CROWN-IBP"))
+        model = _random_stats(model, x)
+        return Model(name, model, x, _predicted(model, x), 2 / 255, ("IBP", "CROWN-IBP"))
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(DEFAULT_BATCH)}")
 
 
@@ -140,7 +153,23 @@ def tightness(m: Model, method: str) -> dict:
     inside = torch.minimum((ref[0] - sound[0].double()).min(), (sound[1].double() - ref[1]).min())
     err = torch.maximum((unsound[0].double() - ref[0]).abs().max(), (unsound[1].double() - ref[1]).abs().max())
     return {"loose": float(gap) / scale, "fp32_err": float(err) / scale,
-            "escape": float(inside) < -1e-12 * scale, "scale": scale}
+            "escape": float(inside) < -1e-12 * scale, "scale": scale,
+            "verified": verified_counts(bm32, m, C, method)}
+
+
+def verified_counts(bm: BoundedModule, m: Model, C: torch.Tensor, method: str) -> tuple:
+    """``(eps, sound, unsound)``: the examples whose margins the sound and the unsound bounds verify at the radius
+    ``m.eps / 2^k`` (k = 0..12) at which the unsound bounds verify closest to half the batch (where a looser
+    sound bound would show first)."""
+    def count(eps, sound):
+        with torch.no_grad():
+            lb = bm.compute_bounds(m.x, eps, method=method, C=C, sound=sound, bound_upper=False)[0]
+        return int((lb > 0).all(1).sum())
+
+    half = m.x.shape[0] / 2
+    best = min((abs(count(m.eps / 2 ** k, False) - half), k) for k in range(13))[1]
+    eps = m.eps / 2 ** best
+    return eps, count(eps, True), count(eps, False)
 
 
 def timings(m: Model, method: str, rounds: int, device: torch.device) -> dict:
@@ -187,7 +216,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     env = common.start(device, args.threads, args)
-    head = ["model", "batch", "method", "sound loose", "fp32 error", "fwd unsound ms", "fwd sound ms", "fwd x",
+    head = ["model", "batch", "method", "sound loose", "fp32 error", "verified sound / unsound", "fwd unsound ms", "fwd sound ms", "fwd x",
             "fwd+bwd unsound ms", "fwd+bwd sound ms", "fwd+bwd x", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows, misses = [], []
@@ -204,9 +233,14 @@ def main(argv=None):
             if tight["loose"] >= TARGET_LOOSE:
                 misses.append(f"{name} {method}: sound {tight['loose']:.1e} looser than float64 (target "
                               f"< {TARGET_LOOSE:.0e})")
+            eps_v, v_sound, v_unsound = tight["verified"]
+            if v_sound != v_unsound:
+                misses.append(f"{name} {method}: at eps {eps_v:.3g} sound bounds verify {v_sound} examples, unsound "
+                              f"{v_unsound}")
             if bx > TARGET_TIME and device.type == "cpu":
                 misses.append(f"{name} {method}: sound forward+backward {bx:.2f}x unsound (target <= {TARGET_TIME})")
             cells = [name, str(m.x.shape[0]), method, _fmt(tight["loose"], "rel"), _fmt(tight["fp32_err"], "rel"),
+                     f"{v_sound} / {v_unsound} (eps {eps_v:.2g})",
                      _fmt(t["fwd unsound"], "ms"), _fmt(t["fwd sound"], "ms"), f"{fx:.2f}",
                      _fmt(t["fwd+bwd unsound"], "ms"), _fmt(t["fwd+bwd sound"], "ms"), f"{bx:.2f}", note]
             lines.append("| " + " | ".join(cells) + " |")
@@ -214,18 +248,22 @@ def main(argv=None):
             rows.append(common.Row({"model": name, "batch": m.x.shape[0], "method": method}, "sound",
                                    common.Timing(t["fwd+bwd sound"], t["fwd+bwd sound"], t["fwd+bwd sound"], -1),
                                    extra={"sound_loose": tight["loose"], "fp32_err": tight["fp32_err"],
+                                          "verify_eps": eps_v, "verified_sound": v_sound,
+                                          "verified_unsound": v_unsound,
                                           "escape": tight["escape"], **{k.replace(" ", "_").replace("+", "_"): v
                                                                          for k, v in t.items()}}))
     body = "\n".join(lines)
-    targets = ["Targets: sound looser than float64 by < 1e-5 of the largest bound; sound forward+backward "
-               f"<= {TARGET_TIME}x unsound on the CPU."]
+    targets = ["Targets: sound looser than float64 by < 1e-5 of the largest bound; sound and unsound bounds verify "
+               f"the same examples; sound forward+backward <= {TARGET_TIME}x unsound on the CPU."]
     targets += [f"- missed: {s}" for s in misses] or ["- all met"]
     timing = ("medians over interleaved rounds, one thread" if device.type == "cpu" else
               "CUDA medians (`common.time_cuda`)")
     legend = ("`sound loose`: how much looser the sound float32 bounds are than the same relaxation in float64, "
               "over the largest bound; `fp32 error`: the unsound float32 bounds' distance from float64 (the "
-              f"actual rounding error), same scale; times: {timing}, the lower bounds of the margins; `x`: "
-              "sound / unsound.")
+              f"actual rounding error), same scale; `verified`: examples whose margins' lower bounds are all "
+              f"positive, at the radius eps / 2^k where the unsound bounds verify closest to half the batch "
+              f"(labels: the digits' own, the random models' predictions); times: {timing}, the lower "
+              "bounds of the margins; `x`: sound / unsound.")
     text = legend + "\n\n" + body + "\n\n" + "\n".join(targets) + "\n"
     print("\n" + text)
     if args.write_results:

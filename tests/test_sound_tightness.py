@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustkern import ops, use_backend
-from robustkern.bounds import BoundedModule, margin_spec
+from robustkern.bounds import BoundedModule, margin_spec, verified_accuracy
 from robustkern.bounds.exact import exact_forward, exact_spec, violations
 from robustkern.testing import backend_params
 
@@ -192,3 +192,4 @@ def test_sound_and_unsound_verify_the_same_digits(kind, one_thread):
             unsound = (bm.compute_bounds(x, eps, C=C, method=method, bound_upper=False, sound=False)[0] > 0).all(1)
         assert 0 < int(unsound.sum()) < len(y), f"{method}: eps {eps} verifies all or none"
         assert torch.equal(sound, unsound), method
+        assert verified_accuracy(model, x, y, eps, methods=(method,)) == float(unsound.float().mean()), method
