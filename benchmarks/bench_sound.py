@@ -216,8 +216,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     env = common.start(device, args.threads, args)
-    head = ["model", "batch", "method", "sound loose", "fp32 error", "verified sound / unsound", "fwd unsound ms", "fwd sound ms", "fwd x",
-            "fwd+bwd unsound ms", "fwd+bwd sound ms", "fwd+bwd x", "note"]
+    head = ["model", "batch", "method", "sound loose", "fp32 error", "verified sound / unsound", "fwd unsound ms",
+            "fwd sound ms", "fwd x", "fwd+bwd unsound ms", "fwd+bwd sound ms", "fwd+bwd x", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows, misses = [], []
     wanted = [s.strip().upper() for s in args.methods.split(",")]

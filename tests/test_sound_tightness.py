@@ -193,3 +193,22 @@ def test_sound_and_unsound_verify_the_same_digits(kind, one_thread):
         assert 0 < int(unsound.sum()) < len(y), f"{method}: eps {eps} verifies all or none"
         assert torch.equal(sound, unsound), method
         assert verified_accuracy(model, x, y, eps, methods=(method,)) == float(unsound.float().mean()), method
+
+
+@pytest.mark.parametrize("method", ["IBP", "CROWN-IBP"])
+def test_sound_bounds_with_a_gradient_have_the_float64_value_and_the_float32_gradient(method):
+    """With a gradient to record, sound bounds of a float32 model equal the no_grad ones exactly, and their gradient
+    is that of the unsound float32 bounds (the widening is not differentiated)."""
+    model = cnn(2)
+    torch.manual_seed(3)
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(10, (4,))
+    C = margin_spec(y, 10)
+    bm = BoundedModule(model, x[:1])
+    with torch.no_grad():
+        value = bm.compute_bounds(x, 0.02, C=C, method=method)[0]
+    lb = bm.compute_bounds(x, 0.02, C=C, method=method)[0]
+    assert torch.equal(lb, value) and lb.requires_grad
+    grads = torch.autograd.grad(lb.sum(), list(model.parameters()))
+    unsound = bm.compute_bounds(x, 0.02, C=C, method=method, sound=False)[0]
+    for g, h in zip(grads, torch.autograd.grad(unsound.sum(), list(model.parameters()))):
+        torch.testing.assert_close(g, h, rtol=0, atol=0)

@@ -186,9 +186,10 @@ class BoundedModule(nn.Module):
         "adaptive" (default), "zero", "one" or "same-slope" (for alpha-CROWN: the slopes it starts from).
         ``sound=True`` makes the bounds hold for the real-valued network (see the class docstring): every
         step is widened by a bound on its floating-point rounding error (``robustkern.reference.interval``,
-        ``robustkern.bounds.crown``), for float32 models in float64, rounded outwards once. ``sound=False`` computes in the working precision without guarantees
-        (training). A side not requested (``bound_lower``/``bound_upper``) is returned as None (and, for the
-        CROWN methods, not computed). NaN in a bound (from NaN or inf weights) is returned as -inf/+inf.
+        ``robustkern.bounds.crown``), for float32 models in float64, rounded outwards once. ``sound=False``
+        computes in the working precision without guarantees (training). A side not requested
+        (``bound_lower``/``bound_upper``) is returned as None (and, for the CROWN methods, not computed). NaN in a
+        bound (from NaN or inf weights) is returned as -inf/+inf.
         ``check_values=False`` skips the checks that read tensor values (NaN in ``x``/``eps``/``C``, ``x``
         inside [x_min, x_max], ``eps >= 0`` for tensor eps): each is a host-device sync, which a GPU training
         loop may not want once its inputs are known to be valid. Shapes, dtypes and a negative float ``eps``
