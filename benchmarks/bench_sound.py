@@ -274,7 +274,7 @@ def main(argv=None):
     print("\n" + text)
     if args.write_results:
         common.append_csv(BENCH, rows, env, device)
-        common.update_results_md(BENCH, TITLE, text, env, f"{args.threads} thread" if device.type == "cpu" else "")
+        common.update_results_md(BENCH, TITLE, text, env)
 
 
 if __name__ == "__main__":
