@@ -46,6 +46,7 @@ soundness            | 240 | gpu_soundness.py --batch 32 --write-results | gpu_s
 ibp                  | 360 | bench_ibp.py --device cuda --models cnn_7layer_bn,cifar_medium:padding=1 --batch 256,64 --eps 2/255 --providers plain,eager,robustkern,robustkern-unsound,auto_lirpa --write-results | bench_ibp.py --device cpu --threads 1 --quick --models cifar_medium:padding=1 --providers plain,eager,robustkern,robustkern-unsound,auto_lirpa --write-results
 crown-cnn7           | 300 | bench_crown.py --device cuda --models cnn_7layer_bn --batch 256 --write-results | bench_crown.py --device cpu --models cnn_7layer_bn --batch 2 --rounds 1 --write-results
 crown-medium         | 240 | bench_crown.py --device cuda --models cifar_medium:padding=1 --batch 64 --write-results | bench_crown.py --device cpu --models cifar_medium:padding=1 --batch 3 --rounds 1 --write-results
+sound                | 300 | bench_sound.py --device cuda --batch 32 --models mlp_small,cnn_small,digits_cnn,cifar_medium,cnn_7layer_bn --write-results | bench_sound.py --device cpu --models mlp_small --batch 4 --rounds 1 --write-results
 alpha-crown          | 300 | bench_alpha_crown.py --device cuda --batch 256 --write-results | bench_alpha_crown.py --device cpu --threads 1 --models mlp --batch 2 --iterations 3 --rounds 1 --write-results
 lipschitz            | 300 | bench_lipschitz.py --device cuda --write-results | bench_lipschitz.py --device cpu --threads 1 --quick --write-results
 # ---- randomized smoothing (bench_smoothing.py and bench_smoothing_train.py take the GPU when there is one)

@@ -1,5 +1,6 @@
 // The interval ops for every device (see robustkern/interval.h): checks, ATen GEMMs / convolutions in
-// IEEE float32, and the device's element-wise stages. Math: robustkern/reference/interval.py.
+// IEEE float32, and the device's element-wise stages. Math: robustkern/reference/interval.py. Float32 boxes
+// with sound=True run the float64 path on their exact float64 values and are rounded outwards once.
 #include "robustkern/interval.h"
 
 #include <ATen/Context.h>
@@ -11,6 +12,9 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/nextafter.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/where.h>
 
 #include <limits>
 #include <vector>
@@ -129,6 +133,30 @@ BoxWithPre finish_gemm(at::Tensor m, at::Tensor r, const std::optional<at::Tenso
   return {out_mid, out_rad, m, r};
 }
 
+// A float32 box that contains the float64 box (mid, rad): mid rounded to nearest, rad + |mid - mid32| moved
+// one float64 ulp up and rounded up to float32 (Python: robustkern._numerics.round_box_outward).
+Box round_box_outward(const at::Tensor& mid, const at::Tensor& rad) {
+  const at::Tensor m = mid.to(at::kFloat);
+  const at::Tensor up64 = at::scalar_tensor(std::numeric_limits<double>::infinity(), rad.options());
+  const at::Tensor wide = at::nextafter(rad.add(mid.sub(m.to(at::kDouble)).abs()), up64);
+  at::Tensor r = wide.to(at::kFloat);
+  const at::Tensor up32 = at::scalar_tensor(std::numeric_limits<float>::infinity(), r.options());
+  r = at::where(r.to(at::kDouble).lt(wide), at::nextafter(r, up32), r);
+  return {m, r};
+}
+
+std::optional<at::Tensor> to_double(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->to(at::kDouble)) : std::nullopt;
+}
+
+// Float32 boxes with sound=True: the op runs in float64 on the (exact) float64 values of its float32 inputs and
+// every returned box is rounded outwards to float32 (Python: reference/interval.py, _wide_accumulation).
+BoxWithPre wide_to_float(const BoxWithPre& wide) {
+  const auto [m, r] = round_box_outward(std::get<0>(wide), std::get<1>(wide));
+  const auto [pm, pr] = round_box_outward(std::get<2>(wide), std::get<3>(wide));  // empty without an epilogue
+  return {m, r, pm, pr};
+}
+
 std::vector<int64_t> pair_param(const char* op, const char* name, at::IntArrayRef v) {
   TORCH_CHECK(v.size() == 1 || v.size() == 2, op, ": ", name, " must have 1 or 2 entries, got ", v);
   return v.size() == 1 ? std::vector<int64_t>{v[0], v[0]} : std::vector<int64_t>{v[0], v[1]};
@@ -173,6 +201,10 @@ BoxWithPre interval_linear(const at::Tensor& mid, const at::Tensor& rad, const a
   }
   CHECK_SHAPE(op, scale, N);
   CHECK_SHAPE(op, shift, N);
+  if (sound && mid.scalar_type() == at::kFloat) {
+    return wide_to_float(interval_linear(mid.to(at::kDouble), rad.to(at::kDouble), weight.to(at::kDouble),
+                                         to_double(bias), to_double(scale), to_double(shift), relu, true, kernels));
+  }
 
   const IeeeFp32Scope ieee(mid.scalar_type() == at::kFloat);
   at::Tensor s = rad;
@@ -216,6 +248,11 @@ BoxWithPre interval_conv2d(const at::Tensor& mid, const at::Tensor& rad, const a
   const auto padding2 = pair_param(op, "padding", padding);
   const auto dilation2 = pair_param(op, "dilation", dilation);
   const int64_t K = weight.size(1) * weight.size(2) * weight.size(3);
+  if (sound && mid.scalar_type() == at::kFloat) {
+    return wide_to_float(interval_conv2d(mid.to(at::kDouble), rad.to(at::kDouble), weight.to(at::kDouble),
+                                         to_double(bias), stride, padding, dilation, groups, to_double(scale),
+                                         to_double(shift), relu, true, kernels));
+  }
 
   const IeeeFp32Scope ieee(mid.scalar_type() == at::kFloat, /*conv=*/true);
   at::Tensor s = rad;

@@ -16,8 +16,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["L2_DIV_EPS", "unit_roundoff", "gamma", "tiny", "next_down", "next_up", "round_down", "round_up", "ieee_products",
-           "ieee_products_held", "FLOAT_DTYPES"]
+__all__ = ["L2_DIV_EPS", "unit_roundoff", "gamma", "tiny", "next_down", "next_up", "round_down", "round_up",
+           "round_box_outward", "wide_accumulation", "ieee_products", "ieee_products_held", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -68,6 +68,28 @@ def round_up(t: Tensor, dtype: torch.dtype) -> Tensor:
     if torch.finfo(dtype).bits >= torch.finfo(t.dtype).bits:
         return w
     return torch.where(w.to(t.dtype) < t, next_up(w), w)
+
+
+def round_box_outward(mid: Tensor, rad: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A box ``(mid', rad')`` of ``dtype`` that contains the box ``|z - mid| <= rad`` of a wider dtype (both taken
+    as exact): ``mid' = mid`` rounded to nearest, ``rad' >= rad + |mid - mid'|`` (the sum moved one ulp of the
+    wide dtype up, then rounded up to ``dtype``); by the triangle inequality ``|z - mid'| <= rad'``. ``rad'``
+    exceeds ``rad`` by at most about two ulps of ``dtype`` of ``|mid| + rad``. NaN stays NaN."""
+    m = mid.to(dtype)
+    d = (mid - m.to(mid.dtype)).abs()
+    return m, round_up(next_up(rad + d), dtype)
+
+
+def wide_accumulation(fn, tensors):
+    """A float32 GEMM box op with ``sound=True`` by float64 accumulation: ``fn(*tensors64, sound=True)`` on the
+    float64 values of ``tensors`` (exact; None stays None) returns ``(mid, rad, pre_mid, pre_rad)`` sound in
+    float64, and each box (the pre-epilogue one is empty without an epilogue) is rounded outwards to float32
+    (``round_box_outward``). Products of float32 numbers are exact in float64, so the float64 result's own
+    widening is ~1e-13 relative and the float32 box is the exact one up to a few float32 ulps
+    (``robustkern.reference.interval``)."""
+    wide = [t.to(torch.float64) if t is not None else None for t in tensors]
+    m, r, pm, pr = fn(*wide, sound=True)
+    return (*round_box_outward(m, r, torch.float32), *round_box_outward(pm, pr, torch.float32))
 
 
 # The op-level float32 precision settings that decide whether a float32 product may use TF32 (CUDA: cuBLAS

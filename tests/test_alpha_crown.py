@@ -3,6 +3,7 @@ CROWN and tighter on a trained model; sound (no PGD point of the input set below
 upper one; the rounding-error accounting of CROWN, ``sound=True``); ``optimize_bound_args`` as auto_LiRPA's; and,
 where auto_LiRPA imports (``$AUTO_LIRPA_PATH``), the same bounds as its alpha-CROWN for the same iterations and
 learning rate, to 1e-3 relative or tighter."""
+import copy
 import importlib
 import math
 import os
@@ -44,7 +45,10 @@ def test_never_looser_than_crown_and_tighter_on_a_trained_model(case, sound):
 
 
 def pgd_values(model, x, C, steps=20):
-    """Values of ``C f`` at PGD points of the L-inf ball clipped to [0, 1], towards each row and side."""
+    """Values of ``C f`` at PGD points of the L-inf ball clipped to [0, 1], towards each row and side; each point
+    projected onto the ball in float64 and evaluated by a float64 copy of the model (sound bounds are as tight as
+    float32 allows: a float32 projection or forward may land an ulp outside them)."""
+    m64, x64 = copy.deepcopy(model).double(), x.double()
     vals = []
     for s in range(C.shape[1]):
         for sign in (1.0, -1.0):
@@ -55,7 +59,8 @@ def pgd_values(model, x, C, steps=20):
                 xa = torch.min(torch.max(xa + EPS / 4 * g.sign(), x - EPS), x + EPS).clamp(0, 1).detach()
                 xa.requires_grad_(True)
             with torch.no_grad():
-                vals.append(torch.bmm(C, model(xa).unsqueeze(-1)).squeeze(-1))
+                xp = torch.min(torch.max(xa.double(), x64 - EPS), x64 + EPS).clamp(0, 1)
+                vals.append(torch.bmm(C.double(), m64(xp).unsqueeze(-1)).squeeze(-1))
     return torch.stack(vals)
 
 

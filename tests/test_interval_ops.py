@@ -116,7 +116,8 @@ def test_affine_and_input_box_match_reference(backend, dtype, shape):
 # ------------------------------------------------------------------------------------------ soundness
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_sound_boxes_contain_exact_boxes(backend):
-    """The float32 box with sound=True contains the float64 box of the same float32 inputs."""
+    """The float32 box with sound=True contains the float64 box of the same float32 inputs (its end points taken
+    as the real numbers ``mid -/+ rad``: summed in float32 they could round inwards)."""
     torch.manual_seed(1)
     for (mid, rad, w, b), epi in linear_cases(torch.float32):
         with use_backend(backend):
@@ -124,6 +125,7 @@ def test_float32_sound_boxes_contain_exact_boxes(backend):
         d = {k: (v.double() if torch.is_tensor(v) else v) for k, v in epi.items()}
         em, er, _, _ = ref.interval_linear((mid * 100).double(), rad.double(), w.double(),
                                            None if b is None else b.double(), sound=False, **d)
+        m, r = m.double(), r.double()
         assert_box_contains(m - r, m + r, em - er, em + er, "interval_linear")
     for (mid, rad, w, b), conf, epi in conv_cases(torch.float32):
         with use_backend(backend):
@@ -133,6 +135,7 @@ def test_float32_sound_boxes_contain_exact_boxes(backend):
         d = {k: (v.double() if torch.is_tensor(v) else v) for k, v in epi.items()}
         em, er, _, _ = ref.interval_conv2d(mid.double(), rad.double(), w.double(), b.double(), s, p,
                                            (conf["dilation"],) * 2, conf["groups"], sound=False, **d)
+        m, r = m.double(), r.double()
         assert_box_contains(m - r, m + r, em - er, em + er, "interval_conv2d")
 
 

@@ -14,8 +14,12 @@ box.
 
 With a specification matrix ``C`` (B, S, n_out) and a final Linear layer, ``C`` is folded into that layer
 (``W' = C W``, ``b' = C b``, as auto_LiRPA and CROWN-IBP do), which is tighter than bounding the logits first.
-With ``sound=True`` the fold's own rounding error, at most ``gamma_n |C| |W| |x|`` and ``gamma_n |C| |b|``, is
-added to the radius, and so is ``|C - C_w| (|W| |x| + |b|)`` when ``C`` was rounded to the working dtype.
+With ``sound=True`` the fold runs in float64 and the radius covers its error and its rounding to the working dtype
+(``_fold_spec``), and ``|C - C_w| (|W| |x| + |b|)`` when ``C`` was rounded to the working dtype.
+
+Soundness costs little tightness: a float32 GEMM box with ``sound=True`` is computed in float64 from its exact
+float64 values and rounded outwards once (``robustkern.reference.interval``), so it is the exact interval image
+up to a few float32 ulps; element-wise steps widen by a few ulps of the magnitudes involved.
 
 Per-channel affine maps (BatchNorm, normalisation) come from ``robustkern.bounds.precision.Coefficients``
 as a rounded centre and a radius ``(s, t, ds, dt)``; the ops use the centres and ``ds |z| + dt`` is added to
@@ -30,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..ops import interval_affine, interval_conv2d, interval_input_box, interval_linear
-from .._numerics import gamma, unit_roundoff
+from .._numerics import gamma, next_up, round_up, tiny, unit_roundoff
 from ..graph import BoundNode
 from .precision import Coefficients, grow, magnitude
 
@@ -223,23 +227,36 @@ def _gemm_ball(node: BoundNode, ball: Ball, weight, bias, sound: bool) -> Box:
 
 
 def _fold_spec(C: Tensor, C_err: Tensor | None, weight: Tensor, bias: Tensor | None, box: Box, sound: bool):
-    """``W' = C W``, ``b' = C b`` per example, and the radius that covers the fold's rounding error (and the
-    rounding of ``C`` itself, ``C_err``)."""
-    wf = torch.matmul(C, weight)
-    bf = torch.matmul(C, bias) if bias is not None else None
-    slack = None
-    if sound:
-        u = unit_roundoff(weight.dtype)
-        g = 2 * gamma(weight.shape[0] + 1, u)
-        ca = C.abs()
-        mag = magnitude(box.mid, box.rad)
-        logits = torch.matmul(mag, weight.abs().t())          # |W| |x| (B, n_out)
-        if bias is not None:
-            logits = logits + bias.abs()
-        logits = logits * (1 + gamma(weight.shape[1] + 2, u)) + weight.shape[1] * torch.finfo(mag.dtype).tiny
-        coef = ca * g if C_err is None else ca * g + C_err
-        slack = torch.bmm(coef, logits.unsqueeze(-1)).squeeze(-1) * (1 + gamma(weight.shape[0] + 1, u))
-    return wf, bf, slack
+    """``W' = C W``, ``b' = C b`` per example, and (``sound``) the radius that covers what the folded layer misses
+    of ``C (W x + b)`` over the box. Sound folds are computed in float64 (a product of two float32 numbers is
+    exact there) and rounded to nearest in the working dtype; the radius covers the float64 fold's error,
+    ``gamma_{n+1}(2^-53) |C| (|W| |x| + |b|)``, the rounding to the working dtype, ``|C W - W'| |x| + |C b - b'|``
+    (a few ulps of ``|C W| |x|``), and the rounding of ``C`` itself, ``C_err (|W| |x| + |b|)``."""
+    if not sound:
+        return torch.matmul(C, weight), (torch.matmul(C, bias) if bias is not None else None), None
+    dtype, f64 = weight.dtype, torch.float64
+    u = unit_roundoff(f64)
+    n, k = weight.shape
+    C64, w64 = C.to(f64), weight.to(f64)
+    b64 = bias.to(f64) if bias is not None else None
+    wf64 = torch.matmul(C64, w64)
+    bf64 = torch.matmul(C64, b64) if b64 is not None else None
+    wf, bf = wf64.to(dtype), (bf64.to(dtype) if bf64 is not None else None)
+    mag = magnitude(box.mid, box.rad).to(f64)
+    logits = torch.matmul(mag, w64.abs().t())                  # |W| |x| (B, n_out)
+    if b64 is not None:
+        logits = logits + b64.abs()
+    logits = logits * (1 + gamma(k + 2, u)) + k * tiny(f64)
+    coef = C64.abs() * (2 * gamma(n + 1, u))
+    if C_err is not None:
+        coef = coef + C_err.to(f64)
+    slack = torch.bmm(coef, logits.unsqueeze(-1)).squeeze(-1) * (1 + gamma(n + 1, u))
+    if dtype != f64:
+        rounding = torch.bmm((wf64 - wf.to(f64)).abs(), mag.unsqueeze(-1)).squeeze(-1)
+        if bf64 is not None:
+            rounding = rounding + (bf64 - bf.to(f64)).abs()
+        slack = slack + rounding * (1 + gamma(k + 3, u)) + k * tiny(f64)
+    return wf, bf, round_up(next_up(slack), dtype)
 
 
 def _is_state(v) -> bool:

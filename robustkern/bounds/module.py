@@ -34,13 +34,21 @@ def _nan_to_inf(t: Tensor, sign: int) -> Tensor:
     return torch.where(torch.isnan(t), torch.full_like(t, sign * math.inf), t)
 
 
+def _zero_with_gradient(g: Tensor | None):
+    """Exactly 0 where ``g`` is finite, with ``g``'s gradient (``g - g.detach()``)."""
+    if g is None:
+        return 0.0
+    return torch.where(torch.isfinite(g), g - g.detach(), torch.zeros_like(g))
+
+
 class NodeBounds:
     """Bounds of one node after ``compute_bounds`` (``lower``/``upper`` computed on first access)."""
 
-    def __init__(self, node: BoundNode, value, sound: bool = True):
+    def __init__(self, node: BoundNode, value, sound: bool = True, dtype: torch.dtype | None = None):
         self.node = node
         self._value = value
         self._sound = sound
+        self._dtype = dtype         # the model's dtype, when the box is wider (rounded outwards on reading)
 
     @property
     def name(self) -> str:
@@ -61,11 +69,13 @@ class NodeBounds:
 
     @property
     def lower(self) -> Tensor:
-        return self.box().end_points(self._sound)[0]
+        lo = self.box().end_points(self._sound)[0]
+        return lo if self._dtype is None else round_down(lo, self._dtype)
 
     @property
     def upper(self) -> Tensor:
-        return self.box().end_points(self._sound)[1]
+        hi = self.box().end_points(self._sound)[1]
+        return hi if self._dtype is None else round_up(hi, self._dtype)
 
     def __repr__(self) -> str:
         return f"NodeBounds({self.name!r}, kind={self.kind}, path={self.path!r})"
@@ -87,6 +97,16 @@ class BoundedModule(nn.Module):
     variance of their inputs over ``x`` (``robustkern.bounds.batch_stats``); they are computed in every call,
     never remembered from an earlier forward. Autocast and a lowered ``float32_matmul_precision`` / TF32 are
     switched off inside (every product runs in IEEE float32/float64).
+
+    How (``sound=True``). Every step adds an a-priori bound of its own rounding error (Higham's ``gamma_n`` times
+    the magnitudes involved) in the precision it runs in. For a float32 model the whole computation runs in
+    float64 on the float64 values of the parameters and the input set, which are exact, and the bounds are
+    rounded outwards to float32 once: at ``u = 2^-53`` the widening is ~1e-13 of the magnitudes, so the sound
+    bounds are the exact relaxation's up to their final rounding (within ~2e-7 of the largest bound on the
+    benchmark models, ``benchmarks/bench_sound.py``); the per-node bounds are rounded outwards when read. With a
+    gradient to record, the bounds' value is that one and their gradient that of the same bounds computed in
+    float32 without widening (the widening is not differentiated, as in the interval ops), so the backward pass
+    runs in float32.
     """
 
     def __init__(self, model: nn.Module, example_input: Tensor, *, fuse: bool = True):
@@ -166,9 +186,10 @@ class BoundedModule(nn.Module):
         "adaptive" (default), "zero", "one" or "same-slope" (for alpha-CROWN: the slopes it starts from).
         ``sound=True`` makes the bounds hold for the real-valued network (see the class docstring): every
         step is widened by a bound on its floating-point rounding error (``robustkern.reference.interval``,
-        ``robustkern.bounds.crown``). ``sound=False`` computes in the working precision without guarantees
-        (training). A side not requested (``bound_lower``/``bound_upper``) is returned as None (and, for the
-        CROWN methods, not computed). NaN in a bound (from NaN or inf weights) is returned as -inf/+inf.
+        ``robustkern.bounds.crown``), for float32 models in float64, rounded outwards once. ``sound=False``
+        computes in the working precision without guarantees (training). A side not requested
+        (``bound_lower``/``bound_upper``) is returned as None (and, for the CROWN methods, not computed). NaN in a
+        bound (from NaN or inf weights) is returned as -inf/+inf.
         ``check_values=False`` skips the checks that read tensor values (NaN in ``x``/``eps``/``C``, ``x``
         inside [x_min, x_max], ``eps >= 0`` for tensor eps): each is a host-device sync, which a GPU training
         loop may not want once its inputs are known to be valid. Shapes, dtypes and a negative float ``eps``
@@ -229,9 +250,41 @@ class BoundedModule(nn.Module):
         if optimize_bound_args is not None and method != "alpha-CROWN":
             raise ValueError(f"compute_bounds: optimize_bound_args takes method 'alpha-CROWN', got {method!r}")
         extra = dict(slopes=slopes, frozen=frozen, optimize_bound_args=optimize_bound_args)
+        args = (method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size, input_box, with_ibp, stats,
+                intermediate, extra)
         with ieee_products():
-            return self._bounds_engine(inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
-                                       input_box, with_ibp, stats, intermediate, extra)
+            if not (sound and inp.dtype == torch.float32):
+                return self._bounds_engine(inp, *args)
+            if not self._records_gradient(inp, input_box):
+                return self._wide_engine(inp, *args)
+            # the gradient of the float32 computation (the widening is not differentiated, as in the ops), the
+            # value of the float64 one: value + (g - g), where g - g is exactly 0 (and its gradient g's)
+            grads = self._bounds_engine(inp, method, False, *args[2:9], None, extra)   # (sound boxes are float64)
+            with torch.no_grad():
+                values = self._wide_engine(inp, *args)
+            return tuple(None if v is None else v + _zero_with_gradient(g) for v, g in zip(values, grads))
+
+    def _records_gradient(self, inp: BoundInput, input_box) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        tensors = [inp.x, inp.eps, inp.C] + (list(input_box) if input_box is not None else [])
+        return any(t is not None and t.requires_grad for t in tensors) or \
+            any(p.requires_grad for p in self.model.parameters())
+
+    def _wide_engine(self, inp: BoundInput, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
+                     input_box, with_ibp, stats, intermediate=None, extra=None):
+        """Sound bounds of a float32 model computed in float64, rounded outwards to float32 once (see the class
+        docstring): the boxes, GEMMs and backward passes run on the float64 values of the parameters and the input
+        set (exact), so the only widening is float64's (~1e-13 relative) and the final rounding (an ulp)."""
+        f64 = torch.float64
+        wide = BoundInput(inp.x, inp.xw.to(f64), inp.eps.to(f64), inp.norm, inp.x_min, inp.x_max, inp.C, f64)
+        box64 = tuple(t.to(f64) for t in input_box) if input_box is not None else None
+        out = self._bounds_engine(wide, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size, box64,
+                                  with_ibp, stats, intermediate, extra)
+        for nb in self._node_bounds.values():
+            nb._dtype = inp.dtype
+        return tuple(None if t is None else (round_down(t, inp.dtype) if i % 2 == 0 else round_up(t, inp.dtype))
+                     for i, t in enumerate(out))
 
     def _bounds_engine(self, inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
                        input_box, with_ibp, stats, intermediate=None, extra=None):
@@ -254,7 +307,8 @@ class BoundedModule(nn.Module):
             return ibp + (ibp if with_ibp else ())
         from .crown import crown_bounds, node_shapes
         if self._shapes is None:
-            self._shapes = node_shapes(self.nodes, self.model, inp.xw.new_zeros((1,) + self.input_shape))
+            self._shapes = node_shapes(self.nodes, self.model,
+                                       inp.xw.new_zeros((1,) + self.input_shape, dtype=self._dtype()))
         common = dict(bound_lower=bound_lower, bound_upper=bound_upper, sound=sound, coeffs=coeffs, norm=inp.norm,
                       x=inp.xw, eps=inp.eps, relu_lower=relu_lower, crown_batch_size=crown_batch_size)
         C = inp.C if sound else Cw

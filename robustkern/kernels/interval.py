@@ -5,8 +5,11 @@ A box is ``(mid, rad)``, ``rad >= 0``: the real vectors ``z`` with ``|z - mid| <
 layer ``z -> W z + b`` a box maps to ``mid' = W mid + b``, ``rad' = |W| rad``; through a monotone element-wise
 function (ReLU) by its end points. The exact functions computed here, including the ``sound=True`` widening
 by an a-priori bound on the kernels' own rounding error (Higham 2002, Lemma 3.1 and Eq. 3.5), are those of
-``robustkern.reference.interval``; see its docstring for the soundness argument. With ``u`` the unit
-roundoff and ``e = gamma_{K+2} = (K+2)u / (1 - (K+2)u)`` for a reduction of depth ``K``:
+``robustkern.reference.interval``; see its docstring for the soundness argument. Float32 boxes with
+``sound=True`` run the float64 kernels on their (exact) float64 values and are rounded outwards to float32 once
+(``robustkern._numerics.wide_accumulation``; a kernel that loads float32 tiles and accumulates in float64 would
+save the float64 copies). With ``u`` the unit roundoff and ``e = gamma_{K+2} = (K+2)u / (1 - (K+2)u)`` for a
+reduction of depth ``K``:
 
     s    = rad + 2 e |mid|                               (in registers, while the tile is loaded)
     mid' = mid W^T + b
@@ -46,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .._args import pair
-from .._numerics import gamma, unit_roundoff
+from .._numerics import gamma, unit_roundoff, wide_accumulation
 from ._config import autotune_configs
 from .interval_elementwise import (_box_affine_relu, _check_float, _device_guard, _vec,  # noqa: F401
                                    interval_affine, interval_input_box)
@@ -328,6 +331,9 @@ def interval_linear(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Ten
     """
     op = "interval_linear"
     dtype = _check_float(op, mid=mid, rad=rad, weight=weight)
+    if sound and dtype == torch.float32:    # float64 accumulation, rounded outwards (module docstring)
+        return wide_accumulation(lambda *t, sound: interval_linear(*t, relu=relu, sound=sound),
+                                 (mid, rad, weight, bias, scale, shift))
     if mid.shape != rad.shape or mid.dim() < 1:
         raise ValueError(f"{op}: mid and rad must have the same shape (..., K), got {tuple(mid.shape)}, "
                          f"{tuple(rad.shape)}")
@@ -418,6 +424,11 @@ def interval_conv2d(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Ten
     """
     op = "interval_conv2d"
     dtype = _check_float(op, mid=mid, rad=rad, weight=weight)
+    if sound and dtype == torch.float32:    # float64 accumulation, rounded outwards (module docstring)
+        return wide_accumulation(
+            lambda m_, r_, w_, b_, a_, c_, sound: interval_conv2d(m_, r_, w_, b_, stride, padding, dilation, groups,
+                                                                 a_, c_, relu, sound),
+            (mid, rad, weight, bias, scale, shift))
     if mid.dim() != 4 or mid.shape != rad.shape:
         raise ValueError(f"{op}: mid and rad must both be (B, C, H, W), got {tuple(mid.shape)}, "
                          f"{tuple(rad.shape)}")

@@ -25,9 +25,27 @@ length ``k`` computed in any order, with or without fused multiply-adds, satisfi
 which covers the centre's error ``gamma_{K+1}(|W||mid| + |b|)``, the radius product's own error and the
 roundings of the two element-wise steps (the factors 2 and 3 leave a margin of about ``K u``); ``tiny`` (the
 smallest normal number) covers gradual underflow. Element-wise ops widen by ``4 u`` times the magnitudes
-involved. The widening is relative ``O(K u)`` (about 3e-5 for a 3x3x64 convolution in float32), far below
-anything that changes training, and makes ``lower <= f(x) <= upper`` a statement about real numbers. It
-assumes IEEE products (no TF32, no Winograd/FFT convolutions); ``robustkern.ops`` enforces that.
+involved. This is how float64 boxes are widened: relative ``O(K u)`` with ``u = 2^-53``, ~1e-13 at most.
+
+Float32 boxes (``sound=True``) are not widened this way: at ``u = 2^-24`` the a-priori term
+``2 gamma_{K+2} |W| |mid|`` is ~1e-4 of ``|W| |mid|`` for a 3x3x64 convolution, which is itself often far larger
+than the bound ``|W mid| + |W| rad`` (cancellation), and it compounds through the layers (1e-2 on a 7-layer
+CNN). Instead the GEMM and its epilogue run in float64 on the float32 numbers, widened as above, and the result
+is rounded outwards to float32 (``robustkern._numerics.wide_accumulation``):
+
+* a product of two float32 numbers (24-bit significands) is exact in float64 (53 bits), so the float64 dot
+  product's only errors are its additions, ``gamma_{K+1}(2^-53)(|W||mid| + |b|)`` for the centre and
+  ``gamma_K(2^-53) |W| rad`` for the radius, whose terms are non-negative, so that its error is relative to
+  itself; both hold for any summation order (Higham, Lemma 3.1 and Eq. 3.5), so for any BLAS / cuDNN / Triton
+  blocking, and the float64 widening above covers them;
+* rounding ``(mid64, rad64)`` to float32 keeps ``mid32 = fl32(mid64)`` and sets
+  ``rad32 >= rad64 + |mid64 - mid32|`` (rounded up), which contains the float64 box.
+
+So the float32 box is wider than the exact interval image by the float32 rounding of its two end points (a
+few ulps of ``|mid| + rad``) plus ~1e-13 relative: the sound bound is as tight as float32 can represent (the
+interval-arithmetic practice of evaluating in higher precision and rounding outwards once; Rump, "Verification
+methods: rigorous results using floating-point arithmetic", Acta Numerica 2010, Sec. 2-3). It assumes IEEE
+products (no TF32, no Winograd/FFT convolutions); ``robustkern.ops`` enforces that.
 
 The backward passes treat the widening terms as constants (they are ``O(u)`` of the bound).
 NaN propagates: ReLU of NaN is NaN (never 0, which would be unsound).
@@ -37,7 +55,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._numerics import gamma, unit_roundoff
+from .._numerics import gamma, unit_roundoff, wide_accumulation
 
 __all__ = [
     "unit_roundoff",
@@ -106,6 +124,9 @@ def interval_linear(mid, rad, weight, bias=None, scale=None, shift=None, relu=Fa
     Returns ``(mid_out, rad_out, pre_mid, pre_rad)``: the box after the epilogue and the box after the
     GEMM alone (the latter two are empty tensors when there is no epilogue).
     """
+    if sound and mid.dtype == torch.float32:
+        return wide_accumulation(lambda *t, sound: interval_linear(*t, relu=relu, sound=sound),
+                                  (mid, rad, weight, bias, scale, shift))
     K = mid.shape[-1]
     s, e, grow = _gemm_widen(mid, rad, K, sound)
     if weight.dim() == 2:
@@ -129,6 +150,11 @@ def interval_conv2d(mid, rad, weight, bias=None, stride=(1, 1), padding=(0, 0), 
     BatchNorm and ReLU). ``mid, rad`` (B, C, H, W); ``weight`` (O, C/groups, kh, kw); ``bias`` (O,).
     Returns ``(mid_out, rad_out, pre_mid, pre_rad)`` as ``interval_linear``.
     """
+    if sound and mid.dtype == torch.float32:
+        return wide_accumulation(
+            lambda m_, r_, w_, b_, a_, c_, sound: interval_conv2d(m_, r_, w_, b_, stride, padding, dilation, groups,
+                                                                 a_, c_, relu, sound),
+            (mid, rad, weight, bias, scale, shift))
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
     s, e, grow = _gemm_widen(mid, rad, K, sound)
     m = F.conv2d(mid, weight, bias, stride, padding, dilation, groups)
