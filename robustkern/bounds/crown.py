@@ -266,6 +266,10 @@ def _gemm_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, w: Tensor,
     channels-last: the layout in which CPU (oneDNN) transposed convolutions are fastest; the ReLU step keeps
     it) with weight ``w`` and bias ``b``. Returns ``[(input, A_in)], bias term, False``."""
     src = node.inputs[0]
+    if B > 1 and A.stride(0) == 0:   # the same rows for every example (the identity): one product, shared
+        outs, bias, _ = _gemm_step(ctx, node, A[:1], 1, S, w, b)
+        return ([(name, a.expand(B, *a.shape[1:])) for name, a in outs],
+                bias.expand(B, S) if bias is not None else None, False)
     bias = (_channel_sums(A) * b).sum(-1) if b is not None else None
     if node.kind == "linear":
         return [(src, torch.matmul(A, w))], bias, False
@@ -554,7 +558,7 @@ def identity_bounds(setup: CrownSetup, name: str, rows: Tensor, crown_batch_size
 
 def row_slopes(setup: CrownSetup, start: str, rows: Tensor, relu: str, init: Tensor) -> Tensor:
     """alpha-CROWN's per-row lower slopes of the ReLU node ``relu`` for the passes from ``start`` over the neurons
-    ``rows``, starting at ``init`` (B, N): (B, R, N), or (B, R, C, kh, kw) where those passes run on patches
+    ``rows``, starting at ``init`` (B, N): (B, R, N), or (B, R, kh, kw, C) where those passes run on patches
     (only the window entries a row reads; ``robustkern.bounds.patches.window_values``)."""
     geometries = _patches_plan(setup.ctx, start)
     if geometries is None:
