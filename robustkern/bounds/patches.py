@@ -219,8 +219,10 @@ def _compose(P: Tensor, w: Tensor, stride: tuple, dilation: tuple, groups: int) 
     """Kernels ``P`` (N, kh, kw, C_out) over a convolution's output composed with its weight ``w`` (C_out,
     C_in / groups, k0, k1): the kernels (N, kh', kw', C_in) over its input, ``kh' = (kh - 1) s + d (k - 1) + 1``
     (the transposed convolution of ``P`` by ``w``). Computed tap by tap: one product with every tap's
-    (C_out, C_in) matrix, then each tap's result added at its strided offset; for many small kernels this is
-    several times faster than ``conv_transpose2d`` on CPU. Grouped (not depthwise) convolutions take
+    (C_out, C_in) matrix; tap ``(u, v)`` lands at rows ``s a + d u``, i.e. in phase ``d u mod s`` shifted by
+    ``d u div s`` blocks, so each phase is a sum of zero-padded (shifted) taps and the phases interleave into the
+    result (no in-place writes: the backward pass is slices and sums). For many small kernels this is several
+    times faster than ``conv_transpose2d`` on CPU. Grouped (not depthwise) convolutions take
     ``conv_transpose2d``."""
     N, kh, kw, co = P.shape
     ci, k0, k1 = w.shape[1] * groups, w.shape[2], w.shape[3]
@@ -229,14 +231,19 @@ def _compose(P: Tensor, w: Tensor, stride: tuple, dilation: tuple, groups: int) 
         out = F.conv_transpose2d(P.permute(0, 3, 1, 2), w, None, stride, 0, 0, groups, dilation)
         return out.permute(0, 2, 3, 1).contiguous()
     if groups == 1:
-        taps = torch.matmul(P.reshape(-1, co), w.permute(0, 2, 3, 1).reshape(co, -1)).reshape(N, kh, kw, k0, k1, ci)
+        taps = torch.matmul(P.reshape(-1, co), w.permute(0, 2, 3, 1).reshape(co, -1)).reshape(N, kh, kw, k0 * k1, ci)
     else:   # depthwise: every channel its own k0 x k1 kernel
-        taps = P.unsqueeze(3).unsqueeze(3) * w.reshape(co, k0, k1).permute(1, 2, 0)
-    out = P.new_zeros(N, (kh - 1) * s0 + d0 * (k0 - 1) + 1, (kw - 1) * s1 + d1 * (k1 - 1) + 1, ci)
-    for u in range(k0):
-        for v in range(k1):
-            out[:, d0 * u:d0 * u + (kh - 1) * s0 + 1:s0, d1 * v:d1 * v + (kw - 1) * s1 + 1:s1] += taps[:, :, :, u, v]
-    return out
+        taps = P.unsqueeze(3) * w.reshape(co, k0 * k1).t()
+    H, W = (kh - 1) * s0 + d0 * (k0 - 1) + 1, (kw - 1) * s1 + d1 * (k1 - 1) + 1
+    Hq, Wq = -(-H // s0), -(-W // s1)
+    phases: dict = {}
+    for t, tap in enumerate(taps.unbind(3)):
+        (q0, r0), (q1, r1) = divmod(d0 * (t // k1), s0), divmod(d1 * (t % k1), s1)
+        shifted = F.pad(tap, (0, 0, q1, Wq - kw - q1, q0, Hq - kh - q0))
+        phases[r0, r1] = phases[r0, r1] + shifted if (r0, r1) in phases else shifted
+    zero = P.new_zeros(N, Hq, Wq, ci) if len(phases) < s0 * s1 else None
+    grid = torch.stack([torch.stack([phases.get((r0, r1), zero) for r1 in range(s1)], 3) for r0 in range(s0)], 2)
+    return grid.reshape(N, Hq * s0, Wq * s1, ci)[:, :H, :W]
 
 
 def _conv_step(p: _Patches, w: Tensor, b: Tensor | None, stride: tuple, dilation: tuple, groups: int,
