@@ -181,3 +181,20 @@ def test_no_pass_builds_a_dense_matrix_over_all_neurons():
         return mode.largest
     assert largest(False) >= dense_size       # the measurement sees a dense pass when there is one
     assert largest(True) <= bound < dense_size // 4
+
+
+@pytest.mark.parametrize("method", ["CROWN", "alpha-CROWN"])
+def test_patches_passes_in_chunks_of_rows_give_the_same_bounds(method, monkeypatch):
+    model, x, C = make("strided_bn", torch.float64)
+    bm = BoundedModule(model, x)
+    kw = dict(eps=0.05, method=method, sound=False)
+    if method == "alpha-CROWN":
+        kw["optimize_bound_args"] = {"iteration": 3}
+    with torch.no_grad():
+        whole = bounds(bm, x, C, patches_on=True, **kw)
+        passes = counting_patches_passes(monkeypatch)
+        chunked = bounds(bm, x, C, patches_on=True, crown_batch_size=7, **kw)
+    assert len(passes) > 2 * len({*passes})      # several passes per start node
+    for got, want in zip(chunked, whole):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+

@@ -21,9 +21,14 @@ reshape     ``A`` reshaped to the input's shape (per example)
 At the input, ``robustkern::crown_concretize`` evaluates ``A x + c`` over the (clipped) input box, and for
 an L2 ball also over the ball by the dual norm, ``A x0 -/+ eps ||A||_2``, keeping the tighter of the two (both
 are bounds over supersets of ball-and-box). The ReLU input bounds come from IBP (CROWN-IBP) or, for CROWN,
-from a backward pass per ReLU-input node with the identity specification (``rows_per_pass`` rows at a time:
-``crown_batch_size``, or what a memory budget allows), intersected with the IBP box (both are sound, so their
-intersection is).
+from backward passes per ReLU-input node with the identity specification (``identity_bounds``), intersected
+with the IBP box (both are sound, so their intersection is). Only the neurons that IBP leaves unstable are
+recomputed (``SPARSE_INTERMEDIATE``; a stable neuron's relaxation is exact whatever its bounds). A pass that
+starts at a convolution-shaped node runs on patches (``robustkern.bounds.patches``: one kernel per row over a
+window, (batch, rows, C kh kw) per node instead of (batch, rows, C H W); ``PATCHES``), else on dense rows,
+``crown_batch_size`` rows at a time or what a memory budget allows (``rows_per_pass``,
+``patches_rows_per_pass``). Dense rows that every example shares (the identity) go through the first linear or
+convolution step once for the whole batch.
 
 Floating point (``sound=True``). The relaxation is exact in real arithmetic; computed in floating point every
 product rounds, and an ``(A, c)`` whose ``A`` is only close to the exact product is not by itself a valid bound.
