@@ -281,23 +281,20 @@ def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
 
 
 def torch_peak_bytes(fn: Callable[[], object]) -> int:
-    """The peak of the bytes held by live torch tensors while ``fn`` runs, counted from the allocations and frees
-    that ``torch.profiler`` records (``profile_memory=True``; storages that existed before the call are left out).
-    Device-independent: on CPU this is the accounting that ``torch.cuda.max_memory_allocated`` gives on CUDA."""
+    """The peak of the bytes held by torch tensors allocated while ``fn`` runs: the running sum of the allocation
+    and free records of ``torch.profiler`` (``profile_memory=True``), in time order. A free of memory allocated
+    before the call lowers the sum, so the figure is a lower bound when ``fn`` frees earlier tensors (the
+    benchmarks' calls free at most the previous gradients). On CPU this is the accounting that
+    ``torch.cuda.max_memory_allocated`` gives on CUDA."""
     from torch.profiler import profile
-    from torch.profiler._memory_profiler import Action
 
-    with profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    with profile(profile_memory=True) as prof:
         fn()
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]")
     now = peak = 0
-    created = set()
-    for _, action, (key, _), size in prof._memory_profile().timeline:
-        if action == Action.CREATE:
-            created.add(key)
-            now += size
-        elif action == Action.DESTROY and key in created:
-            created.discard(key)
-            now -= size
+    for _, nbytes in records:
+        now += nbytes
         peak = max(peak, now)
     return peak
 
