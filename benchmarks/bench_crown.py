@@ -261,12 +261,12 @@ def run_full(args, device, env) -> None:
     if not args.no_save:
         common.append_csv(BENCH + "_full", rows, env, device)
     if args.write_results:
-        intro = (f"{device.type.upper()}, batch {args.batch}, cnn_4layer (auto_LiRPA's examples/vision definition, width 2, "
-                 f"linear 256; random weights, seed 0) on MNIST (eps 0.1) and CIFAR (eps 8/255) shapes, inputs "
-                 f"uniform in [0, 1], box clipped to [0, 1], 9 margin specs, lower bounds; alpha-CROWN "
+        intro = (f"{device.type.upper()}, batch {args.batch}, cnn_4layer (auto_LiRPA's examples/vision definition, "
+                 f"width 2, linear 256; random weights, seed 0) on MNIST (eps 0.1) and CIFAR (eps 8/255) shapes, "
+                 f"inputs uniform in [0, 1], box clipped to [0, 1], 9 margin specs, lower bounds; alpha-CROWN "
                  f"{args.alpha_iterations} iterations. robustkern: sound=False, patches and unstable-only "
-                 "intermediate passes; robustkern-dense: dense rows for every neuron (the previous path); "
-                 "auto_lirpa: auto_LiRPA 0.7.1, default bound_opts (conv_mode patches, sparse intermediate bounds). "
+                 "intermediate passes; robustkern-dense: dense rows for every neuron (patches and unstable-only "
+                 "passes off); auto_lirpa: auto_LiRPA 0.7.1, default bound_opts (conv_mode patches, sparse intermediate bounds). "
                  "`x robustkern` / `x auto_lirpa` = provider median over that provider's (above 1: slower); "
                  "peak MB = `common.torch_peak_bytes` (the peak of bytes held by torch tensors allocated during one "
                  "call, from torch.profiler's allocation records; the same accounting for every provider). Notes: "
