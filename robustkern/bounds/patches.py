@@ -43,18 +43,17 @@ argument's rounding bounds hold for them; the concretisation's sums have ``C kh 
 
 Memory: a pass holds (batch, rows, C kh kw) per node instead of (batch, rows, C H W); the kernels grow with
 depth (a 4x4 stride-2 convolution after another: 10x10 over the input) and stop being smaller than the node
-once the window covers the grid, which ``plan`` reports so that the caller can prefer dense rows.
+once the window covers the grid; ``robustkern.bounds.crown`` then prefers dense rows (its ``PATCHES`` "auto").
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._numerics import gamma, next_down, next_up, tiny, unit_roundoff
+from .._numerics import gamma, tiny, unit_roundoff
 from ..reference.crown import relu_relaxation, slope_lower_line
 
 __all__ = ["Geometry", "plan", "patches_bound", "patches_rows_per_pass", "window_values"]
