@@ -198,3 +198,18 @@ def test_patches_passes_in_chunks_of_rows_give_the_same_bounds(method, monkeypat
     for got, want in zip(chunked, whole):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
+
+
+@pytest.mark.parametrize("stride,dilation", [((2, 2), (1, 1)), ((1, 2), (2, 1))])
+def test_tap_composition_is_the_transposed_convolution_and_differentiates_twice(stride, dilation):
+    """``patches._compose`` on one output channel (the tap-by-tap path) against ``conv_transpose2d``, with its
+    own backward checked by gradcheck and gradgradcheck."""
+    torch.manual_seed(0)
+    P = torch.randn(3, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 1, 3, 2, dtype=torch.float64, requires_grad=True)
+    got = patches._compose(P, w, stride, dilation, 1)
+    want = torch.nn.functional.conv_transpose2d(P.permute(0, 3, 1, 2), w, None, stride, 0, 0, 1, dilation)
+    torch.testing.assert_close(got, want.permute(0, 2, 3, 1))
+    f = lambda P, w: patches._compose(P, w, stride, dilation, 1)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (P, w))
+    assert torch.autograd.gradgradcheck(f, (P, w))
