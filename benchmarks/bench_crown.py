@@ -24,7 +24,23 @@ during one call, both modes), TF32 off for every provider (robustkern's bound op
 run sets ``torch.backends.cuda.matmul.fp32_precision`` and ``torch.backends.cudnn.conv.fp32_precision`` to "ieee"
 for the others), and robustkern's GPU targets below the table (``target_lines``).
 
+Full CROWN and alpha-CROWN (``--full``): verification bounds (every ReLU's input bounds by back-substitution) on
+the CROWN-IBP family's ``cnn_4layer`` (auto_LiRPA's ``examples/vision`` definition: two 4x4 stride-2 convolutions,
+padding 1, then Linear to 256 and to 10; random weights, seeded) on MNIST (1x28x28, L-inf eps 0.1) and CIFAR
+(3x32x32, eps 8/255) shapes, inputs uniform in [0, 1], the box clipped to [0, 1], margin specification (9 rows),
+lower bounds. Modes: "CROWN" (under ``torch.no_grad()``: verification), "CROWN fwd+bwd" (the robust
+cross-entropy of the bounds and its gradient: training), "alpha-CROWN" (no_grad, ``--alpha-iterations``, lr 0.5).
+Providers: robustkern (``sound=False``: patches for the passes from convolutions, only unstable neurons
+recomputed), robustkern-dense (the same with dense rows for every neuron: ``crown.PATCHES = False``,
+``crown.SPARSE_INTERMEDIATE = False``; CROWN only) and auto_lirpa (auto_LiRPA 0.7.1 with its default options:
+``conv_mode`` "patches", sparse intermediate bounds). "peak MB": ``common.torch_peak_bytes``, the peak of the
+bytes held by torch tensors allocated during one call, replayed from ``torch.profiler``'s allocation records
+(the same accounting for every provider, CPU or CUDA). Targets: robustkern's peak memory <= auto_lirpa's, time <=
+``TARGET_FULL_TIME_X`` x auto_lirpa's.
+
     PYTHONPATH=python:. python benchmarks/bench_crown.py --device cpu --threads 1 [--write-results]
+    PYTHONPATH=python:. python benchmarks/bench_crown.py --full --threads 1 --batch 16 --lirpa-path /tmp/lirpa \
+        --write-results
     PYTHONPATH=python:. python benchmarks/bench_crown.py --device cuda --models cnn_7layer_bn --batch 256 \
         --write-results
 """
@@ -46,7 +62,7 @@ import common  # noqa: E402
 from bench_ibp import Unavailable, backend_label, import_auto_lirpa, make_case  # noqa: E402
 
 import robustkern.bounds.crown as rk_crown  # noqa: E402
-from robustkern.bounds import BoundedModule, crown_ibp_loss, robust_cross_entropy  # noqa: E402
+from robustkern.bounds import BoundedModule, crown_ibp_loss, margin_spec, robust_cross_entropy  # noqa: E402
 from robustkern.reference import crown as ref_crown  # noqa: E402
 
 BENCH = "crown"
@@ -55,6 +71,11 @@ PROVIDERS = ["plain", "robustkern-ibp", "robustkern", "robustkern-lf", "eager", 
 # auto_LiRPA's plain CROWN-IBP, at most half its peak memory, and robustkern's loss fusion faster than auto_LiRPA's.
 TARGET_X_AUTO_LIRPA = 3.0
 TARGET_MEM_X_AUTO_LIRPA = 0.5
+FULL_PROVIDERS = ["robustkern", "robustkern-dense", "auto_lirpa"]
+FULL_MODELS = "cnn_4layer:mnist,cnn_4layer:cifar"
+FULL_MODES = ["CROWN", "CROWN fwd+bwd", "alpha-CROWN"]
+FULL_SHAPES = {"mnist": (1, 28, 0.1), "cifar": (3, 32, 8 / 255)}   # channels, size, L-inf eps
+TARGET_FULL_TIME_X = 0.7   # robustkern's time over auto_lirpa's, full CROWN and alpha-CROWN
 
 
 def setup(name, case, args):
@@ -150,6 +171,131 @@ def _time_cuda_each(fns: dict, notes: dict) -> dict:
     return timings
 
 
+# ----------------------------------------------------------------------------------------------- full CROWN
+def full_case(spec: str, batch: int, device):
+    """(model, x, C, eps) of a ``--full`` case ``cnn_4layer:<mnist|cifar>``."""
+    from bench_clients_lirpa import CNN4Layer
+    name, _, shape = spec.partition(":")
+    if name != "cnn_4layer" or shape not in FULL_SHAPES:
+        raise SystemExit(f"--models for --full: cnn_4layer:mnist or cnn_4layer:cifar, got {spec!r}")
+    ch, size, eps = FULL_SHAPES[shape]
+    torch.manual_seed(0)
+    model = CNN4Layer(ch, size).to(device)
+    x = torch.rand(batch, ch, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    return model, x, margin_spec(y, 10), eps
+
+
+def full_setup(provider: str, mode: str, model, x, C, eps, args):
+    """The call of one provider and mode, returning the lower bounds (B, 9); None when it does not apply."""
+    iters = {"iteration": args.alpha_iterations, "lr_alpha": 0.5, "lr_decay": 0.98, "early_stop_patience": 10}
+    method = "alpha-CROWN" if mode == "alpha-CROWN" else "CROWN"
+    if provider in ("robustkern", "robustkern-dense"):
+        if provider == "robustkern-dense" and method != "CROWN":
+            return None
+        bm = BoundedModule(model, x[:1])
+        dense = provider == "robustkern-dense"
+
+        def bound():
+            saved = rk_crown.PATCHES, rk_crown.SPARSE_INTERMEDIATE
+            if dense:
+                rk_crown.PATCHES, rk_crown.SPARSE_INTERMEDIATE = False, False
+            try:
+                return bm.compute_bounds(x, eps, method=method, C=C, bound_upper=False, sound=False,
+                                         optimize_bound_args=iters if method == "alpha-CROWN" else None)[0]
+            finally:
+                rk_crown.PATCHES, rk_crown.SPARSE_INTERMEDIATE = saved
+        return bound, list(model.parameters())
+    lib = common.import_auto_lirpa(args.lirpa_path)
+    opts = {"optimize_bound_args": dict(iters)} if method == "alpha-CROWN" else {}
+    lm = lib.BoundedModule(copy.deepcopy(model), torch.zeros_like(x[:1]), device=x.device, verbose=0,
+                           bound_opts=opts)
+    ptb = lib.PerturbationLpNorm(eps=eps, x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1))
+    bx = lib.BoundedTensor(x, ptb)
+    lirpa_method = "CROWN-Optimized" if method == "alpha-CROWN" else "CROWN"
+    return (lambda: lm.compute_bounds(x=(bx,), C=C, method=lirpa_method, bound_upper=False)[0]), list(lm.parameters())
+
+
+def run_full(args, device, env) -> None:
+    rows = []
+    for spec in args.models.split(","):
+        model, x, C, eps = full_case(spec, args.batch, device)
+        for mode in FULL_MODES:
+            fns, notes, bounds = {}, {}, {}
+            for name in args.providers.split(","):
+                try:
+                    made = full_setup(name, mode, model, x, C, eps, args)
+                except RuntimeError as e:
+                    notes[name] = str(e)
+                    continue
+                if made is None:
+                    continue
+                bound, params = made
+                if mode == "CROWN fwd+bwd":
+                    fns[name] = (lambda bound=bound, params=params: _fwdbwd(lambda: robust_cross_entropy(bound()),
+                                                                            params))
+                elif mode == "alpha-CROWN" and name == "auto_lirpa":   # its optimisation needs autograd on
+                    fns[name] = bound
+                else:
+                    fns[name] = (lambda bound=bound: _nograd(bound))
+                with torch.no_grad() if mode != "alpha-CROWN" else torch.enable_grad():
+                    bounds[name] = bound().detach()
+            timings = common.time_cpu(fns, rounds=args.rounds) if device.type == "cpu" else \
+                _time_cuda_each(fns, notes)
+            ref = bounds.get("auto_lirpa")
+            key = {"model": spec, "batch": args.batch, "mode": mode}
+            for name in fns:
+                lb = bounds[name]
+                note = f"lb mean {float(lb.mean()):.5f}"
+                if ref is not None and name != "auto_lirpa":
+                    scale = float(ref.abs().mean())
+                    note += f"; vs lirpa worst {float((lb - ref).min()) / scale:+.1e}"
+                note = "; ".join(filter(None, [note, notes.get(name, "")]))
+                rows.append(common.Row(key, name, timings.get(name), common.torch_peak_bytes(fns[name]), note))
+            for name, why in notes.items():
+                if name not in fns:
+                    rows.append(common.Row(key, name, None, None, why))
+    body = common.table(rows, ["model", "batch", "mode"], device, "robustkern", "auto_lirpa", mem="peak MB")
+    targets = full_target_lines(rows)
+    print(body + "\n\nTargets:\n" + "\n".join(targets))
+    if not args.no_save:
+        common.append_csv(BENCH + "_full", rows, env, device)
+    if args.write_results:
+        intro = (f"{device.type.upper()}, batch {args.batch}, cnn_4layer (auto_LiRPA's examples/vision definition, "
+                 f"width 2, linear 256; random weights, seed 0) on MNIST (eps 0.1) and CIFAR (eps 8/255) shapes, "
+                 f"inputs uniform in [0, 1], box clipped to [0, 1], 9 margin specs, lower bounds; alpha-CROWN "
+                 f"{args.alpha_iterations} iterations. robustkern: sound=False, patches and unstable-only "
+                 "intermediate passes; robustkern-dense: dense rows for every neuron (patches and unstable-only "
+                 "passes off); auto_lirpa: auto_LiRPA 0.7.1, default bound_opts (conv_mode patches, sparse intermediate bounds). "
+                 "`x robustkern` / `x auto_lirpa` = provider median over that provider's (above 1: slower); "
+                 "peak MB = `common.torch_peak_bytes` (the peak of bytes held by torch tensors allocated during one "
+                 "call, from torch.profiler's allocation records; the same accounting for every provider). Notes: "
+                 "the mean lower bound and the worst (lb - auto_LiRPA lb) / mean |auto_LiRPA lb|.\n\n")
+        common.update_results_md(BENCH, "Full CROWN and alpha-CROWN (`bench_crown.py --full`)",
+                                 intro + body + "\n\nTargets:\n" + "\n".join(targets), env,
+                                 variant=f"batch {args.batch}, full")
+
+
+def full_target_lines(rows: list[common.Row]) -> list[str]:
+    """Per (model, mode): robustkern's peak memory over auto_lirpa's (target <= 1) and time over auto_lirpa's
+    (target <= ``TARGET_FULL_TIME_X``)."""
+    by_case: dict[tuple, dict[str, common.Row]] = {}
+    for r in rows:
+        by_case.setdefault((r.case["model"], r.case["mode"]), {})[r.provider] = r
+    lines = []
+    for (model, mode), provs in by_case.items():
+        ours, lirpa = provs.get("robustkern"), provs.get("auto_lirpa")
+        if not (ours and lirpa and ours.ok and lirpa.ok):
+            lines.append(f"- {model} {mode}: not measured")
+            continue
+        t = ours.timing.median_ms / lirpa.timing.median_ms
+        m = ours.mem_bytes / lirpa.mem_bytes
+        lines.append(f"- {model} {mode}: time {t:.2f}x auto_lirpa's -> "
+                     f"{'met' if t <= TARGET_FULL_TIME_X else 'MISSED'} (target <= {TARGET_FULL_TIME_X}x); peak "
+                     f"memory {m:.2f}x -> {'met' if m <= 1 else 'MISSED'} (target <= 1x)")
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="cifar_medium:padding=1,cnn_7layer_bn")
@@ -162,8 +308,15 @@ def main(argv=None):
                     help="directory holding the auto_LiRPA package (default: $AUTO_LIRPA_PATH)")
     ap.add_argument("--no-save", action="store_true", help="do not append the rows to results/crown.csv")
     ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--full", action="store_true", help="full CROWN and alpha-CROWN on cnn_4layer (see the docstring)")
+    ap.add_argument("--alpha-iterations", type=int, default=20, help="alpha-CROWN iterations (--full)")
     common.add_output_options(ap)
     args = ap.parse_args(argv)
+    if args.full:
+        if args.models == ap.get_default("models"):
+            args.models = FULL_MODELS
+        if args.providers == ap.get_default("providers"):
+            args.providers = ",".join(FULL_PROVIDERS)
     device = torch.device(args.device)
     if device.type not in ("cpu", "cuda"):
         ap.error(f"--device must be cpu or cuda, got {args.device!r}")
@@ -175,6 +328,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     common.use_output_options(args)
     env = common.Environment.capture(device)
+    if args.full:
+        return run_full(args, device, env)
     rows = []
     for model_name in args.models.split(","):
         case = make_case(model_name, args.batch, "2/255", "train", device, 0)

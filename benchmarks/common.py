@@ -280,6 +280,25 @@ def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def torch_peak_bytes(fn: Callable[[], object]) -> int:
+    """The peak of the bytes held by torch tensors allocated while ``fn`` runs: the running sum of the allocation
+    and free records of ``torch.profiler`` (``profile_memory=True``), in time order. A free of memory allocated
+    before the call lowers the sum, so the figure is a lower bound when ``fn`` frees earlier tensors (the
+    benchmarks' calls free at most the previous gradients). On CPU this is the accounting that
+    ``torch.cuda.max_memory_allocated`` gives on CUDA."""
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        fn()
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]")
+    now = peak = 0
+    for _, nbytes in records:
+        now += nbytes
+        peak = max(peak, now)
+    return peak
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of the matmuls and convolutions (forward and backward) that ``fn`` runs, as counted by
     ``torch.utils.flop_counter``; custom ops are not counted, so count a provider made of aten ops."""
@@ -337,13 +356,14 @@ def ratio(row: Row, ref: Row | None) -> float | None:
 
 
 def table(rows: list[Row], case_keys: list[str], device: torch.device, ours: str, floor: str,
-          peak_flops_per_s: float | None = None) -> str:
+          peak_flops_per_s: float | None = None, mem: str | None = None) -> str:
     """A markdown table: one line per row; ``x <ours>`` is each provider's median over ours (above 1: ours is
     faster), ``x <floor>`` the same over the floor provider. Rows with ``extra["gflop"]`` (the work of the
     computation, the same for every provider of a case) get an achieved GFLOP/s column, and a % of the
-    measured matmul rate when ``peak_flops_per_s`` is given."""
+    measured matmul rate when ``peak_flops_per_s`` is given. ``mem``: the memory column's heading (default
+    "saved MB" on CPU, "peak MB" on CUDA)."""
     low, high = ("min", "max") if device.type == "cpu" else ("p20", "p80")
-    mem = "saved MB" if device.type == "cpu" else "peak MB"
+    mem = mem or ("saved MB" if device.type == "cpu" else "peak MB")
     rate = any(r.extra.get("gflop") for r in rows)
     head = case_keys + ["provider", "median ms", f"{low} ms", f"{high} ms", f"x {ours}", f"x {floor}", mem]
     head += (["GFLOP/s"] if rate else []) + (["% matmul peak"] if rate and peak_flops_per_s else []) + ["note"]

@@ -245,11 +245,13 @@ def test_crown_ibp_over_the_ibp_boxes_of_an_earlier_call(sound):
 
 @pytest.mark.parametrize("sound", [False, True])
 def test_crown_passes_split_to_a_memory_budget_by_default(sound, monkeypatch):
-    """Without crown_batch_size, CROWN's intermediate passes take as many identity rows as keep their coefficient
-    matrices within CROWN_PASS_BYTES (so a large model does not build (neurons x neurons) matrices for a whole
-    layer at once); the bounds equal those of one pass per layer."""
+    """Without crown_batch_size, CROWN's intermediate passes on dense rows (every neuron, patches off) take as many
+    identity rows as keep their coefficient matrices within CROWN_PASS_BYTES (so a large model does not build
+    (neurons x neurons) matrices for a whole layer at once); the bounds equal those of one pass per layer."""
     from robustkern.bounds import crown as crown_mod
 
+    monkeypatch.setattr(crown_mod, "PATCHES", False)
+    monkeypatch.setattr(crown_mod, "SPARSE_INTERMEDIATE", False)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
                           nn.ReLU(), nn.Flatten(), nn.Linear(64, 10)).eval()

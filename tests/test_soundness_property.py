@@ -7,11 +7,13 @@ module applied twice, residual additions, average pooling, input normalisation, 
 small spread; float32 and float64 models; eps from 0 to 1 (L-inf and L2, clipped or not), given as a float or as
 a float32/float64 tensor; ``x`` in float64 for a float32 model; margin or random specifications in float64;
 autocast on; the reference and the compiled backends; IBP, CROWN-IBP, CROWN with every ReLU lower slope and alpha-CROWN
-(4 iterations, starting from that slope).
+(4 iterations, starting from that slope), their passes from convolutions on patches where the kernels are smaller
+than the nodes or wherever patches serve them.
 
 ``--property-examples N`` sets the number of examples (default 60: about half a minute on 2 cores);
 ``--property-seed S`` the first seed.
 """
+import contextlib
 import copy
 import math
 import random
@@ -23,6 +25,7 @@ from torch import nn
 
 import robustkern
 from robustkern import use_backend
+import robustkern.bounds.crown as crown
 from robustkern.bounds import BoundedModule, margin_spec
 from robustkern.bounds.batch_stats import forward_with_statistics, uses_batch_stats
 from robustkern.graph import capture
@@ -161,9 +164,11 @@ def draw(seed: int) -> dict:
         eps_arg = torch.full((B,), eps, dtype=torch.float64).to(getattr(torch, eps_kind)) * \
             torch.tensor([1.0] + [rng.uniform(0.5, 1.0) for _ in range(B - 1)], dtype=torch.float64).to(
                 getattr(torch, eps_kind))
-    return dict(model=model, dtype=dtype, x=x, norm=norm, eps=eps_arg, clip=clip, C=C,
-                autocast=rng.random() < 0.2, backend=rng.choice(BACKENDS),
-                relu_lower=rng.choice(RELU_LOWER), method_order=rng.sample(["IBP", "CROWN-IBP", "CROWN", "alpha-CROWN"], 4))
+    ex = dict(model=model, dtype=dtype, x=x, norm=norm, eps=eps_arg, clip=clip, C=C,
+              autocast=rng.random() < 0.2, backend=rng.choice(BACKENDS),
+              relu_lower=rng.choice(RELU_LOWER), method_order=rng.sample(["IBP", "CROWN-IBP", "CROWN", "alpha-CROWN"], 4))
+    ex["patches"] = rng.choice(["auto", True])   # CROWN's passes from convolutions on patches wherever served
+    return ex
 
 
 def exact_eps(eps, B) -> torch.Tensor:
@@ -264,7 +269,8 @@ def run_example(seed: int) -> list[str]:
 
     problems = []
     for method in ex["method_order"]:
-        with use_backend(ex["backend"]), torch.autocast("cpu", dtype=torch.bfloat16, enabled=ex["autocast"]):
+        with use_backend(ex["backend"]), torch.autocast("cpu", dtype=torch.bfloat16, enabled=ex["autocast"]), \
+                _patches(ex["patches"]):
             opt = {"optimize_bound_args": {"iteration": 4, "lr_alpha": 1.0}} if method == "alpha-CROWN" else {}
             lb, ub = bm.compute_bounds(x, eps, norm=norm, method=method, C=C, x_min=lo_clip, x_max=hi_clip,
                                        relu_lower=ex["relu_lower"], **opt)
@@ -281,12 +287,22 @@ def run_example(seed: int) -> list[str]:
     return problems
 
 
+@contextlib.contextmanager
+def _patches(mode):
+    saved = crown.PATCHES
+    crown.PATCHES = mode
+    try:
+        yield
+    finally:
+        crown.PATCHES = saved
+
+
 def describe(ex) -> str:
     eps = ex["eps"]
     return (f"{type(ex['model']).__name__} {'train' if ex['model'].training else 'eval'} {ex['dtype']}, "
             f"x {ex['x'].dtype}, norm {ex['norm']}, eps {eps if not isinstance(eps, torch.Tensor) else eps.tolist()}"
             f", clip {ex['clip']}, C {None if ex['C'] is None else ex['C'].dtype}, autocast {ex['autocast']}, "
-            f"backend {ex['backend']}, relu_lower {ex['relu_lower']}")
+            f"backend {ex['backend']}, relu_lower {ex['relu_lower']}, patches {ex['patches']}")
 
 
 def test_no_exact_value_escapes_a_sound_bound(property_examples, property_seed, one_thread):

@@ -47,8 +47,8 @@ import torch
 from torch import Tensor
 
 from ..ops.crown import crown_relu_lower_slopes
-from .crown import (CrownSetup, backward_bound, crown_intermediate, crown_setup, finish, identity_rows,
-                    output_spec)
+from .crown import (CrownSetup, backward_bound, crown_intermediate, crown_setup, finish, identity_bounds, output_spec,
+                    row_slopes, unstable_rows)
 
 __all__ = ["DEFAULT_OPTIMIZE_BOUND_ARGS", "check_optimize_bound_args", "alpha_crown_bounds"]
 
@@ -123,11 +123,16 @@ class _Passes:
             lo, hi = reference[n.inputs[0]]
             init[n.name] = crown_relu_lower_slopes(lo, hi, ctx.mode)  # CROWN's own slopes, (B, N)
 
-        def slopes_for(start: str, rows: int, sides: tuple) -> dict:
+        def slopes_for(start: str, rows: Tensor | int, sides: tuple) -> dict:
+            """Per side and ReLU before ``start``: shared (B, 1, N), or per row of the identity ``rows``
+            (``row_slopes``), or per specification row (B, S, N) when ``rows`` is the count S."""
             before = [n for n in relus if ctx.index[n.name] < ctx.index[start]]
-            k = 1 if shared else rows
-            return {side: {n.name: init[n.name].unsqueeze(1).expand(B, k, -1).clone().requires_grad_(True)
-                           for n in before} for side in sides}
+
+            def one(n):
+                if shared or isinstance(rows, int):
+                    return init[n.name].unsqueeze(1).expand(B, 1 if shared else rows, -1).clone()
+                return row_slopes(setup, start, rows, n.name, init[n.name])
+            return {side: {n.name: one(n).requires_grad_(True) for n in before} for side in sides}
 
         self.rows: dict[str, Tensor] = {}          # ReLU-input node -> the neurons recomputed (unstable somewhere)
         self.slopes: dict[str, dict] = {}          # start node -> {side: {relu: slopes}}
@@ -135,10 +140,10 @@ class _Passes:
             if not any(ctx.index[n.name] < ctx.index[name] for n in relus):
                 continue                           # no ReLU before it: its bounds do not depend on slopes
             lo, hi = reference[name]
-            rows = ((lo < 0) & (hi > 0)).any(0).nonzero().flatten()
+            rows = unstable_rows((lo, hi))
             if rows.numel():
                 self.rows[name] = rows
-                self.slopes[name] = slopes_for(name, rows.numel(), (False, True))
+                self.slopes[name] = slopes_for(name, rows, (False, True))
         self.slopes[out_src] = slopes_for(out_src, A0.shape[1], (upper,))
 
     def parameters(self) -> list[Tensor]:
@@ -158,18 +163,7 @@ class _Passes:
             rows = self.rows.get(name)
             if rows is None:
                 continue
-            slopes = self.slopes[name]
-            n = rows.numel()
-            step = n if not self.chunk else int(min(self.chunk, n))
-            los, his = [], []
-            for s0 in range(0, n, step):
-                part = {side: {k: (v if v.shape[1] == 1 else v[:, s0:s0 + step]) for k, v in per.items()}
-                        for side, per in slopes.items()}
-                r = backward_bound(ctx, name, identity_rows(setup, name, rows[s0:s0 + step]), (False, True),
-                                   setup.input_box, setup.ball, ctx.sound, part)
-                los.append(r[False])
-                his.append(r[True])
-            lo_new, hi_new = torch.cat(los, 1), torch.cat(his, 1)
+            lo_new, hi_new = identity_bounds(setup, name, rows, self.chunk, self.slopes[name])
             lo_ref, hi_ref = self.reference[name]
             lo_sel = _straight_through(torch.maximum(lo_ref[:, rows], lo_new), lo_new)
             hi_sel = _straight_through(torch.minimum(hi_ref[:, rows], hi_new), hi_new)

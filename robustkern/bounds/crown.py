@@ -21,9 +21,14 @@ reshape     ``A`` reshaped to the input's shape (per example)
 At the input, ``robustkern::crown_concretize`` evaluates ``A x + c`` over the (clipped) input box, and for
 an L2 ball also over the ball by the dual norm, ``A x0 -/+ eps ||A||_2``, keeping the tighter of the two (both
 are bounds over supersets of ball-and-box). The ReLU input bounds come from IBP (CROWN-IBP) or, for CROWN,
-from a backward pass per ReLU-input node with the identity specification (``rows_per_pass`` rows at a time:
-``crown_batch_size``, or what a memory budget allows), intersected with the IBP box (both are sound, so their
-intersection is).
+from backward passes per ReLU-input node with the identity specification (``identity_bounds``), intersected
+with the IBP box (both are sound, so their intersection is). Only the neurons that IBP leaves unstable are
+recomputed (``SPARSE_INTERMEDIATE``; a stable neuron's relaxation is exact whatever its bounds). A pass that
+starts at a convolution-shaped node runs on patches (``robustkern.bounds.patches``: one kernel per row over a
+window, (batch, rows, C kh kw) per node instead of (batch, rows, C H W); ``PATCHES``), else on dense rows,
+``crown_batch_size`` rows at a time or what a memory budget allows (``rows_per_pass``,
+``patches_rows_per_pass``). Dense rows that every example shares (the identity) go through the first linear or
+convolution step once for the whole batch.
 
 Floating point (``sound=True``). The relaxation is exact in real arithmetic; computed in floating point every
 product rounds, and an ``(A, c)`` whose ``A`` is only close to the exact product is not by itself a valid bound.
@@ -65,15 +70,22 @@ from ..ops.crown import RELU_LOWER_MODES, crown_concretize, crown_relu_backward,
 from .._numerics import gamma, next_down, next_up, round_down, round_up, tiny, unit_roundoff
 from ..graph import BoundNode, run_graph
 from .ibp import Box
+from .patches import patches_bound, patches_rows_per_pass, plan, window_values
 from .precision import Coefficients
 
 __all__ = ["node_shapes", "backward_bound", "crown_bounds", "crown_setup", "crown_intermediate", "identity_rows",
-           "output_spec", "finish", "chain_start", "CrownSetup"]
+           "output_spec", "finish", "chain_start", "CrownSetup", "identity_bounds", "unstable_rows",
+           "row_slopes"]
 
 # Transposed convolutions of ``A`` run channels-last (see ``_gemm_step``); False: contiguous NCHW.
 CHANNELS_LAST = True
 # Fold a BatchNorm into the linear/conv layer before it (see ``_step``); False: a separate affine step.
 FOLD_BATCHNORM = True
+# Intermediate-bound passes from convolution-shaped nodes on patches (robustkern.bounds.patches): "auto" where the
+# kernels are smaller than the nodes they cover, True wherever patches serve the pass, False: dense rows always.
+PATCHES = "auto"
+# Recompute only the neurons that the current (IBP) bounds leave unstable (``crown_intermediate``).
+SPARSE_INTERMEDIATE = True
 
 
 def node_shapes(nodes: list[BoundNode], model, x1: Tensor) -> dict[str, tuple]:
@@ -259,6 +271,10 @@ def _gemm_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, w: Tensor,
     channels-last: the layout in which CPU (oneDNN) transposed convolutions are fastest; the ReLU step keeps
     it) with weight ``w`` and bias ``b``. Returns ``[(input, A_in)], bias term, False``."""
     src = node.inputs[0]
+    if B > 1 and A.stride(0) == 0:   # the same rows for every example (the identity): one product, shared
+        outs, bias, _ = _gemm_step(ctx, node, A[:1], 1, S, w, b)
+        return ([(name, a.expand(B, *a.shape[1:])) for name, a in outs],
+                bias.expand(B, S) if bias is not None else None, False)
     bias = (_channel_sums(A) * b).sum(-1) if b is not None else None
     if node.kind == "linear":
         return [(src, torch.matmul(A, w))], bias, False
@@ -427,11 +443,17 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
             mag = torch.bmm(absA, (mid.abs() + rad).unsqueeze(-1)).squeeze(-1) + bias.abs()
             if center is not None:
                 mag = mag + torch.bmm(absA, center.abs().unsqueeze(-1)).squeeze(-1) + eps.unsqueeze(1) * A_flat.norm(dim=-1)
-            n = A_flat.shape[-1]
-            slack = gamma(n + 3, u) * mag * (1 + gamma(n + 3, u)) + (n + 3) * tiny(val.dtype) + err * (1 + 4 * u)
-            val = next_up(val + slack) if upper else next_down(val - slack)
+            val = _outward(val, mag, err, A_flat.shape[-1], upper)
         result[upper] = val
     return result
+
+
+def _outward(val: Tensor, mag: Tensor, err: Tensor, n: int, upper: bool) -> Tensor:
+    """A concretised bound ``val`` (sums of ``n`` terms whose magnitudes sum to ``mag``) widened by its own rounding
+    and the accumulated step errors ``err``, then moved one ulp outwards."""
+    u = unit_roundoff(val.dtype)
+    slack = gamma(n + 3, u) * mag * (1 + gamma(n + 3, u)) + (n + 3) * tiny(val.dtype) + err * (1 + 4 * u)
+    return next_up(val + slack) if upper else next_down(val - slack)
 
 
 @dataclass
@@ -508,23 +530,85 @@ def rows_per_pass(ctx: _Ctx, start: str, batch: int, crown_batch_size: int | Non
     return max(1, min(n, CROWN_PASS_BYTES // per_row))
 
 
-def crown_intermediate(setup: CrownSetup, crown_batch_size: int | None = None) -> None:
-    """CROWN's ReLU input bounds: for each ReLU-input node in topological order, the backward pass from the
-    identity (``rows_per_pass`` rows at a time) with the bounds of the earlier ReLUs, intersected with IBP's."""
+def unstable_rows(bounds: tuple[Tensor, Tensor]) -> Tensor:
+    """The neurons (indices into the flattened node) whose bounds ``(l, u)`` (B, N) straddle 0 in some example:
+    the only ones whose tighter bounds can change a ReLU relaxation (a stable neuron's relaxation is exact)."""
+    lo, hi = bounds
+    return ((lo < 0) & (hi > 0)).any(0).nonzero().flatten()
+
+
+def identity_bounds(setup: CrownSetup, name: str, rows: Tensor, crown_batch_size: int | None = None,
+                    slopes: dict | None = None) -> tuple[Tensor, Tensor]:
+    """Lower and upper bounds (B, R) of the neurons ``rows`` of ``name`` over the input set: backward passes from
+    the identity rows, ``crown_batch_size`` rows at a time (default: a memory budget). Passes that start at a
+    convolution-shaped node run on patches (``robustkern.bounds.patches``) where ``PATCHES`` allows it, else on
+    dense rows. ``slopes``: alpha-CROWN's ``{side: {relu: (B, 1 or R, N)}}`` (see ``backward_bound``)."""
     ctx = setup.ctx
     batch = setup.input_box.mid.shape[0]
+    geometries = _patches_plan(ctx, name)
+    if crown_batch_size:
+        step = int(crown_batch_size)
+    elif geometries is not None:
+        step = patches_rows_per_pass(ctx, geometries, batch, CROWN_PASS_BYTES, LIVE_MATRICES)
+    else:
+        step = rows_per_pass(ctx, name, batch)
+    n = rows.numel()
+    los, his = [], []
+    for s0 in range(0, n, step):
+        chunk = rows[s0:s0 + step]
+        part = {side: {k: (v if v.shape[1] == 1 else v[:, s0:s0 + step]) for k, v in per.items()}
+                for side, per in slopes.items()} if slopes else None
+        if geometries is not None:
+            r = patches_bound(ctx, name, geometries, chunk, (False, True), setup.input_box, setup.ball, part)
+        else:
+            r = backward_bound(ctx, name, identity_rows(setup, name, chunk), (False, True), setup.input_box,
+                               setup.ball, ctx.sound, part)
+        los.append(r[False])
+        his.append(r[True])
+    return torch.cat(los, 1), torch.cat(his, 1)
+
+
+def row_slopes(setup: CrownSetup, start: str, rows: Tensor, relu: str, init: Tensor) -> Tensor:
+    """alpha-CROWN's per-row lower slopes of the ReLU node ``relu`` for the passes from ``start`` over the neurons
+    ``rows``, starting at ``init`` (B, N): (B, R, N), or (B, R, kh, kw, C) where those passes run on patches
+    (only the window entries a row reads; ``robustkern.bounds.patches.window_values``)."""
+    geometries = _patches_plan(setup.ctx, start)
+    if geometries is None:
+        return init.unsqueeze(1).expand(-1, rows.numel(), -1).clone()
+    return window_values(setup.ctx, start, geometries, rows, relu, init)
+
+
+def _patches_plan(ctx: _Ctx, name: str) -> dict | None:
+    """The patches geometries of a pass from ``name``, or None for dense rows: ``PATCHES`` False, a node that
+    patches do not serve, or ("auto") kernels that together hold more entries than the nodes they cover."""
+    if not PATCHES:
+        return None
+    geometries = plan(ctx, name)
+    if geometries is None or PATCHES != "auto":
+        return geometries
+    kernels = sum(ctx.shapes[k][0] * g.kh * g.kw for k, g in geometries.items())
+    nodes = sum(math.prod(ctx.shapes[k]) for k in geometries)
+    return geometries if kernels <= nodes else None
+
+
+def crown_intermediate(setup: CrownSetup, crown_batch_size: int | None = None) -> None:
+    """CROWN's ReLU input bounds: for each ReLU-input node in topological order, the backward passes from the
+    identity (``identity_bounds``) with the bounds of the earlier ReLUs, intersected with IBP's. With
+    ``SPARSE_INTERMEDIATE`` only the neurons unstable under IBP are recomputed (auto_LiRPA's
+    ``sparse_intermediate_bounds``): the others keep IBP's bounds, which give the same (exact) relaxation."""
+    ctx = setup.ctx
     for name in setup.relu_inputs:   # topological order: earlier ReLUs' bounds are ready when needed
-        n = math.prod(ctx.shapes[name])
-        los, his = [], []
-        step = rows_per_pass(ctx, name, batch, crown_batch_size)
-        for s0 in range(0, n, step):
-            rows = torch.arange(s0, min(n, s0 + step), device=ctx.device)
-            r = backward_bound(ctx, name, identity_rows(setup, name, rows), (False, True), setup.input_box,
-                               setup.ball, ctx.sound)
-            los.append(r[False])
-            his.append(r[True])
         l_ibp, u_ibp = ctx.relu_bounds[name]
-        ctx.relu_bounds[name] = (torch.maximum(l_ibp, torch.cat(los, 1)), torch.minimum(u_ibp, torch.cat(his, 1)))
+        n = l_ibp.shape[1]
+        rows = unstable_rows((l_ibp, u_ibp)) if SPARSE_INTERMEDIATE else torch.arange(n, device=ctx.device)
+        if rows.numel() == 0:
+            continue
+        lo, hi = identity_bounds(setup, name, rows, crown_batch_size)
+        if rows.numel() == n:
+            ctx.relu_bounds[name] = (torch.maximum(l_ibp, lo), torch.minimum(u_ibp, hi))
+        else:
+            ctx.relu_bounds[name] = (l_ibp.index_copy(1, rows, torch.maximum(l_ibp[:, rows], lo)),
+                                     u_ibp.index_copy(1, rows, torch.minimum(u_ibp[:, rows], hi)))
 
 
 def output_spec(setup: CrownSetup, C: Tensor | None, num_outputs: int) -> tuple[str, Tensor]:

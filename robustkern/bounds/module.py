@@ -176,10 +176,11 @@ class BoundedModule(nn.Module):
         ``eps``: a float or a (B,) tensor (per example), in the units of ``x``. ``method`` (case-insensitive):
         "IBP" (interval bound propagation, Gowal et al. 2018); "CROWN-IBP" (aliases "IBP+backward",
         "ibp+crown": IBP for the ReLU input bounds, one backward linear relaxation from ``C``; Zhang et al.
-        2020); "CROWN" (alias "backward": backward relaxations for the ReLU input bounds too, intersected with
-        IBP, ``crown_batch_size`` identity rows at a time, by default as many as keep a pass's coefficient
-        matrices within about 1 GiB, ``robustkern.bounds.crown.rows_per_pass``; to verify rather than train, call
-        it under ``torch.no_grad()``, else every pass's autograd graph is kept; Zhang et al. 2018); "alpha-CROWN" (alias
+        2020); "CROWN" (alias "backward": backward relaxations for the ReLU input bounds too, of the neurons
+        that IBP leaves unstable, intersected with IBP, on patches for passes from convolutions
+        (``robustkern.bounds.patches``), ``crown_batch_size`` identity rows at a time, by default as many as
+        keep a pass's coefficient matrices within about 1 GiB, ``robustkern.bounds.crown.rows_per_pass``; to
+        verify rather than train, call it under ``torch.no_grad()``, else every pass's autograd graph is kept; Zhang et al. 2018); "alpha-CROWN" (alias
         "CROWN-Optimized": CROWN with its ReLU lower slopes optimised on the bound per neuron and specification
         row, never looser than CROWN; Xu et al. 2021; ``optimize_bound_args`` as auto_LiRPA's, see
         ``robustkern.bounds.alpha_crown``). ``relu_lower``: the ReLU lower slope of the linear relaxation,
