@@ -19,8 +19,7 @@ conv2d      ``P <- conv_transpose2d(P, W, stride s, dilation d, groups)`` on the
             kernel is ``(kh - 1) s + d (k - 1) + 1`` wide, stride ``sh s``, padding ``ph s + p``; entries
             that land outside the input's grid are zeroed; bias term ``sum P b``
 relu        ``P+ d_l + P- d_u`` (lower side; the upper side mirrors it) with the relaxation's slopes
-            (``_relaxation``, the formulas of ``robustkern::crown_relu_backward``, or explicit alpha-CROWN
-            slopes) gathered at
+            (``robustkern.ops.crown.crown_relu_relaxation``, or explicit alpha-CROWN slopes) gathered at
             the window's positions; bias term ``sum P- b_u`` (``P+ b_u``)
 batchnorm,  per-channel ``P s``, bias term ``sum P t``
 normalize
@@ -55,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._numerics import gamma, tiny, unit_roundoff
+from ..ops.crown import crown_relu_explicit_lower, crown_relu_relaxation
 
 __all__ = ["Geometry", "plan", "patches_bound", "patches_rows_per_pass", "window_values"]
 
@@ -303,34 +303,17 @@ def _conv_step(p: _Patches, w: Tensor, b: Tensor | None, stride: tuple, dilation
     return _Patches(P, g_in), bias
 
 
-def _relaxation(lo: Tensor, hi: Tensor, mode: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(d_l, d_u, b_u)`` of the ReLU relaxation on ``[lo, hi]`` as ``robustkern::crown_relu_backward`` takes it
-    (``robustkern.ops.crown``): ``l- = min(l, 0)``, ``u+ = max(max(u, 0), l- + 1e-8)``, ``d_u = u+ / (u+ - l-)``,
-    ``b_u = -l- d_u``; lower slope by ``mode``: 0 ``1[u+ > -l-]``, 1 ``1[l >= 0]``, 2 ``1[u > 0]``, 3 ``d_u``."""
-    lm = lo.clamp(max=0)
-    up = torch.maximum(hi.clamp(min=0), lm + 1e-8)
-    d_u = up / (up - lm)
-    d_l = (d_u if mode == 3 else ((up > -lm) if mode == 0 else (lo >= 0) if mode == 1 else (hi > 0)).to(lo.dtype))
-    return d_l, d_u, -lm * d_u
-
-
-def _given_slopes(lo: Tensor, hi: Tensor, slope: Tensor) -> Tensor:
-    """Explicit lower slopes as ``robustkern::crown_relu_backward_slopes`` takes them: ``clamp(slope, 0, 1)`` where
-    ``lo < 0 < hi``, 1 where ``lo >= 0``, 0 where ``hi <= 0`` (all three broadcast to one shape)."""
-    return torch.where(lo >= 0, 1.0, torch.where(hi <= 0, 0.0, slope.clamp(0.0, 1.0)))
-
-
 def _relu_step(ctx, p: _Patches, src: str, rows: _Rows, upper: bool, slope: Tensor | None):
     shape = ctx.shapes[src]
     idx, _ = rows.index(shape, p.g)
     lo, hi = ctx.relu_bounds[src]
-    d_l, d_u, b_u = _relaxation(lo, hi, ctx.mode)
+    d_l, d_u, b_u = crown_relu_relaxation(lo, hi, ctx.mode)
     if slope is not None and slope.dim() == 5:      # alpha-CROWN's slopes of the window entries (window_values)
         s = slope.reshape(slope.shape[0], slope.shape[1], -1).to(lo.dtype)
-        dl = _given_slopes(_gather(lo, idx), _gather(hi, idx), s)
+        dl = crown_relu_explicit_lower(_gather(lo, idx), _gather(hi, idx), s)
     else:
         if slope is not None:
-            d_l = _given_slopes(lo.unsqueeze(1), hi.unsqueeze(1), slope.to(lo.dtype))
+            d_l = crown_relu_explicit_lower(lo.unsqueeze(1), hi.unsqueeze(1), slope.to(lo.dtype))
             d_l = d_l[:, 0] if d_l.shape[1] == 1 else d_l
         dl = _gather(d_l, idx)
     P = p.flat()

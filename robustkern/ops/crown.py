@@ -114,14 +114,27 @@ def crown_relu_backward(A: Tensor, lower: Tensor, upper: Tensor, mode: int | str
     return CROWN_RELU_BACKWARD(A, lower, upper, int(mode), bool(upper_side))
 
 
+def crown_relu_relaxation(lower: Tensor, upper: Tensor, mode: int | str = "adaptive") -> tuple[Tensor, Tensor, Tensor]:
+    """``(d_l, d_u, b_u)``, element-wise: the ReLU relaxation that ``crown_relu_backward`` applies in ``mode`` for
+    the ReLU input bounds ``lower, upper`` (lower line ``d_l z``, upper line ``d_u z + b_u``;
+    ``robustkern.reference.crown``), for algorithms that apply it to coefficients of another layout."""
+    if isinstance(mode, str):
+        if mode not in RELU_LOWER_MODES:
+            raise ValueError(f"crown_relu_relaxation: mode must be one of {sorted(RELU_LOWER_MODES)}, got {mode!r}")
+        mode = RELU_LOWER_MODES[mode]
+    return _ref.relu_relaxation(lower, upper, int(mode))
+
+
 def crown_relu_lower_slopes(lower: Tensor, upper: Tensor, mode: int | str = "adaptive") -> Tensor:
     """The lower slopes (B, N) that ``crown_relu_backward`` uses in ``mode`` for the ReLU input bounds
     ``lower, upper`` (B, N): where alpha-CROWN's optimised slopes start."""
-    if isinstance(mode, str):
-        if mode not in RELU_LOWER_MODES:
-            raise ValueError(f"crown_relu_lower_slopes: mode must be one of {sorted(RELU_LOWER_MODES)}, got {mode!r}")
-        mode = RELU_LOWER_MODES[mode]
-    return _ref.relu_relaxation(lower, upper, int(mode))[0]
+    return crown_relu_relaxation(lower, upper, mode)[0]
+
+
+def crown_relu_explicit_lower(lower: Tensor, upper: Tensor, slope: Tensor) -> Tensor:
+    """The lower slopes that ``crown_relu_backward_slopes`` uses for explicit ``slope``, element-wise (the three
+    broadcast): ``clamp(slope, 0, 1)`` on unstable neurons, 1 on active, 0 on inactive ones."""
+    return _ref.explicit_lower_slopes(lower, upper, slope)
 
 
 # ----------------------------------------------------------------------------------------------- relu step, slopes

@@ -147,11 +147,16 @@ def crown_relu_backward_grad(A: Tensor, lower: Tensor, upper: Tensor, mode: int,
     return grad_A, grad_l, grad_u
 
 
+def explicit_lower_slopes(lower: Tensor, upper: Tensor, slope: Tensor) -> Tensor:
+    """The lower slopes used for explicit ``slope``, element-wise (the three broadcast): ``clamp(slope, 0, 1)``
+    where ``lower < 0 < upper``, 1 where ``lower >= 0``, 0 where ``upper <= 0``."""
+    return torch.where(lower >= 0, 1.0, torch.where(upper <= 0, 0.0, slope.clamp(0.0, 1.0)))
+
+
 def slope_lower_line(lower: Tensor, upper: Tensor, slope: Tensor) -> Tensor:
-    """The lower slopes ``d_l`` (B, S', N) used for explicit ``slope`` (B, S', N): ``clamp(slope, 0, 1)`` where
-    ``lower < 0 < upper``, 1 where ``lower >= 0``, 0 where ``upper <= 0`` (``lower, upper`` (B, N))."""
-    lo, up = lower.unsqueeze(1), upper.unsqueeze(1)
-    return torch.where(lo >= 0, 1.0, torch.where(up <= 0, 0.0, slope.clamp(0.0, 1.0)))
+    """The lower slopes ``d_l`` (B, S', N) used for explicit ``slope`` (B, S', N) with ``lower, upper`` (B, N)
+    (``explicit_lower_slopes`` per specification row)."""
+    return explicit_lower_slopes(lower.unsqueeze(1), upper.unsqueeze(1), slope)
 
 
 def crown_relu_backward_slopes(A: Tensor, lower: Tensor, upper: Tensor, slope: Tensor, upper_side: bool):
