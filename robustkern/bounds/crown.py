@@ -50,12 +50,12 @@ relu        ``v = 3u (u+ + |l-|) + 2u m + gamma_{N+2} |l-|``: the products and b
 add         where two branches' ``A`` meet, ``u (|A_1| + |A_2|) m``
 =========== ===========================================================================================
 
-plus ``u |c|`` for each addition to the constant. The concretisation adds
-``gamma_{N+3} (|A||mid| + |A| rad + |c|)`` (and the ball terms), the bound is moved one ulp outwards, and, for a
-float32 model, rounded outwards to float32. The whole backward pass (intermediate CROWN bounds included) runs in
-float64, also for float32 models, so the accumulated error is ~1e-16 of the magnitudes and costs no tightness;
-float64 models get the same accounting with float64's unit roundoff. ``sound=False`` computes everything in the
-working precision with no accounting (training).
+plus ``u |c|`` for each addition to the constant (the vectors: ``robustkern.bounds.step_errors``). The
+concretisation adds ``gamma_{N+3} (|A||mid| + |A| rad + |c|)`` (and the ball terms), the bound is moved one ulp
+outwards, and, for a float32 model, rounded outwards to float32. The whole backward pass (intermediate CROWN bounds
+included) runs in float64, also for float32 models, so the accumulated error is ~1e-16 of the magnitudes and costs
+no tightness; float64 models get the same accounting with float64's unit roundoff. ``sound=False`` computes
+everything in the working precision with no accounting (training).
 """
 from __future__ import annotations
 
@@ -72,6 +72,7 @@ from ..graph import BoundNode, run_graph
 from .ibp import Box
 from .patches import patches_bound, patches_rows_per_pass, plan, window_values
 from .precision import Coefficients
+from .step_errors import abs_dot, affine_error, avgpool_error, gemm_error, is_channels_last, relu_error
 
 __all__ = ["node_shapes", "backward_bound", "crown_bounds", "crown_setup", "crown_intermediate", "identity_rows",
            "output_spec", "finish", "chain_start", "CrownSetup", "identity_bounds", "unstable_rows",
@@ -176,91 +177,6 @@ class _Ctx:
         return self._errors[key]
 
 
-def _abs_dot(A: Tensor, v: Tensor) -> Tensor:
-    """An upper bound of ``sum |A| v`` over the dimensions after (B, S), for ``A`` (B, S, *shape) and ``v >= 0``
-    (B, *shape): one batched matrix-vector product in A's memory order, rounded up."""
-    B, S = A.shape[:2]
-    n = v[0].numel()
-    absA = A.abs()
-    if _is_channels_last(absA):     # (B, S, H, W, C) in memory: match v to it instead of copying |A|
-        rows, vec = absA.permute(0, 1, 3, 4, 2).reshape(B, S, n), v.permute(0, 2, 3, 1).reshape(B, n, 1)
-    else:
-        rows, vec = absA.reshape(B, S, n), v.reshape(B, n, 1)
-    total = torch.bmm(rows, vec.to(rows.dtype)).squeeze(-1)
-    return total * (1 + gamma(n + 1, unit_roundoff(A.dtype))) + n * tiny(A.dtype)
-
-
-def _gemm_error(ctx: _Ctx, node: BoundNode, fold: BoundNode | None = None) -> Tensor:
-    """The per-output error vector ``v`` of a linear/conv step (see the module docstring), with the BatchNorm
-    ``fold`` folded into it."""
-    def make():
-        m = node.module
-        w, b = ctx.weight(node)
-        mag = ctx.magnitude(node.inputs[0])
-        u = unit_roundoff(ctx.dtype)
-        if node.kind == "linear":
-            k = w.shape[1]
-            P = mag.reshape(mag.shape[0], -1) @ w.abs().t()
-            depth = w.shape[0]
-        else:
-            k = w.shape[1] * w.shape[2] * w.shape[3]
-            P = F.conv2d(mag, w.abs(), None, m.stride, m.padding, m.dilation, m.groups)
-            depth = P[0].numel() + w.shape[0] * w.shape[2] * w.shape[3]
-        if b is not None:
-            P = P + b.abs().reshape((1, -1) + (1,) * (P.dim() - 2))
-        P = P * (1 + gamma(k + 2, u)) + k * tiny(ctx.dtype)
-        g = 2 * gamma(depth + 2, u)
-        if fold is None:
-            return g * P
-        s, t, ds, dt = ctx.affine(fold)
-        shape = (1, -1) + (1,) * (P.dim() - 2)
-        ds = torch.zeros_like(s) if ds is None else ds.to(ctx.dtype)
-        dt = torch.zeros_like(t) if dt is None else dt.to(ctx.dtype)
-        return ((ds + g * s.abs()).reshape(shape) * P + (dt + g * t.abs()).reshape(shape)) * (1 + 4 * u)
-    return ctx.error_vector(node.name if fold is None else fold.name, make)
-
-
-def _affine_error(ctx: _Ctx, node: BoundNode) -> Tensor:
-    def make():
-        s, t, ds, dt = ctx.affine(node)
-        mag = ctx.magnitude(node.inputs[0])
-        u = unit_roundoff(ctx.dtype)
-        shape = (1, -1) + (1,) * (mag.dim() - 2)
-        ds = torch.zeros_like(s) if ds is None else ds.to(ctx.dtype)
-        dt = torch.zeros_like(t) if dt is None else dt.to(ctx.dtype)
-        g = gamma(mag[0].numel() + 2, u)
-        return ((ds + 2 * u * s.abs()).reshape(shape) * mag + (dt + g * t.abs()).reshape(shape)) * (1 + 4 * u)
-    return ctx.error_vector(node.name, make)
-
-
-def _avgpool_error(ctx: _Ctx, node: BoundNode) -> Tensor:
-    def make():
-        m = node.module
-        k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0] * m.kernel_size[1]
-        k = k * k if isinstance(m.kernel_size, int) else k
-        g = 2 * gamma(k + 2, unit_roundoff(ctx.dtype))
-        return g * m(ctx.magnitude(node.inputs[0])) * (1 + g) + k * tiny(ctx.dtype)
-    return ctx.error_vector(node.name, make)
-
-
-def _relu_error(ctx: _Ctx, node: BoundNode) -> Tensor:
-    bounds = ctx.relu_bounds[node.inputs[0]]      # (full CROWN replaces them with tighter ones)
-    cached = ctx._errors.get(node.name)
-    if cached is not None and cached[0] is not bounds:
-        del ctx._errors[node.name]
-
-    def make():
-        lo, hi = bounds
-        u = unit_roundoff(ctx.dtype)
-        lm = lo.clamp(max=0).abs()
-        up = torch.maximum(hi.clamp(min=0), -lm + 1e-8)
-        n = lo.shape[1]
-        v = 3 * u * (up + lm) + 2 * u * torch.maximum(lo.abs(), hi.abs()) + gamma(n + 2, u) * lm * (1 + u)
-        v = v * (1 + 4 * u) + 4 * tiny(ctx.dtype)
-        return bounds, v.reshape((v.shape[0],) + tuple(ctx.shapes[node.inputs[0]]))
-    return ctx.error_vector(node.name, make)[1]
-
-
 def _channel_sums(A: Tensor) -> Tensor:
     """(B, S, C): ``A`` (B, S, C, ...) summed over the dimensions after the channel one."""
     return A.sum(tuple(range(3, A.dim()))) if A.dim() > 3 else A
@@ -298,12 +214,6 @@ def _gemm_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, w: Tensor,
     return [(src, A_in.reshape(B, S, cin, hin, win))], bias, False
 
 
-def _is_channels_last(A: Tensor) -> bool:
-    """Whether ``A`` (B, S, C, H, W) is laid out as (B, S, H, W, C) (a channels-last transposed convolution's
-    output), with more than one channel."""
-    return A.dim() == 5 and A.shape[2] > 1 and A.permute(0, 1, 3, 4, 2).is_contiguous()
-
-
 def _step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int) -> tuple[list[tuple[str, Tensor]], Tensor | None,
                                                                            Tensor | None]:
     """Map ``A`` (coefficients of ``node``'s output) to its inputs. Returns [(input, A_in)], the bias term
@@ -313,7 +223,7 @@ def _step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int) -> tuple[list[t
     if kind in ("linear", "conv2d"):
         w, b = ctx.weight(node)
         outs, bias, _ = _gemm_step(ctx, node, A, B, S, w, b)
-        return outs, bias, _gemm_error(ctx, node) if ctx.sound else None
+        return outs, bias, gemm_error(ctx, node) if ctx.sound else None
     if kind == "batchnorm":
         src = ctx.by_name[node.inputs[0]]
         w = ctx.weight(src)[0] if src.kind in ("linear", "conv2d") else None
@@ -328,11 +238,11 @@ def _step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int) -> tuple[list[t
             w = w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
             b = shift if b is None else b * scale + shift
             outs, bias, _ = _gemm_step(ctx, src, A, B, S, w, b)
-            return outs, bias, _gemm_error(ctx, src, node) if ctx.sound else None
+            return outs, bias, gemm_error(ctx, src, node) if ctx.sound else None
     if kind in ("batchnorm", "normalize"):
         scale, shift = ctx.affine(node)[:2]
         bias = (_channel_sums(A) * shift).sum(-1)
-        return [(node.inputs[0], A * _cview(scale, A.dim()))], bias, _affine_error(ctx, node) if ctx.sound else None
+        return [(node.inputs[0], A * _cview(scale, A.dim()))], bias, affine_error(ctx, node) if ctx.sound else None
     if kind == "avgpool":
         m = node.module
         src = node.inputs[0]
@@ -344,7 +254,7 @@ def _step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int) -> tuple[list[t
         p = m.padding if isinstance(m.padding, (tuple, list)) else (m.padding,) * 2
         A_in = torch.ops.aten.avg_pool2d_backward(flat, like, list(k), list(s), list(p), m.ceil_mode,
                                                   m.count_include_pad, m.divisor_override)
-        return [(src, A_in.reshape(B, S, *shp))], None, _avgpool_error(ctx, node) if ctx.sound else None
+        return [(src, A_in.reshape(B, S, *shp))], None, avgpool_error(ctx, node) if ctx.sound else None
     if kind == "add":
         return [(node.inputs[0], A), (node.inputs[1], A)], None, None
     if kind == "reshape":
@@ -359,7 +269,7 @@ def _relu_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, upper: boo
     """``A`` through the ReLU ``node`` by ``crown_relu_backward`` (the lower-slope rule ``ctx.mode``) or, with
     ``slope`` (B, 1 or S, N in the flattened C*H*W order), by ``crown_relu_backward_slopes``."""
     src = node.inputs[0]
-    if _is_channels_last(A):  # the ReLU step on the (B, S, H*W*C) layout, bounds (and slopes) permuted to match
+    if is_channels_last(A):  # the ReLU step on the (B, S, H*W*C) layout, bounds (and slopes) permuted to match
         l, u_ = ctx.relu_bounds_channels_last(src)
         A_hwc = A.permute(0, 1, 3, 4, 2)
         flat = A_hwc.reshape(B, S, -1)
@@ -408,11 +318,11 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
                 continue
             if node.kind == "relu":
                 A_new, b = _relu_step(ctx, node, A, B, S, upper, side_slopes.get(node.name))
-                outs, bterm, v = [(node.inputs[0], A_new)], b, _relu_error(ctx, node) if sound else None
+                outs, bterm, v = [(node.inputs[0], A_new)], b, relu_error(ctx, node) if sound else None
             else:
                 outs, bterm, v = _step(ctx, node, A, B, S)
             if sound and v is not None:
-                err = err + _abs_dot(A, v)
+                err = err + abs_dot(A, v)
             if bterm is not None:
                 bias = bias + bterm
                 if sound:
@@ -420,7 +330,7 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
             for name, a in outs:
                 if name in As:
                     if sound:   # the addition where two branches meet rounds
-                        err = err + u * _abs_dot(As[name].abs() + a.abs(), ctx.magnitude(name)) * (1 + 2 * u)
+                        err = err + u * abs_dot(As[name].abs() + a.abs(), ctx.magnitude(name)) * (1 + 2 * u)
                     As[name] = As[name] + a
                 else:
                     As[name] = a

@@ -55,6 +55,7 @@ from torch import Tensor
 
 from .._numerics import gamma, tiny, unit_roundoff
 from ..ops.crown import crown_relu_explicit_lower, crown_relu_relaxation
+from .step_errors import affine_error, avgpool_error, gemm_error, relu_error
 
 __all__ = ["Geometry", "plan", "patches_bound", "patches_rows_per_pass", "window_values"]
 
@@ -206,7 +207,7 @@ def _pad_to(p: _Patches, g: Geometry) -> Tensor:
 
 
 def _abs_dot(p: _Patches, v: Tensor, rows: _Rows, shape: tuple) -> Tensor:
-    """An upper bound of ``sum |P| v`` per row (``v >= 0`` (B, *shape)), rounded up as ``crown._abs_dot``."""
+    """An upper bound of ``sum |P| v`` per row (``v >= 0`` (B, *shape)), rounded up as ``step_errors.abs_dot``."""
     idx, _ = rows.index(shape, p.g)
     vg = _gather(v.reshape(v.shape[0], -1).to(p.P.dtype), idx)
     n = idx.shape[1]
@@ -328,30 +329,29 @@ def _relu_step(ctx, p: _Patches, src: str, rows: _Rows, upper: bool, slope: Tens
 
 def _step(ctx, node, p: _Patches, geometries: dict, rows: _Rows, upper: bool, slopes: dict):
     """``([(input, patches)], bias term or None, error vector or None)`` of one node (module docstring)."""
-    from . import crown
     kind = node.kind
     src = node.inputs[0]
     sound = ctx.sound
     if kind == "relu":
         out, bias = _relu_step(ctx, p, src, rows, upper, slopes.get(node.name))
-        return [(src, out)], bias, crown._relu_error(ctx, node) if sound else None
+        return [(src, out)], bias, relu_error(ctx, node) if sound else None
     if kind == "conv2d":
         w, b = ctx.weight(node)
         m = node.module
         out, bias = _conv_step(p, w, b, _pair(m.stride), _pair(m.dilation), m.groups, geometries[src],
                                ctx.shapes[src], rows)
-        return [(src, out)], bias, crown._gemm_error(ctx, node) if sound else None
+        return [(src, out)], bias, gemm_error(ctx, node) if sound else None
     if kind in ("batchnorm", "normalize"):
         scale, shift = ctx.affine(node)[:2]
         bias = (p.P.sum((2, 3)) * shift.reshape(-1)).sum(-1)
         out = _Patches(p.P * scale.reshape(-1), p.g)
-        return [(src, out)], bias, crown._affine_error(ctx, node) if sound else None
+        return [(src, out)], bias, affine_error(ctx, node) if sound else None
     if kind == "avgpool":
         k, s, pad = _avgpool_as_conv(node.module)
         c = ctx.shapes[src][0]
         w = p.P.new_full((c, 1) + tuple(k), 1.0 / (k[0] * k[1]))   # the pooling as a depthwise convolution
         out, _ = _conv_step(p, w, None, s, (1, 1), c, geometries[src], ctx.shapes[src], rows)
-        return [(src, out)], None, crown._avgpool_error(ctx, node) if sound else None
+        return [(src, out)], None, avgpool_error(ctx, node) if sound else None
     if kind == "add":
         return [(node.inputs[0], p), (node.inputs[1], p)], None, None
     if kind == "identity":

@@ -1,0 +1,108 @@
+"""The rounding-error vectors of CROWN's backward steps (``sound=True``; the derivation is in
+``robustkern.bounds.crown``'s module docstring): for a step that maps coefficients ``A`` over a node's output to
+its input, a vector ``v >= 0`` over the node's output such that the step's rounding error is at most ``|A| v``
+per specification row. Each is computed once per bound computation (``ctx.error_vector``) from the step's
+reduction depth (Higham's ``gamma_d``), its coefficients and the IBP magnitudes ``|h| <= m`` of the values it
+multiplies. Dense rows (``robustkern.bounds.crown``) and patches (``robustkern.bounds.patches``) use the same
+vectors; ``abs_dot`` is the dense rows' ``sum |A| v``."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._numerics import gamma, tiny, unit_roundoff
+from ..graph import BoundNode
+
+__all__ = ["abs_dot", "gemm_error", "affine_error", "avgpool_error", "relu_error", "is_channels_last"]
+
+
+def is_channels_last(A: Tensor) -> bool:
+    """Whether ``A`` (B, S, C, H, W) is laid out as (B, S, H, W, C) (a channels-last transposed convolution's
+    output), with more than one channel."""
+    return A.dim() == 5 and A.shape[2] > 1 and A.permute(0, 1, 3, 4, 2).is_contiguous()
+
+
+def abs_dot(A: Tensor, v: Tensor) -> Tensor:
+    """An upper bound of ``sum |A| v`` over the dimensions after (B, S), for ``A`` (B, S, *shape) and ``v >= 0``
+    (B, *shape): one batched matrix-vector product in A's memory order, rounded up."""
+    B, S = A.shape[:2]
+    n = v[0].numel()
+    absA = A.abs()
+    if is_channels_last(absA):     # (B, S, H, W, C) in memory: match v to it instead of copying |A|
+        rows, vec = absA.permute(0, 1, 3, 4, 2).reshape(B, S, n), v.permute(0, 2, 3, 1).reshape(B, n, 1)
+    else:
+        rows, vec = absA.reshape(B, S, n), v.reshape(B, n, 1)
+    total = torch.bmm(rows, vec.to(rows.dtype)).squeeze(-1)
+    return total * (1 + gamma(n + 1, unit_roundoff(A.dtype))) + n * tiny(A.dtype)
+
+
+def gemm_error(ctx, node: BoundNode, fold: BoundNode | None = None) -> Tensor:
+    """The per-output error vector ``v`` of a linear/conv step (see the module docstring), with the BatchNorm
+    ``fold`` folded into it."""
+    def make():
+        m = node.module
+        w, b = ctx.weight(node)
+        mag = ctx.magnitude(node.inputs[0])
+        u = unit_roundoff(ctx.dtype)
+        if node.kind == "linear":
+            k = w.shape[1]
+            P = mag.reshape(mag.shape[0], -1) @ w.abs().t()
+            depth = w.shape[0]
+        else:
+            k = w.shape[1] * w.shape[2] * w.shape[3]
+            P = F.conv2d(mag, w.abs(), None, m.stride, m.padding, m.dilation, m.groups)
+            depth = P[0].numel() + w.shape[0] * w.shape[2] * w.shape[3]
+        if b is not None:
+            P = P + b.abs().reshape((1, -1) + (1,) * (P.dim() - 2))
+        P = P * (1 + gamma(k + 2, u)) + k * tiny(ctx.dtype)
+        g = 2 * gamma(depth + 2, u)
+        if fold is None:
+            return g * P
+        s, t, ds, dt = ctx.affine(fold)
+        shape = (1, -1) + (1,) * (P.dim() - 2)
+        ds = torch.zeros_like(s) if ds is None else ds.to(ctx.dtype)
+        dt = torch.zeros_like(t) if dt is None else dt.to(ctx.dtype)
+        return ((ds + g * s.abs()).reshape(shape) * P + (dt + g * t.abs()).reshape(shape)) * (1 + 4 * u)
+    return ctx.error_vector(node.name if fold is None else fold.name, make)
+
+
+def affine_error(ctx, node: BoundNode) -> Tensor:
+    def make():
+        s, t, ds, dt = ctx.affine(node)
+        mag = ctx.magnitude(node.inputs[0])
+        u = unit_roundoff(ctx.dtype)
+        shape = (1, -1) + (1,) * (mag.dim() - 2)
+        ds = torch.zeros_like(s) if ds is None else ds.to(ctx.dtype)
+        dt = torch.zeros_like(t) if dt is None else dt.to(ctx.dtype)
+        g = gamma(mag[0].numel() + 2, u)
+        return ((ds + 2 * u * s.abs()).reshape(shape) * mag + (dt + g * t.abs()).reshape(shape)) * (1 + 4 * u)
+    return ctx.error_vector(node.name, make)
+
+
+def avgpool_error(ctx, node: BoundNode) -> Tensor:
+    def make():
+        m = node.module
+        k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0] * m.kernel_size[1]
+        k = k * k if isinstance(m.kernel_size, int) else k
+        g = 2 * gamma(k + 2, unit_roundoff(ctx.dtype))
+        return g * m(ctx.magnitude(node.inputs[0])) * (1 + g) + k * tiny(ctx.dtype)
+    return ctx.error_vector(node.name, make)
+
+
+def relu_error(ctx, node: BoundNode) -> Tensor:
+    bounds = ctx.relu_bounds[node.inputs[0]]      # (full CROWN replaces them with tighter ones)
+    cached = ctx._errors.get(node.name)
+    if cached is not None and cached[0] is not bounds:
+        del ctx._errors[node.name]
+
+    def make():
+        lo, hi = bounds
+        u = unit_roundoff(ctx.dtype)
+        lm = lo.clamp(max=0).abs()
+        up = torch.maximum(hi.clamp(min=0), -lm + 1e-8)
+        n = lo.shape[1]
+        v = 3 * u * (up + lm) + 2 * u * torch.maximum(lo.abs(), hi.abs()) + gamma(n + 2, u) * lm * (1 + u)
+        v = v * (1 + 4 * u) + 4 * tiny(ctx.dtype)
+        return bounds, v.reshape((v.shape[0],) + tuple(ctx.shapes[node.inputs[0]]))
+    return ctx.error_vector(node.name, make)[1]
