@@ -67,12 +67,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.crown import RELU_LOWER_MODES, crown_concretize, crown_relu_backward, crown_relu_backward_slopes
-from .._numerics import gamma, next_down, next_up, round_down, round_up, tiny, unit_roundoff
+from .._numerics import round_down, round_up, unit_roundoff
 from ..graph import BoundNode, run_graph
 from .ibp import Box
 from .patches import patches_bound, patches_rows_per_pass, plan, window_values
 from .precision import Coefficients
-from .step_errors import abs_dot, affine_error, avgpool_error, gemm_error, is_channels_last, relu_error
+from .step_errors import (abs_dot, affine_error, avgpool_error, concretisation_outward, gemm_error, is_channels_last,
+                          relu_error)
 
 __all__ = ["node_shapes", "backward_bound", "crown_bounds", "crown_setup", "crown_intermediate", "identity_rows",
            "output_spec", "finish", "chain_start", "CrownSetup", "identity_bounds", "unstable_rows",
@@ -353,17 +354,9 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
             mag = torch.bmm(absA, (mid.abs() + rad).unsqueeze(-1)).squeeze(-1) + bias.abs()
             if center is not None:
                 mag = mag + torch.bmm(absA, center.abs().unsqueeze(-1)).squeeze(-1) + eps.unsqueeze(1) * A_flat.norm(dim=-1)
-            val = _outward(val, mag, err, A_flat.shape[-1], upper)
+            val = concretisation_outward(val, mag, err, A_flat.shape[-1], upper)
         result[upper] = val
     return result
-
-
-def _outward(val: Tensor, mag: Tensor, err: Tensor, n: int, upper: bool) -> Tensor:
-    """A concretised bound ``val`` (sums of ``n`` terms whose magnitudes sum to ``mag``) widened by its own rounding
-    and the accumulated step errors ``err``, then moved one ulp outwards."""
-    u = unit_roundoff(val.dtype)
-    slack = gamma(n + 3, u) * mag * (1 + gamma(n + 3, u)) + (n + 3) * tiny(val.dtype) + err * (1 + 4 * u)
-    return next_up(val + slack) if upper else next_down(val - slack)
 
 
 @dataclass

@@ -28,7 +28,6 @@ w_j||_2`` for a margin row), the bound BCP's code computes for LMT (``lmt_transl
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -53,9 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._numerics import gamma, tiny, unit_roundoff
+from .._numerics import unit_roundoff
 from ..ops.crown import crown_relu_explicit_lower, crown_relu_relaxation
-from .step_errors import affine_error, avgpool_error, gemm_error, relu_error
+from .step_errors import affine_error, avgpool_error, concretisation_outward, gemm_error, relu_error, sum_bound
 
 __all__ = ["Geometry", "plan", "patches_bound", "patches_rows_per_pass", "window_values"]
 
@@ -207,12 +207,12 @@ def _pad_to(p: _Patches, g: Geometry) -> Tensor:
 
 
 def _abs_dot(p: _Patches, v: Tensor, rows: _Rows, shape: tuple) -> Tensor:
-    """An upper bound of ``sum |P| v`` per row (``v >= 0`` (B, *shape)), rounded up as ``step_errors.abs_dot``."""
+    """An upper bound of ``sum |P| v`` per row (``v >= 0`` (B, *shape)), rounded up by ``step_errors.sum_bound``."""
     idx, _ = rows.index(shape, p.g)
     vg = _gather(v.reshape(v.shape[0], -1).to(p.P.dtype), idx)
     n = idx.shape[1]
     total = (p.flat().abs() * vg).sum(-1)
-    return total * (1 + gamma(n + 1, unit_roundoff(p.P.dtype))) + n * tiny(p.P.dtype)
+    return sum_bound(total, n)
 
 
 def _dense_weight(w: Tensor, groups: int) -> Tensor:
@@ -383,7 +383,6 @@ def patches_bound(ctx, start: str, geometries: dict, rows: Tensor, sides: tuple,
     (False: lower, True: upper), (B, R) each: ``robustkern.bounds.crown.backward_bound`` on the identity rows,
     computed on patches (``geometries`` from ``plan``). ``slopes`` as there, (B, 1 or R, N) per ReLU, or the
     window entries' slopes (B, R, kh, kw, C) (``window_values``)."""
-    from .crown import _outward
     shapes = ctx.shapes
     index = _Rows(rows, shapes[start])
     B = input_box.mid.shape[0]
@@ -422,16 +421,16 @@ def patches_bound(ctx, start: str, geometries: dict, rows: Tensor, sides: tuple,
                     pending[name] = merged
                 else:
                     pending[name] = q
-        result[upper] = _concretize(ctx, at_input, bias, err, index, input_box, ball, upper, B, _outward)
+        result[upper] = _concretize(ctx, at_input, bias, err, index, input_box, ball, upper, B)
     return result
 
 
 def _concretize(ctx, p: _Patches | None, bias: Tensor, err: Tensor | None, rows: _Rows, box, ball, upper: bool,
-                B: int, outward) -> Tensor:
+                B: int) -> Tensor:
     """``A x + bias`` over the input box (and L2 ball), as ``crown_concretize`` on dense rows, widened by the
     accumulated error and the concretisation's own rounding when sound."""
     if p is None:   # no path from the input: the bound is the constant
-        return outward(bias, bias.abs(), err, 1, upper) if ctx.sound else bias
+        return concretisation_outward(bias, bias.abs(), err, 1, upper) if ctx.sound else bias
     shape = ctx.shapes[ctx.nodes[0].name]
     idx, _ = rows.index(tuple(shape), p.g)
     P = p.flat()
@@ -451,4 +450,4 @@ def _concretize(ctx, p: _Patches | None, bias: Tensor, err: Tensor | None, rows:
     mag = (absP * (mid.abs() + rad)).sum(-1) + bias.abs()
     if center is not None:
         mag = mag + (absP * cg.abs()).sum(-1) + eps.unsqueeze(1) * norm
-    return outward(val, mag, err, idx.shape[1], upper)
+    return concretisation_outward(val, mag, err, idx.shape[1], upper)

@@ -4,23 +4,31 @@ its input, a vector ``v >= 0`` over the node's output such that the step's round
 per specification row. Each is computed once per bound computation (``ctx.error_vector``) from the step's
 reduction depth (Higham's ``gamma_d``), its coefficients and the IBP magnitudes ``|h| <= m`` of the values it
 multiplies. Dense rows (``robustkern.bounds.crown``) and patches (``robustkern.bounds.patches``) use the same
-vectors; ``abs_dot`` is the dense rows' ``sum |A| v``."""
+vectors; ``abs_dot`` is the dense rows' ``sum |A| v``, ``concretisation_outward`` the final widening of a
+concretised bound."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._numerics import gamma, tiny, unit_roundoff
+from .._numerics import gamma, next_down, next_up, tiny, unit_roundoff
 from ..graph import BoundNode
 
-__all__ = ["abs_dot", "gemm_error", "affine_error", "avgpool_error", "relu_error", "is_channels_last"]
+__all__ = ["sum_bound", "abs_dot", "concretisation_outward", "gemm_error", "affine_error", "avgpool_error",
+           "relu_error", "is_channels_last"]
 
 
 def is_channels_last(A: Tensor) -> bool:
     """Whether ``A`` (B, S, C, H, W) is laid out as (B, S, H, W, C) (a channels-last transposed convolution's
     output), with more than one channel."""
     return A.dim() == 5 and A.shape[2] > 1 and A.permute(0, 1, 3, 4, 2).is_contiguous()
+
+
+def sum_bound(total: Tensor, n: int) -> Tensor:
+    """An upper bound of the exact value of a computed sum ``total`` of ``n`` non-negative products (any order):
+    ``total (1 + gamma_{n+1}) + n tiny`` in ``total``'s precision."""
+    return total * (1 + gamma(n + 1, unit_roundoff(total.dtype))) + n * tiny(total.dtype)
 
 
 def abs_dot(A: Tensor, v: Tensor) -> Tensor:
@@ -34,7 +42,7 @@ def abs_dot(A: Tensor, v: Tensor) -> Tensor:
     else:
         rows, vec = absA.reshape(B, S, n), v.reshape(B, n, 1)
     total = torch.bmm(rows, vec.to(rows.dtype)).squeeze(-1)
-    return total * (1 + gamma(n + 1, unit_roundoff(A.dtype))) + n * tiny(A.dtype)
+    return sum_bound(total, n)
 
 
 def gemm_error(ctx, node: BoundNode, fold: BoundNode | None = None) -> Tensor:
@@ -106,3 +114,11 @@ def relu_error(ctx, node: BoundNode) -> Tensor:
         v = v * (1 + 4 * u) + 4 * tiny(ctx.dtype)
         return bounds, v.reshape((v.shape[0],) + tuple(ctx.shapes[node.inputs[0]]))
     return ctx.error_vector(node.name, make)[1]
+
+
+def concretisation_outward(val: Tensor, mag: Tensor, err: Tensor, n: int, upper: bool) -> Tensor:
+    """A concretised bound ``val`` (sums of ``n`` terms whose magnitudes sum to ``mag``) widened by its own rounding
+    and the accumulated step errors ``err``, then moved one ulp outwards."""
+    u = unit_roundoff(val.dtype)
+    slack = gamma(n + 3, u) * mag * (1 + gamma(n + 3, u)) + (n + 3) * tiny(val.dtype) + err * (1 + 4 * u)
+    return next_up(val + slack) if upper else next_down(val - slack)

@@ -38,7 +38,6 @@ def pgd_step(x_adv: Tensor, grad: Tensor, x_orig: Tensor, eps: Tensor, alpha: Te
         y = torch.min(torch.max(y, x_orig - e), x_orig + e)
         return y.clamp(0.0, 1.0)
     if norm == "l2":
-        b = x_adv.shape[0]
         gn = torch.linalg.vector_norm(grad.flatten(1), dim=1) + L2_DIV_EPS
         d = x_adv + a * (grad / _rows(gn, nd)) - x_orig
         dn = _rows(torch.linalg.vector_norm(d.flatten(1), dim=1), nd)
