@@ -201,7 +201,7 @@ def _gemm_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, w: Tensor,
     flat = A.reshape(B * S, o, ho, wo)
     if flat.dtype == torch.float64 and flat.device.type == "cpu":
         # no oneDNN kernel in float64: ATen's input gradient of the convolution (im2col GEMM + col2im) computes the
-        # same sums as its slow_conv_transpose2d in 0.5-1x the time (any summation order: the accounting holds)
+        # same sums as its slow_conv_transpose2d, in one GEMM (any summation order: the accounting holds)
         like = flat.new_empty(1).expand(B * S, cin, hin, win)
         A_in = torch.ops.aten.convolution_backward(flat, like, w, None, list(m.stride), list(m.padding),
                                                    list(m.dilation), False, [0, 0], m.groups, [True, False, False])[0]
