@@ -5,11 +5,9 @@ Layers (each imports only those under it): kernels (``csrc/``, ``robustkern.kern
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from . import nn, ops, reference  # noqa: E402
 from ._backend import BackendUnavailable, use_backend  # noqa: E402
-from ._info import info  # noqa: E402
+from ._info import __version__, info  # noqa: E402
 
 __all__ = ["__version__", "info", "use_backend", "BackendUnavailable", "nn", "ops", "reference", "bounds",
            "attacks", "smoothing", "flatness"]

@@ -10,6 +10,8 @@ import torch
 
 from . import _backend, _ext
 
+__version__ = "0.1.0"   # the package version (pyproject.toml has the same)
+
 __all__ = ["info"]
 
 
@@ -23,8 +25,6 @@ def _version(pkg: str) -> str:
 def info(file=None) -> dict:
     """Print (to ``file``, default stdout; ``file=False`` prints nothing) and return a dict of versions, the
     compiled extension's state and the backend each device gets under the current settings."""
-    from . import __version__
-
     cuda = torch.cuda.is_available()
     report = {
         "robustkern": __version__,

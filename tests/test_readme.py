@@ -169,3 +169,11 @@ def test_the_environment_variables_are_the_ones_documented():
     """README's table names exactly the variables the command reports (robustkern info)."""
     section = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
     assert set(re.findall(r"^\| `(ROBUSTKERN_\w+)`", section, re.M)) == set(ENVIRONMENT)
+
+
+def test_versions_agree():
+    """The package's version, the app's and pyproject.toml's are one number."""
+    import robustkern
+    import robustkern_cli
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert robustkern.__version__ == robustkern_cli.__version__ == project

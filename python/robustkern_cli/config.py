@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .errors import ConfigError
+from .norms import parse_norm
 
 __all__ = [
     "CONFIG_DIR", "FREE_FORM", "resolve_config_path", "list_configs", "read_config_file", "load_config",
-    "parse_override", "apply_overrides", "validate", "get_path", "save_config", "check_values", "parse_norm",
+    "parse_override", "apply_overrides", "validate", "get_path", "check_values",
 ]
 
 DEFAULTS_NAME = "defaults.json"
@@ -328,17 +329,6 @@ def _check_normalisation(cfg: Mapping) -> None:
             _check(f"model:kwargs:{key}", v, ">0" if key == "std" else ">=0")
 
 
-NORMS = {"inf": math.inf, "linf": math.inf, "l_inf": math.inf, "2": 2.0, "2.0": 2.0, "l2": 2.0, "l_2": 2.0}
-
-
-def parse_norm(path: str, value: Any) -> float:
-    """A config's norm (``inf``, ``linf``, ``l_inf``; ``2``, ``l2``, ``l_2``) as ``math.inf`` or ``2.0``."""
-    norm = NORMS.get(str(value).strip().lower())
-    if norm is None:
-        raise ConfigError(f"{path} must be 'inf' or '2', got {value!r}")
-    return norm
-
-
 def _check_choices(cfg: Mapping) -> None:
     """The values that name one of a fixed set (optimiser, LR schedule, augmentation, gradient sync, norms) and
     the parameters of the training, evaluation and certification methods."""
@@ -410,9 +400,3 @@ def load_config(name: str | os.PathLike | None, overrides: Iterable[str] = (),
     validate(cfg, schema)
     check_values(cfg)
     return cfg
-
-
-def save_config(cfg: Mapping, path: str | os.PathLike) -> None:
-    with open(path, "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=False)
-        f.write("\n")

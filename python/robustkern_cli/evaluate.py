@@ -18,7 +18,7 @@ from robustkern.bounds.lipschitz import lmt_bounds, upper_norms
 from robustkern.models import build_model_for
 
 from .checkpoint import load_weights, read_checkpoint
-from .config import parse_norm
+from .norms import parse_norm
 from .data import dataset_info, load_dataset, make_loader
 from .errors import ConfigError
 

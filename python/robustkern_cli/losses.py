@@ -36,7 +36,7 @@ from robustkern.flatness import input_grad_norm, lfr_loss
 from robustkern.smoothing import (consistency_loss, gaussian_augment, macer_loss, smoothadv_loss,
                                   smoothadv_warmup_eps, trades_rs_loss)
 
-from .config import parse_norm
+from .norms import parse_norm
 from .errors import ConfigError
 
 __all__ = ["LOSSES", "METHOD_DEFAULTS", "NOT_IMPLEMENTED", "StepState", "register_loss", "fill_method_defaults",

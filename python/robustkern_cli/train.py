@@ -39,6 +39,7 @@ macer, consistency, grad_norm) reports none, and then no ``eps`` is logged (no c
 from __future__ import annotations
 
 import csv
+import json
 import math
 import sys
 import time
@@ -52,7 +53,6 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
-from .config import save_config
 from .data import augment_batch, dataset_info, load_dataset, make_loader
 from .errors import ConfigError
 from .evaluate import clean_metrics, model_from_config
@@ -125,6 +125,13 @@ def build_lr_scheduler(opt, tp: dict):
         ramp_end, step, gamma = tp["schedule_start"] + tp["schedule_length"] - 1, tp["lr_step"], tp["lr_gamma"]
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: gamma ** (max(e - ramp_end, 0) // step))
     return None  # constant
+
+
+def _write_config(cfg: dict, path: Path) -> None:
+    """The run's full config (defaults, recipe and overrides merged), as JSON beside its checkpoints."""
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=False)
+        f.write("\n")
 
 
 def _write_csv(path: Path, history: list) -> None:
@@ -238,7 +245,7 @@ def _train(cfg, run_dir, ctx: distributed.DistContext, *, data_dir, download, re
         state.restored = dict(ckpt.get("loss_state") or {})
     if ctx.is_main:  # everything is checked: the first write
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
+        _write_config(cfg, run_dir / "config.json")
     if ctx.enabled:
         log(f"distributed: {ctx.world_size} processes ({ctx.backend}), gradient sync '{sync.mode}', "
             f"global batch {dcfg['batch_size']} split over the ranks")
