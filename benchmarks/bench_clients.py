@@ -12,8 +12,10 @@ Cases (one training step = loss, backward and optimiser step; certification = on
               default) and "interval" (IBP only): MNIST cnn_2layer (mnist_crown.json, batch 256; and the batch
               32 of a small run), CIFAR cnn_2layer width 2 (cifar_crown.json, batch 128). Two more providers
               for information: robustkern's own API, ``robustkern.bounds.crown_ibp_loss`` (``native``,
-              ``sound=False``) and with ``sound=True`` (``native-sound``: rounding-error widening, float64
-              backward; the original has no such guarantee).
+              ``sound=False``) and with ``sound=True`` (``native-sound``: the bounds computed in float64 and
+              rounded outwards, the gradient that of the float32 bounds; the original has no such
+              guarantee). And train.py's evaluation (``verify crown-interval``: the same bounds under
+              no_grad, where a certificate is made).
   loss_landscape  Loss Landscape Matters' step (CROWN-IBP's, keeping the lower bound's decomposition), its
               CIFAR cnn_4layer (config cifar10.json: width 8, linear 512, batch 128; ``--small``: width 2)
   trades_rs   TRADES + random smoothing train_trades.py step (L2, 10 steps, eps 0.435, noise sd 0.12) and
@@ -116,6 +118,24 @@ def crown_ibp_cases(args, device, module="crown_ibp"):
                         return lambda: crown_ibp_loss(bm, x, y, eps, beta=beta, kappa=0.5, sound=sound)[0]
                     providers[prov] = native
             yield {"client": module, "model": name, "batch": batch, "step": f"train {kind}"}, base, providers
+            if module == "crown_ibp" and kind == "crown-interval":
+                # the evaluation of train.py (under no_grad): where the certificate is made, so where
+                # robustkern's sound bounds are compared with the original's unsound ones
+                yield ({"client": module, "model": name, "batch": batch, "step": f"verify {kind}"}, base,
+                       {prov: _without_grad(make) for prov, make in providers.items()})
+
+
+def _without_grad(make):
+    """A provider whose step runs under ``torch.no_grad`` (an evaluation: no graph, no backward)."""
+    def provider(model):
+        built = make(model)
+        owner, fn = built if isinstance(built, tuple) else (None, built)
+
+        def step():
+            with torch.no_grad():
+                return fn()
+        return step if owner is None else (owner, step)
+    return provider
 
 
 # ----------------------------------------------------------------------------------------------- TRADES + RS
