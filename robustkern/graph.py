@@ -123,8 +123,11 @@ def _module_call(m: nn.Module, input_name: str):
 def capture(model: nn.Module, extra=()) -> list[BoundNode]:
     """Trace ``model`` and return its nodes in topological order (the last one is the output). ``extra``: kinds
     beyond the bound-propagation set that the caller handles (``"maxpool"``: ``nn.MaxPool2d``)."""
+    tracer = _Tracer()
+    if tracer.is_leaf_module(model, ""):     # a bare layer (nn.Linear(...) as the whole model): one step of a chain
+        model = nn.Sequential(model)
     try:
-        graph = _Tracer().trace(model)
+        graph = tracer.trace(model)
     except Exception as e:  # fx fails on data-dependent control flow and the like
         raise UnsupportedLayerError(
             f"robustkern.bounds: torch.fx could not trace {type(model).__name__}: {e}. Bound propagation needs "

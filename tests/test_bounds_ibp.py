@@ -359,6 +359,19 @@ def test_unsupported_layer_names_its_type_and_place():
         BoundedModule(model, torch.rand(2, 4)).compute_bounds(torch.rand(2, 4), 0.1)
 
 
+def test_a_bare_layer_is_a_model():
+    """A single layer given as the whole model (``nn.Linear(...)``, not in a Sequential) is bounded like the
+    one-layer chain it is: exactly, for an affine map."""
+    torch.manual_seed(0)
+    layer, x = nn.Linear(5, 3), torch.rand(2, 5)
+    lb, ub = BoundedModule(layer, x).compute_bounds(x, 0.1, sound=False, x_min=-1.0, x_max=2.0)
+    centre, radius = layer(x), 0.1 * layer.weight.abs().sum(1)
+    torch.testing.assert_close(lb, centre - radius)
+    torch.testing.assert_close(ub, centre + radius)
+    with pytest.raises(ValueError, match=r"\(B, n_out\)"):     # traced, then refused for its output's shape
+        BoundedModule(nn.Conv2d(2, 3, 3, padding=1), torch.rand(2, 2, 4, 4))
+
+
 def test_robust_cross_entropy_matches_definition():
     lb = torch.randn(4, 3)
     want = nn.functional.cross_entropy(torch.cat([torch.zeros(4, 1), -lb], 1), torch.zeros(4, dtype=torch.long))
