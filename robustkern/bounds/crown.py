@@ -291,7 +291,8 @@ def _relu_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, upper: boo
 
 
 def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], input_box: Box, ball, sound: bool,
-                   slopes: dict | None = None, first: int | None = None) -> dict[bool, Tensor]:
+                   slopes: dict | None = None, first: int | None = None,
+                   linear: dict | None = None) -> dict[bool, Tensor]:
     """Bounds of ``A0 h_start`` (A0 (B, S, *shape)) over the input set, for each side in ``sides``
     (False: lower, True: upper). ``ball`` is (center, eps) flattened for an L2 ball, else None. With ``sound``
     the rounding errors of every step are accumulated and the result is rounded outwards (module docstring).
@@ -299,7 +300,8 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
     given explicitly (the others follow ``ctx.mode``). ``first``: the index of the earliest node to go through
     (the nodes from it to ``start`` must be a chain); the bound is then concretised over the IBP box of that
     node's input (``input_box``/``ball`` when it is the input), as Loss Landscape Matters'
-    ``backward_range_frozen``."""
+    ``backward_range_frozen``. ``linear``: a dict that receives, per side, the pass's linear bound over the
+    concretised node, ``(A (B, S, *its shape), bias (B, S))`` (before the rounding-error widening)."""
     B, S = A0.shape[:2]
     result = {}
     stop = ctx.index[start]
@@ -345,6 +347,8 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
                 box, at_ball = Box(ibp.mid.to(ctx.dtype), ibp.rad.to(ctx.dtype)), None
         if A_input is None:  # the specification does not depend on the input
             A_input = A0.new_zeros((B, S) + tuple(box.mid.shape[1:]))
+        if linear is not None:
+            linear[upper] = (A_input, bias)
         A_flat = A_input.reshape(B, S, -1)
         mid, rad = box.mid.reshape(B, -1), box.rad.reshape(B, -1)
         center, eps = at_ball if at_ball is not None else (None, None)
@@ -555,13 +559,14 @@ def chain_start(nodes, start: str, layers: int) -> int:
 def crown_bounds(nodes, shapes, ibp_bounds: dict, C: Tensor | None, num_outputs: int, method: str, *,
                  bound_lower: bool, bound_upper: bool, sound: bool, coeffs: Coefficients, norm: float, x: Tensor,
                  eps: Tensor, relu_lower: str = "adaptive", crown_batch_size: int | None = None,
-                 slopes: dict | None = None, frozen: int | None = None):
+                 slopes: dict | None = None, frozen: int | None = None, linear: dict | None = None):
     """CROWN-IBP (``method="CROWN-IBP"``) or CROWN (``"CROWN"``) bounds on ``C f(x)`` (or ``f(x)``).
     ``ibp_bounds`` are ``propagate``'s per-node boxes (values or callables). ``C`` in any float dtype: with
     ``sound`` the backward pass runs in float64 and takes it exactly. ``slopes``: explicit ReLU lower slopes of
     the final backward pass (see ``backward_bound``). ``frozen`` (CROWN-IBP): the final backward pass goes through
     the last ``frozen + 1`` layers only and is concretised over the IBP box before them (Loss Landscape Matters'
-    ``crown-interval-frozen``). Returns ``(lb, ub)``; None for a side not requested."""
+    ``crown-interval-frozen``). ``linear``: a dict that receives the final pass's linear bounds per side
+    (``backward_bound``), in the model's dtype. Returns ``(lb, ub)``; None for a side not requested."""
     setup = crown_setup(nodes, shapes, ibp_bounds, sound=sound, coeffs=coeffs, norm=norm, x=x, eps=eps,
                         relu_lower=relu_lower)
     if method == "CROWN":
@@ -573,7 +578,10 @@ def crown_bounds(nodes, shapes, ibp_bounds: dict, C: Tensor | None, num_outputs:
             raise ValueError(f"compute_bounds: frozen takes method 'CROWN-IBP', got {method!r}")
         first = chain_start(nodes, out_src, int(frozen) + 1)
     sides = tuple(s for s, want in ((False, bound_lower), (True, bound_upper)) if want)
-    r = backward_bound(setup.ctx, out_src, A0, sides, setup.input_box, setup.ball, sound, slopes, first)
+    r = backward_bound(setup.ctx, out_src, A0, sides, setup.input_box, setup.ball, sound, slopes, first, linear)
+    if linear is not None:
+        for side, (A, bias) in linear.items():
+            linear[side] = (A.to(setup.work), bias.to(setup.work))
     return finish(setup, r.get(False), r.get(True))
 
 

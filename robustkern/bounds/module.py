@@ -168,7 +168,7 @@ class BoundedModule(nn.Module):
                        x_min: float = 0.0, x_max: float = 1.0, *, sound: bool = True, bound_lower: bool = True,
                        bound_upper: bool = True, relu_lower: str = "adaptive", crown_batch_size: int | None = None,
                        check_values: bool = True, intermediate: dict | None = None,
-                       optimize_bound_args: dict | None = None):
+                       optimize_bound_args: dict | None = None, return_linear: bool = False):
         """Bounds ``(lb, ub)`` on the model's outputs (B, n_out), or on ``C`` times them (B, n_spec) when a
         specification ``C`` (B, n_spec, n_out) is given, over every input ``x'`` with ``||x' - x|| <= eps``
         (``norm`` inf or 2) and ``x_min <= x' <= x_max``.
@@ -197,24 +197,31 @@ class BoundedModule(nn.Module):
         are always checked. ``intermediate``: the ``node_bounds()`` of an earlier call over the same input,
         weights and ``sound``: CROWN-IBP's backward pass runs over those IBP boxes instead of a new IBP pass (the
         same numbers; auto_LiRPA's reuse of stored intermediate bounds). CROWN-IBP only.
+        ``return_linear`` (CROWN-IBP and CROWN): also return the final backward pass's linear bounds in the input,
+        ``{"lower": (A, bias), "upper": (A, bias)}`` (None for a side not requested), ``A`` (B, n_spec, *input
+        shape) and ``bias`` (B, n_spec) such that ``A x' + bias`` is below (above) ``C f(x')`` for every ``x'`` in
+        the input set (auto_LiRPA's ``return_A``): ``lb`` is its minimum over the set; with ``sound=True``, up to
+        the rounding-error widening.
         """
         method = canonical_method(method)
         inp = self._enter(x, eps, norm, x_min, x_max, C, check_values)
+        linear = self._linear_request(method, return_linear)
         out = self._bounds(inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
-                           intermediate=intermediate, optimize_bound_args=optimize_bound_args)
-        return out[0], out[1]
+                           intermediate=intermediate, optimize_bound_args=optimize_bound_args, linear=linear)
+        return (out[0], out[1]) + ((_linear_sides(linear, self._dtype()),) if return_linear else ())
 
     def compute_bounds_box(self, lower: Tensor, upper: Tensor, method: str = "IBP", C: Tensor | None = None, *,
                            sound: bool = True, bound_lower: bool = True, bound_upper: bool = True,
                            relu_lower: str = "adaptive", crown_batch_size: int | None = None,
                            x: Tensor | None = None, check_values: bool = True, intermediate: dict | None = None,
-                           optimize_bound_args: dict | None = None):
+                           optimize_bound_args: dict | None = None, return_linear: bool = False):
         """As ``compute_bounds`` over the element-wise box ``lower <= x' <= upper`` (B, ...) given explicitly
         (e.g. auto_LiRPA's ``x_L``/``x_U``; rounded outwards to the working precision). ``x``: the clean batch,
         used only for batch-statistics BatchNorm (default: the box centre). ``check_values=False`` skips the
-        checks that read tensor values (NaN, ``lower <= upper``), as in ``compute_bounds``; ``intermediate`` and
-        ``optimize_bound_args`` as there."""
+        checks that read tensor values (NaN, ``lower <= upper``), as in ``compute_bounds``; ``intermediate``,
+        ``optimize_bound_args`` and ``return_linear`` as there."""
         method = canonical_method(method)
+        linear = self._linear_request(method, return_linear)
         for name, t in (("lower", lower), ("upper", upper)):
             if not isinstance(t, Tensor) or not t.is_floating_point():
                 raise TypeError(f"compute_bounds_box: {name} must be a floating-point tensor")
@@ -233,13 +240,24 @@ class BoundedModule(nn.Module):
         if sound:  # the centre and radius round; widen so that [mid - rad, mid + rad] contains [lower, upper]
             rad = rad + 4 * unit_roundoff(dtype) * (mid.abs() + rad) + torch.finfo(dtype).tiny
         out = self._bounds(inp, method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size,
-                           input_box=(mid, rad), intermediate=intermediate, optimize_bound_args=optimize_bound_args)
-        return out[0], out[1]
+                           input_box=(mid, rad), intermediate=intermediate, optimize_bound_args=optimize_bound_args,
+                           linear=linear)
+        return (out[0], out[1]) + ((_linear_sides(linear, self._dtype()),) if return_linear else ())
+
+    @staticmethod
+    def _linear_request(method: str, return_linear: bool) -> dict | None:
+        if not return_linear:
+            return None
+        if method not in ("CROWN-IBP", "CROWN"):
+            raise ValueError(f"compute_bounds: return_linear takes method 'CROWN-IBP' or 'CROWN' (one backward pass "
+                             f"gives the linear bounds), got {method!r}")
+        return {}
 
     def _bounds(self, inp: BoundInput, method: str, sound: bool, bound_lower: bool = True, bound_upper: bool = True,
                 relu_lower: str = "adaptive", crown_batch_size: int | None = None, *, input_box=None,
                 with_ibp: bool = False, stats: dict | None = None, intermediate: dict | None = None,
-                optimize_bound_args: dict | None = None, slopes: dict | None = None, frozen: int | None = None):
+                optimize_bound_args: dict | None = None, slopes: dict | None = None, frozen: int | None = None,
+                linear: dict | None = None):
         """(lb, ub[, ibp_lb, ibp_ub]) for an entered input: the engine behind compute_bounds(_box). Every
         product inside runs in IEEE float32/float64 with autocast off (``robustkern._numerics.ieee_products``):
         TF32 or bf16 would break the rounding-error bounds. ``slopes`` and ``frozen`` (CROWN-IBP and CROWN):
@@ -250,7 +268,7 @@ class BoundedModule(nn.Module):
                              f"got {method!r}")
         if optimize_bound_args is not None and method != "alpha-CROWN":
             raise ValueError(f"compute_bounds: optimize_bound_args takes method 'alpha-CROWN', got {method!r}")
-        extra = dict(slopes=slopes, frozen=frozen, optimize_bound_args=optimize_bound_args)
+        extra = dict(slopes=slopes, frozen=frozen, optimize_bound_args=optimize_bound_args, linear=linear)
         args = (method, sound, bound_lower, bound_upper, relu_lower, crown_batch_size, input_box, with_ibp, stats,
                 intermediate, extra)
         with ieee_products():
@@ -319,7 +337,8 @@ class BoundedModule(nn.Module):
                                         optimize_bound_args=extra.get("optimize_bound_args"), **common)
         else:
             lb, ub = crown_bounds(self.nodes, self._shapes, bounds, C, self.num_outputs, method,
-                                  slopes=extra.get("slopes"), frozen=extra.get("frozen"), **common)
+                                  slopes=extra.get("slopes"), frozen=extra.get("frozen"), linear=extra.get("linear"),
+                                  **common)
         out = (_nan_to_inf(lb, -1) if lb is not None else None, _nan_to_inf(ub, 1) if ub is not None else None)
         return out + (ibp if with_ibp else ())
 
@@ -360,3 +379,11 @@ class BoundedModule(nn.Module):
         for nb in self.node_bounds().values():
             if nb.node.module is not None:
                 yield nb.path, nb.lower, nb.upper
+
+
+def _linear_sides(linear: dict, dtype: torch.dtype) -> dict:
+    """``backward_bound``'s ``{upper: (A, bias)}`` as ``{"lower": ..., "upper": ...}`` in the model's dtype
+    (None: not computed)."""
+    def cast(pair):
+        return None if pair is None else tuple(t.to(dtype) for t in pair)
+    return {"lower": cast(linear.get(False)), "upper": cast(linear.get(True))}

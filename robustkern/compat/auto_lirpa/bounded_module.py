@@ -53,7 +53,7 @@ _ACT = {None: "adaptive", "adaptive": "adaptive", "same-slope": "same-slope", "z
 _BACKWARD = {"crown": False, "backward": False, "crown-ibp": True, "ibp+backward": True, "ibp+crown": True}
 _OPTIMIZED = ("crown-optimized", "alpha-crown")
 # compute_bounds arguments that change what auto_LiRPA computes and have no counterpart here: refused when set
-_REFUSED = ("interm_bounds", "reference_bounds", "aux_reference_bounds", "needed_A_dict", "intermediate_constr",
+_REFUSED = ("interm_bounds", "reference_bounds", "aux_reference_bounds", "intermediate_constr",
             "alpha_idx", "need_A_only", "cutter", "update_mask", "ibp_nodes", "average_A", "cache_bounds")
 _ACCEPTED = ("reuse_alpha", "decision_thresh")  # alpha-CROWN only: no effect on the methods here
 _CALL_ONLY = ("disable_multi_gpu", "no_replicas", "node_class", "att_name")  # auto_LiRPA's __call__ drops them
@@ -202,27 +202,65 @@ class BoundedModule(nn.Module):
         self._set_input(inputs[0])
         return self.bm(self._plain)
 
+    # ------------------------------------------------------------------ the graph
+    @property
+    def input_name(self) -> list[str]:
+        """auto_LiRPA's ``input_name``: the names of the graph's input nodes (one here)."""
+        return [n.name for n in self.bm.nodes if n.kind == "input"]
+
+    @property
+    def output_name(self) -> list[str]:
+        """auto_LiRPA's ``output_name``: the name of the node whose value is the model's output."""
+        return [n.inputs[0] for n in self.bm.nodes if n.kind == "output"]
+
+    def visualize(self, output_path: str) -> str:
+        """auto_LiRPA's ``visualize``: the bounded graph in Graphviz's DOT language, written to
+        ``output_path + ".dot"`` (auto_LiRPA renders it with the ``graphviz`` package; here render it yourself:
+        ``dot -Tpng bounded.dot -o bounded.png``). A node per step (kind and module path), an edge per input read.
+        Returns the file's path."""
+        lines = ["digraph bounded {", "  rankdir=TB;", "  node [shape=box, fontsize=10];"]
+        for n in self.bm.nodes:
+            lines.append(f'  "{n.name}" [label="{n.name}\\n{n.kind}: {n.path}"];')
+            lines.extend(f'  "{src}" -> "{n.name}";' for src in n.inputs)
+        lines.append("}")
+        path = f"{output_path}.dot"
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return path
+
     # ------------------------------------------------------------------ bounds
     def compute_bounds(self, x=None, aux=None, C=None, method="backward", IBP=False, forward=False,
                        bound_lower=True, bound_upper=True, reuse_ibp=False, return_A=False, final_node_name=None,
                        **kwargs):
         """auto_LiRPA's ``compute_bounds``: ``(lb, ub)`` of the outputs, or of ``C`` times them; a side not
         requested is None for the backward methods (IBP returns both, as auto_LiRPA's). ``x=None`` uses the
-        last input and the bounds stored since it was set (see the module docstring)."""
+        last input and the bounds stored since it was set (see the module docstring).
+
+        ``return_A=True`` (CROWN-IBP and CROWN): ``(lb, ub, A_dict)`` with auto_LiRPA's
+        ``A_dict[output_name[0]][input_name[0]] = {"lA", "uA", "lbias", "ubias"}``, the linear bounds of the final
+        backward pass in the input (``lA`` (B, n_spec, *input shape); None for a side not requested), so that
+        ``lb`` is ``lA x + lbias`` minimised over the input set. ``needed_A_dict`` may ask for that pair only."""
+        needed_A = kwargs.pop("needed_A_dict", None)
         for key, value in kwargs.items():
             if key in _REFUSED:
                 if value is not None and value is not False and not (isinstance(value, dict) and not value):
                     raise NotImplementedError(f"compute_bounds: {key} is not supported by robustkern's facade")
             elif key not in _ACCEPTED:
                 raise TypeError(f"compute_bounds() got an unexpected keyword argument {key!r}")
-        if forward or return_A or final_node_name is not None or aux is not None:
-            raise NotImplementedError("compute_bounds: forward mode, return_A, final_node_name and aux are not "
-                                      "supported by robustkern's facade")
+        if forward or final_node_name is not None or aux is not None:
+            raise NotImplementedError("compute_bounds: forward mode, final_node_name and aux are not supported by "
+                                      "robustkern's facade")
+        if return_A:
+            self._check_needed_A(needed_A)
         if not bound_lower and not bound_upper:
             raise ValueError("compute_bounds: at least one of bound_lower and bound_upper must be True")
         method, ibp = lirpa_method(method, IBP)
         if method is None and not ibp:
             raise ValueError("compute_bounds: method=None needs IBP=True (or method='IBP')")
+        if return_A and method != "backward":
+            raise NotImplementedError(f"compute_bounds: return_A is supported for the backward methods (CROWN-IBP, "
+                                      f"CROWN), not for {'IBP' if method is None else method}; call "
+                                      f"method='backward' (CROWN) for the linear bounds")
         if method is None and reuse_ibp:
             if self._ibp_last is None:
                 raise ValueError("compute_bounds: reuse_ibp=True but no IBP bounds were computed yet")
@@ -249,16 +287,16 @@ class BoundedModule(nn.Module):
                                           "CROWN's intermediate bounds in auto_LiRPA; pass x=(...) for IBP afresh")
             if ibp:
                 self._ibp_last = _refuse_seeded_ibp
-            return self._run("CROWN", C, bound_lower, bound_upper)
+            return self._run("CROWN", C, bound_lower, bound_upper, return_A=return_A)
         if method is None:
             lb, ub = self._run("IBP", C, True, True)
             self._store("IBP")
             self._ibp_last = lambda: (lb, ub)
             return lb, ub
         if stored is not None:  # the stored IBP boxes are the intermediate bounds
-            out = self._run("CROWN-IBP", C, bound_lower, bound_upper, intermediate=stored.boxes)
+            out = self._run("CROWN-IBP", C, bound_lower, bound_upper, intermediate=stored.boxes, return_A=return_A)
         else:
-            out = self._run("CROWN-IBP" if ibp else "CROWN", C, bound_lower, bound_upper)
+            out = self._run("CROWN-IBP" if ibp else "CROWN", C, bound_lower, bound_upper, return_A=return_A)
             self._store("IBP" if ibp else "CROWN")
         if ibp:
             self._ibp_last = self._later_ibp(C)
@@ -288,18 +326,38 @@ class BoundedModule(nn.Module):
             eps = eps.view(-1, *[1] * (x.dim() - 1))
         return x - eps, x + eps
 
-    def _run(self, method: str, C, bound_lower: bool, bound_upper: bool, intermediate: dict | None = None):
+    def _run(self, method: str, C, bound_lower: bool, bound_upper: bool, intermediate: dict | None = None,
+             return_A: bool = False):
         """robustkern's ``compute_bounds`` (L2) or ``compute_bounds_box`` (L-inf) for the current input;
-        ``intermediate``: stored IBP boxes for CROWN-IBP's backward pass (no second IBP pass)."""
+        ``intermediate``: stored IBP boxes for CROWN-IBP's backward pass (no second IBP pass); ``return_A``: with
+        auto_LiRPA's ``A_dict`` of the final pass."""
         opts = dict(method=method, C=C, sound=self._sound, bound_lower=bound_lower, bound_upper=bound_upper,
-                    relu_lower=self._relu_lower, crown_batch_size=self._crown_batch_size, intermediate=intermediate)
+                    relu_lower=self._relu_lower, crown_batch_size=self._crown_batch_size, intermediate=intermediate,
+                    return_linear=return_A)
         if method == "alpha-CROWN":
             opts["optimize_bound_args"] = self.bound_opts["optimize_bound_args"]
         ptb = self._input.ptb
         if float(ptb.norm) == 2:
-            return self.bm.compute_bounds(self._plain, ptb.eps, norm=2, x_min=-math.inf, x_max=math.inf, **opts)
-        lo, hi = self._box()
-        return self.bm.compute_bounds_box(lo, hi, x=self._plain, **opts)
+            out = self.bm.compute_bounds(self._plain, ptb.eps, norm=2, x_min=-math.inf, x_max=math.inf, **opts)
+        else:
+            lo, hi = self._box()
+            out = self.bm.compute_bounds_box(lo, hi, x=self._plain, **opts)
+        if not return_A:
+            return out
+        lower, upper = out[2]["lower"], out[2]["upper"]
+        entry = {"lA": None if lower is None else lower[0], "lbias": None if lower is None else lower[1],
+                 "uA": None if upper is None else upper[0], "ubias": None if upper is None else upper[1]}
+        return out[0], out[1], {self.output_name[0]: {self.input_name[0]: entry}}
+
+    def _check_needed_A(self, needed_A) -> None:
+        """``needed_A_dict`` may name the output node and, under it, the input node only (the final pass's A)."""
+        if needed_A is None:
+            return
+        out, inp = self.output_name[0], self.input_name[0]
+        for key, wanted in dict(needed_A).items():
+            if key != out or any(name != inp for name in wanted):
+                raise NotImplementedError(f"compute_bounds: needed_A_dict may ask for {{{out!r}: {{{inp!r}}}}} "
+                                          f"(output over input) only; the facade keeps no other A matrices")
 
 
 def _refuse_seeded_ibp():
