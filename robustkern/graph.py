@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .graph_functional import attribute_constant, expression_constant, functional_layer
 from .nn import Normalize
 
 __all__ = ["BoundNode", "UnsupportedLayerError", "capture", "normalize_params", "run_graph"]
@@ -83,7 +84,8 @@ _MODULE_KINDS = (
 _EXTRA_MODULE_KINDS = ((nn.MaxPool2d, "maxpool"),)
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
 SUPPORTED = ("Linear, Conv2d, ReLU, BatchNorm1d, BatchNorm2d, Flatten, AvgPool2d, Identity, Dropout (eval), "
-             "Normalize, + of two branches, view/reshape/flatten keeping the batch dimension")
+             "Normalize, + of two branches, view/reshape/flatten keeping the batch dimension, F.linear / x @ W / "
+             "F.conv2d with the model's own tensors as weights")
 
 
 def _unsupported(what: str, where: str, node: fx.Node, extra=()) -> UnsupportedLayerError:
@@ -126,16 +128,41 @@ def capture(model: nn.Module, extra=()) -> list[BoundNode]:
     tracer = _Tracer()
     if tracer.is_leaf_module(model, ""):     # a bare layer (nn.Linear(...) as the whole model): one step of a chain
         model = nn.Sequential(model)
+    before = set(vars(model))
     try:
         graph = tracer.trace(model)
     except Exception as e:  # fx fails on data-dependent control flow and the like
         raise UnsupportedLayerError(
             f"robustkern.bounds: torch.fx could not trace {type(model).__name__}: {e}. Bound propagation needs "
             f"a model without data-dependent control flow, built from: {SUPPORTED}") from e
+    finally:    # the constants fx set on the model while tracing: kept here, the model left as it was
+        traced = {name: vars(model)[name] for name in set(vars(model)) - before if name.startswith("_tensor_constant")}
+        for name in traced:
+            delattr(model, name)
     nodes: list[BoundNode] = []
     by_name: dict[str, BoundNode] = {}
+    constants: dict = {}     # the model's tensors read in forward, and expressions of them alone
     for node in graph.nodes:
         tensor_inputs = [a.name for a in node.all_input_nodes]
+        if node.op == "get_attr":
+            constants[node.name] = attribute_constant(model, str(node.target), traced)
+            if constants[node.name] is None:
+                raise _unsupported(f"constant tensor '{node.target}' made in forward (register it as a buffer)",
+                                   str(node.target), node)
+            continue
+        if tensor_inputs and node.op in ("call_function", "call_method") and \
+                all(name in constants for name in tensor_inputs):
+            constants[node.name] = expression_constant(node, constants)
+            continue
+        if node.op in ("call_function", "call_method") and any(name in constants for name in tensor_inputs):
+            layer = functional_layer(node, constants)
+            if isinstance(layer, str):
+                raise _unsupported(layer, getattr(node.target, "__name__", str(node.target)), node)
+            kind, src, module = layer
+            bn = BoundNode(node.name, kind, getattr(node.target, "__name__", str(node.target)), [src], module)
+            nodes.append(bn)
+            by_name[bn.name] = bn
+            continue
         if node.op == "placeholder":
             if any(n.kind == "input" for n in nodes):
                 raise UnsupportedLayerError("robustkern.bounds: models with more than one input are not supported")
@@ -155,8 +182,8 @@ def capture(model: nn.Module, extra=()) -> list[BoundNode]:
             if not isinstance(out, fx.Node):
                 raise UnsupportedLayerError("robustkern.bounds: the model must return a single tensor")
             bn = BoundNode(node.name, "output", "output", [out.name])
-        else:  # get_attr: a parameter or buffer used directly in forward
-            raise _unsupported(f"direct use of attribute '{node.target}'", str(node.target), node)
+        else:  # pragma: no cover - fx's node kinds are the ones above
+            raise _unsupported(f"fx node kind {node.op!r}", str(node.target), node)
         nodes.append(bn)
         by_name[bn.name] = bn
     for bn in nodes:
