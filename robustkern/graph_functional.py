@@ -30,14 +30,8 @@ _MATMUL_METHODS = ("matmul", "mm", "__matmul__")
 _CONV2D = (F.conv2d, torch.conv2d)
 
 
-class FunctionalLinear(nn.Linear):
-    """``nn.Linear`` whose weight (out, in) and bias are read from the model on every access."""
-
-    def __init__(self, weight: Constant, bias: Constant | None):
-        nn.Module.__init__(self)
-        w = weight()
-        self.out_features, self.in_features = w.shape
-        self._weight, self._bias = weight, bias
+class _ConstantWeights:
+    """``weight`` and ``bias`` read from the model by the constants ``_weight``/``_bias`` on every access."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -48,7 +42,17 @@ class FunctionalLinear(nn.Linear):
         return None if self._bias is None else self._bias()
 
 
-class FunctionalConv2d(nn.Conv2d):
+class FunctionalLinear(_ConstantWeights, nn.Linear):
+    """``nn.Linear`` whose weight (out, in) and bias are read from the model on every access."""
+
+    def __init__(self, weight: Constant, bias: Constant | None):
+        nn.Module.__init__(self)
+        w = weight()
+        self.out_features, self.in_features = w.shape
+        self._weight, self._bias = weight, bias
+
+
+class FunctionalConv2d(_ConstantWeights, nn.Conv2d):
     """``nn.Conv2d`` (zero padding) whose weight and bias are read from the model on every access."""
 
     def __init__(self, weight: Constant, bias: Constant | None, stride, padding, dilation, groups: int):
@@ -60,14 +64,6 @@ class FunctionalConv2d(nn.Conv2d):
         self.transposed, self.output_padding, self.padding_mode = False, (0, 0), "zeros"
         self._reversed_padding_repeated_twice = [p for p in reversed(self.padding) for _ in range(2)]
         self._weight, self._bias = weight, bias
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self._weight()
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return None if self._bias is None else self._bias()
 
 
 def attribute_constant(model: nn.Module, target: str, traced: dict) -> Constant | None:
