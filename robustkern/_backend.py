@@ -51,7 +51,19 @@ def use_backend(name: str):
         _override.reset(token)
 
 
-_env_parsed: tuple[str | None, str] = (None, "auto")   # (raw ROBUSTKERN_BACKEND, parsed), re-parsed on change
+_ENV = "ROBUSTKERN_BACKEND"
+_ENV_KEY = os.environ.encodekey(_ENV) if hasattr(os.environ, "encodekey") else _ENV   # the key as os.environ stores it
+_env_parsed: tuple = (None, "auto")   # (raw ROBUSTKERN_BACKEND as the environment holds it, parsed), re-parsed on change
+
+
+def _env_raw():
+    """The raw value of ``ROBUSTKERN_BACKEND`` (None when unset), read at every call. ``os.environ.get`` encodes
+    the key and decodes the value on each read (about 1 us, paid by every op call); the mapping's own store,
+    which its setters keep in step with the process environment, answers the same in a dictionary lookup."""
+    data = getattr(os.environ, "_data", None)
+    if data is None:                      # pragma: no cover - an os.environ without its store
+        return os.environ.get(_ENV)
+    return data.get(_ENV_KEY)
 
 
 def requested_backend() -> str:
@@ -60,23 +72,24 @@ def requested_backend() -> str:
     name = _override.get()
     if name is not None:
         return name
-    value = os.environ.get("ROBUSTKERN_BACKEND")
-    if value == _env_parsed[0]:
+    raw_value = _env_raw()
+    if raw_value == _env_parsed[0]:
         return _env_parsed[1]
+    value = os.environ.get(_ENV)
     raw = value or "auto"
     try:
         parsed = _check_name(raw)
     except ValueError:
         raise BackendUnavailable(f"ROBUSTKERN_BACKEND={raw} is not a backend; set it to one of "
                                  f"{', '.join(BACKENDS)}, or unset it") from None
-    _env_parsed = (value, parsed)
+    _env_parsed = (raw_value, parsed)
     return parsed
 
 
 def _requested_by() -> str:
     if _override.get() is not None:
         return f"use_backend({_override.get()!r})"
-    return f"ROBUSTKERN_BACKEND={os.environ.get('ROBUSTKERN_BACKEND', '')}"
+    return f"ROBUSTKERN_BACKEND={os.environ.get(_ENV, '')}"
 
 
 def _triton_interpreting() -> bool:

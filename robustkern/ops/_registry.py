@@ -94,24 +94,29 @@ class Op:
         self.fake, self.setup_context, self.backward = fake, setup_context, backward
         self.serves, self.prepare = serves, prepare
         self._kernel = None                    # torch.ops.robustkern.<name>.default, once the extension is loaded
-        self._choice: dict = {}               # (device type, requested backend) -> backend
+        self._choice: dict = {}               # (device type, requested backend) -> (backend, implementation)
 
     # ------------------------------------------------------------------------------------------ choice
     def backend(self, device: torch.device) -> str:
         """The backend that runs this op's calls on ``device`` (before the ``serves`` rule)."""
-        if self.composite:
-            return "reference"
-        key = (device.type, _backend.requested_backend())
-        name = self._choice.get(key)
-        if name is None:
-            try:
-                name = _backend.select(device, op=self.name, kernels=self.kernels)
-            except _backend.BackendUnavailable:
-                if self.public:
-                    raise
+        return self._chosen(device.type)[0]
+
+    def _chosen(self, device_type: str) -> tuple[str, Callable]:
+        """(backend, implementation) for ``device_type`` and the requested backend, chosen once per pair."""
+        key = (device_type, _backend.requested_backend())
+        choice = self._choice.get(key)
+        if choice is None:
+            if self.composite:
                 name = "reference"
-            self._choice[key] = name
-        return name
+            else:
+                try:
+                    name = _backend.select(device_type, op=self.name, kernels=self.kernels)
+                except _backend.BackendUnavailable:
+                    if self.public:
+                        raise
+                    name = "reference"
+            choice = self._choice[key] = (name, self.implementation(name))
+        return choice
 
     def implementation(self, backend: str) -> Callable:
         if backend == "reference":
@@ -124,10 +129,10 @@ class Op:
         return self._kernel
 
     def _choose(self, args, device: Optional[torch.device] = None) -> tuple[str, Callable]:
-        backend = self.backend(device if device is not None else _first_tensor(args).device)
+        backend, impl = self._chosen((device if device is not None else _first_tensor(args).device).type)
         if self.serves is not None and backend != "reference" and self.serves(backend, args) is not None:
-            backend = "reference"
-        return backend, self.implementation(backend)
+            return "reference", self.reference
+        return backend, impl
 
     def dispatcher(self):
         """``torch.ops.robustkern.<name>``, with the table's fake kernel and autograd attached."""
