@@ -94,6 +94,7 @@ class Op:
         self.fake, self.setup_context, self.backward = fake, setup_context, backward
         self.serves, self.prepare = serves, prepare
         self._kernel = None                    # torch.ops.robustkern.<name>.default, once the extension is loaded
+        self.native_autograd = False           # the extension holds its Autograd kernel (csrc/autograd.cpp)
         self._choice: dict = {}               # (device type, requested backend) -> (backend, implementation)
 
     # ------------------------------------------------------------------------------------------ choice
@@ -160,22 +161,25 @@ class Op:
 
     # ------------------------------------------------------------------------------------------ call
     def __call__(self, *args):
-        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        if _is_compiling() or _dispatch_stack_depth():
             return self.dispatcher()(*args)     # traced: the opaque op
-        device, record = None, False
-        grad = self.backward is not None and torch.is_grad_enabled()
+        first, record = None, False
+        grad = self.backward is not None and _grad_enabled()
         for a in args:                          # one pass: tensor subclasses, the device, a gradient to record
             if isinstance(a, Tensor):
                 if type(a) not in _PLAIN:       # a tracing wrapper (fake / functional / proxy tensor)
                     return self.dispatcher()(*args)
-                if device is None:
-                    device = a.device
-                record = record or (grad and a.requires_grad)
-        backend, impl = self._choose(args, device)
+                if first is None:
+                    first = a
+                if grad and not record:
+                    record = a.requires_grad
+        backend, impl = self._choose(args, None if first is None else first.device)
         if record:
-            if _apply_plain is not None and not torch._C._are_functorch_transforms_active():
-                return _apply_plain(self, backend, impl, *args)
-            return _OpFunction.apply(self, backend, impl, *args)
+            if _functorch_active():
+                return _OpFunction.apply(self, backend, impl, *args)
+            if self.native_autograd and backend in _COMPILED:
+                return impl(*args)              # the extension's Autograd kernel records the node
+            return _apply_plain(self, backend, impl, *args)
         return self.run_implementation(backend, impl, args)
 
     def __repr__(self) -> str:
@@ -183,6 +187,10 @@ class Op:
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack_depth = torch._C._len_torch_dispatch_stack
+_grad_enabled = torch.is_grad_enabled
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _first_tensor(args) -> Tensor:
@@ -239,7 +247,42 @@ class _OpFunction(torch.autograd.Function):
 try:
     _apply_plain = super(torch.autograd.Function, _OpFunction).apply
 except AttributeError:  # pragma: no cover - a torch without the C apply
-    _apply_plain = None
+    _apply_plain = _OpFunction.apply
+
+
+class _SavedContext:
+    """The context an op's formula sees in the backward of a node recorded by the extension's Autograd kernel
+    (``csrc/autograd.cpp``): ``setup_context`` fills it from the saved arguments and outputs, then ``backward``
+    reads it, as on a ``torch.autograd.Function``'s context."""
+
+    def __init__(self, needs_input_grad):
+        self.needs_input_grad = needs_input_grad
+        self.saved_tensors = ()
+        self.materialize_grads = True
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def set_materialize_grads(self, value: bool):
+        self.materialize_grads = bool(value)
+
+    def mark_non_differentiable(self, *tensors):
+        raise RuntimeError("an op whose outputs are not all differentiable cannot use the extension's Autograd "
+                           "kernel: leave it out of csrc/autograd.cpp")
+
+
+def run_saved_backward(qualname: str, args: tuple, outputs: tuple, grads: tuple, needs_input_grad: tuple):
+    """The backward of a node recorded by the extension's Autograd kernel (``csrc/autograd.cpp``, which calls
+    this): the op's own ``setup_context`` on its saved arguments and outputs (the tensors unpacked and
+    version-checked), then its ``backward``; one gradient (or None) per argument. The same formula, with the same
+    context, as ``_OpFunction`` and ``torch.library.register_autograd`` run."""
+    op = OPS[qualname.split("::", 1)[1]]
+    ctx = _SavedContext(needs_input_grad)
+    op.setup_context(ctx, args, outputs[0] if len(outputs) == 1 else outputs)
+    if ctx.materialize_grads:
+        grads = tuple(torch.zeros_like(o) if g is None else g for g, o in zip(grads, outputs))
+    g = op.backward(ctx, *grads)
+    return tuple(g) if isinstance(g, (tuple, list)) else (g,)
 
 
 def triton_kernel(family: str, name: str) -> Callable:
@@ -280,8 +323,12 @@ def _router(op: Op):
 def _attach(op: Op) -> None:
     if op.fake is not None:
         torch.library.register_fake(op.qualname, op.fake, lib=_LIB)
-    if op.backward is not None:
-        torch.library.register_autograd(op.qualname, op.backward, setup_context=op.setup_context, lib=_LIB)
+    if op.backward is None:
+        return
+    if op.compiled and torch._C._dispatch_has_kernel_for_dispatch_key(op.qualname, "Autograd"):
+        op.native_autograd = True         # the extension's kernel (csrc/autograd.cpp) runs this formula
+        return
+    torch.library.register_autograd(op.qualname, op.backward, setup_context=op.setup_context, lib=_LIB)
 
 
 _REGISTERED: list[bool] = []
