@@ -8,9 +8,12 @@ and per step, so this is the cost that tempts them to go around the floor.
 
 Each provider is timed as ``--calls`` back-to-back calls, one thread, interleaved over ``--rounds`` rounds
 (``common.time_cpu``); the table gives microseconds per call (median over rounds) and the overhead over ATen.
-"grad" rows call with an input that requires grad (the autograd wrapper is recorded, no backward is run); for them
+"grad" rows call with an input that requires grad (the autograd node is recorded, no backward is run); for them
 the table also gives a bare ``torch.autograd.Function`` whose forward calls the implementation and saves nothing:
-torch's own cost of a custom autograd node, which any op with its own derivative pays.
+torch's own cost of a Python custom autograd node (the compiled interval ops record a C++ node instead,
+``csrc/autograd.cpp``). "fwd+bwd" rows also run the backward: the implementation is then the kernel plus the op's
+backward formula called directly on a plain context (the math without the autograd engine), the ATen call its
+forward and backward through autograd.
 """
 from __future__ import annotations
 
@@ -39,6 +42,29 @@ def _direct(name: str, *args):
                 return kernel(*args)
         return call
     return lambda: op.reference(*args)
+
+
+def _direct_fwd_bwd(name: str, args, grads):
+    """The op's CPU kernel and its backward formula called directly, without autograd: the setup and backward
+    of the op on a plain context, as the recorded node runs them."""
+    from robustkern.ops._registry import _SavedContext
+
+    op, forward = ops.OPS[name], _direct(name, *args)
+    needs = tuple(isinstance(a, torch.Tensor) for a in args)
+
+    def call():
+        out = forward()
+        ctx = _SavedContext(needs)
+        op.setup_context(ctx, args, out)
+        return op.backward(ctx, *grads, *(None,) * (len(out) - len(grads)))
+    return call
+
+
+def _fwd_bwd(fn, grads):
+    def call():
+        out = fn()
+        torch.autograd.backward(out[:len(grads)], grads)
+    return call
 
 
 class _Bare(torch.autograd.Function):
@@ -71,6 +97,11 @@ def cases():
     eps = torch.full((2,), 0.1)
     logits, y = torch.randn(4, 5, generator=g), torch.randint(0, 5, (4,), generator=g)
     bits = ops.relu_pack_mask(x)
+    cmg, cr = torch.rand(1, 2, 4, 4, generator=g).requires_grad_(), torch.rand(1, 2, 4, 4, generator=g)
+    cw = torch.rand(3, 2, 3, 3, generator=g)
+    conv = (cmg, cr, cw, None, [1, 1], [0, 0], [1, 1], 1, None, None, False, True)
+    lin = (mg, r, w, b, None, None, False, True)
+    g2, gc = (torch.ones(2, 4), torch.ones(2, 4)), (torch.ones(1, 3, 2, 2), torch.ones(1, 3, 2, 2))
     rows = [
         ("interval_affine (relu)", lambda: ops.interval_affine(m, r, relu=True),
          _direct("interval_affine", m, r, None, None, True, True), lambda: torch.relu(m)),
@@ -80,6 +111,12 @@ def cases():
          _direct("interval_linear", m, r, w, b, None, None, False, True), lambda: F.linear(m, w, b)),
         ("interval_linear, grad", lambda: ops.interval_linear(mg, r, w, b),
          _direct("interval_linear", mg, r, w, b, None, None, False, True), lambda: F.linear(mg, w, b)),
+        ("interval_conv2d, grad", lambda: ops.interval_conv2d(cmg, cr, cw),
+         _direct("interval_conv2d", *conv), lambda: F.conv2d(cmg, cw)),
+        ("interval_linear, fwd+bwd", _fwd_bwd(lambda: ops.interval_linear(mg, r, w, b), g2),
+         _direct_fwd_bwd("interval_linear", lin, g2), _fwd_bwd(lambda: (F.linear(mg, w, b),), g2[:1])),
+        ("interval_conv2d, fwd+bwd", _fwd_bwd(lambda: ops.interval_conv2d(cmg, cr, cw), gc),
+         _direct_fwd_bwd("interval_conv2d", conv, gc), _fwd_bwd(lambda: (F.conv2d(cmg, cw),), gc[:1])),
         ("crown_relu_backward", lambda: ops.crown_relu_backward(A, lo, hi),
          _direct("crown_relu_backward", A, lo, hi, 0, False), lambda: A.clamp(min=0)),
         ("pgd_step (linf)", lambda: ops.pgd_step(x, gr, x, eps, eps),
