@@ -129,8 +129,12 @@ class Op:
             self._kernel = getattr(torch.ops.robustkern, self.name).default
         return self._kernel
 
-    def _choose(self, args, device: Optional[torch.device] = None) -> tuple[str, Callable]:
-        backend, impl = self._chosen((device if device is not None else _first_tensor(args).device).type)
+    def _choose(self, args, tensor: Optional[Tensor] = None) -> tuple[str, Callable]:
+        """(backend, implementation) for a call with ``args`` (on the device of ``tensor``, else of the first
+        tensor argument), after the ``serves`` rule."""
+        if tensor is None:
+            tensor = _first_tensor(args)
+        backend, impl = self._chosen("cpu" if tensor.is_cpu else tensor.device.type)
         if self.serves is not None and backend != "reference" and self.serves(backend, args) is not None:
             return "reference", self.reference
         return backend, impl
@@ -163,6 +167,11 @@ class Op:
     def __call__(self, *args):
         if _is_compiling() or _dispatch_stack_depth():
             return self.dispatcher()(*args)     # traced: the opaque op
+        if self.native_autograd and not _functorch_active():
+            first = args[0]                     # a native op's first argument is a tensor
+            backend, impl = self._chosen("cpu" if first.is_cpu else first.device.type)
+            if backend in _COMPILED and (self.serves is None or self.serves(backend, args) is None):
+                return impl(*args)              # the dispatcher: tensor subclasses, a C++ node when one is due
         first, record = None, False
         grad = self.backward is not None and _grad_enabled()
         for a in args:                          # one pass: tensor subclasses, the device, a gradient to record
@@ -173,12 +182,10 @@ class Op:
                     first = a
                 if grad and not record:
                     record = a.requires_grad
-        backend, impl = self._choose(args, None if first is None else first.device)
+        backend, impl = self._choose(args, first)
         if record:
             if _functorch_active():
                 return _OpFunction.apply(self, backend, impl, *args)
-            if self.native_autograd and backend in _COMPILED:
-                return impl(*args)              # the extension's Autograd kernel records the node
             return _apply_plain(self, backend, impl, *args)
         return self.run_implementation(backend, impl, args)
 
@@ -326,6 +333,8 @@ def _attach(op: Op) -> None:
     if op.backward is None:
         return
     if op.compiled and torch._C._dispatch_has_kernel_for_dispatch_key(op.qualname, "Autograd"):
+        if op.prepare is not None:        # the native call hands the arguments to the dispatcher as they are
+            raise ValueError(f"op {op.qualname} has an Autograd kernel in the extension and a prepare rule")
         op.native_autograd = True         # the extension's kernel (csrc/autograd.cpp) runs this formula
         return
     torch.library.register_autograd(op.qualname, op.backward, setup_context=op.setup_context, lib=_LIB)

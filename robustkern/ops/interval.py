@@ -218,16 +218,15 @@ def interval_linear(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Ten
     """
     op = "interval_linear"
     _check_box(op, mid, rad, 2, 2)
-    if weight.dim() not in (2, 3) or weight.shape[-1] != mid.shape[1] or (
-            weight.dim() == 3 and weight.shape[0] != mid.shape[0]):
-        raise ValueError(f"{op}: weight must be (N, {mid.shape[1]}) or ({mid.shape[0]}, N, {mid.shape[1]}) "
-                         f"for mid of shape {tuple(mid.shape)}, got {tuple(weight.shape)}")
+    (b, k), wshape = mid.shape, weight.shape
+    if len(wshape) not in (2, 3) or wshape[-1] != k or (len(wshape) == 3 and wshape[0] != b):
+        raise ValueError(f"{op}: weight must be (N, {k}) or ({b}, N, {k}) for mid of shape {(b, k)}, got "
+                         f"{tuple(wshape)}")
     _check_like(op, "weight", weight, mid)
-    n = weight.shape[-2]
+    n = wshape[-2]
     if bias is not None:
-        ok = (bias.dim() == 1 and bias.shape[0] == n) or (bias.dim() == 2 and tuple(bias.shape) == (mid.shape[0], n))
-        if not ok:
-            raise ValueError(f"{op}: bias must be ({n},) or ({mid.shape[0]}, {n}), got {tuple(bias.shape)}")
+        if bias.shape != (n,) and bias.shape != (b, n):
+            raise ValueError(f"{op}: bias must be ({n},) or ({b}, {n}), got {tuple(bias.shape)}")
         _check_like(op, "bias", bias, mid)
     _check_epilogue(op, scale, shift, mid, n)
     m, r, pm, pr = INTERVAL_LINEAR(mid, rad, weight, bias, scale, shift, relu, sound)
