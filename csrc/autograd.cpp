@@ -29,7 +29,8 @@ using torch::autograd::variable_list;
 // What a node keeps of its call besides the saved tensors: the op's name, its arguments with the tensors taken
 // out (they are saved as SavedVariables) and the position of each tensor argument.
 struct SavedCall : torch::CustomClassHolder {
-  std::string op;
+  explicit SavedCall(const c10::OperatorHandle& handle) : op(handle) {}
+  c10::OperatorHandle op;
   std::vector<c10::IValue> args;
   std::vector<int64_t> positions;
   size_t num_outputs = 0;
@@ -73,7 +74,10 @@ PyObject* backward_runner() {
   return runner;
 }
 
-struct SavedNode : public torch::autograd::Function<SavedNode> {
+}  // namespace
+
+// The node (its name shows in autograd graphs): forward saves the call, backward runs the op's Python formula.
+struct PythonFormulaNode : public torch::autograd::Function<PythonFormulaNode> {
   static variable_list forward(AutogradContext* ctx, const Call& call, const at::TensorList& inputs) {
     variable_list to_save(inputs.begin(), inputs.end());
     to_save.insert(to_save.end(), call.outputs.begin(), call.outputs.end());
@@ -105,7 +109,7 @@ struct SavedNode : public torch::autograd::Function<SavedNode> {
     for (size_t j = 0; j < grads.size(); ++j) PyTuple_SET_ITEM(py_grads, j, to_python(grads[j]));
     PyObject* py_needs = PyTuple_New(static_cast<Py_ssize_t>(num_args));
     for (size_t i = 0; i < num_args; ++i) PyTuple_SET_ITEM(py_needs, i, PyBool_FromLong(needs[i]));
-    PyObject* py_op = PyUnicode_FromString(call.op.c_str());
+    PyObject* py_op = PyUnicode_FromString(call.op.schema().name().c_str());
     PyObject* result = PyObject_CallFunctionObjArgs(runner, py_op, py_args, py_outputs, py_grads, py_needs, nullptr);
     Py_DECREF(py_op);
     Py_DECREF(py_args);
@@ -122,19 +126,22 @@ struct SavedNode : public torch::autograd::Function<SavedNode> {
       PyObject* g = PyTuple_GET_ITEM(result, call.positions[k]);
       if (g != Py_None && !THPVariable_Check(g)) {
         Py_DECREF(result);
-        TORCH_CHECK(false, "robustkern autograd: the backward formula of ", call.op,
+        TORCH_CHECK(false, "robustkern autograd: the backward formula of ", call.op.schema().name(),
                     " returned a non-tensor gradient for argument ", call.positions[k]);
       }
       out.emplace_back(g == Py_None ? at::Tensor() : THPVariable_Unpack(g));
     }
     Py_DECREF(result);
-    TORCH_CHECK(ok, "robustkern autograd: the backward formula of ", call.op, " must return one gradient (or None) "
+    TORCH_CHECK(ok, "robustkern autograd: the backward formula of ", call.op.schema().name(),
+                " must return one gradient (or None) "
                 "per argument, ", num_args, " here");
     return out;
   }
 };
 
-// The Autograd kernel: run the op below autograd; record a SavedNode when a gradient is to be recorded.
+namespace {
+
+// The Autograd kernel: run the op below autograd; record a PythonFormulaNode when a gradient is to be recorded.
 void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto& schema = op.schema();
   const size_t num_args = schema.arguments().size();
@@ -153,8 +160,7 @@ void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, to
   const bool record = requires_grad && at::GradMode::is_enabled();
   c10::intrusive_ptr<SavedCall> saved;
   if (record) {
-    saved = c10::make_intrusive<SavedCall>();
-    saved->op = schema.operator_name().name;
+    saved = c10::make_intrusive<SavedCall>(op);
     saved->args.reserve(num_args);
     for (size_t i = 0; i < num_args; ++i) saved->args.push_back(args[i].isTensor() ? c10::IValue() : args[i]);
     saved->positions = positions;
@@ -168,7 +174,7 @@ void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, to
   Call call{std::move(saved), {}};
   call.outputs.reserve(num_outputs);
   for (const auto& v : torch::jit::last(*stack, num_outputs)) call.outputs.push_back(v.toTensor());
-  variable_list outputs = SavedNode::apply(call, at::TensorList(inputs));
+  variable_list outputs = PythonFormulaNode::apply(call, at::TensorList(inputs));
   torch::jit::drop(*stack, num_outputs);
   for (auto& t : outputs) stack->emplace_back(std::move(t));
 }

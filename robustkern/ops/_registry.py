@@ -9,18 +9,25 @@ touch to add one.
 
 Calling an op (``op(*args)``, after the public function in the family module has checked its arguments once):
 
-1. the backend: ``robustkern._backend.select`` for the device (``ROBUSTKERN_BACKEND`` / ``use_backend``; an
-   explicitly requested backend that is absent raises), then the op's ``serves`` rule: a backend that cannot
-   serve these arguments hands the call to the reference, without an error (an optimisation never changes what
-   works);
-2. without a gradient to record, the implementation runs directly: the C++ kernel below the autograd layer
-   (``torch.ops.robustkern.<name>``), the Triton launcher or the reference: 5-9 us over the bare kernel on the
-   CPU (``benchmarks/bench_dispatch.py``); an ``ieee`` op's reference and Triton run inside ``ieee_products``,
-   its compiled kernels hold their own scope;
-3. with one, through ``_OpFunction``, an ``autograd.Function`` that runs the same implementation and applies the
-   op's formula: the same gradients on every backend;
-4. under ``torch.compile`` the dispatcher op ``torch.ops.robustkern.<name>`` is called instead, with its fake
-   kernel and autograd registered from this table (``register_dispatcher``).
+1. the backend: ``robustkern._backend.select`` for the device (``ROBUSTKERN_BACKEND`` / ``use_backend``, read
+   per call from the context and ``os.environ``'s own store; an explicitly requested backend that is absent
+   raises; the choice is cached per device type and request), then the op's ``serves`` rule: a backend that
+   cannot serve these arguments hands the call to the reference, without an error (an optimisation never
+   changes what works);
+2. a *native* op (``Op.native_autograd``: the extension holds its Autograd kernel, ``csrc/autograd.cpp``; the
+   interval ops) served by its C++ kernel is called on the dispatcher op as it is: the Autograd kernel runs the
+   kernel below autograd and, when a gradient is to be recorded, records a C++ node whose backward runs the op's
+   own ``setup_context`` and ``backward`` (``run_saved_backward``); no Python pass over the arguments, no Python
+   node (``benchmarks/bench_dispatch.py``: the whole floor, checks included, under 10 us per call on the CPU
+   with a gradient recorded);
+3. otherwise, without a gradient to record, the implementation runs directly: the C++ kernel below the autograd
+   layer, the Triton launcher or the reference; an ``ieee`` op's reference and Triton run inside
+   ``ieee_products``, its compiled kernels hold their own scope;
+4. with one, through ``_OpFunction``, a Python ``autograd.Function`` that runs the same implementation and
+   applies the same formula: the same gradients on every backend, one formula per op;
+5. under ``torch.compile`` (and for tensor subclasses) the dispatcher op ``torch.ops.robustkern.<name>`` is
+   called instead, with its fake kernel and, for an op that is not native, its autograd registered from this
+   table (``register_dispatcher``).
 
 Ops without C++ kernels are defined here from their ``schema``, with CPU and CUDA kernels that run the chosen
 implementation, so ``torch.ops.robustkern.<name>``, ``opcheck`` and ``torch.compile`` treat every op alike.
@@ -183,6 +190,8 @@ class Op:
                 if grad and not record:
                     record = a.requires_grad
         backend, impl = self._choose(args, first)
+        if self.native_autograd and backend in _COMPILED and not _functorch_active():
+            return impl(*args)                  # the extension was loaded by this choice
         if record:
             if _functorch_active():
                 return _OpFunction.apply(self, backend, impl, *args)

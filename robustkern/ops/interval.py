@@ -289,19 +289,23 @@ def interval_conv2d(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Ten
     when ``sound``. Returns ``(mid', rad')`` (and the pre-epilogue box when ``return_pre``)."""
     op = "interval_conv2d"
     _check_box(op, mid, rad, 4, 4)
-    stride, padding, dilation = pair(stride, "stride", op), pair(padding, "padding", op), pair(dilation, "dilation", op)
-    if weight.dim() != 4 or groups < 1 or weight.shape[1] * groups != mid.shape[1] or weight.shape[0] % groups:
-        raise ValueError(f"{op}: weight of shape {tuple(weight.shape)} with groups={groups} does not fit an "
-                         f"input with {mid.shape[1]} channels")
+    stride = [stride, stride] if type(stride) is int else list(pair(stride, "stride", op))
+    padding = [padding, padding] if type(padding) is int else list(pair(padding, "padding", op))
+    dilation = [dilation, dilation] if type(dilation) is int else list(pair(dilation, "dilation", op))
+    (_, c, h, w), wshape = mid.shape, weight.shape
+    if len(wshape) != 4 or groups < 1 or wshape[1] * groups != c or wshape[0] % groups:
+        raise ValueError(f"{op}: weight of shape {tuple(wshape)} with groups={groups} does not fit an "
+                         f"input with {c} channels")
+    o, _, kh, kw = wshape
     _check_like(op, "weight", weight, mid)
-    _check_like(op, "bias", bias, mid, (weight.shape[0],))
-    _check_epilogue(op, scale, shift, mid, weight.shape[0])
-    for i in range(2):
-        if _conv_out(mid.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) < 1:
-            raise ValueError(f"{op}: input of spatial size {tuple(mid.shape[2:])} is too small for kernel "
-                             f"{tuple(weight.shape[2:])} with padding {padding}, dilation {dilation}")
-    m, r, pm, pr = INTERVAL_CONV2D(mid, rad, weight, bias, list(stride), list(padding), list(dilation), groups,
-                                   scale, shift, relu, sound)
+    _check_like(op, "bias", bias, mid, (o,))
+    _check_epilogue(op, scale, shift, mid, o)
+    if _conv_out(h, kh, stride[0], padding[0], dilation[0]) < 1 or _conv_out(w, kw, stride[1], padding[1],
+                                                                             dilation[1]) < 1:
+        raise ValueError(f"{op}: input of spatial size {(h, w)} is too small for kernel {(kh, kw)} with padding "
+                         f"{tuple(padding)}, dilation {tuple(dilation)}")
+    m, r, pm, pr = INTERVAL_CONV2D(mid, rad, weight, bias, stride, padding, dilation, groups, scale, shift, relu,
+                                   sound)
     if return_pre:
         return m, r, ((pm, pr) if _has_epilogue(scale, shift, relu) else None)
     return m, r
