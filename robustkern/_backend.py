@@ -56,14 +56,9 @@ _ENV_KEY = os.environ.encodekey(_ENV) if hasattr(os.environ, "encodekey") else _
 _env_parsed: tuple = (None, "auto")   # (raw ROBUSTKERN_BACKEND as the environment holds it, parsed), re-parsed on change
 
 
-def _env_raw():
-    """The raw value of ``ROBUSTKERN_BACKEND`` (None when unset), read at every call. ``os.environ.get`` encodes
-    the key and decodes the value on each read (about 1 us, paid by every op call); the mapping's own store,
-    which its setters keep in step with the process environment, answers the same in a dictionary lookup."""
-    data = getattr(os.environ, "_data", None)
-    if data is None:                      # pragma: no cover - an os.environ without its store
-        return os.environ.get(_ENV)
-    return data.get(_ENV_KEY)
+# The mapping's own store, which os.environ's setters keep in step with the process environment: a dictionary
+# lookup per call, where os.environ.get encodes the key and decodes the value (about 1 us, paid by every op call).
+_ENV_STORE = getattr(os.environ, "_data", None)
 
 
 def requested_backend() -> str:
@@ -72,7 +67,7 @@ def requested_backend() -> str:
     name = _override.get()
     if name is not None:
         return name
-    raw_value = _env_raw()
+    raw_value = _ENV_STORE.get(_ENV_KEY) if _ENV_STORE is not None else os.environ.get(_ENV)   # read per call
     if raw_value == _env_parsed[0]:
         return _env_parsed[1]
     value = os.environ.get(_ENV)

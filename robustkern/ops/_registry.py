@@ -102,6 +102,7 @@ class Op:
         self.serves, self.prepare = serves, prepare
         self._kernel = None                    # torch.ops.robustkern.<name>.default, once the extension is loaded
         self.native_autograd = False           # the extension holds its Autograd kernel (csrc/autograd.cpp)
+        self._dispatch = None                  # then: the dispatcher op's C++ callable
         self._choice: dict = {}               # (device type, requested backend) -> (backend, implementation)
 
     # ------------------------------------------------------------------------------------------ choice
@@ -178,7 +179,7 @@ class Op:
             first = args[0]                     # a native op's first argument is a tensor
             backend, impl = self._chosen("cpu" if first.is_cpu else first.device.type)
             if backend in _COMPILED and (self.serves is None or self.serves(backend, args) is None):
-                return impl(*args)              # the dispatcher: tensor subclasses, a C++ node when one is due
+                return self._dispatch(*args)    # the dispatcher: tensor subclasses, a C++ node when one is due
         first, record = None, False
         grad = self.backward is not None and _grad_enabled()
         for a in args:                          # one pass: tensor subclasses, the device, a gradient to record
@@ -191,7 +192,7 @@ class Op:
                     record = a.requires_grad
         backend, impl = self._choose(args, first)
         if self.native_autograd and backend in _COMPILED and not _functorch_active():
-            return impl(*args)                  # the extension was loaded by this choice
+            return self._dispatch(*args)        # the extension was loaded by this choice
         if record:
             if _functorch_active():
                 return _OpFunction.apply(self, backend, impl, *args)
@@ -345,6 +346,8 @@ def _attach(op: Op) -> None:
         if op.prepare is not None:        # the native call hands the arguments to the dispatcher as they are
             raise ValueError(f"op {op.qualname} has an Autograd kernel in the extension and a prepare rule")
         op.native_autograd = True         # the extension's kernel (csrc/autograd.cpp) runs this formula
+        kernel = getattr(torch.ops.robustkern, op.name).default
+        op._dispatch = getattr(kernel, "_op", kernel)   # the C++ callable, without OpOverload's Python frame
         return
     torch.library.register_autograd(op.qualname, op.backward, setup_context=op.setup_context, lib=_LIB)
 
