@@ -8,14 +8,20 @@ and per step, so this is the cost that tempts them to go around the floor.
 
 Each provider is timed as ``--calls`` back-to-back calls, one thread, interleaved over ``--rounds`` rounds
 (``common.time_cpu``); the table gives microseconds per call (median over rounds) and the overhead over ATen.
-"grad" rows call with an input that requires grad (the autograd wrapper is recorded, no backward is run); for them
+``--clock thread`` (the default) counts the CPU time of the calling thread, so that other processes on a shared
+machine do not add their time slices to a difference of a few microseconds; ``--clock wall`` counts wall time.
+"grad" rows call with an input that requires grad (the autograd node is recorded, no backward is run); for them
 the table also gives a bare ``torch.autograd.Function`` whose forward calls the implementation and saves nothing:
-torch's own cost of a custom autograd node, which any op with its own derivative pays.
+torch's own cost of a Python custom autograd node (the compiled interval ops record a C++ node instead,
+``csrc/autograd.cpp``). "fwd+bwd" rows also run the backward: the implementation is then the kernel plus the op's
+backward formula called directly on a plain context (the math without the autograd engine), the ATen call its
+forward and backward through autograd.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +32,8 @@ import common  # noqa: E402
 from robustkern import ops  # noqa: E402
 
 BENCH = "dispatch"
+CLOCKS = {"thread": time.thread_time, "wall": time.perf_counter}
+TARGET_US = 10.0  # what the floor may add per call on the CPU, so that no algorithm has a reason to go around it
 
 
 def _direct(name: str, *args):
@@ -39,6 +47,29 @@ def _direct(name: str, *args):
                 return kernel(*args)
         return call
     return lambda: op.reference(*args)
+
+
+def _direct_fwd_bwd(name: str, args, grads):
+    """The op's CPU kernel and its backward formula called directly, without autograd: the setup and backward
+    of the op on a plain context, as the recorded node runs them."""
+    from robustkern.ops._registry import _SavedContext
+
+    op, forward = ops.OPS[name], _direct(name, *args)
+    needs = tuple(isinstance(a, torch.Tensor) for a in args)
+
+    def call():
+        out = forward()
+        ctx = _SavedContext(needs)
+        op.setup_context(ctx, args, out)
+        return op.backward(ctx, *grads, *(None,) * (len(out) - len(grads)))
+    return call
+
+
+def _fwd_bwd(fn, grads):
+    def call():
+        out = fn()
+        torch.autograd.backward(out[:len(grads)], grads)
+    return call
 
 
 class _Bare(torch.autograd.Function):
@@ -71,6 +102,11 @@ def cases():
     eps = torch.full((2,), 0.1)
     logits, y = torch.randn(4, 5, generator=g), torch.randint(0, 5, (4,), generator=g)
     bits = ops.relu_pack_mask(x)
+    cmg, cr = torch.rand(1, 2, 4, 4, generator=g).requires_grad_(), torch.rand(1, 2, 4, 4, generator=g)
+    cw = torch.rand(3, 2, 3, 3, generator=g)
+    conv = (cmg, cr, cw, None, [1, 1], [0, 0], [1, 1], 1, None, None, False, True)
+    lin = (mg, r, w, b, None, None, False, True)
+    g2, gc = (torch.ones(2, 4), torch.ones(2, 4)), (torch.ones(1, 3, 2, 2), torch.ones(1, 3, 2, 2))
     rows = [
         ("interval_affine (relu)", lambda: ops.interval_affine(m, r, relu=True),
          _direct("interval_affine", m, r, None, None, True, True), lambda: torch.relu(m)),
@@ -80,6 +116,12 @@ def cases():
          _direct("interval_linear", m, r, w, b, None, None, False, True), lambda: F.linear(m, w, b)),
         ("interval_linear, grad", lambda: ops.interval_linear(mg, r, w, b),
          _direct("interval_linear", mg, r, w, b, None, None, False, True), lambda: F.linear(mg, w, b)),
+        ("interval_conv2d, grad", lambda: ops.interval_conv2d(cmg, cr, cw),
+         _direct("interval_conv2d", *conv), lambda: F.conv2d(cmg, cw)),
+        ("interval_linear, fwd+bwd", _fwd_bwd(lambda: ops.interval_linear(mg, r, w, b), g2),
+         _direct_fwd_bwd("interval_linear", lin, g2), _fwd_bwd(lambda: (F.linear(mg, w, b),), g2[:1])),
+        ("interval_conv2d, fwd+bwd", _fwd_bwd(lambda: ops.interval_conv2d(cmg, cr, cw), gc),
+         _direct_fwd_bwd("interval_conv2d", conv, gc), _fwd_bwd(lambda: (F.conv2d(cmg, cw),), gc[:1])),
         ("crown_relu_backward", lambda: ops.crown_relu_backward(A, lo, hi),
          _direct("crown_relu_backward", A, lo, hi, 0, False), lambda: A.clamp(min=0)),
         ("pgd_step (linf)", lambda: ops.pgd_step(x, gr, x, eps, eps),
@@ -102,36 +144,47 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="thread",
+                   help="thread: CPU time of this thread (default); wall: wall-clock time")
     p.add_argument("--write-results", action="store_true", help="write the CSV rows and the RESULTS.md block")
     common.add_output_options(p)
     args = p.parse_args(argv)
     device = torch.device("cpu")
     env = common.start(device, threads=1, args=args)
-    rows, lines = [], []
+    rows, lines, floors = [], [], []
     for name, ours, direct, aten, grad_input in cases():
         providers = {"robustkern": loop(ours, args.calls), "implementation": loop(direct, args.calls),
                      "aten": loop(aten, args.calls)}
         if grad_input is not None:
             providers["autograd.Function"] = loop(bare_function(direct, grad_input), args.calls)
-        t = common.time_cpu(providers, rounds=args.rounds, warmup=1)
+        t = common.time_cpu(providers, rounds=args.rounds, warmup=1, clock=CLOCKS[args.clock])
         per_call = {k: common.Timing(v.median_ms / args.calls, v.low_ms / args.calls, v.high_ms / args.calls,
                                      v.samples) for k, v in t.items()}
         us = {k: v.median_ms * 1e3 for k, v in per_call.items()}
         over = us["robustkern"] - us["implementation"]
+        floors.append((name, over))
         bare = us.get("autograd.Function")
         lines.append(f"| {name} | {us['robustkern']:.1f} | {us['implementation']:.1f} | {us['aten']:.1f} | "
                      f"{over:.1f} | " + ("-" if bare is None else f"{bare:.1f} | {us['robustkern'] - bare:.1f}")
                      + (" | -" if bare is None else "") + " |")
         rows += [common.Row(case={"op": name}, provider=k, timing=v) for k, v in per_call.items()]
-    legend = ("Microseconds per call, median of interleaved rounds. `implementation`: the op's CPU kernel called "
-              "directly below autograd (or its reference where it has no C++ kernel); `floor adds` = robustkern - "
-              "implementation: argument checks, backend choice, the IEEE-products context (reference and Triton "
-              "only; the compiled kernels hold their own) and, in the grad rows, the autograd node. `bare "
-              "autograd.Function`: the implementation inside a custom autograd node that saves nothing (torch's "
-              "own cost of a node); `over bare` = robustkern - that: what the floor adds beyond torch's node.")
+    legend = (f"Microseconds per call ({'CPU time of the calling thread' if args.clock == 'thread' else 'wall time'}), "
+              "median of interleaved rounds. `implementation`: the op's CPU kernel called directly below autograd "
+              "(or its reference where it has no C++ kernel); in the fwd+bwd rows, the kernel and the op's backward "
+              "formula called on a plain context. `floor adds` = robustkern - implementation: argument checks, "
+              "backend choice, the IEEE-products context (reference and Triton only; the compiled kernels hold "
+              "their own) and, in the grad rows, the autograd node (a C++ node for the compiled interval ops, "
+              "`csrc/autograd.cpp`; a Python `autograd.Function` for the others), in the fwd+bwd rows also the "
+              "autograd engine's backward pass. `bare autograd.Function`: the implementation inside a Python custom "
+              "autograd node that saves nothing (torch's own cost of a Python node); `over bare` = robustkern - "
+              "that.")
+    missed = [f"- missed: {name}: the floor adds {over:.1f} us" for name, over in floors
+              if over >= TARGET_US and not name.endswith("fwd+bwd")]
     body = "\n".join([legend, "", "| op | robustkern us/call | implementation us/call | one ATen call us | floor adds us "
                       "| bare autograd.Function us | over bare us |",
-                      "|---|---|---|---|---|---|---|", *lines])
+                      "|---|---|---|---|---|---|---|", *lines, "",
+                      f"Target: the floor adds < {TARGET_US:.0f} us per call (the fwd+bwd rows, which include the "
+                      "autograd engine, excepted).", *(missed or ["- met on every row"])])
     print(body)
     if args.write_results:
         common.append_csv(BENCH, rows, env, device)

@@ -1,7 +1,8 @@
 // Every schema of the robustkern ops that have C++ kernels, once. The kernels are registered per device in
 // csrc/cpu/*_cpu.cpp (CPU) and csrc/cuda/*_glue.cpp (CUDA). Their fake (meta) kernels and autograd formulas are
-// registered from Python beside the public functions (robustkern/ops/<family>.py), through the op table
-// robustkern/ops/_registry.py, which also holds the ops that have no C++ kernel (Triton and reference only).
+// written in Python beside the public functions (robustkern/ops/<family>.py) and registered through the op table
+// robustkern/ops/_registry.py, which also holds the ops that have no C++ kernel (Triton and reference only); the
+// interval ops' Autograd kernel is csrc/autograd.cpp, a C++ node that runs the Python formula.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -51,7 +51,14 @@ def use_backend(name: str):
         _override.reset(token)
 
 
-_env_parsed: tuple[str | None, str] = (None, "auto")   # (raw ROBUSTKERN_BACKEND, parsed), re-parsed on change
+_ENV = "ROBUSTKERN_BACKEND"
+_ENV_KEY = os.environ.encodekey(_ENV) if hasattr(os.environ, "encodekey") else _ENV   # the key as os.environ stores it
+_env_parsed: tuple = (None, "auto")   # (raw ROBUSTKERN_BACKEND as the environment holds it, parsed), re-parsed on change
+
+
+# The mapping's own store, which os.environ's setters keep in step with the process environment: a dictionary
+# lookup per call, where os.environ.get encodes the key and decodes the value (about 1 us, paid by every op call).
+_ENV_STORE = getattr(os.environ, "_data", None)
 
 
 def requested_backend() -> str:
@@ -60,23 +67,24 @@ def requested_backend() -> str:
     name = _override.get()
     if name is not None:
         return name
-    value = os.environ.get("ROBUSTKERN_BACKEND")
-    if value == _env_parsed[0]:
+    raw_value = _ENV_STORE.get(_ENV_KEY) if _ENV_STORE is not None else os.environ.get(_ENV)   # read per call
+    if raw_value == _env_parsed[0]:
         return _env_parsed[1]
+    value = os.environ.get(_ENV)
     raw = value or "auto"
     try:
         parsed = _check_name(raw)
     except ValueError:
         raise BackendUnavailable(f"ROBUSTKERN_BACKEND={raw} is not a backend; set it to one of "
                                  f"{', '.join(BACKENDS)}, or unset it") from None
-    _env_parsed = (value, parsed)
+    _env_parsed = (raw_value, parsed)
     return parsed
 
 
 def _requested_by() -> str:
     if _override.get() is not None:
         return f"use_backend({_override.get()!r})"
-    return f"ROBUSTKERN_BACKEND={os.environ.get('ROBUSTKERN_BACKEND', '')}"
+    return f"ROBUSTKERN_BACKEND={os.environ.get(_ENV, '')}"
 
 
 def _triton_interpreting() -> bool:

@@ -348,7 +348,8 @@ def test_a_bound_op_called_alone_runs_ieee_products_and_restores_the_settings(ba
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = calls()
             assert torch.is_autocast_enabled("cpu"), "the user's autocast region was left"
-        assert len(seen) == 2
+        # the compiled interval ops go to the dispatcher directly (their Autograd kernel is the extension's)
+        assert len(seen) == (0 if backend in _COMPILED else 2)
         if backend in _COMPILED:
             for a, e in zip(got, expected):
                 assert a.dtype == torch.float32

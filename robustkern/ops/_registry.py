@@ -9,18 +9,25 @@ touch to add one.
 
 Calling an op (``op(*args)``, after the public function in the family module has checked its arguments once):
 
-1. the backend: ``robustkern._backend.select`` for the device (``ROBUSTKERN_BACKEND`` / ``use_backend``; an
-   explicitly requested backend that is absent raises), then the op's ``serves`` rule: a backend that cannot
-   serve these arguments hands the call to the reference, without an error (an optimisation never changes what
-   works);
-2. without a gradient to record, the implementation runs directly: the C++ kernel below the autograd layer
-   (``torch.ops.robustkern.<name>``), the Triton launcher or the reference: 5-9 us over the bare kernel on the
-   CPU (``benchmarks/bench_dispatch.py``); an ``ieee`` op's reference and Triton run inside ``ieee_products``,
-   its compiled kernels hold their own scope;
-3. with one, through ``_OpFunction``, an ``autograd.Function`` that runs the same implementation and applies the
-   op's formula: the same gradients on every backend;
-4. under ``torch.compile`` the dispatcher op ``torch.ops.robustkern.<name>`` is called instead, with its fake
-   kernel and autograd registered from this table (``register_dispatcher``).
+1. the backend: ``robustkern._backend.select`` for the device (``ROBUSTKERN_BACKEND`` / ``use_backend``, read
+   per call from the context and ``os.environ``'s own store; an explicitly requested backend that is absent
+   raises; the choice is cached per device type and request), then the op's ``serves`` rule: a backend that
+   cannot serve these arguments hands the call to the reference, without an error (an optimisation never
+   changes what works);
+2. a *native* op (``Op.native_autograd``: the extension holds its Autograd kernel, ``csrc/autograd.cpp``; the
+   interval ops) served by its C++ kernel is called on the dispatcher op as it is: the Autograd kernel runs the
+   kernel below autograd and, when a gradient is to be recorded, records a C++ node whose backward runs the op's
+   own ``setup_context`` and ``backward`` (``run_saved_backward``); no Python pass over the arguments, no Python
+   node (``benchmarks/bench_dispatch.py``: the whole floor, checks included, under 10 us per call on the CPU
+   with a gradient recorded);
+3. otherwise, without a gradient to record, the implementation runs directly: the C++ kernel below the autograd
+   layer, the Triton launcher or the reference; an ``ieee`` op's reference and Triton run inside
+   ``ieee_products``, its compiled kernels hold their own scope;
+4. with one, through ``_OpFunction``, a Python ``autograd.Function`` that runs the same implementation and
+   applies the same formula: the same gradients on every backend, one formula per op;
+5. under ``torch.compile`` (and for tensor subclasses) the dispatcher op ``torch.ops.robustkern.<name>`` is
+   called instead, with its fake kernel and, for an op that is not native, its autograd registered from this
+   table (``register_dispatcher``).
 
 Ops without C++ kernels are defined here from their ``schema``, with CPU and CUDA kernels that run the chosen
 implementation, so ``torch.ops.robustkern.<name>``, ``opcheck`` and ``torch.compile`` treat every op alike.
@@ -94,24 +101,31 @@ class Op:
         self.fake, self.setup_context, self.backward = fake, setup_context, backward
         self.serves, self.prepare = serves, prepare
         self._kernel = None                    # torch.ops.robustkern.<name>.default, once the extension is loaded
-        self._choice: dict = {}               # (device type, requested backend) -> backend
+        self.native_autograd = False           # the extension holds its Autograd kernel (csrc/autograd.cpp)
+        self._dispatch = None                  # then: the dispatcher op's C++ callable
+        self._choice: dict = {}               # (device type, requested backend) -> (backend, implementation)
 
     # ------------------------------------------------------------------------------------------ choice
     def backend(self, device: torch.device) -> str:
         """The backend that runs this op's calls on ``device`` (before the ``serves`` rule)."""
-        if self.composite:
-            return "reference"
-        key = (device.type, _backend.requested_backend())
-        name = self._choice.get(key)
-        if name is None:
-            try:
-                name = _backend.select(device, op=self.name, kernels=self.kernels)
-            except _backend.BackendUnavailable:
-                if self.public:
-                    raise
+        return self._chosen(device.type)[0]
+
+    def _chosen(self, device_type: str) -> tuple[str, Callable]:
+        """(backend, implementation) for ``device_type`` and the requested backend, chosen once per pair."""
+        key = (device_type, _backend.requested_backend())
+        choice = self._choice.get(key)
+        if choice is None:
+            if self.composite:
                 name = "reference"
-            self._choice[key] = name
-        return name
+            else:
+                try:
+                    name = _backend.select(device_type, op=self.name, kernels=self.kernels)
+                except _backend.BackendUnavailable:
+                    if self.public:
+                        raise
+                    name = "reference"
+            choice = self._choice[key] = (name, self.implementation(name))
+        return choice
 
     def implementation(self, backend: str) -> Callable:
         if backend == "reference":
@@ -123,11 +137,15 @@ class Op:
             self._kernel = getattr(torch.ops.robustkern, self.name).default
         return self._kernel
 
-    def _choose(self, args, device: Optional[torch.device] = None) -> tuple[str, Callable]:
-        backend = self.backend(device if device is not None else _first_tensor(args).device)
+    def _choose(self, args, tensor: Optional[Tensor] = None) -> tuple[str, Callable]:
+        """(backend, implementation) for a call with ``args`` (on the device of ``tensor``, else of the first
+        tensor argument), after the ``serves`` rule."""
+        if tensor is None:
+            tensor = _first_tensor(args)
+        backend, impl = self._chosen("cpu" if tensor.is_cpu else tensor.device.type)
         if self.serves is not None and backend != "reference" and self.serves(backend, args) is not None:
-            backend = "reference"
-        return backend, self.implementation(backend)
+            return "reference", self.reference
+        return backend, impl
 
     def dispatcher(self):
         """``torch.ops.robustkern.<name>``, with the table's fake kernel and autograd attached."""
@@ -155,22 +173,30 @@ class Op:
 
     # ------------------------------------------------------------------------------------------ call
     def __call__(self, *args):
-        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        if _is_compiling() or _dispatch_stack_depth():
             return self.dispatcher()(*args)     # traced: the opaque op
-        device, record = None, False
-        grad = self.backward is not None and torch.is_grad_enabled()
+        if self.native_autograd and not _functorch_active():
+            first = args[0]                     # a native op's first argument is a tensor
+            backend, impl = self._chosen("cpu" if first.is_cpu else first.device.type)
+            if backend in _COMPILED and (self.serves is None or self.serves(backend, args) is None):
+                return self._dispatch(*args)    # the dispatcher: tensor subclasses, a C++ node when one is due
+        first, record = None, False
+        grad = self.backward is not None and _grad_enabled()
         for a in args:                          # one pass: tensor subclasses, the device, a gradient to record
             if isinstance(a, Tensor):
                 if type(a) not in _PLAIN:       # a tracing wrapper (fake / functional / proxy tensor)
                     return self.dispatcher()(*args)
-                if device is None:
-                    device = a.device
-                record = record or (grad and a.requires_grad)
-        backend, impl = self._choose(args, device)
+                if first is None:
+                    first = a
+                if grad and not record:
+                    record = a.requires_grad
+        backend, impl = self._choose(args, first)
+        if self.native_autograd and backend in _COMPILED and not _functorch_active():
+            return self._dispatch(*args)        # the extension was loaded by this choice
         if record:
-            if _apply_plain is not None and not torch._C._are_functorch_transforms_active():
-                return _apply_plain(self, backend, impl, *args)
-            return _OpFunction.apply(self, backend, impl, *args)
+            if _functorch_active():
+                return _OpFunction.apply(self, backend, impl, *args)
+            return _apply_plain(self, backend, impl, *args)
         return self.run_implementation(backend, impl, args)
 
     def __repr__(self) -> str:
@@ -178,6 +204,10 @@ class Op:
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack_depth = torch._C._len_torch_dispatch_stack
+_grad_enabled = torch.is_grad_enabled
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _first_tensor(args) -> Tensor:
@@ -234,7 +264,42 @@ class _OpFunction(torch.autograd.Function):
 try:
     _apply_plain = super(torch.autograd.Function, _OpFunction).apply
 except AttributeError:  # pragma: no cover - a torch without the C apply
-    _apply_plain = None
+    _apply_plain = _OpFunction.apply
+
+
+class _SavedContext:
+    """The context an op's formula sees in the backward of a node recorded by the extension's Autograd kernel
+    (``csrc/autograd.cpp``): ``setup_context`` fills it from the saved arguments and outputs, then ``backward``
+    reads it, as on a ``torch.autograd.Function``'s context."""
+
+    def __init__(self, needs_input_grad):
+        self.needs_input_grad = needs_input_grad
+        self.saved_tensors = ()
+        self.materialize_grads = True
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def set_materialize_grads(self, value: bool):
+        self.materialize_grads = bool(value)
+
+    def mark_non_differentiable(self, *tensors):
+        raise RuntimeError("an op whose outputs are not all differentiable cannot use the extension's Autograd "
+                           "kernel: leave it out of csrc/autograd.cpp")
+
+
+def run_saved_backward(qualname: str, args: tuple, outputs: tuple, grads: tuple, needs_input_grad: tuple):
+    """The backward of a node recorded by the extension's Autograd kernel (``csrc/autograd.cpp``, which calls
+    this): the op's own ``setup_context`` on its saved arguments and outputs (the tensors unpacked and
+    version-checked), then its ``backward``; one gradient (or None) per argument. The same formula, with the same
+    context, as ``_OpFunction`` and ``torch.library.register_autograd`` run."""
+    op = OPS[qualname.split("::", 1)[1]]
+    ctx = _SavedContext(needs_input_grad)
+    op.setup_context(ctx, args, outputs[0] if len(outputs) == 1 else outputs)
+    if ctx.materialize_grads:
+        grads = tuple(torch.zeros_like(o) if g is None else g for g, o in zip(grads, outputs))
+    g = op.backward(ctx, *grads)
+    return tuple(g) if isinstance(g, (tuple, list)) else (g,)
 
 
 def triton_kernel(family: str, name: str) -> Callable:
@@ -275,8 +340,16 @@ def _router(op: Op):
 def _attach(op: Op) -> None:
     if op.fake is not None:
         torch.library.register_fake(op.qualname, op.fake, lib=_LIB)
-    if op.backward is not None:
-        torch.library.register_autograd(op.qualname, op.backward, setup_context=op.setup_context, lib=_LIB)
+    if op.backward is None:
+        return
+    if op.compiled and torch._C._dispatch_has_kernel_for_dispatch_key(op.qualname, "Autograd"):
+        if op.prepare is not None:        # the native call hands the arguments to the dispatcher as they are
+            raise ValueError(f"op {op.qualname} has an Autograd kernel in the extension and a prepare rule")
+        op.native_autograd = True         # the extension's kernel (csrc/autograd.cpp) runs this formula
+        kernel = getattr(torch.ops.robustkern, op.name).default
+        op._dispatch = getattr(kernel, "_op", kernel)   # the C++ callable, without OpOverload's Python frame
+        return
+    torch.library.register_autograd(op.qualname, op.backward, setup_context=op.setup_context, lib=_LIB)
 
 
 _REGISTERED: list[bool] = []

@@ -29,6 +29,10 @@ _FLOATS = (torch.float32, torch.float64)
 
 # ----------------------------------------------------------------------------------------------- checks
 def _check_box(op: str, mid: Tensor, rad: Tensor, min_dim: int, max_dim: int | None = None) -> None:
+    dtype, ndim = mid.dtype, mid.dim()
+    if (dtype in _FLOATS and rad.dtype is dtype and mid.shape == rad.shape and ndim >= min_dim
+            and (max_dim is None or ndim <= max_dim) and mid.device == rad.device):
+        return                                  # the valid case in one test; the errors below name the fault
     for name, t in (("mid", mid), ("rad", rad)):
         if t.dtype not in _FLOATS:
             raise TypeError(f"{op}: {name} must be float32 or float64 (bounds are computed in IEEE fp32/fp64), "
@@ -46,16 +50,17 @@ def _check_box(op: str, mid: Tensor, rad: Tensor, min_dim: int, max_dim: int | N
 def _check_like(op: str, name: str, t: Optional[Tensor], mid: Tensor, shape: Tuple[int, ...] | None = None):
     if t is None:
         return
-    if t.dtype != mid.dtype or t.device != mid.device:
+    if t.dtype is not mid.dtype or t.device != mid.device:
         raise ValueError(f"{op}: {name} must have the dtype and device of mid ({mid.dtype}, {mid.device}), "
                          f"got {t.dtype}, {t.device}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
+    if shape is not None and t.shape != shape:
         raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
 def _check_epilogue(op: str, scale, shift, mid: Tensor, channels: int):
-    _check_like(op, "scale", scale, mid, (channels,))
-    _check_like(op, "shift", shift, mid, (channels,))
+    if scale is not None or shift is not None:
+        _check_like(op, "scale", scale, mid, (channels,))
+        _check_like(op, "shift", shift, mid, (channels,))
 
 
 
@@ -155,11 +160,9 @@ def _linear_fake(mid, rad, weight, bias, scale, shift, relu, sound):
 def _linear_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs: None, not zero tensors to add
     mid, rad, weight, bias, scale, shift, relu, sound = inputs
-    _, _, pre_mid, pre_rad = output
     ctx.relu = relu
-    ctx.has_bias, ctx.has_scale, ctx.has_shift = bias is not None, scale is not None, shift is not None
-    ctx.bias_shape = None if bias is None else bias.shape
-    ctx.save_for_backward(mid, rad, weight, scale, shift, pre_mid, pre_rad)
+    ctx.bias_dim = None if bias is None else bias.dim()
+    ctx.save_for_backward(mid, rad, weight, scale, shift, output[2], output[3])
 
 
 def _linear_backward(ctx, gm, gr, gpm, gpr):
@@ -181,7 +184,7 @@ def _linear_backward(ctx, gm, gr, gpm, gpr):
             g_w.addmm_(gm.t(), mid)
         elif need[2]:
             g_w = gm.t() @ mid + torch.sign(weight) * (gr.t() @ rad)
-        if ctx.has_bias and need[3]:
+        if ctx.bias_dim is not None and need[3]:
             g_b = gm.sum(0)
     else:
         if need[0]:
@@ -190,8 +193,8 @@ def _linear_backward(ctx, gm, gr, gpm, gpr):
             g_rad = torch.bmm(gr.unsqueeze(1), absw).squeeze(1)
         if need[2]:
             g_w = gm.unsqueeze(2) * mid.unsqueeze(1) + torch.sign(weight) * (gr.unsqueeze(2) * rad.unsqueeze(1))
-        if ctx.has_bias and need[3]:
-            g_b = gm if len(ctx.bias_shape) == 2 else gm.sum(0)
+        if ctx.bias_dim is not None and need[3]:
+            g_b = gm if ctx.bias_dim == 2 else gm.sum(0)
     return g_mid, g_rad, g_w, g_b, g_scale, g_shift, None, None
 
 
@@ -215,16 +218,15 @@ def interval_linear(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Ten
     """
     op = "interval_linear"
     _check_box(op, mid, rad, 2, 2)
-    if weight.dim() not in (2, 3) or weight.shape[-1] != mid.shape[1] or (
-            weight.dim() == 3 and weight.shape[0] != mid.shape[0]):
-        raise ValueError(f"{op}: weight must be (N, {mid.shape[1]}) or ({mid.shape[0]}, N, {mid.shape[1]}) "
-                         f"for mid of shape {tuple(mid.shape)}, got {tuple(weight.shape)}")
+    (b, k), wshape = mid.shape, weight.shape
+    if len(wshape) not in (2, 3) or wshape[-1] != k or (len(wshape) == 3 and wshape[0] != b):
+        raise ValueError(f"{op}: weight must be (N, {k}) or ({b}, N, {k}) for mid of shape {(b, k)}, got "
+                         f"{tuple(wshape)}")
     _check_like(op, "weight", weight, mid)
-    n = weight.shape[-2]
+    n = wshape[-2]
     if bias is not None:
-        ok = (bias.dim() == 1 and bias.shape[0] == n) or (bias.dim() == 2 and tuple(bias.shape) == (mid.shape[0], n))
-        if not ok:
-            raise ValueError(f"{op}: bias must be ({n},) or ({mid.shape[0]}, {n}), got {tuple(bias.shape)}")
+        if bias.shape != (n,) and bias.shape != (b, n):
+            raise ValueError(f"{op}: bias must be ({n},) or ({b}, {n}), got {tuple(bias.shape)}")
         _check_like(op, "bias", bias, mid)
     _check_epilogue(op, scale, shift, mid, n)
     m, r, pm, pr = INTERVAL_LINEAR(mid, rad, weight, bias, scale, shift, relu, sound)
@@ -249,12 +251,11 @@ def _conv_fake(mid, rad, weight, bias, stride, padding, dilation, groups, scale,
 def _conv_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs: None, not zero tensors to add
     mid, rad, weight, bias, stride, padding, dilation, groups, scale, shift, relu, sound = inputs
-    _, _, pre_mid, pre_rad = output
-    ctx.conf = (list(stride), list(padding), list(dilation), groups)
+    ctx.conf = (stride, padding, dilation, groups)
     ctx.relu = relu
     ctx.has_bias = bias is not None
     ctx.out_shape = output[0].shape
-    ctx.save_for_backward(mid, rad, weight, scale, shift, pre_mid, pre_rad)
+    ctx.save_for_backward(mid, rad, weight, scale, shift, output[2], output[3])
 
 
 def _conv_backward(ctx, gm, gr, gpm, gpr):
@@ -288,19 +289,23 @@ def interval_conv2d(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Ten
     when ``sound``. Returns ``(mid', rad')`` (and the pre-epilogue box when ``return_pre``)."""
     op = "interval_conv2d"
     _check_box(op, mid, rad, 4, 4)
-    stride, padding, dilation = pair(stride, "stride", op), pair(padding, "padding", op), pair(dilation, "dilation", op)
-    if weight.dim() != 4 or groups < 1 or weight.shape[1] * groups != mid.shape[1] or weight.shape[0] % groups:
-        raise ValueError(f"{op}: weight of shape {tuple(weight.shape)} with groups={groups} does not fit an "
-                         f"input with {mid.shape[1]} channels")
+    stride = [stride, stride] if type(stride) is int else list(pair(stride, "stride", op))
+    padding = [padding, padding] if type(padding) is int else list(pair(padding, "padding", op))
+    dilation = [dilation, dilation] if type(dilation) is int else list(pair(dilation, "dilation", op))
+    (_, c, h, w), wshape = mid.shape, weight.shape
+    if len(wshape) != 4 or groups < 1 or wshape[1] * groups != c or wshape[0] % groups:
+        raise ValueError(f"{op}: weight of shape {tuple(wshape)} with groups={groups} does not fit an "
+                         f"input with {c} channels")
+    o, _, kh, kw = wshape
     _check_like(op, "weight", weight, mid)
-    _check_like(op, "bias", bias, mid, (weight.shape[0],))
-    _check_epilogue(op, scale, shift, mid, weight.shape[0])
-    for i in range(2):
-        if _conv_out(mid.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) < 1:
-            raise ValueError(f"{op}: input of spatial size {tuple(mid.shape[2:])} is too small for kernel "
-                             f"{tuple(weight.shape[2:])} with padding {padding}, dilation {dilation}")
-    m, r, pm, pr = INTERVAL_CONV2D(mid, rad, weight, bias, list(stride), list(padding), list(dilation), groups,
-                                   scale, shift, relu, sound)
+    _check_like(op, "bias", bias, mid, (o,))
+    _check_epilogue(op, scale, shift, mid, o)
+    if _conv_out(h, kh, stride[0], padding[0], dilation[0]) < 1 or _conv_out(w, kw, stride[1], padding[1],
+                                                                             dilation[1]) < 1:
+        raise ValueError(f"{op}: input of spatial size {(h, w)} is too small for kernel {(kh, kw)} with padding "
+                         f"{tuple(padding)}, dilation {tuple(dilation)}")
+    m, r, pm, pr = INTERVAL_CONV2D(mid, rad, weight, bias, stride, padding, dilation, groups, scale, shift, relu,
+                                   sound)
     if return_pre:
         return m, r, ((pm, pr) if _has_epilogue(scale, shift, relu) else None)
     return m, r
