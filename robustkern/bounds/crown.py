@@ -70,8 +70,10 @@ from ..ops.crown import RELU_LOWER_MODES, crown_concretize, crown_relu_backward,
 from .._numerics import round_down, round_up, unit_roundoff
 from ..graph import BoundNode, run_graph
 from .ibp import Box
+from .phased_conv import PhaseMajor, arrange, phased_transposed_conv
 from .patches import patches_bound, patches_rows_per_pass, plan, window_values
 from .precision import Coefficients
+from .slope_step import relu_step_with_slopes
 from .step_errors import (abs_dot, affine_error, avgpool_error, concretisation_outward, gemm_error, is_channels_last,
                           relu_error)
 
@@ -88,6 +90,8 @@ FOLD_BATCHNORM = True
 PATCHES = "auto"
 # Recompute only the neurons that the current (IBP) bounds leave unstable (``crown_intermediate``).
 SPARSE_INTERMEDIATE = True
+# On CPU in float32, coefficients onto the input through a convolution by its phases (robustkern.bounds.phased_conv).
+PHASED_INPUT = True
 
 
 def node_shapes(nodes: list[BoundNode], model, x1: Tensor) -> dict[str, tuple]:
@@ -190,8 +194,9 @@ def _gemm_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, w: Tensor,
     src = node.inputs[0]
     if B > 1 and A.stride(0) == 0:   # the same rows for every example (the identity): one product, shared
         outs, bias, _ = _gemm_step(ctx, node, A[:1], 1, S, w, b)
-        return ([(name, a.expand(B, *a.shape[1:])) for name, a in outs],
-                bias.expand(B, S) if bias is not None else None, False)
+        expand = lambda a: a.expand(B, *a.shape[1:])  # noqa: E731
+        return ([(name, PhaseMajor(expand(a.A), a.phases) if isinstance(a, PhaseMajor) else expand(a))
+                 for name, a in outs], bias.expand(B, S) if bias is not None else None, False)
     bias = (_channel_sums(A) * b).sum(-1) if b is not None else None
     if node.kind == "linear":
         return [(src, torch.matmul(A, w))], bias, False
@@ -208,6 +213,13 @@ def _gemm_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, w: Tensor,
         return [(src, A_in.reshape(B, S, cin, hin, win))], bias, False
     if CHANNELS_LAST:
         flat = flat.contiguous(memory_format=torch.channels_last)
+    if PHASED_INPUT and flat.device.type == "cpu" and m.groups == 1 and tuple(m.dilation) == (1, 1) and \
+            ctx.by_name[src].kind == "input" and ctx.by_name[src].users == 1:
+        # onto the input (few channels): the phases of the transposed convolution as one convolution, left in
+        # phase-major order for the concretisation (robustkern.bounds.phased_conv)
+        phased = phased_transposed_conv(flat, w, tuple(m.stride), tuple(m.padding), (hin, win))
+        if phased is not None:
+            return [(src, PhaseMajor(phased.A.reshape(B, S, *phased.A.shape[1:]), phased.phases))], bias, False
     opad = []
     for size, osz, k, s, p, d in zip((hin, win), (ho, wo), w.shape[2:], m.stride, m.padding, m.dilation):
         opad.append(size - ((osz - 1) * s - 2 * p + d * (k - 1) + 1))
@@ -270,6 +282,8 @@ def _relu_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, upper: boo
     """``A`` through the ReLU ``node`` by ``crown_relu_backward`` (the lower-slope rule ``ctx.mode``) or, with
     ``slope`` (B, 1 or S, N in the flattened C*H*W order), by ``crown_relu_backward_slopes``."""
     src = node.inputs[0]
+    # explicit slopes: the op (whose rounding the sound accounting covers) or, unsound, the same step in fewer passes
+    slope_step = crown_relu_backward_slopes if ctx.sound else relu_step_with_slopes
     if is_channels_last(A):  # the ReLU step on the (B, S, H*W*C) layout, bounds (and slopes) permuted to match
         l, u_ = ctx.relu_bounds_channels_last(src)
         A_hwc = A.permute(0, 1, 3, 4, 2)
@@ -279,14 +293,14 @@ def _relu_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, upper: boo
         else:
             c, h, w = ctx.shapes[src]
             hwc = slope.reshape(B, -1, c, h, w).permute(0, 1, 3, 4, 2).reshape(B, slope.shape[1], -1)
-            A_new, b = crown_relu_backward_slopes(flat, l, u_, hwc.to(flat.dtype), upper)
+            A_new, b = slope_step(flat, l, u_, hwc.to(flat.dtype), upper)
         return A_new.reshape(A_hwc.shape).permute(0, 1, 4, 2, 3), b
     l, u_ = ctx.relu_bounds[src]
     flat = A.reshape(B, S, -1)
     if slope is None:
         A_new, b = crown_relu_backward(flat, l, u_, ctx.mode, upper)
     else:
-        A_new, b = crown_relu_backward_slopes(flat, l, u_, slope.to(flat.dtype), upper)
+        A_new, b = slope_step(flat, l, u_, slope.to(flat.dtype), upper)
     return A_new.reshape(A.shape), b
 
 
@@ -345,9 +359,16 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
                 box, at_ball = Box(ibp.mid.to(ctx.dtype), ibp.rad.to(ctx.dtype)), None
         if A_input is None:  # the specification does not depend on the input
             A_input = A0.new_zeros((B, S) + tuple(box.mid.shape[1:]))
-        A_flat = A_input.reshape(B, S, -1)
-        mid, rad = box.mid.reshape(B, -1), box.rad.reshape(B, -1)
         center, eps = at_ball if at_ball is not None else (None, None)
+        if isinstance(A_input, PhaseMajor):   # the box (and ball) in A's order, zero where the padding crops
+            ph = A_input.phases
+            A_flat, mid, rad = A_input.flat(), arrange(box.mid, ph), arrange(box.rad, ph)
+            if center is not None:
+                center = arrange(center, ph)
+                A_flat = A_flat * arrange(torch.ones_like(box.mid[:1]), ph).unsqueeze(1)   # for the norm
+        else:
+            A_flat = A_input.reshape(B, S, -1)
+            mid, rad = box.mid.reshape(B, -1), box.rad.reshape(B, -1)
         val = crown_concretize(A_flat, bias, mid, rad, center, eps, upper)
         if sound:
             absA = A_flat.abs()

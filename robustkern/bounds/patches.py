@@ -55,6 +55,7 @@ from torch import Tensor
 
 from .._numerics import unit_roundoff
 from ..ops.crown import crown_relu_explicit_lower, crown_relu_relaxation
+from .phased_conv import phased_transposed_conv
 from .step_errors import affine_error, avgpool_error, concretisation_outward, gemm_error, relu_error, sum_bound
 
 __all__ = ["Geometry", "plan", "patches_bound", "patches_rows_per_pass", "window_values"]
@@ -280,13 +281,18 @@ class _Compose(torch.autograd.Function):
 def _compose(P: Tensor, w: Tensor, stride: tuple, dilation: tuple, groups: int) -> Tensor:
     """Kernels ``P`` (N, kh, kw, C_out) over a convolution's output composed with its weight ``w`` (C_out,
     C_in / groups, k0, k1): the kernels (N, kh', kw', C_in) over its input, ``kh' = (kh - 1) s + d (k - 1) + 1``
-    (the transposed convolution of ``P`` by ``w``). Computed tap by tap: one product with every tap's
-    (C_out, C_in) matrix, then each tap's result added as a block of the phase-major kernel (``_tap_places``);
+    (the transposed convolution of ``P`` by ``w``). On CPU without dilation, by its phases as one convolution
+    (``robustkern.bounds.phased_conv``; measured in float32 on 12k-16k kernels of 1x1 and 4x4 positions onto 1,
+    3 and 8 channels: 9-90 ms against 30-120 ms for ``conv_transpose2d`` and 11-360 ms tap by tap). Otherwise
+    tap by tap: one product with every tap's (C_out, C_in) matrix, then each tap's result added as a block of the phase-major kernel (``_tap_places``);
     for a kernel of one position or onto one channel this is several times faster than ``conv_transpose2d`` on
     CPU (measured: 10-16 ms against 34-67 ms for 16k rows), the other way round for wider kernels onto several
     channels (whose taps hold k0 k1 / (s0 s1) times the result's entries), which take ``conv_transpose2d`` on the
     channels-last kernels. Grouped weights are expanded block-diagonally."""
     w = _dense_weight(w, groups)
+    if P.device.type == "cpu" and tuple(dilation) == (1, 1):
+        out_hw = tuple((n - 1) * s + k for n, s, k in zip(P.shape[1:3], stride, w.shape[2:]))
+        return phased_transposed_conv(P.permute(0, 3, 1, 2), w, tuple(stride), (0, 0), out_hw).spatial()
     if P.shape[1] * P.shape[2] > 1 and w.shape[1] > 1:
         return F.conv_transpose2d(P.permute(0, 3, 1, 2), w, None, stride, 0, 0, 1, dilation).permute(0, 2, 3, 1)
     return _Compose.apply(P, w, stride, dilation)
