@@ -209,10 +209,11 @@ def _optimize(passes: _Passes, crown: Tensor, upper: bool, args: dict) -> Tensor
             if isinstance(stop, Tensor):
                 per_example = per_example * (~stop.reshape(-1, *([1] * (per_example.dim() - 1)))).to(bound.dtype)
             grads = torch.autograd.grad(per_example.sum(), params, allow_unused=True)
-        opt.zero_grad(set_to_none=True)
         for p, g in zip(params, grads):
             p.grad = g
+        del grads
         opt.step()
+        opt.zero_grad(set_to_none=True)   # the gradients are not kept through the next bound evaluation
         passes.clamp_()
         scheduler.step()
     if not args["keep_best"] and last is not None:

@@ -6,7 +6,8 @@ h``), one per side); every node maps it to its inputs:
 =========== =====================================================================================
 linear      ``A <- A W``, ``c += A b``
 conv2d      ``A <- conv_transpose2d(A, W)`` (output_padding chosen so the input size comes back; the B*S
-            rows as one batch, channels-last), ``c += sum A b``
+            rows as one batch, channels-last), ``c += sum A b``; onto the input on CPU in float32, by its
+            phases as one convolution, in their order (``robustkern.bounds.phased_conv``)
 batchnorm,  per-channel affine ``(scale, shift)`` from ``precision.Coefficients`` (eval: running statistics,
 normalize   training: the clean batch's): ``A <- A scale``, ``c += sum A shift``; a BatchNorm right after a
             linear/conv layer that has no other user and a weight smaller than ``A`` is folded into it
@@ -20,7 +21,8 @@ reshape     ``A`` reshaped to the input's shape (per example)
 
 At the input, ``robustkern::crown_concretize`` evaluates ``A x + c`` over the (clipped) input box, and for
 an L2 ball also over the ball by the dual norm, ``A x0 -/+ eps ||A||_2``, keeping the tighter of the two (both
-are bounds over supersets of ball-and-box). The ReLU input bounds come from IBP (CROWN-IBP) or, for CROWN,
+are bounds over supersets of ball-and-box); unsound over a box alone, ``concretize_box``, whose backward keeps
+the signs of ``A`` (``robustkern.bounds.box_concretize``). The ReLU input bounds come from IBP (CROWN-IBP) or, for CROWN,
 from backward passes per ReLU-input node with the identity specification (``identity_bounds``), intersected
 with the IBP box (both are sound, so their intersection is). Only the neurons that IBP leaves unstable are
 recomputed (``SPARSE_INTERMEDIATE``; a stable neuron's relaxation is exact whatever its bounds). A pass that
@@ -69,8 +71,9 @@ from torch import Tensor
 from ..ops.crown import RELU_LOWER_MODES, crown_concretize, crown_relu_backward, crown_relu_backward_slopes
 from .._numerics import round_down, round_up, unit_roundoff
 from ..graph import BoundNode, run_graph
+from .box_concretize import concretize_box
 from .ibp import Box
-from .phased_conv import PhaseMajor, arrange, phased_transposed_conv
+from .phased_conv import PhaseMajor, flat_operands, phased_transposed_conv
 from .patches import patches_bound, patches_rows_per_pass, plan, window_values
 from .precision import Coefficients
 from .slope_step import relu_step_with_slopes
@@ -360,16 +363,11 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
         if A_input is None:  # the specification does not depend on the input
             A_input = A0.new_zeros((B, S) + tuple(box.mid.shape[1:]))
         center, eps = at_ball if at_ball is not None else (None, None)
-        if isinstance(A_input, PhaseMajor):   # the box (and ball) in A's order, zero where the padding crops
-            ph = A_input.phases
-            A_flat, mid, rad = A_input.flat(), arrange(box.mid, ph), arrange(box.rad, ph)
-            if center is not None:
-                center = arrange(center, ph)
-                A_flat = A_flat * arrange(torch.ones_like(box.mid[:1]), ph).unsqueeze(1)   # for the norm
-        else:
-            A_flat = A_input.reshape(B, S, -1)
-            mid, rad = box.mid.reshape(B, -1), box.rad.reshape(B, -1)
-        val = crown_concretize(A_flat, bias, mid, rad, center, eps, upper)
+        A_flat, mid, rad, center = flat_operands(A_input, box.mid, box.rad, center)
+        if sound or center is not None:
+            val = crown_concretize(A_flat, bias, mid, rad, center, eps, upper)
+        else:   # keeps the signs of A, not A, for the backward
+            val = concretize_box(A_flat, bias, mid, rad, upper)
         if sound:
             absA = A_flat.abs()
             mag = torch.bmm(absA, (mid.abs() + rad).unsqueeze(-1)).squeeze(-1) + bias.abs()

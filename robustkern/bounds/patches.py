@@ -55,6 +55,7 @@ from torch import Tensor
 
 from .._numerics import unit_roundoff
 from ..ops.crown import crown_relu_explicit_lower, crown_relu_relaxation
+from .box_concretize import concretize_box
 from .phased_conv import phased_transposed_conv
 from .step_errors import affine_error, avgpool_error, concretisation_outward, gemm_error, relu_error, sum_bound
 
@@ -159,6 +160,7 @@ class _Rows:
         self.x = rows % w0
         self.count = rows.numel()
         self._index: dict = {}
+        self._gathered: dict = {}
 
     def index(self, shape: tuple, g: Geometry) -> tuple[Tensor, Tensor | None]:
         """``(idx (R, kh*kw*C), valid (R, kh, kw, 1) or None when every entry is inside the grid)``: the window
@@ -176,6 +178,15 @@ class _Rows:
             idx = torch.where(valid.unsqueeze(3), pos.unsqueeze(3) + chan, c * h * w)      # (R, kh, kw, C)
             self._index[key] = (idx.reshape(self.count, -1), None if bool(valid.all()) else valid.unsqueeze(3))
         return self._index[key]
+
+    def gathered(self, values: Tensor, idx: Tensor) -> Tensor:
+        """``_gather`` of ``values`` (B, ...) flattened per example at ``idx``, once per pass for both sides (the
+        input box at the window entries)."""
+        key = (id(values), id(idx))
+        hit = self._gathered.get(key)
+        if hit is None or hit[0] is not values or hit[1] is not idx:
+            hit = self._gathered[key] = (values, idx, _gather(values.reshape(values.shape[0], -1), idx))
+        return hit[2]
 
 
 def _gather(values: Tensor, idx: Tensor) -> Tensor:
@@ -440,14 +451,17 @@ def _concretize(ctx, p: _Patches | None, bias: Tensor, err: Tensor | None, rows:
     shape = ctx.shapes[ctx.nodes[0].name]
     idx, _ = rows.index(tuple(shape), p.g)
     P = p.flat()
-    mid, rad = _gather(box.mid.reshape(B, -1), idx), _gather(box.rad.reshape(B, -1), idx)
+    mid, rad = rows.gathered(box.mid, idx), rows.gathered(box.rad, idx)
     sign = 1.0 if upper else -1.0
-    absP = P.abs()
-    val = (P * mid).sum(-1) + bias + sign * (absP * rad).sum(-1)
+    if ctx.sound:
+        absP = P.abs()
+        val = (P * mid).sum(-1) + bias + sign * (absP * rad).sum(-1)
+    else:   # keeps the signs of P, not P, for the backward
+        val = concretize_box(P, bias, mid, rad, upper)
     center = None
     if ball is not None:
         center, eps = ball
-        cg = _gather(center, idx)
+        cg = rows.gathered(center, idx)
         norm = P.norm(dim=-1)
         at_ball = (P * cg).sum(-1) + bias + sign * eps.unsqueeze(1) * norm
         val = torch.minimum(val, at_ball) if upper else torch.maximum(val, at_ball)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PhaseMajor", "phased_transposed_conv", "arrange"]
+__all__ = ["PhaseMajor", "phased_transposed_conv", "arrange", "flat_operands"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +86,18 @@ def arrange(v: Tensor, ph: Phases) -> Tensor:
     full = F.pad(v, (ph.p1, ph.wq * ph.s1 - ph.p1 - ph.w, ph.p0, ph.hq * ph.s0 - ph.p0 - ph.h))
     full = full.reshape(B, ph.c, ph.hq, ph.s0, ph.wq, ph.s1).permute(0, 2, 4, 3, 5, 1)
     return full.reshape(B, -1)
+
+
+def flat_operands(A: "Tensor | PhaseMajor", mid: Tensor, rad: Tensor, center: Tensor | None):
+    """``(A (B, S, n), mid, rad, center)`` of a concretisation flattened per example in one order: the input's
+    for a tensor ``A`` (B, S, *shape), the phase-major one for a ``PhaseMajor`` (box and centre arranged, zero at
+    the cropped places, and ``A`` zeroed there when a centre is given, for its norm). ``center`` may be None."""
+    B, S = A.A.shape[:2] if isinstance(A, PhaseMajor) else A.shape[:2]
+    if not isinstance(A, PhaseMajor):
+        return A.reshape(B, S, -1), mid.reshape(B, -1), rad.reshape(B, -1), center
+    ph = A.phases
+    flat = A.flat()
+    if center is not None:
+        center = arrange(center, ph)
+        flat = flat * arrange(torch.ones_like(mid[:1]), ph).unsqueeze(1)
+    return flat, arrange(mid, ph), arrange(rad, ph), center
