@@ -76,3 +76,32 @@ def test_alpha_crown_through_it_gives_the_ops_bounds(monkeypatch):
     torch.testing.assert_close(ub, ub_op, rtol=1e-5, atol=1e-5)
     lb_crown, ub_crown = bm.compute_bounds(x, 0.05, method="CROWN", C=C, sound=False)
     assert (lb > lb_crown + 1e-4).any()                        # the slopes moved: the step's gradients count
+
+
+def test_slopes_held_channels_last_give_the_same_bounds(monkeypatch):
+    import robustkern.bounds.alpha_crown as alpha_crown
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 5, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(5 * 3 * 3, 12), torch.nn.ReLU(), torch.nn.Linear(12, 10))
+    x = torch.rand(3, 2, 10, 10)
+    C = margin_spec(torch.tensor([1, 5, 9]), 10)
+    bm = BoundedModule(model, x[:1])
+    held = []
+    init = alpha_crown._Passes.__init__
+
+    def recording(self, *a, **k):
+        init(self, *a, **k)
+        held.append(len(self.hwc))
+    monkeypatch.setattr(alpha_crown._Passes, "__init__", recording)
+    monkeypatch.setattr(crown, "PATCHES", False)     # dense rows from the second convolution as well
+    run = lambda: bm.compute_bounds(x, 0.05, method="alpha-CROWN", C=C, sound=False,  # noqa: E731
+                                    optimize_bound_args={"iteration": 4})
+    lb, ub = run()
+    assert held and all(n > 0 for n in held)
+    monkeypatch.setattr(crown, "CHANNELS_LAST", False)   # NCHW coefficients: the slopes held as they come
+    held.clear()
+    lb_plain, ub_plain = run()
+    assert held and all(n == 0 for n in held)
+    torch.testing.assert_close(lb, lb_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ub, ub_plain, rtol=1e-5, atol=1e-5)

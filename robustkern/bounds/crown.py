@@ -22,8 +22,8 @@ reshape     ``A`` reshaped to the input's shape (per example)
 At the input, ``robustkern::crown_concretize`` evaluates ``A x + c`` over the (clipped) input box, and for
 an L2 ball also over the ball by the dual norm, ``A x0 -/+ eps ||A||_2``, keeping the tighter of the two (both
 are bounds over supersets of ball-and-box); unsound over a box alone, ``concretize_box``, whose backward keeps
-the signs of ``A`` (``robustkern.bounds.box_concretize``). The ReLU input bounds come from IBP (CROWN-IBP) or, for CROWN,
-from backward passes per ReLU-input node with the identity specification (``identity_bounds``), intersected
+the signs of ``A`` (``robustkern.bounds.box_concretize``). The ReLU input bounds come from IBP (CROWN-IBP) or, for
+CROWN, from backward passes per ReLU-input node with the identity specification (``identity_bounds``), intersected
 with the IBP box (both are sound, so their intersection is). Only the neurons that IBP leaves unstable are
 recomputed (``SPARSE_INTERMEDIATE``; a stable neuron's relaxation is exact whatever its bounds). A pass that
 starts at a convolution-shaped node runs on patches (``robustkern.bounds.patches``: one kernel per row over a
@@ -303,7 +303,7 @@ def _relu_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, upper: boo
     if slope is None:
         A_new, b = crown_relu_backward(flat, l, u_, ctx.mode, upper)
     else:
-        A_new, b = slope_step(flat, l, u_, slope.to(flat.dtype), upper)
+        A_new, b = slope_step(flat, l, u_, slope.reshape(B, slope.shape[1], -1).to(flat.dtype), upper)
     return A_new.reshape(A.shape), b
 
 

@@ -14,14 +14,15 @@ the forward makes five and the backward about ten (the gradients of ``A`` and of
 split ``A > 0`` and the product ``g A``; ``d_l`` is recomputed from the slopes). Saved for the backward: ``A``,
 ``l``, ``u`` and the slopes, as the op saves. Gradients: ``d A'/d a`` is ``A+`` (lower side) or ``A-`` (upper)
 on unstable neurons whose slope lies in [0, 1] (summed over the rows for shared slopes); ``l, u`` enter through
-the upper line only (``robustkern.reference.crown._upper_line_grads``), as in the op.
+the upper line only, as in the op, so their gradients are those of ``crown_relu_backward``'s backward op (whose
+lower slope is piecewise constant in them).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..reference.crown import _upper_line_grads, relu_relaxation
+from ..ops.crown import CROWN_RELU_BACKWARD_GRAD, crown_relu_relaxation
 
 __all__ = ["relu_step_with_slopes"]
 
@@ -39,7 +40,7 @@ class _SlopeStep(torch.autograd.Function):
     def forward(ctx, A: Tensor, lower: Tensor, upper: Tensor, slope: Tensor, upper_side: bool):
         lo_s, hi_s = torch.aminmax(slope)
         inside = bool(lo_s >= 0) and bool(hi_s <= 1)
-        _, d_u, b_u = relu_relaxation(lower, upper, 0)
+        _, d_u, b_u = crown_relu_relaxation(lower, upper, 0)
         d_u1 = d_u.unsqueeze(1)
         pos = A > 0
         with_dl = _lower_slopes(lower, upper, slope, inside).mul_(A) if slope.shape[1] == A.shape[1] else \
@@ -64,7 +65,7 @@ class _SlopeStep(torch.autograd.Function):
             g_out = torch.zeros_like(A)
         if g_bias is None:
             g_bias = A.new_zeros(A.shape[:2])
-        _, d_u, b_u = relu_relaxation(lower, upper, 0)
+        _, d_u, b_u = crown_relu_relaxation(lower, upper, 0)
         d_u1, b_u1, gb = d_u.unsqueeze(1), b_u.unsqueeze(1), g_bias.unsqueeze(-1)
         pos = A > 0
         zero = A.new_zeros(())
@@ -74,10 +75,8 @@ class _SlopeStep(torch.autograd.Function):
             g_line = torch.addcmul(g_out * d_u1, gb, b_u1)       # the upper line's side, with its bias
             grad_A = torch.where(pos, g_line, g_dl) if upper_side else torch.where(pos, g_dl, g_line)
             del g_dl, g_line
-        if not (need_slope or need_lu):
-            return grad_A, None, None, None, None
-        gA_A = g_out * A
         if need_slope:
+            gA_A = g_out * A
             g_s = torch.where(pos, zero, gA_A) if upper_side else torch.where(pos, gA_A, zero)
             if slope.shape[1] == 1 and A.shape[1] != 1:
                 g_s = g_s.sum(1, keepdim=True)
@@ -85,15 +84,9 @@ class _SlopeStep(torch.autograd.Function):
             if not ctx.inside:
                 free = free & (slope >= 0) & (slope <= 1)
             grad_slope = torch.where(free, g_s, zero)
-            del g_s
-        if need_lu:
-            if upper_side:
-                g_du = torch.where(pos, gA_A, zero).sum(1)
-                g_bu = torch.bmm(g_bias.unsqueeze(1), A.clamp(min=0)).squeeze(1)
-            else:
-                g_du = torch.where(pos, zero, gA_A).sum(1)
-                g_bu = torch.bmm(g_bias.unsqueeze(1), A.clamp(max=0)).squeeze(1)
-            grad_l, grad_u = _upper_line_grads(lower, upper, g_du, g_bu)
+            del g_s, gA_A
+        if need_lu:   # through the upper line alone: the bounds' gradients of the step with any lower-slope rule
+            _, grad_l, grad_u = CROWN_RELU_BACKWARD_GRAD(A, lower, upper, 0, upper_side, g_out, g_bias, True)
         return grad_A, grad_l, grad_u, grad_slope, None
 
 
