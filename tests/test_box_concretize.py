@@ -5,6 +5,7 @@ when the box needs no gradient; and CROWN's gradients through it are those throu
 import pytest
 import torch
 
+from _conv_nets import conv_net
 import robustkern.bounds.box_concretize as box_concretize
 from robustkern.bounds import BoundedModule, margin_spec, robust_cross_entropy
 from robustkern.bounds.box_concretize import concretize_box
@@ -53,9 +54,7 @@ def test_keeps_int8_signs_not_the_coefficients():
 
 def test_crown_gradients_through_it_are_the_ops(monkeypatch):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 4, stride=2, padding=1), torch.nn.ReLU(),
-                                torch.nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                                torch.nn.Linear(6 * 4 * 4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    model = conv_net(3, 16, 4, 6, hidden=16, k1=4)
     x = torch.rand(3, 3, 16, 16)
     y = torch.tensor([0, 4, 7])
     bm = BoundedModule(model, x[:1])

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _conv_nets import conv_net
 import robustkern.bounds.crown as crown
 from robustkern.bounds import BoundedModule, margin_spec
 from robustkern.bounds.phased_conv import arrange, phased_transposed_conv
@@ -38,9 +39,7 @@ def test_an_output_beyond_the_kernels_reach_is_refused():
 @pytest.mark.parametrize("norm", [float("inf"), 2.0])
 def test_crown_onto_the_input_by_phases_gives_the_same_bounds_and_gradients(norm, monkeypatch):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 4, stride=2, padding=1), torch.nn.ReLU(),
-                                torch.nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                                torch.nn.Linear(6 * 4 * 4, 10))
+    model = conv_net(3, 16, 4, 6, k1=4)
     x = torch.rand(3, 3, 16, 16)
     C = margin_spec(torch.tensor([0, 4, 7]), 10)
     bm = BoundedModule(model, x[:1])

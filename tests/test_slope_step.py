@@ -4,6 +4,7 @@ included; and alpha-CROWN through it gives the op's bounds."""
 import pytest
 import torch
 
+from _conv_nets import conv_net
 import robustkern.bounds.crown as crown
 from robustkern.bounds import BoundedModule, margin_spec
 from robustkern.bounds.slope_step import relu_step_with_slopes
@@ -81,9 +82,7 @@ def test_alpha_crown_through_it_gives_the_ops_bounds(monkeypatch):
 def test_slopes_held_channels_last_give_the_same_bounds(monkeypatch):
     import robustkern.bounds.alpha_crown as alpha_crown
     torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, stride=2, padding=1), torch.nn.ReLU(),
-                                torch.nn.Conv2d(4, 5, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                                torch.nn.Linear(5 * 3 * 3, 12), torch.nn.ReLU(), torch.nn.Linear(12, 10))
+    model = conv_net(2, 10, 4, 5, hidden=12)
     x = torch.rand(3, 2, 10, 10)
     C = margin_spec(torch.tensor([1, 5, 9]), 10)
     bm = BoundedModule(model, x[:1])
