@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ..ops.crown import crown_relu_lower_slopes
+from . import crown as crown_passes
 from .crown import (CrownSetup, backward_bound, crown_intermediate, crown_setup, finish, identity_bounds, output_spec,
                     row_slopes, unstable_rows)
 
@@ -131,8 +132,21 @@ class _Passes:
             def one(n):
                 if shared or isinstance(rows, int):
                     return init[n.name].unsqueeze(1).expand(B, 1 if shared else rows, -1).clone()
-                return row_slopes(setup, start, rows, n.name, init[n.name])
+                t = row_slopes(setup, start, rows, n.name, init[n.name])
+                if t.dim() == 3 and n.name in hwc:   # held (B, R, H, W, C), the order of channels-last A
+                    c, h, w = ctx.shapes[n.inputs[0]]
+                    t = t.reshape(B, -1, c, h, w).permute(0, 1, 3, 4, 2).contiguous()
+                    self.hwc.add(id(t))
+                return t
             return {side: {n.name: one(n).requires_grad_(True) for n in before} for side in sides}
+
+        # ReLUs whose coefficients a dense pass carries channels-last (their only user a convolution, whose
+        # transposed convolution gives channels-last A, robustkern.bounds.crown): their per-row slopes are held in
+        # that order, so the ReLU step reads them without a copy
+        hwc = {n.name for n in relus if not ctx.sound and crown_passes.CHANNELS_LAST
+               and len(ctx.shapes[n.inputs[0]]) == 3
+               and [m.kind for m in ctx.nodes if n.name in m.inputs] == ["conv2d"]}
+        self.hwc: set = set()
 
         self.rows: dict[str, Tensor] = {}          # ReLU-input node -> the neurons recomputed (unstable somewhere)
         self.slopes: dict[str, dict] = {}          # start node -> {side: {relu: slopes}}
@@ -145,6 +159,12 @@ class _Passes:
                 self.rows[name] = rows
                 self.slopes[name] = slopes_for(name, rows, (False, True))
         self.slopes[out_src] = slopes_for(out_src, A0.shape[1], (upper,))
+
+    def passed(self, start: str) -> dict:
+        """The slopes of the passes from ``start`` as ``backward_bound`` takes them: (B, R, C, H, W) views of the
+        ones held channels-last."""
+        return {side: {k: v.permute(0, 1, 4, 2, 3) if id(v) in self.hwc else v for k, v in per.items()}
+                for side, per in self.slopes[start].items()}
 
     def parameters(self) -> list[Tensor]:
         return [t for per_start in self.slopes.values() for per_side in per_start.values() for t in per_side.values()]
@@ -163,13 +183,13 @@ class _Passes:
             rows = self.rows.get(name)
             if rows is None:
                 continue
-            lo_new, hi_new = identity_bounds(setup, name, rows, self.chunk, self.slopes[name])
+            lo_new, hi_new = identity_bounds(setup, name, rows, self.chunk, self.passed(name))
             lo_ref, hi_ref = self.reference[name]
             lo_sel = _straight_through(torch.maximum(lo_ref[:, rows], lo_new), lo_new)
             hi_sel = _straight_through(torch.minimum(hi_ref[:, rows], hi_new), hi_new)
             ctx.relu_bounds[name] = (lo_ref.index_copy(1, rows, lo_sel), hi_ref.index_copy(1, rows, hi_sel))
         r = backward_bound(ctx, self.out_src, self.A0, (self.upper,), setup.input_box, setup.ball, ctx.sound,
-                           self.slopes[self.out_src])
+                           self.passed(self.out_src))
         return r[self.upper]
 
 
@@ -183,7 +203,8 @@ def _optimize(passes: _Passes, crown: Tensor, upper: bool, args: dict) -> Tensor
     if not params or args["iteration"] == 0:
         return best
     if args["optimizer"] == "adam":
-        opt = torch.optim.Adam(params, lr=args["lr_alpha"])
+        # the fused implementation: one pass over each slope tensor per step (the same update, up to rounding)
+        opt = torch.optim.Adam(params, lr=args["lr_alpha"], fused=True)
     else:
         opt = torch.optim.SGD(params, lr=args["lr_alpha"], momentum=0.9)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, args["lr_decay"])
@@ -208,10 +229,11 @@ def _optimize(passes: _Passes, crown: Tensor, upper: bool, args: dict) -> Tensor
             if isinstance(stop, Tensor):
                 per_example = per_example * (~stop.reshape(-1, *([1] * (per_example.dim() - 1)))).to(bound.dtype)
             grads = torch.autograd.grad(per_example.sum(), params, allow_unused=True)
-        opt.zero_grad(set_to_none=True)
         for p, g in zip(params, grads):
-            p.grad = g
+            p.grad = g if g is None or g.is_contiguous() else g.contiguous()   # the fused step reads both flat
+        del grads
         opt.step()
+        opt.zero_grad(set_to_none=True)   # the gradients are not kept through the next bound evaluation
         passes.clamp_()
         scheduler.step()
     if not args["keep_best"] and last is not None:

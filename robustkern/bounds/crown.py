@@ -6,7 +6,8 @@ h``), one per side); every node maps it to its inputs:
 =========== =====================================================================================
 linear      ``A <- A W``, ``c += A b``
 conv2d      ``A <- conv_transpose2d(A, W)`` (output_padding chosen so the input size comes back; the B*S
-            rows as one batch, channels-last), ``c += sum A b``
+            rows as one batch, channels-last), ``c += sum A b``; onto the input on CPU in float32, by its
+            phases as one convolution, in their order (``robustkern.bounds.phased_conv``)
 batchnorm,  per-channel affine ``(scale, shift)`` from ``precision.Coefficients`` (eval: running statistics,
 normalize   training: the clean batch's): ``A <- A scale``, ``c += sum A shift``; a BatchNorm right after a
             linear/conv layer that has no other user and a weight smaller than ``A`` is folded into it
@@ -20,8 +21,9 @@ reshape     ``A`` reshaped to the input's shape (per example)
 
 At the input, ``robustkern::crown_concretize`` evaluates ``A x + c`` over the (clipped) input box, and for
 an L2 ball also over the ball by the dual norm, ``A x0 -/+ eps ||A||_2``, keeping the tighter of the two (both
-are bounds over supersets of ball-and-box). The ReLU input bounds come from IBP (CROWN-IBP) or, for CROWN,
-from backward passes per ReLU-input node with the identity specification (``identity_bounds``), intersected
+are bounds over supersets of ball-and-box); unsound over a box alone, ``concretize_box``, whose backward keeps
+the signs of ``A`` (``robustkern.bounds.box_concretize``). The ReLU input bounds come from IBP (CROWN-IBP) or, for
+CROWN, from backward passes per ReLU-input node with the identity specification (``identity_bounds``), intersected
 with the IBP box (both are sound, so their intersection is). Only the neurons that IBP leaves unstable are
 recomputed (``SPARSE_INTERMEDIATE``; a stable neuron's relaxation is exact whatever its bounds). A pass that
 starts at a convolution-shaped node runs on patches (``robustkern.bounds.patches``: one kernel per row over a
@@ -69,9 +71,12 @@ from torch import Tensor
 from ..ops.crown import RELU_LOWER_MODES, crown_concretize, crown_relu_backward, crown_relu_backward_slopes
 from .._numerics import round_down, round_up, unit_roundoff
 from ..graph import BoundNode, run_graph
+from .box_concretize import concretize_box
 from .ibp import Box
+from .phased_conv import PhaseMajor, flat_operands, phased_transposed_conv
 from .patches import patches_bound, patches_rows_per_pass, plan, window_values
 from .precision import Coefficients
+from .slope_step import relu_step_with_slopes
 from .step_errors import (abs_dot, affine_error, avgpool_error, concretisation_outward, gemm_error, is_channels_last,
                           relu_error)
 
@@ -88,6 +93,8 @@ FOLD_BATCHNORM = True
 PATCHES = "auto"
 # Recompute only the neurons that the current (IBP) bounds leave unstable (``crown_intermediate``).
 SPARSE_INTERMEDIATE = True
+# On CPU in float32, coefficients onto the input through a convolution by its phases (robustkern.bounds.phased_conv).
+PHASED_INPUT = True
 
 
 def node_shapes(nodes: list[BoundNode], model, x1: Tensor) -> dict[str, tuple]:
@@ -190,8 +197,9 @@ def _gemm_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, w: Tensor,
     src = node.inputs[0]
     if B > 1 and A.stride(0) == 0:   # the same rows for every example (the identity): one product, shared
         outs, bias, _ = _gemm_step(ctx, node, A[:1], 1, S, w, b)
-        return ([(name, a.expand(B, *a.shape[1:])) for name, a in outs],
-                bias.expand(B, S) if bias is not None else None, False)
+        expand = lambda a: a.expand(B, *a.shape[1:])  # noqa: E731
+        return ([(name, PhaseMajor(expand(a.A), a.phases) if isinstance(a, PhaseMajor) else expand(a))
+                 for name, a in outs], bias.expand(B, S) if bias is not None else None, False)
     bias = (_channel_sums(A) * b).sum(-1) if b is not None else None
     if node.kind == "linear":
         return [(src, torch.matmul(A, w))], bias, False
@@ -208,6 +216,13 @@ def _gemm_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, w: Tensor,
         return [(src, A_in.reshape(B, S, cin, hin, win))], bias, False
     if CHANNELS_LAST:
         flat = flat.contiguous(memory_format=torch.channels_last)
+    if PHASED_INPUT and flat.device.type == "cpu" and m.groups == 1 and tuple(m.dilation) == (1, 1) and \
+            ctx.by_name[src].kind == "input" and ctx.by_name[src].users == 1:
+        # onto the input (few channels): the phases of the transposed convolution as one convolution, left in
+        # phase-major order for the concretisation (robustkern.bounds.phased_conv)
+        phased = phased_transposed_conv(flat, w, tuple(m.stride), tuple(m.padding), (hin, win))
+        if phased is not None:
+            return [(src, PhaseMajor(phased.A.reshape(B, S, *phased.A.shape[1:]), phased.phases))], bias, False
     opad = []
     for size, osz, k, s, p, d in zip((hin, win), (ho, wo), w.shape[2:], m.stride, m.padding, m.dilation):
         opad.append(size - ((osz - 1) * s - 2 * p + d * (k - 1) + 1))
@@ -270,6 +285,8 @@ def _relu_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, upper: boo
     """``A`` through the ReLU ``node`` by ``crown_relu_backward`` (the lower-slope rule ``ctx.mode``) or, with
     ``slope`` (B, 1 or S, N in the flattened C*H*W order), by ``crown_relu_backward_slopes``."""
     src = node.inputs[0]
+    # explicit slopes: the op (whose rounding the sound accounting covers) or, unsound, the same step in fewer passes
+    slope_step = crown_relu_backward_slopes if ctx.sound else relu_step_with_slopes
     if is_channels_last(A):  # the ReLU step on the (B, S, H*W*C) layout, bounds (and slopes) permuted to match
         l, u_ = ctx.relu_bounds_channels_last(src)
         A_hwc = A.permute(0, 1, 3, 4, 2)
@@ -279,14 +296,14 @@ def _relu_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, upper: boo
         else:
             c, h, w = ctx.shapes[src]
             hwc = slope.reshape(B, -1, c, h, w).permute(0, 1, 3, 4, 2).reshape(B, slope.shape[1], -1)
-            A_new, b = crown_relu_backward_slopes(flat, l, u_, hwc.to(flat.dtype), upper)
+            A_new, b = slope_step(flat, l, u_, hwc.to(flat.dtype), upper)
         return A_new.reshape(A_hwc.shape).permute(0, 1, 4, 2, 3), b
     l, u_ = ctx.relu_bounds[src]
     flat = A.reshape(B, S, -1)
     if slope is None:
         A_new, b = crown_relu_backward(flat, l, u_, ctx.mode, upper)
     else:
-        A_new, b = crown_relu_backward_slopes(flat, l, u_, slope.to(flat.dtype), upper)
+        A_new, b = slope_step(flat, l, u_, slope.reshape(B, slope.shape[1], -1).to(flat.dtype), upper)
     return A_new.reshape(A.shape), b
 
 
@@ -347,12 +364,14 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
                 box, at_ball = Box(ibp.mid.to(ctx.dtype), ibp.rad.to(ctx.dtype)), None
         if A_input is None:  # the specification does not depend on the input
             A_input = A0.new_zeros((B, S) + tuple(box.mid.shape[1:]))
-        if linear is not None:
-            linear[upper] = (A_input, bias)
-        A_flat = A_input.reshape(B, S, -1)
-        mid, rad = box.mid.reshape(B, -1), box.rad.reshape(B, -1)
+        if linear is not None:   # the linear bound over the concretised node, in its own (B, S, C, H, W) layout
+            linear[upper] = (_spatial(A_input, B, S), bias)
         center, eps = at_ball if at_ball is not None else (None, None)
-        val = crown_concretize(A_flat, bias, mid, rad, center, eps, upper)
+        A_flat, mid, rad, center = flat_operands(A_input, box.mid, box.rad, center)
+        if sound or center is not None:
+            val = crown_concretize(A_flat, bias, mid, rad, center, eps, upper)
+        else:   # keeps the signs of A, not A, for the backward
+            val = concretize_box(A_flat, bias, mid, rad, upper)
         if sound:
             absA = A_flat.abs()
             mag = torch.bmm(absA, (mid.abs() + rad).unsqueeze(-1)).squeeze(-1) + bias.abs()
@@ -361,6 +380,14 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
             val = concretisation_outward(val, mag, err, A_flat.shape[-1], upper)
         result[upper] = val
     return result
+
+
+def _spatial(A, B: int, S: int) -> Tensor:
+    """Coefficients over a node as a (B, S, *shape) tensor (a phase-major ``A`` rearranged)."""
+    if not isinstance(A, PhaseMajor):
+        return A
+    full = A.spatial()
+    return full.reshape(B, S, *full.shape[1:]).permute(0, 1, 4, 2, 3)
 
 
 @dataclass

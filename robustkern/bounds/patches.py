@@ -55,6 +55,8 @@ from torch import Tensor
 
 from .._numerics import unit_roundoff
 from ..ops.crown import crown_relu_explicit_lower, crown_relu_relaxation
+from .box_concretize import concretize_box
+from .phased_conv import phased_transposed_conv
 from .step_errors import affine_error, avgpool_error, concretisation_outward, gemm_error, relu_error, sum_bound
 
 __all__ = ["Geometry", "plan", "patches_bound", "patches_rows_per_pass", "window_values"]
@@ -158,6 +160,7 @@ class _Rows:
         self.x = rows % w0
         self.count = rows.numel()
         self._index: dict = {}
+        self._gathered: dict = {}
 
     def index(self, shape: tuple, g: Geometry) -> tuple[Tensor, Tensor | None]:
         """``(idx (R, kh*kw*C), valid (R, kh, kw, 1) or None when every entry is inside the grid)``: the window
@@ -175,6 +178,15 @@ class _Rows:
             idx = torch.where(valid.unsqueeze(3), pos.unsqueeze(3) + chan, c * h * w)      # (R, kh, kw, C)
             self._index[key] = (idx.reshape(self.count, -1), None if bool(valid.all()) else valid.unsqueeze(3))
         return self._index[key]
+
+    def gathered(self, values: Tensor, idx: Tensor) -> Tensor:
+        """``_gather`` of ``values`` (B, ...) flattened per example at ``idx``, once per pass for both sides (the
+        input box at the window entries)."""
+        key = (id(values), id(idx))
+        hit = self._gathered.get(key)
+        if hit is None or hit[0] is not values or hit[1] is not idx:
+            hit = self._gathered[key] = (values, idx, _gather(values.reshape(values.shape[0], -1), idx))
+        return hit[2]
 
 
 def _gather(values: Tensor, idx: Tensor) -> Tensor:
@@ -280,13 +292,18 @@ class _Compose(torch.autograd.Function):
 def _compose(P: Tensor, w: Tensor, stride: tuple, dilation: tuple, groups: int) -> Tensor:
     """Kernels ``P`` (N, kh, kw, C_out) over a convolution's output composed with its weight ``w`` (C_out,
     C_in / groups, k0, k1): the kernels (N, kh', kw', C_in) over its input, ``kh' = (kh - 1) s + d (k - 1) + 1``
-    (the transposed convolution of ``P`` by ``w``). Computed tap by tap: one product with every tap's
-    (C_out, C_in) matrix, then each tap's result added as a block of the phase-major kernel (``_tap_places``);
+    (the transposed convolution of ``P`` by ``w``). On CPU without dilation, by its phases as one convolution
+    (``robustkern.bounds.phased_conv``; measured in float32 on 12k-16k kernels of 1x1 and 4x4 positions onto 1,
+    3 and 8 channels: 9-90 ms against 30-120 ms for ``conv_transpose2d`` and 11-360 ms tap by tap). Otherwise
+    tap by tap: one product with every tap's (C_out, C_in) matrix, then each tap's result added as a block of the phase-major kernel (``_tap_places``);
     for a kernel of one position or onto one channel this is several times faster than ``conv_transpose2d`` on
     CPU (measured: 10-16 ms against 34-67 ms for 16k rows), the other way round for wider kernels onto several
     channels (whose taps hold k0 k1 / (s0 s1) times the result's entries), which take ``conv_transpose2d`` on the
     channels-last kernels. Grouped weights are expanded block-diagonally."""
     w = _dense_weight(w, groups)
+    if P.device.type == "cpu" and tuple(dilation) == (1, 1):
+        out_hw = tuple((n - 1) * s + k for n, s, k in zip(P.shape[1:3], stride, w.shape[2:]))
+        return phased_transposed_conv(P.permute(0, 3, 1, 2), w, tuple(stride), (0, 0), out_hw).spatial()
     if P.shape[1] * P.shape[2] > 1 and w.shape[1] > 1:
         return F.conv_transpose2d(P.permute(0, 3, 1, 2), w, None, stride, 0, 0, 1, dilation).permute(0, 2, 3, 1)
     return _Compose.apply(P, w, stride, dilation)
@@ -434,14 +451,17 @@ def _concretize(ctx, p: _Patches | None, bias: Tensor, err: Tensor | None, rows:
     shape = ctx.shapes[ctx.nodes[0].name]
     idx, _ = rows.index(tuple(shape), p.g)
     P = p.flat()
-    mid, rad = _gather(box.mid.reshape(B, -1), idx), _gather(box.rad.reshape(B, -1), idx)
+    mid, rad = rows.gathered(box.mid, idx), rows.gathered(box.rad, idx)
     sign = 1.0 if upper else -1.0
-    absP = P.abs()
-    val = (P * mid).sum(-1) + bias + sign * (absP * rad).sum(-1)
+    if ctx.sound:
+        absP = P.abs()
+        val = (P * mid).sum(-1) + bias + sign * (absP * rad).sum(-1)
+    else:   # keeps the signs of P, not P, for the backward
+        val = concretize_box(P, bias, mid, rad, upper)
     center = None
     if ball is not None:
         center, eps = ball
-        cg = _gather(center, idx)
+        cg = rows.gathered(center, idx)
         norm = P.norm(dim=-1)
         at_ball = (P * cg).sum(-1) + bias + sign * eps.unsqueeze(1) * norm
         val = torch.minimum(val, at_ball) if upper else torch.maximum(val, at_ball)
