@@ -31,7 +31,7 @@ def _concretise(A, bias, lo, hi, upper):
     return (pos * far + neg * near).flatten(2).sum(-1) + bias
 
 
-@pytest.mark.parametrize("method", ["IBP+backward", "backward", "CROWN"])
+@pytest.mark.parametrize("method", ["IBP+backward", "backward", "CROWN", "CROWN-Optimized"])
 @pytest.mark.parametrize("with_spec", [False, True])
 def test_return_A_concretises_to_the_bounds(method, with_spec):
     model = mnist_like_model()
@@ -65,8 +65,6 @@ def test_return_A_one_side_and_what_is_refused():
     lb, ub, A_dict = lirpa_model.compute_bounds(x=(x,), method="CROWN", bound_upper=False, return_A=True)
     entry = A_dict[lirpa_model.output_name[0]][lirpa_model.input_name[0]]
     assert ub is None and entry["uA"] is None and entry["ubias"] is None and entry["lA"] is not None
-    with pytest.raises(NotImplementedError, match="alpha-CROWN|CROWN-Optimized"):
-        lirpa_model.compute_bounds(x=(x,), method="CROWN-Optimized", return_A=True)
     with pytest.raises(NotImplementedError, match="not for IBP"):
         lirpa_model.compute_bounds(x=(x,), method="IBP", return_A=True)
     hidden = [n.name for n in lirpa_model.bm.nodes if n.kind == "relu"][0]
@@ -119,6 +117,22 @@ def test_return_linear_holds_inside_the_input_set():
                                            atol=1e-5)
 
 
+def test_alpha_crown_linear_bounds_are_those_of_the_returned_rows():
+    """alpha-CROWN's linear bounds concretise to its (element-wise best) bounds and hold at sampled points."""
+    model = mnist_like_model()
+    x = torch.rand(2, 1, 12, 12)
+    bm = RKModule(model, x)
+    args = {"iteration": 5, "lr_alpha": 0.5}
+    with torch.no_grad():
+        lb, ub, lin = bm.compute_bounds(x, 0.04, method="alpha-CROWN", sound=False, x_min=-math.inf,
+                                        x_max=math.inf, optimize_bound_args=args, return_linear=True)
+        crown = bm.compute_bounds(x, 0.04, method="CROWN", sound=False, x_min=-math.inf, x_max=math.inf)
+    assert bool((lb >= crown[0] - 1e-6).all()) and bool((lb > crown[0] + 1e-6).any())
+    (lA, lbias), (uA, ubias) = lin["lower"], lin["upper"]
+    torch.testing.assert_close(_concretise(lA, lbias, x - 0.04, x + 0.04, False), lb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_concretise(uA, ubias, x - 0.04, x + 0.04, True), ub, rtol=1e-5, atol=1e-5)
+
+
 def test_return_linear_needs_a_backward_method():
     model = mnist_like_model()
     x = torch.rand(2, 1, 12, 12)
@@ -148,6 +162,29 @@ def test_utils_layers_and_helpers():
         sync_params(nn.Linear(3, 2), bounded)
     with pytest.raises(AttributeError, match="auto_LiRPA's own engine"):
         lirpa_utils.unravel_index  # noqa: B018 - the attribute lookup is the test
+
+
+def test_toy_example_equals_auto_lirpa():
+    """auto_LiRPA's examples/simple/toy.py (its model from test_graph_functional): the CROWN and alpha-CROWN bounds
+    and linear bounds equal auto_LiRPA's where it imports."""
+    from test_graph_functional import ToyMatmul
+    lirpa = _auto_lirpa()
+    x, lower, upper = torch.tensor([[1.0, 1.0]]), torch.tensor([[-1.0, -2.0]]), torch.tensor([[2.0, 1.0]])
+    got = {}
+    for name, module, tensor, ptb in (
+            ("theirs", lirpa.BoundedModule, lirpa.BoundedTensor, lirpa.PerturbationLpNorm),
+            ("ours", BoundedModule, BoundedTensor, PerturbationLpNorm)):
+        kw = {"verbose": 0} if name == "theirs" else {}
+        model = module(ToyMatmul(), torch.empty_like(x), **kw)
+        bx = tensor(x, ptb(norm=float("inf"), x_L=lower, x_U=upper))
+        needed = {model.output_name[0]: {model.input_name[0]}}
+        for method in ("CROWN", "alpha-CROWN"):
+            lb, ub, A = model.compute_bounds(x=(bx,), method=method, return_A=True, needed_A_dict=needed)
+            entry = A[model.output_name[0]][model.input_name[0]]
+            got[name, method] = (lb, ub) + tuple(entry[k] for k in ("lA", "uA", "lbias", "ubias"))
+    for method in ("CROWN", "alpha-CROWN"):
+        for mine, theirs in zip(got["ours", method], got["theirs", method]):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_return_A_equals_auto_lirpa():

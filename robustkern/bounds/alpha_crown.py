@@ -174,8 +174,9 @@ class _Passes:
             for t in self.parameters():
                 t.clamp_(0.0, 1.0)
 
-    def bound(self) -> Tensor:
-        """The final bound with the current slopes (intermediate bounds recomputed first)."""
+    def bound(self, linear: dict | None = None) -> Tensor:
+        """The final bound with the current slopes (intermediate bounds recomputed first); ``linear`` receives
+        the final pass's linear bound (``backward_bound``)."""
         setup = self.setup
         ctx = setup.ctx
         ctx.relu_bounds = dict(self.reference)
@@ -189,17 +190,20 @@ class _Passes:
             hi_sel = _straight_through(torch.minimum(hi_ref[:, rows], hi_new), hi_new)
             ctx.relu_bounds[name] = (lo_ref.index_copy(1, rows, lo_sel), hi_ref.index_copy(1, rows, hi_sel))
         r = backward_bound(ctx, self.out_src, self.A0, (self.upper,), setup.input_box, setup.ball, ctx.sound,
-                           self.passed(self.out_src))
+                           self.passed(self.out_src), linear=linear)
         return r[self.upper]
 
 
-def _optimize(passes: _Passes, crown: Tensor, upper: bool, args: dict) -> Tensor:
-    """auto_LiRPA's optimisation loop for one side; returns the element-wise best bound (module docstring)."""
+def _optimize(passes: _Passes, crown: Tensor, upper: bool, args: dict, linear: dict | None = None) -> Tensor:
+    """auto_LiRPA's optimisation loop for one side; returns the element-wise best bound (module docstring).
+    ``linear``: ``{upper: (A, bias)}`` of the CROWN pass on entry; on return, per specification row, those of
+    the pass whose bound was returned."""
     params = passes.parameters()
     reduce = args["loss_reduction_func"]
     sign = 1.0 if upper else -1.0     # the loss to minimise: sign * bound
     best = crown.detach().clone()
     last = None
+    keep = _LinearOfBest(linear, upper, crown)
     if not params or args["iteration"] == 0:
         return best
     if args["optimizer"] == "adam":
@@ -213,9 +217,10 @@ def _optimize(passes: _Passes, crown: Tensor, upper: bool, args: dict) -> Tensor
     for i in range(iterations):
         final = i == iterations - 1
         with torch.enable_grad() if not final else torch.no_grad():
-            bound = passes.bound()
+            bound = passes.bound(keep.request())
         with torch.no_grad():
             value = bound.detach()
+            keep.update(value, best, upper)
             improved = (sign * reduce(value) < sign * reduce(best)).any()
             best = torch.minimum(best, value) if upper else torch.maximum(best, value)
             last = value
@@ -238,15 +243,55 @@ def _optimize(passes: _Passes, crown: Tensor, upper: bool, args: dict) -> Tensor
         scheduler.step()
     if not args["keep_best"] and last is not None:
         best = torch.minimum(crown, last) if upper else torch.maximum(crown, last)
+        keep.last_against_crown(crown, last, upper)
+    keep.store()
     return best
+
+
+class _LinearOfBest:
+    """The linear bound ``(A, bias)`` behind each row of the bound ``_optimize`` returns (``return_linear``):
+    that of the CROWN pass, replaced by an iterate's where the iterate's bound is better."""
+
+    def __init__(self, linear: dict | None, upper: bool, crown: Tensor):
+        self.linear, self.upper = linear, upper
+        if linear is not None:
+            A, bias = linear[upper]
+            self.crown = self.best = (A.detach(), bias.detach())
+        self.latest: dict = {}
+
+    def request(self) -> dict | None:
+        self.latest = {} if self.linear is not None else None
+        return self.latest
+
+    @staticmethod
+    def _pick(better: Tensor, new: tuple, old: tuple) -> tuple:
+        mask = better.reshape(better.shape + (1,) * (new[0].dim() - 2))
+        return torch.where(mask, new[0].detach(), old[0]), torch.where(better, new[1].detach(), old[1])
+
+    def update(self, value: Tensor, best: Tensor, upper: bool) -> None:
+        if self.linear is None:
+            return
+        self.last = self.latest[upper]
+        better = value < best if upper else value > best
+        self.best = self._pick(better, self.last, self.best)
+
+    def last_against_crown(self, crown: Tensor, last: Tensor, upper: bool) -> None:
+        if self.linear is not None:
+            better = last < crown if upper else last > crown
+            self.best = self._pick(better, self.last, self.crown)
+
+    def store(self) -> None:
+        if self.linear is not None:
+            self.linear[self.upper] = self.best
 
 
 def alpha_crown_bounds(nodes, shapes, ibp_bounds: dict, C: Tensor | None, num_outputs: int, *, bound_lower: bool,
                        bound_upper: bool, sound: bool, coeffs, norm: float, x: Tensor, eps: Tensor,
                        relu_lower: str = "adaptive", crown_batch_size: int | None = None,
-                       optimize_bound_args: dict | None = None):
+                       optimize_bound_args: dict | None = None, linear: dict | None = None):
     """alpha-CROWN bounds on ``C f(x)`` (or ``f(x)``): ``(lb, ub)``, None for a side not requested (module
-    docstring; the arguments as ``robustkern.bounds.crown.crown_bounds``'s)."""
+    docstring; the arguments as ``robustkern.bounds.crown.crown_bounds``'s). ``linear`` receives, per side, the
+    linear bound of the pass behind each specification row's returned bound (``backward_bound``)."""
     args = check_optimize_bound_args(optimize_bound_args)
     setup = crown_setup(nodes, shapes, ibp_bounds, sound=sound, coeffs=coeffs, norm=norm, x=x, eps=eps,
                         relu_lower=relu_lower)
@@ -257,10 +302,13 @@ def alpha_crown_bounds(nodes, shapes, ibp_bounds: dict, C: Tensor | None, num_ou
         reference = {k: (lo.detach(), hi.detach()) for k, (lo, hi) in ctx.relu_bounds.items()}
         out_src, A0 = output_spec(setup, C, num_outputs)
         A0 = A0.detach()
-        crown = backward_bound(ctx, out_src, A0, sides, setup.input_box, setup.ball, sound)
+        crown = backward_bound(ctx, out_src, A0, sides, setup.input_box, setup.ball, sound, linear=linear)
     result = {}
     for side in sides:
         passes = _Passes(setup, reference, out_src, A0, side, bool(args["use_shared_alpha"]), crown_batch_size)
-        result[side] = _optimize(passes, crown[side], side, args)
+        result[side] = _optimize(passes, crown[side], side, args, linear)
     ctx.relu_bounds = dict(reference)
+    if linear is not None:
+        for side, (A, bias) in linear.items():
+            linear[side] = (A.to(setup.work), bias.to(setup.work))
     return finish(setup, result.get(False), result.get(True))

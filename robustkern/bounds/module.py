@@ -197,7 +197,8 @@ class BoundedModule(nn.Module):
         are always checked. ``intermediate``: the ``node_bounds()`` of an earlier call over the same input,
         weights and ``sound``: CROWN-IBP's backward pass runs over those IBP boxes instead of a new IBP pass (the
         same numbers; auto_LiRPA's reuse of stored intermediate bounds). CROWN-IBP only.
-        ``return_linear`` (CROWN-IBP and CROWN): also return the final backward pass's linear bounds in the input,
+        ``return_linear`` (CROWN-IBP, CROWN, alpha-CROWN): also return the final backward pass's linear bounds in
+        the input (for alpha-CROWN, per specification row, those of the pass whose bound is returned),
         ``{"lower": (A, bias), "upper": (A, bias)}`` (None for a side not requested), ``A`` (B, n_spec, *input
         shape) and ``bias`` (B, n_spec) such that ``A x' + bias`` is below (above) ``C f(x')`` for every ``x'`` in
         the input set (auto_LiRPA's ``return_A``): ``lb`` is its minimum over the set; with ``sound=True``, up to
@@ -248,9 +249,9 @@ class BoundedModule(nn.Module):
     def _linear_request(method: str, return_linear: bool) -> dict | None:
         if not return_linear:
             return None
-        if method not in ("CROWN-IBP", "CROWN"):
-            raise ValueError(f"compute_bounds: return_linear takes method 'CROWN-IBP' or 'CROWN' (one backward pass "
-                             f"gives the linear bounds), got {method!r}")
+        if method not in ("CROWN-IBP", "CROWN", "alpha-CROWN"):
+            raise ValueError(f"compute_bounds: return_linear takes method 'CROWN-IBP', 'CROWN' or 'alpha-CROWN' (a "
+                             f"backward pass gives the linear bounds), got {method!r}")
         return {}
 
     def _bounds(self, inp: BoundInput, method: str, sound: bool, bound_lower: bool = True, bound_upper: bool = True,
@@ -334,7 +335,8 @@ class BoundedModule(nn.Module):
         if method == "alpha-CROWN":
             from .alpha_crown import alpha_crown_bounds
             lb, ub = alpha_crown_bounds(self.nodes, self._shapes, bounds, C, self.num_outputs,
-                                        optimize_bound_args=extra.get("optimize_bound_args"), **common)
+                                        optimize_bound_args=extra.get("optimize_bound_args"),
+                                        linear=extra.get("linear"), **common)
         else:
             lb, ub = crown_bounds(self.nodes, self._shapes, bounds, C, self.num_outputs, method,
                                   slopes=extra.get("slopes"), frozen=extra.get("frozen"), linear=extra.get("linear"),

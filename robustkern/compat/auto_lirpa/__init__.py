@@ -24,9 +24,10 @@ Differences from auto_LiRPA:
 - Stale stored bounds (parameters, perturbation or mode changed since) are an error, not silently reused.
 - alpha-CROWN's result is never looser than CROWN's (the element-wise best of CROWN and every iterate), which
   can make it tighter than auto_LiRPA's for the same ``optimize_bound_args``; beta-CROWN is not supported.
-- ``return_A`` gives the output's linear bounds over the input (CROWN-IBP, CROWN), no other node's A matrices.
+- ``return_A`` gives the output's linear bounds over the input (CROWN-IBP, CROWN, alpha-CROWN: per row, those
+  of the pass behind the returned bound), no other node's A matrices.
 - Not supported, each a one-line ``NotImplementedError`` at use that says what to use instead: forward modes,
-  ``return_A`` for alpha-CROWN, ``final_node_name``, ``interm_bounds``, perturbed parameters
+  ``final_node_name``, ``interm_bounds``, perturbed parameters
   (``BoundedParameter``), L0/L1/synonym/linear perturbations, ``CrossEntropyWrapper`` bounding (loss fusion:
   ``robustkern.bounds.crown_ibp_loss(..., loss_fusion=True)``), ``register_custom_op``, several inputs.
   ``BoundDataParallel`` runs the whole batch on the module's device.

@@ -236,7 +236,7 @@ class BoundedModule(nn.Module):
         requested is None for the backward methods (IBP returns both, as auto_LiRPA's). ``x=None`` uses the
         last input and the bounds stored since it was set (see the module docstring).
 
-        ``return_A=True`` (CROWN-IBP and CROWN): ``(lb, ub, A_dict)`` with auto_LiRPA's
+        ``return_A=True`` (CROWN-IBP, CROWN, CROWN-Optimized): ``(lb, ub, A_dict)`` with auto_LiRPA's
         ``A_dict[output_name[0]][input_name[0]] = {"lA", "uA", "lbias", "ubias"}``, the linear bounds of the final
         backward pass in the input (``lA`` (B, n_spec, *input shape); None for a side not requested), so that
         ``lb`` is ``lA x + lbias`` minimised over the input set. ``needed_A_dict`` may ask for that pair only."""
@@ -257,10 +257,10 @@ class BoundedModule(nn.Module):
         method, ibp = lirpa_method(method, IBP)
         if method is None and not ibp:
             raise ValueError("compute_bounds: method=None needs IBP=True (or method='IBP')")
-        if return_A and method != "backward":
-            raise NotImplementedError(f"compute_bounds: return_A is supported for the backward methods (CROWN-IBP, "
-                                      f"CROWN), not for {'IBP' if method is None else method}; call "
-                                      f"method='backward' (CROWN) for the linear bounds")
+        if return_A and method is None:
+            raise NotImplementedError("compute_bounds: return_A is supported for the backward methods (CROWN-IBP, "
+                                      "CROWN, CROWN-Optimized), not for IBP; call method='backward' (CROWN) for the "
+                                      "linear bounds")
         if method is None and reuse_ibp:
             if self._ibp_last is None:
                 raise ValueError("compute_bounds: reuse_ibp=True but no IBP bounds were computed yet")
@@ -278,7 +278,7 @@ class BoundedModule(nn.Module):
         if stored is not None and not _same(stored.key, self._snapshot()):
             raise ValueError(_STALE)
         if method == "CROWN-Optimized":
-            out = self._run("alpha-CROWN", C, bound_lower, bound_upper)
+            out = self._run("alpha-CROWN", C, bound_lower, bound_upper, return_A=return_A)
             self._store("CROWN")
             return out
         if stored is not None and stored.kind == "CROWN":
