@@ -23,7 +23,8 @@ from torch import nn
 from .graph_functional import attribute_constant, expression_constant, functional_layer
 from .nn import Normalize
 
-__all__ = ["BoundNode", "UnsupportedLayerError", "capture", "normalize_params", "run_graph"]
+__all__ = ["BoundNode", "UnsupportedLayerError", "capture", "normalize_params", "run_graph", "node_shapes",
+           "tensor_input"]
 
 
 class UnsupportedLayerError(TypeError):
@@ -265,3 +266,23 @@ def run_graph(nodes: list[BoundNode], x, layer: Callable[[BoundNode, Any], Any],
             shapes[n.name] = r.shape
         values[n.name] = r
     raise AssertionError("the captured graph has no output node")
+
+
+def node_shapes(nodes: list[BoundNode], model: nn.Module, x1: torch.Tensor) -> dict[str, tuple]:
+    """Per-example output shape of every tensor node (the input's too), from an eval-mode forward of one
+    example ``x1``."""
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    shapes: dict = {}
+    try:
+        with torch.no_grad():
+            run_graph(nodes, x1, lambda n, v: torch.relu(v) if n.kind == "relu" else n.module(v), shapes)
+    finally:
+        for m, t in was:
+            m.train(t)
+    return {name: tuple(shape[1:]) for name, shape in shapes.items()}
+
+
+def tensor_input(node: BoundNode, shapes: dict) -> str:
+    """The name of the node's input that is a tensor (``shapes`` as ``node_shapes`` gives them), not a meta value."""
+    return next(i for i in node.inputs if i in shapes)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..graph import UnsupportedLayerError
-from .crown import crown_bounds, node_shapes
+from .crown import crown_bounds
 from .ibp import Box, params
 from .lipschitz import chain_nodes
 from .module import BoundedModule
@@ -86,9 +86,7 @@ def projected_relu_bounds(bm: BoundedModule, x: Tensor, eps: Tensor, norm: float
     forward random-projection scheme of the module docstring with ``projections`` directions per term.
     ``x`` and ``eps`` (B,) in the working precision; no rounding control (training)."""
     chain = chain_nodes(bm.nodes)
-    if bm._shapes is None:
-        bm._shapes = node_shapes(bm.nodes, bm.model, x[:1])
-    shapes = bm._shapes
+    shapes = bm.node_shapes()
     coeffs = bm._coefficients(x, False)
     B = x.shape[0]
     h = x
@@ -166,7 +164,7 @@ def cap_bounds(bm: BoundedModule, x: Tensor, eps, C: Tensor, *, norm: float = 2.
     boxes = {bm.nodes[0].name: Box(*interval_input_box(inp.xw, inp.eps, inp.x_min, inp.x_max, sound=False))}
     for name, (lo, hi) in bounds.items():
         boxes[name] = Box((lo + hi) * 0.5, (hi - lo) * 0.5)
-    lb, _ = crown_bounds(bm.nodes, bm._shapes, boxes, C, bm.num_outputs, "CROWN-IBP", bound_lower=True,
+    lb, _ = crown_bounds(bm.nodes, bm.node_shapes(), boxes, C, bm.num_outputs, "CROWN-IBP", bound_lower=True,
                          bound_upper=False, sound=False, coeffs=bm._coefficients(inp.x, False), norm=inp.norm,
                          x=inp.xw, eps=inp.eps, relu_lower="same-slope")
     return lb

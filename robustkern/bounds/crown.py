@@ -70,7 +70,7 @@ from torch import Tensor
 
 from ..ops.crown import RELU_LOWER_MODES, crown_concretize, crown_relu_backward, crown_relu_backward_slopes
 from .._numerics import round_down, round_up, unit_roundoff
-from ..graph import BoundNode, run_graph
+from ..graph import BoundNode, tensor_input
 from .box_concretize import concretize_box
 from .ibp import Box
 from .phased_conv import PhaseMajor, flat_operands, phased_transposed_conv
@@ -80,7 +80,7 @@ from .slope_step import relu_step_with_slopes
 from .step_errors import (abs_dot, affine_error, avgpool_error, concretisation_outward, gemm_error, is_channels_last,
                           relu_error)
 
-__all__ = ["node_shapes", "backward_bound", "crown_bounds", "crown_setup", "crown_intermediate", "identity_rows",
+__all__ = ["backward_bound", "crown_bounds", "crown_setup", "crown_intermediate", "identity_rows",
            "output_spec", "finish", "chain_start", "CrownSetup", "identity_bounds", "unstable_rows",
            "row_slopes"]
 
@@ -95,24 +95,6 @@ PATCHES = "auto"
 SPARSE_INTERMEDIATE = True
 # On CPU in float32, coefficients onto the input through a convolution by its phases (robustkern.bounds.phased_conv).
 PHASED_INPUT = True
-
-
-def node_shapes(nodes: list[BoundNode], model, x1: Tensor) -> dict[str, tuple]:
-    """Per-example output shape of every tensor node, from an eval-mode forward of one example."""
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
-    shapes: dict = {}
-    try:
-        with torch.no_grad():
-            run_graph(nodes, x1, lambda n, v: torch.relu(v) if n.kind == "relu" else n.module(v), shapes)
-    finally:
-        for m, t in was:
-            m.train(t)
-    return {name: tuple(shape[1:]) for name, shape in shapes.items()}
-
-
-def _tensor_input(node: BoundNode, shapes: dict) -> str:
-    return next(i for i in node.inputs if i in shapes)
 
 
 def _cview(v: Tensor, ndim: int) -> Tensor:
@@ -274,7 +256,7 @@ def _step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int) -> tuple[list[t
     if kind == "add":
         return [(node.inputs[0], A), (node.inputs[1], A)], None, None
     if kind == "reshape":
-        src = _tensor_input(node, shapes)
+        src = tensor_input(node, shapes)
         return [(src, A.reshape(B, S, *shapes[src]))], None, None
     if kind == "identity":
         return [(node.inputs[0], A)], None, None
@@ -356,7 +338,7 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
                     As[name] = a
         box, at_ball = input_box, ball
         if first:       # concretise over the IBP box of the first node's input
-            src = _tensor_input(ctx.nodes[first], ctx.shapes)
+            src = tensor_input(ctx.nodes[first], ctx.shapes)
             A_input = As.pop(src, None)
             if ctx.by_name[src].kind != "input":
                 v = ctx.boxes[src]

@@ -36,7 +36,6 @@ from torch import Tensor
 
 from .._numerics import gamma, ieee_products, next_down, next_up, tiny
 from ..graph import BoundNode, UnsupportedLayerError
-from .crown import node_shapes
 from .ibp import Box, _affine_box, params
 from .module import BoundedModule
 from .precision import enter
@@ -83,18 +82,10 @@ def chain_nodes(nodes: list[BoundNode]) -> list[BoundNode]:
     return out
 
 
-def _in_shapes(bm: BoundedModule) -> dict:
-    if bm._shapes is None:
-        bm._shapes = node_shapes(bm.nodes, bm.model, next(bm.model.parameters()).new_zeros((1,) + bm.input_shape))
-    shapes = dict(bm._shapes)
-    shapes[bm.nodes[0].name] = tuple(bm.input_shape)
-    return shapes
-
-
 def upper_norms(bm: BoundedModule) -> dict[str, float]:
     """Rigorous upper bounds of the operator norms of every Linear/Conv2d layer (``spectral.operator_norm_upper``),
     keyed by node name: compute once per set of weights and pass to the bound functions."""
-    shapes = _in_shapes(bm)
+    shapes = bm.node_shapes()
     out = {}
     for n in chain_nodes(bm.nodes):
         if n.kind in ("linear", "conv2d"):
@@ -112,7 +103,7 @@ def estimated_norms(bm: BoundedModule, power: PowerIteration, steps: int = 1) ->
 
 def power_iteration_for(bm: BoundedModule, seed: int = 0) -> PowerIteration:
     """A ``PowerIteration`` over ``bm``'s layers (its iterates persist in the object)."""
-    return PowerIteration(bm.nodes, _in_shapes(bm), seed)
+    return PowerIteration(bm.nodes, bm.node_shapes(), seed)
 
 
 # ----------------------------------------------------------------------------------------- rounding helpers

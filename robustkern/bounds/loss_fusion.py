@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from .._numerics import gamma, ieee_products, round_up, unit_roundoff
-from .crown import crown_bounds, node_shapes
+from .crown import crown_bounds
 from .ibp import Box, propagate
 from .module import BoundedModule, canonical_method
 from .spec import margin_spec
@@ -162,9 +162,7 @@ def _fused_sum_bounds(bm: BoundedModule, x: Tensor, y: Tensor, eps, norm: float 
     if crown:
         k, d = exp_chord_upper(l_m, u_m, M.unsqueeze(1), sound)           # (B, K-1) each
         a = -(k.unsqueeze(1) @ C.to(cdtype))                              # (B, 1, K): a^T z = k^T m
-        if bm._shapes is None:
-            bm._shapes = node_shapes(bm.nodes, bm.model, xs.new_zeros((1,) + bm.input_shape))
-        _, U = crown_bounds(bm.nodes, bm._shapes, bounds, a, K, method, bound_lower=False, bound_upper=True,
+        _, U = crown_bounds(bm.nodes, bm.node_shapes(), bounds, a, K, method, bound_lower=False, bound_upper=True,
                             sound=sound, coeffs=coeffs, norm=norm, x=xs, eps=eps_t, relu_lower=relu_lower,
                             crown_batch_size=crown_batch_size)
         U = U[:, 0].to(cdtype)

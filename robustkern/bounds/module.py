@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .._numerics import ieee_products, round_down, round_up, unit_roundoff
 from .batch_stats import enclosed_statistics, point_statistics, uses_batch_stats
-from ..graph import BoundNode, capture
+from ..graph import BoundNode, capture, node_shapes
 from ..ops import interval_input_box
 from .ibp import Box, plan_fusion, propagate
 from .precision import BoundInput, Coefficients, check_spec, enter, spec_rounding
@@ -325,20 +325,17 @@ class BoundedModule(nn.Module):
             ibp = (_nan_to_inf(lower, -1) if bound_lower else None, _nan_to_inf(upper, 1) if bound_upper else None)
         if method == "IBP":
             return ibp + (ibp if with_ibp else ())
-        from .crown import crown_bounds, node_shapes
-        if self._shapes is None:
-            self._shapes = node_shapes(self.nodes, self.model,
-                                       inp.xw.new_zeros((1,) + self.input_shape, dtype=self._dtype()))
+        from .crown import crown_bounds
         common = dict(bound_lower=bound_lower, bound_upper=bound_upper, sound=sound, coeffs=coeffs, norm=inp.norm,
                       x=inp.xw, eps=inp.eps, relu_lower=relu_lower, crown_batch_size=crown_batch_size)
         C = inp.C if sound else Cw
         if method == "alpha-CROWN":
             from .alpha_crown import alpha_crown_bounds
-            lb, ub = alpha_crown_bounds(self.nodes, self._shapes, bounds, C, self.num_outputs,
+            lb, ub = alpha_crown_bounds(self.nodes, self.node_shapes(), bounds, C, self.num_outputs,
                                         optimize_bound_args=extra.get("optimize_bound_args"),
                                         linear=extra.get("linear"), **common)
         else:
-            lb, ub = crown_bounds(self.nodes, self._shapes, bounds, C, self.num_outputs, method,
+            lb, ub = crown_bounds(self.nodes, self.node_shapes(), bounds, C, self.num_outputs, method,
                                   slopes=extra.get("slopes"), frozen=extra.get("frozen"), linear=extra.get("linear"),
                                   **common)
         out = (_nan_to_inf(lb, -1) if lb is not None else None, _nan_to_inf(ub, 1) if ub is not None else None)
@@ -360,6 +357,15 @@ class BoundedModule(nn.Module):
         if stored.mid.shape != mid.shape or not (torch.equal(stored.mid, mid) and torch.equal(stored.rad, rad)):
             raise ValueError("compute_bounds: intermediate boxes were computed for another input set (x, eps, "
                              "x_min/x_max); compute the bounds afresh")
+
+    def node_shapes(self) -> dict[str, tuple]:
+        """The per-example output shape of every tensor node (``robustkern.graph.node_shapes``), computed once."""
+        if self._shapes is None:
+            like = next(self.model.parameters(), None)
+            zeros = torch.zeros((1,) + self.input_shape, dtype=self._dtype(),
+                                device=like.device if like is not None else None)
+            self._shapes = node_shapes(self.nodes, self.model, zeros)
+        return self._shapes
 
     def _dtype(self) -> torch.dtype:
         p = next(iter(self.model.parameters()), None)

@@ -50,10 +50,8 @@ _FIXED = {"adaptive": "adaptive", "same-slope": "same-slope", "zero-lb": "zero",
 def relu_slope_shapes(bm: BoundedModule, x: Tensor) -> dict[str, tuple]:
     """``{ReLU node name: its input's per-example shape}`` in reverse graph order (the original's
     ``lower_d_list`` order for a sequential model)."""
-    from .crown import node_shapes
-    if bm._shapes is None:
-        bm._shapes = node_shapes(bm.nodes, bm.model, x.new_zeros((1,) + bm.input_shape).to(bm._dtype()))
-    return {n.name: tuple(bm._shapes[n.inputs[0]]) for n in reversed(bm.nodes) if n.kind == "relu"}
+    shapes = bm.node_shapes()
+    return {n.name: tuple(shapes[n.inputs[0]]) for n in reversed(bm.nodes) if n.kind == "relu"}
 
 
 def random_slopes(bm: BoundedModule, x: Tensor, kind: str = "uniform", generator: torch.Generator | None = None

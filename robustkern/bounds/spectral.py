@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._numerics import gamma, next_up, tiny
-from ..graph import BoundNode
+from ..graph import BoundNode, tensor_input
 
 __all__ = ["PowerIteration", "gram_upper", "matrix_norm_upper", "conv_norm_upper", "operator_norm_upper",
            "GRAM_ITERATIONS"]
@@ -87,12 +87,11 @@ def _unit(v: Tensor) -> Tensor:
 class PowerIteration:
     """Power-iteration estimates of the operator norms of a model's Linear/Conv2d layers, with one iterate per
     layer kept across calls (``state_dict``/``load_state_dict`` carry them). ``shapes`` maps node names to
-    per-example input shapes (``robustkern.bounds.crown.node_shapes``)."""
+    per-example input shapes (``robustkern.graph.node_shapes``)."""
 
     def __init__(self, nodes: list[BoundNode], shapes: dict, seed: int = 0):
         self.layers = [n for n in nodes if n.kind in ("linear", "conv2d")]
-        by_name = {n.name: n for n in nodes}
-        self.in_shapes = {n.name: tuple(shapes[_tensor_input(n, by_name, shapes)]) for n in self.layers}
+        self.in_shapes = {n.name: tuple(shapes[tensor_input(n, shapes)]) for n in self.layers}
         self.iterates: dict[str, Tensor] = {}
         self._gen = torch.Generator().manual_seed(seed)
 
@@ -138,10 +137,6 @@ class PowerIteration:
                 raise ValueError(f"PowerIteration.load_state_dict: iterate {k!r} of shape {tuple(v.shape)} does not "
                                  f"fit this model's layers ({', '.join(n.name for n in self.layers)})")
         self.iterates = {k: v.clone() for k, v in state.items()}
-
-
-def _tensor_input(node: BoundNode, by_name: dict, shapes: dict) -> str:
-    return next(i for i in node.inputs if i in shapes or by_name[i].kind == "input")
 
 
 # ------------------------------------------------------------------------------------ rigorous upper bounds
