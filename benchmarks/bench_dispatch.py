@@ -12,8 +12,8 @@ Each provider is timed as ``--calls`` back-to-back calls, one thread, interleave
 machine do not add their time slices to a difference of a few microseconds; ``--clock wall`` counts wall time.
 "grad" rows call with an input that requires grad (the autograd node is recorded, no backward is run); for them
 the table also gives a bare ``torch.autograd.Function`` whose forward calls the implementation and saves nothing:
-torch's own cost of a Python custom autograd node (the compiled interval ops record a C++ node instead,
-``csrc/autograd.cpp``). "fwd+bwd" rows also run the backward: the implementation is then the kernel plus the op's
+torch's own cost of a Python custom autograd node (the compiled ops that declare what they keep record a C++
+node instead, ``csrc/autograd.cpp``). "fwd+bwd" rows also run the backward: the implementation is then the kernel plus the op's
 backward formula called directly on a plain context (the math without the autograd engine), the ATen call its
 forward and backward through autograd.
 """
@@ -97,8 +97,10 @@ def cases():
     mg = m.clone().requires_grad_()
     w, b = torch.rand(4, 8, generator=g), torch.rand(4, generator=g)
     A = torch.randn(2, 3, 8, generator=g)
+    Ag = A.clone().requires_grad_()
     lo, hi = -torch.rand(2, 8, generator=g), torch.rand(2, 8, generator=g)
     x, gr = torch.rand(2, 8, generator=g), torch.randn(2, 8, generator=g)
+    xg = x.clone().requires_grad_()
     eps = torch.full((2,), 0.1)
     logits, y = torch.randn(4, 5, generator=g), torch.randint(0, 5, (4,), generator=g)
     bits = ops.relu_pack_mask(x)
@@ -124,13 +126,17 @@ def cases():
          _direct_fwd_bwd("interval_conv2d", conv, gc), _fwd_bwd(lambda: (F.conv2d(cmg, cw),), gc[:1])),
         ("crown_relu_backward", lambda: ops.crown_relu_backward(A, lo, hi),
          _direct("crown_relu_backward", A, lo, hi, 0, False), lambda: A.clamp(min=0)),
+        ("crown_relu_backward, grad", lambda: ops.crown_relu_backward(Ag, lo, hi),
+         _direct("crown_relu_backward", Ag, lo, hi, 0, False), lambda: Ag.clamp(min=0), Ag),
         ("pgd_step (linf)", lambda: ops.pgd_step(x, gr, x, eps, eps),
          _direct("pgd_step", x, gr, x, eps, eps, "linf"), lambda: x.clamp(0, 1)),
+        ("pgd_step (linf), grad", lambda: ops.pgd_step(xg, gr, x, eps, eps),
+         _direct("pgd_step", xg, gr, x, eps, eps, "linf"), lambda: xg.clamp(0, 1), xg),
         ("relu_masked", lambda: ops.relu_masked(gr, bits), _direct("relu_masked", gr, bits), lambda: torch.relu(gr)),
         ("softmax_ce_grad", lambda: ops.softmax_ce_grad(logits, y), _direct("softmax_ce_grad", logits, y),
          lambda: torch.softmax(logits, 1)),
     ]
-    return [row + ((mg,) if row[0].endswith(", grad") else (None,)) for row in rows]
+    return [row if len(row) == 5 else row + ((mg,) if row[0].endswith(", grad") else (None,)) for row in rows]
 
 
 def loop(fn, n):
@@ -173,7 +179,7 @@ def main(argv=None) -> int:
               "(or its reference where it has no C++ kernel); in the fwd+bwd rows, the kernel and the op's backward "
               "formula called on a plain context. `floor adds` = robustkern - implementation: argument checks, "
               "backend choice, the IEEE-products context (reference and Triton only; the compiled kernels hold "
-              "their own) and, in the grad rows, the autograd node (a C++ node for the compiled interval ops, "
+              "their own) and, in the grad rows, the autograd node (a C++ node for the compiled ops that declare what they keep, "
               "`csrc/autograd.cpp`; a Python `autograd.Function` for the others), in the fwd+bwd rows also the "
               "autograd engine's backward pass. `bare autograd.Function`: the implementation inside a Python custom "
               "autograd node that saves nothing (torch's own cost of a Python node); `over bare` = robustkern - "

@@ -2,7 +2,8 @@
 // csrc/cpu/*_cpu.cpp (CPU) and csrc/cuda/*_glue.cpp (CUDA). Their fake (meta) kernels and autograd formulas are
 // written in Python beside the public functions (robustkern/ops/<family>.py) and registered through the op table
 // robustkern/ops/_registry.py, which also holds the ops that have no C++ kernel (Triton and reference only); the
-// interval ops' Autograd kernel is csrc/autograd.cpp, a C++ node that runs the Python formula.
+// Autograd kernel of the ops whose table entry declares `keeps` is csrc/autograd.cpp, a C++ node that runs the
+// Python formula.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -18,7 +18,7 @@ from robustkern import _ext, ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
-UTILITY_OPS = {"build_info", "cpu_options"}      # C++ ops that are not kernels of the op table
+UTILITY_OPS = {"build_info", "cpu_options", "attach_formula_node"}   # C++ ops that are not kernels of the op table
 
 
 def _cpp_ops() -> set[str]:

@@ -160,3 +160,71 @@ def test_only_the_needed_gradients_are_computed_and_match():
 
     for a, b in zip(grads("cpp"), grads("reference")):
         torch.testing.assert_close(a, b, **tolerance(DT))
+
+
+def _other_cases():
+    """(name, fn, leaves): the other compiled ops whose gradient the extension records (``keeps`` in the table)."""
+    g = torch.Generator().manual_seed(2)
+    rn = lambda *s: torch.randn(*s, generator=g, dtype=DT)  # noqa: E731
+    x = torch.rand(2, 3, 4, generator=g, dtype=DT)
+    src, counter = torch.tensor([0, 1, 1, 0]), torch.tensor([[0, k, 0] for k in range(4)])
+    std = torch.rand(3, generator=g, dtype=DT).add(0.5)
+    return [
+        ("pgd_step linf", lambda a, gr, o: (ops.pgd_step(a, gr, o, 0.1, 0.03, "linf"),),
+         [x + 0.01 * rn(2, 3, 4), rn(2, 3, 4), x]),
+        ("pgd_step l2", lambda a, gr, o: (ops.pgd_step(a, gr, o, 0.5, 0.2, "l2"),),
+         [x + 0.01 * rn(2, 3, 4), rn(2, 3, 4), x]),
+        ("crown_relu_backward", lambda A, lo, up: ops.crown_relu_backward(A, lo, up, "adaptive", True),
+         [rn(2, 3, 5), -torch.rand(2, 5, generator=g, dtype=DT), torch.rand(2, 5, generator=g, dtype=DT)]),
+        ("smoothing_noise", lambda xx: (ops.smoothing_noise(xx, src, counter, 7, 0.25, mean=std - 0.5, std=std,
+                                                            out_dtype=DT),), [x]),
+    ]
+
+
+@pytest.mark.parametrize("name,fn,args", _other_cases(), ids=[c[0] for c in _other_cases()])
+def test_other_compiled_ops_record_the_cpp_node_with_the_reference_gradients(name, fn, args):
+    """pgd_step, crown_relu_backward and smoothing_noise record the extension's node too (their non-tensor
+    arguments, a string, an int mode, a dtype, reach the formula as Python values) and give the reference
+    backend's gradients."""
+    out_c, got = _grads("cpp", fn, args)
+    assert out_c[0].grad_fn.name() == "robustkern::PythonFormulaNode", name
+    out_r, want = _grads("reference", fn, args)
+    assert isinstance(out_r[0].grad_fn, torch.autograd.function.BackwardCFunction)
+    for g, h in zip(got, want):
+        assert (g is None) == (h is None), name
+        if g is not None:
+            torch.testing.assert_close(g, h, **tolerance(DT))
+
+
+def test_every_op_declaring_what_it_keeps_is_recorded_by_the_extension():
+    declared = {name for name, op in OPS.items() if op.keeps is not None}
+    assert set(INTERVAL_OPS) | {"pgd_step", "crown_relu_backward", "smoothing_noise"} <= declared
+    for name in declared:
+        assert OPS[name].native_autograd, name
+
+
+def _use_count(t):
+    """References to ``t``'s storage, besides ``t`` and the storage object made to ask."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 2
+
+
+def test_the_cpp_node_keeps_only_the_tensors_the_formula_reads():
+    """interval_conv2d's formula reads its outputs' shape, not their values, and the pre-epilogue box: the node
+    keeps the latter only. smoothing_noise's formula reads ``src`` and ``std``, not ``x``: a non-leaf ``x`` is
+    freed when the caller drops it (what the node kept would keep it alive)."""
+    import weakref
+    m, r, w = _leaf(torch.randn(2, 2, 5, 5)), torch.rand(2, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    with use_backend("cpp"):
+        a, b, (pm, pr) = ops.interval_conv2d(m, r, w, None, 1, 0, scale=torch.rand(3), shift=torch.rand(3),
+                                             relu=True, return_pre=True)
+    assert (_use_count(a), _use_count(b)) == (0, 0)
+    assert (_use_count(pm), _use_count(pr)) == (1, 1)
+    x = _leaf(torch.rand(2, 3, 4)) * 1.0
+    src = torch.tensor([0, 1, 1])
+    with use_backend("cpp"):
+        out = ops.smoothing_noise(x, src, torch.tensor([[0, k, 0] for k in range(3)]), 3, 0.5)
+    x_ref, src_ref = weakref.ref(x), weakref.ref(src)
+    del x, src
+    assert x_ref() is None
+    assert src_ref() is not None
+    out.sum().backward()   # the formula still runs with its kept tensors

@@ -14,11 +14,12 @@ Calling an op (``op(*args)``, after the public function in the family module has
    raises; the choice is cached per device type and request), then the op's ``serves`` rule: a backend that
    cannot serve these arguments hands the call to the reference, without an error (an optimisation never
    changes what works);
-2. a *native* op (``Op.native_autograd``: the extension holds its Autograd kernel, ``csrc/autograd.cpp``; the
-   interval ops) served by its C++ kernel is called on the dispatcher op as it is: the Autograd kernel runs the
-   kernel below autograd and, when a gradient is to be recorded, records a C++ node whose backward runs the op's
-   own ``setup_context`` and ``backward`` (``run_saved_backward``); no Python pass over the arguments, no Python
-   node (``benchmarks/bench_dispatch.py``: the whole floor, checks included, under 10 us per call on the CPU
+2. a *native* op (``Op.native_autograd``: a C++ op that declares which tensors its formula ``keeps``; the
+   extension's Autograd kernel, ``csrc/autograd.cpp``, is attached to it when the extension loads) served by its
+   C++ kernel is called on the dispatcher op as it is: the Autograd kernel runs the kernel below autograd and,
+   when a gradient is to be recorded, records a C++ node that keeps the declared tensors and whose backward runs
+   the op's own ``setup_context`` and ``backward`` (``run_saved_backward``); no Python pass over the arguments,
+   no Python node (``benchmarks/bench_dispatch.py``: the whole floor, checks included, under 10 us per call on the CPU
    with a gradient recorded);
 3. otherwise, without a gradient to record, the implementation runs directly: the C++ kernel below the autograd
    layer, the Triton launcher or the reference; an ``ieee`` op's reference and Triton run inside
@@ -83,13 +84,19 @@ class Op:
     ``robustkern._numerics.ieee_products``, the C++/CUDA kernels inside their own ``IeeeFp32Scope``
     (``csrc/include/robustkern/ieee_fp32.h``, which also excludes autocast), or with no ATen products at all.
     ``composite``: the op has one implementation (``reference``), built from ATen and other ops of the table,
-    which choose their own backends; it runs whatever backend is requested."""
+    which choose their own backends; it runs whatever backend is requested. ``keeps``: for a C++ op with a
+    derivative, ``(argument positions, output indices)`` of the tensors its ``setup_context`` saves or reads
+    beyond their shape, dtype and device: the extension then records the op's gradient in a C++ node
+    (``csrc/autograd.cpp``) that keeps only these until backward (the formula gets same-shaped stand-ins for the
+    others) and runs ``setup_context`` and ``backward`` there. Not for a formula that saves tensors it computes
+    (those must be made in the forward, by the Python node)."""
 
     def __init__(self, name: str, *, reference: Callable, triton: Optional[Callable] = None, cpp: bool = False,
                  cuda: bool = False, schema: Optional[str] = None, fake: Optional[Callable] = None,
                  setup_context: Optional[Callable] = None, backward: Optional[Callable] = None,
                  serves: Optional[Callable] = None, prepare: Optional[Callable] = None, public: bool = True,
-                 ieee: bool = False, composite: bool = False):
+                 ieee: bool = False, composite: bool = False,
+                 keeps: Optional[tuple[tuple[int, ...], tuple[int, ...]]] = None):
         self.compiled = cpp or cuda
         if self.compiled == (schema is not None):
             raise ValueError(f"op {name}: give a schema exactly when the op has no C++ kernels")
@@ -100,6 +107,9 @@ class Op:
         self.kernels = tuple(k for k, has in (("triton", triton is not None), ("cpp", cpp), ("cuda", cuda)) if has)
         self.fake, self.setup_context, self.backward = fake, setup_context, backward
         self.serves, self.prepare = serves, prepare
+        if keeps is not None and (not self.compiled or backward is None or prepare is not None):
+            raise ValueError(f"op {name}: only a C++ op with a derivative and no prepare rule records a C++ node")
+        self.keeps = keeps
         self._kernel = None                    # torch.ops.robustkern.<name>.default, once the extension is loaded
         self.native_autograd = False           # the extension holds its Autograd kernel (csrc/autograd.cpp)
         self._dispatch = None                  # then: the dispatcher op's C++ callable
@@ -342,13 +352,14 @@ def _attach(op: Op) -> None:
         torch.library.register_fake(op.qualname, op.fake, lib=_LIB)
     if op.backward is None:
         return
-    if op.compiled and torch._C._dispatch_has_kernel_for_dispatch_key(op.qualname, "Autograd"):
-        if op.prepare is not None:        # the native call hands the arguments to the dispatcher as they are
-            raise ValueError(f"op {op.qualname} has an Autograd kernel in the extension and a prepare rule")
-        op.native_autograd = True         # the extension's kernel (csrc/autograd.cpp) runs this formula
-        kernel = getattr(torch.ops.robustkern, op.name).default
-        op._dispatch = getattr(kernel, "_op", kernel)   # the C++ callable, without OpOverload's Python frame
-        return
+    if op.keeps is not None:                  # a C++ op: attached once the extension is loaded
+        attach = getattr(torch.ops.robustkern, "attach_formula_node", None)
+        if attach is not None:   # absent from a stale build of the extension: the Python node below
+            attach(op.name, list(op.keeps[0]), list(op.keeps[1]))
+            op.native_autograd = True         # the extension's kernel (csrc/autograd.cpp) runs this formula
+            kernel = getattr(torch.ops.robustkern, op.name).default
+            op._dispatch = getattr(kernel, "_op", kernel)   # the C++ callable, without OpOverload's Python frame
+            return
     torch.library.register_autograd(op.qualname, op.backward, setup_context=op.setup_context, lib=_LIB)
 
 

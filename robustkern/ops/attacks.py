@@ -57,7 +57,7 @@ def _backward(ctx, g_out):
 
 PGD_STEP = define_op(
     "pgd_step", reference=_ref.pgd_step, triton=triton_kernel("attacks", "pgd_step"), cpp=True, fake=_fake,
-    setup_context=_setup, backward=_backward)
+    setup_context=_setup, backward=_backward, keeps=((0, 1, 2, 3, 4), ()))
 
 
 def _per_row(v, b: int, like: Tensor, name: str) -> Tensor:

@@ -93,7 +93,7 @@ def _relu_backward(ctx, g_A, g_bias):
 CROWN_RELU_BACKWARD = define_op(
     "crown_relu_backward", reference=_ref.crown_relu_backward,
     triton=triton_kernel("crown", "crown_relu_backward"), cpp=True, fake=_relu_fake, setup_context=_relu_setup,
-    backward=_relu_backward)
+    backward=_relu_backward, keeps=((0, 1, 2), ()))
 
 
 def crown_relu_backward(A: Tensor, lower: Tensor, upper: Tensor, mode: int | str = "adaptive",

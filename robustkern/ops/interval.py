@@ -201,7 +201,8 @@ def _linear_backward(ctx, gm, gr, gpm, gpr):
 INTERVAL_LINEAR = define_op(
     "interval_linear", ieee=True, reference=_ref.interval_linear,
     triton=triton_kernel("interval", "interval_linear"), cpp=True, cuda=True, fake=_linear_fake,
-    setup_context=_linear_setup, backward=_linear_backward)
+    setup_context=_linear_setup, backward=_linear_backward,
+    keeps=((0, 1, 2, 4, 5), (2, 3)))
 
 
 def interval_linear(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
@@ -276,7 +277,8 @@ def _conv_backward(ctx, gm, gr, gpm, gpr):
 INTERVAL_CONV2D = define_op(
     "interval_conv2d", ieee=True, reference=_ref.interval_conv2d,
     triton=triton_kernel("interval", "interval_conv2d"), cpp=True, cuda=True, fake=_conv_fake,
-    setup_context=_conv_setup, backward=_conv_backward)
+    setup_context=_conv_setup, backward=_conv_backward,
+    keeps=((0, 1, 2, 8, 9), (2, 3)))
 
 
 def interval_conv2d(mid: Tensor, rad: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1,
@@ -333,7 +335,8 @@ def _affine_backward(ctx, gm, gr):
 
 INTERVAL_AFFINE = define_op(
     "interval_affine", reference=_ref.interval_affine, triton=triton_kernel("interval", "interval_affine"),
-    cpp=True, cuda=True, fake=_affine_fake, setup_context=_affine_setup, backward=_affine_backward)
+    cpp=True, cuda=True, fake=_affine_fake, setup_context=_affine_setup, backward=_affine_backward,
+    keeps=((0, 1, 2, 3), ()))
 
 
 def interval_affine(mid: Tensor, rad: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
@@ -379,7 +382,7 @@ def _box_backward(ctx, gm, gr):
 INTERVAL_INPUT_BOX = define_op(
     "interval_input_box", reference=_ref.interval_input_box,
     triton=triton_kernel("interval", "interval_input_box"), cpp=True, cuda=True, fake=_box_fake,
-    setup_context=_box_setup, backward=_box_backward)
+    setup_context=_box_setup, backward=_box_backward, keeps=((0, 1), ()))
 
 
 def interval_input_box(x: Tensor, eps, x_min: float = 0.0, x_max: float = 1.0, *, sound: bool = True):

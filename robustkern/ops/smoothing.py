@@ -58,7 +58,7 @@ def _noise_backward(ctx, grad):
 
 SMOOTHING_NOISE = define_op(
     "smoothing_noise", reference=_ref.smoothing_noise, triton=triton_kernel("smoothing", "smoothing_noise"),
-    cpp=True, fake=_noise_fake, setup_context=_noise_setup, backward=_noise_backward)
+    cpp=True, fake=_noise_fake, setup_context=_noise_setup, backward=_noise_backward, keeps=((1, 6), ()))
 
 
 def smoothing_noise(x: Tensor, src: Tensor, counter: Tensor, seed, sigma: float, *, mean: Optional[Tensor] = None,
