@@ -136,5 +136,5 @@ def test_bad_arguments_are_clear_errors():
         crown_ibp_slope_loss(bm, x, y, EPS, frozen=-1)
     with pytest.raises(ValueError, match="kind must be"):
         random_slopes(bm, x, "gaussian")
-    assert set(relu_slope_shapes(bm, x)) == {n.name for n in bm.nodes if n.kind == "relu"}
+    assert set(relu_slope_shapes(bm)) == {n.name for n in bm.nodes if n.kind == "relu"}
     assert RELAXATIONS == ("ours", "uniform", "binary", "adaptive", "same-slope", "zero-lb", "one-lb")

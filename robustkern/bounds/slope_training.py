@@ -47,7 +47,7 @@ RELAXATIONS = ("ours", "uniform", "binary", "adaptive", "same-slope", "zero-lb",
 _FIXED = {"adaptive": "adaptive", "same-slope": "same-slope", "zero-lb": "zero", "one-lb": "one"}
 
 
-def relu_slope_shapes(bm: BoundedModule, x: Tensor) -> dict[str, tuple]:
+def relu_slope_shapes(bm: BoundedModule) -> dict[str, tuple]:
     """``{ReLU node name: its input's per-example shape}`` in reverse graph order (the original's
     ``lower_d_list`` order for a sequential model)."""
     shapes = bm.node_shapes()
@@ -61,7 +61,7 @@ def random_slopes(bm: BoundedModule, x: Tensor, kind: str = "uniform", generator
     if kind not in ("uniform", "binary"):
         raise ValueError(f"random_slopes: kind must be 'uniform' or 'binary', got {kind!r}")
     out = {}
-    for name, shape in relu_slope_shapes(bm, x).items():
+    for name, shape in relu_slope_shapes(bm).items():
         size = (x.shape[0], 1) + shape
         if kind == "uniform":
             out[name] = torch.rand(size, generator=generator, dtype=bm._dtype(), device=x.device)
