@@ -37,8 +37,8 @@ product rounds, and an ``(A, c)`` whose ``A`` is only close to the exact product
 The argument used here needs no exact product: for whatever coefficients ``A`` a step computed, the identity
 ``A h = A_in h_in + c + E h_in`` holds with the step's error ``E``, and ``|E h_in| <= |A| v`` for a per-node
 vector ``v`` built from the step's rounding bound (``gamma_d`` of the step's reduction depth ``d``, Higham) and
-the IBP magnitude ``|h_in| <= m`` (sound boxes). Every step adds ``|A| v`` (one pass over ``|A|``) to an error
-accumulator, per specification row:
+the IBP magnitude ``|h_in| <= m`` (sound boxes). Every step adds ``|A| v`` to an error accumulator, per
+specification row (one pass over ``|A|`` per layer: a ReLU's term rides on the step below it, ``ErrorSum``):
 
 =========== ===========================================================================================
 linear,     ``v = 2 gamma_{d+2} (|W| m_in + |b|)``; a BatchNorm folded in (``W' = s W``, ``b' = s b + t``) adds
@@ -133,13 +133,7 @@ class _Ctx:
         return self._params[key][1]
 
     def weight(self, node: BoundNode):
-        key = node.name
-        if key not in self._params:
-            m = node.module
-            w = m.weight.to(self.dtype)
-            b = m.bias.to(self.dtype) if m.bias is not None else None
-            self._params[key] = (w, b)
-        return self._params[key]
+        return self.coeffs.weights(node, self.dtype)
 
     def affine(self, node: BoundNode):
         """``(s, t, ds, dt)`` of a BatchNorm/normalisation node in the pass's dtype."""
@@ -322,12 +316,10 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
             if node.kind == "relu":
                 A_new, b = _relu_step(ctx, node, A, B, S, upper, side_slopes.get(node.name))
                 outs, bterm = [(node.inputs[0], A_new)], b
-                if sound:
-                    errs.relu(node, A, relu_error(ctx, node))
+                errs.relu(node, A, relu_error(ctx, node)) if sound else None
             else:
                 outs, bterm, v = _step(ctx, node, A, B, S)
-                if sound:
-                    errs.add(node, A, v)
+                errs.add(node, A, v) if sound else None
             if bterm is not None:
                 bias = bias + bterm
                 if sound:

@@ -185,6 +185,17 @@ class Coefficients:
         self.sound = sound
         self._cache: dict = {}
 
+    def weights(self, node: BoundNode, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias of a Linear/Conv2d node in ``dtype``, converted once per bound computation: the
+        interval pass and the backward passes share them (a float32 model's sound bounds run in float64, where a
+        wide layer's conversion is a pass over twice its weight's bytes)."""
+        key = ("weights", node.name, dtype)
+        if key not in self._cache:
+            m = node.module
+            w, b = m.weight, m.bias
+            self._cache[key] = (w, b) if w.dtype == dtype else (w.to(dtype), b.to(dtype) if b is not None else None)
+        return self._cache[key]
+
     def get(self, node: BoundNode, dtype: torch.dtype, device=None, input_box=None):
         key = (node.name, dtype)
         if key not in self._cache:
