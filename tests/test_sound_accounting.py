@@ -9,7 +9,7 @@ from torch import nn
 
 import robustkern.bounds.crown as crown
 from robustkern.bounds import BoundedModule, margin_spec
-from robustkern.bounds.step_errors import ErrorSum, abs_dot
+from robustkern.bounds.step_errors import ErrorSum, abs_dot, float32_upper_product
 
 
 def exact_abs_dot(A: torch.Tensor, v: torch.Tensor) -> list:
@@ -108,3 +108,23 @@ def test_a_chain_of_layers_and_relus_takes_one_pass_over_abs_A_per_layer(monkeyp
     with torch.no_grad():
         bm.compute_bounds(x, 0.1, C=C, method="CROWN-IBP", bound_upper=False)
     assert len(calls) == 3
+
+
+def test_float32_product_for_error_vectors_bounds_the_exact_product():
+    """``float32_upper_product``: the float32 GEMM of magnitudes rounded up and ``|W|``, widened by
+    ``gamma_{k+1}(2^-24)``, bounds ``mag |W|^T`` in exact arithmetic on every entry, although the plain float32
+    product falls below it on some (full-mantissa products round, and so do the sums)."""
+    g = torch.Generator().manual_seed(3)
+    k = 257
+    mag = torch.rand(4, k, generator=g, dtype=torch.float64) + 1.0 / 3.0
+    w = torch.randn(24, k, generator=g).abs()
+    bound = float32_upper_product(mag, w, k)
+    plain = mag.float() @ w.t()
+    m, wl = mag.tolist(), w.tolist()
+    below = 0
+    for b in range(4):
+        for n in range(24):
+            exact = sum(Fraction(x) * Fraction(y) for x, y in zip(m[b], wl[n]))
+            assert Fraction(float(bound[b, n])) >= exact
+            below += Fraction(float(plain[b, n])) < exact
+    assert below > 0          # the widening is needed: the unwidened float32 product is not an upper bound
