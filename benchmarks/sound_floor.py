@@ -47,20 +47,6 @@ from robustkern.bounds import BoundedModule, margin_spec, robust_cross_entropy
 SPEC_ROWS = 9   # the margin specification's rows per example: CROWN's coefficient rows per example
 
 
-def layer_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[nn.Module, tuple]]:
-    """``(layer, input shape)`` of every Conv2d and Linear layer of ``model`` on the batch ``x``."""
-    seen = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod, tuple(inp[0].shape))))
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 def _products(layer: nn.Module, shape: tuple, dtype: torch.dtype):
     """The callables of one layer's products in ``dtype``: the forward (IBP's centre or radius product) and the
     transposed product of a CROWN backward pass on ``SPEC_ROWS`` rows per example (float32 channels-last, as the
@@ -89,7 +75,7 @@ def _products(layer: nn.Module, shape: tuple, dtype: torch.dtype):
 def op_rows(name: str, model: nn.Module, x: torch.Tensor, rounds: int) -> list[str]:
     """Markdown rows: per layer kind and shape, float32 and float64 times of the forward and transposed products."""
     rows = []
-    for layer, shape in layer_shapes(model, x):
+    for layer, shape in common.layer_input_shapes(model, x, (nn.Conv2d, nn.Linear)):
         f32, t32 = _products(layer, shape, torch.float32)
         f64, t64 = _products(layer, shape, torch.float64)
         t = common.time_cpu({"f32": f32, "f64": f64, "t32": t32, "t64": t64}, rounds=rounds)
