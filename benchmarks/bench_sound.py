@@ -20,7 +20,9 @@ models' predictions):
 
 Time: the median of interleaved rounds (``common.time_cpu``) of sound and unsound, the forward alone (bounds of
 the margins' lower side under ``no_grad``) and the forward + backward of the robust cross-entropy of those lower
-bounds (the certified-training step), with the ratio sound / unsound. Models (eval mode; BatchNorm running
+bounds (the certified-training step; the parameters' versions are bumped before each call as an optimizer step
+bumps them, so no float64 copy of the weights outlives a call, while the forward alone keeps them as certification
+does: ``robustkern.bounds.precision.WideWeights``), with the ratio sound / unsound. Models (eval mode; BatchNorm running
 statistics from one training-mode forward): small random nets (``mlp_small``, ``cnn_small`` with BatchNorm, 8x8
 inputs), the digits models of the tests trained in-process (``digits_mlp``, ``digits_cnn``), ``cnn_4layer`` (MNIST
 shape, as in ``bench_alpha_crown.py``), ``cifar_medium`` and ``cnn_7layer_bn`` (CIFAR shape, normalisation first).
@@ -199,6 +201,7 @@ def timings(m: Model, method: str, rounds: int, device: torch.device) -> dict:
         def run():
             for p in params:
                 p.grad = None
+                torch.autograd.graph.increment_version(p)   # as an optimizer step does: no kept float64 weights
             lb, _ = bm.compute_bounds(m.x, m.eps, method=method, C=C, sound=sound, bound_upper=False)
             robust_cross_entropy(lb).backward()
         return run

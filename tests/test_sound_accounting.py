@@ -128,3 +128,31 @@ def test_float32_product_for_error_vectors_bounds_the_exact_product():
             assert Fraction(float(bound[b, n])) >= exact
             below += Fraction(float(plain[b, n])) < exact
     assert below > 0          # the widening is needed: the unwidened float32 product is not an upper bound
+
+
+def test_kept_float64_weights_follow_every_change_of_the_weights():
+    """A float32 model's float64 weights are kept across sound calls; a change of the weights by an in-place step
+    (version bumped) or through ``.data`` (the version does not see it) gives the new model's bounds, as a fresh
+    ``BoundedModule`` computes them."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.rand(3, 6)
+    C = margin_spec(torch.tensor([0, 1, 2]), 4)
+    bm = BoundedModule(model, x)
+
+    def check():
+        with torch.no_grad():
+            kept = bm.compute_bounds(x, 0.05, C=C, method="CROWN-IBP")
+            fresh = BoundedModule(model, x, keep_wide_weights=False).compute_bounds(x, 0.05, C=C, method="CROWN-IBP")
+        for a, b in zip(kept, fresh):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    for _ in range(3):          # the copies are made and then served
+        check()
+    assert any(e[2] is not None for e in bm._wide._entries.values())
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)           # an optimizer-like step: the version changes
+    check()
+    check()
+    model[2].weight.data.mul_(-1.0)         # the version does not change
+    check()
