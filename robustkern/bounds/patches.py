@@ -38,9 +38,10 @@ served here (``plan`` returns None) and runs dense (``robustkern.bounds.crown``)
 Rounding (``sound=True``): every step adds ``|A| v`` to the error accumulator, as on dense rows, with the same
 per-node vectors ``v`` of ``robustkern.bounds.crown``; here ``|A| v`` is ``sum |P| v`` over the window (``v``
 gathered like the slopes, once per pass), a ReLU's term carried to the step below it as there
-(``step_errors.ErrorSum``: a ReLU step scales each patch entry by a slope in [0, 1]). The patches steps compute the same products as the dense ones, and their sums have no
-more nonzero terms (the entries outside a window are exact zeros, whose addition is exact), so the dense
-argument's rounding bounds hold for them; the concretisation's sums have ``C kh kw`` terms.
+(``step_errors.ErrorSum``: a ReLU step scales each patch entry by a slope in [0, 1]). The patches steps compute
+the same products as the dense ones, and their sums have no more nonzero terms (the entries outside a window are
+exact zeros, whose addition is exact), so the dense argument's rounding bounds hold for them; the
+concretisation's sums have ``C kh kw`` terms.
 
 Memory: a pass holds (batch, rows, C kh kw) per node instead of (batch, rows, C H W); the kernels grow with
 depth (a 4x4 stride-2 convolution after another: 10x10 over the input) and stop being smaller than the node

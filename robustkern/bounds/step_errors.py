@@ -26,8 +26,8 @@ from .._numerics import gamma, next_down, next_up, round_up, tiny, unit_roundoff
 from ..graph import BoundNode
 from .precision import grow
 
-__all__ = ["sum_bound", "abs_dot", "ErrorSum", "float32_upper_product", "concretisation_outward", "gemm_error", "affine_error", "avgpool_error",
-           "relu_error", "is_channels_last"]
+__all__ = ["sum_bound", "abs_dot", "ErrorSum", "float32_upper_product", "concretisation_outward", "gemm_error",
+           "affine_error", "avgpool_error", "relu_error", "is_channels_last"]
 
 
 def is_channels_last(A: Tensor) -> bool:
