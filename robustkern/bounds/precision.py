@@ -185,11 +185,11 @@ class WideWeights:
         self.keep = keep
         self._entries: dict = {}
 
-    def get(self, t: Tensor, dtype: torch.dtype) -> Tensor:
-        """``t`` in ``dtype``: the kept copy where it is valid, else a new conversion."""
+    def get(self, name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """``t`` (the parameter ``name``) in ``dtype``: the kept copy where it is valid, else a new conversion."""
         if not self.keep or (torch.is_grad_enabled() and t.requires_grad):
             return t.to(dtype)
-        key, version = (id(t), dtype), t._version
+        key, version = (name, dtype), t._version
         entry = self._entries.get(key)
         if entry is not None and entry[0] == version and entry[1] is not None and entry[1].shape == t.shape and \
                 entry[1].device == t.device and torch.equal(entry[1], t.detach()):
@@ -221,9 +221,11 @@ class Coefficients:
         key = ("weights", node.name, dtype)
         if key not in self._cache:
             w, b = node.module.weight, node.module.bias
-            if w.dtype != dtype:
-                to = self.wide.get if self.wide is not None else (lambda t, d: t.to(d))
-                w, b = to(w, dtype), (to(b, dtype) if b is not None else None)
+            if w.dtype != dtype and self.wide is not None:
+                w = self.wide.get(node.name + ".weight", w, dtype)
+                b = self.wide.get(node.name + ".bias", b, dtype) if b is not None else None
+            elif w.dtype != dtype:
+                w, b = w.to(dtype), (b.to(dtype) if b is not None else None)
             self._cache[key] = (w, b)
         return self._cache[key]
 
