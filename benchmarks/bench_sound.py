@@ -20,7 +20,9 @@ models' predictions):
 
 Time: the median of interleaved rounds (``common.time_cpu``) of sound and unsound, the forward alone (bounds of
 the margins' lower side under ``no_grad``) and the forward + backward of the robust cross-entropy of those lower
-bounds (the certified-training step), with the ratio sound / unsound. Models (eval mode; BatchNorm running
+bounds (the certified-training step; the parameters' versions are bumped before each call as an optimizer step
+bumps them, so no float64 copy of the weights outlives a call, while the forward alone keeps them as certification
+does: ``robustkern.bounds.precision.WideWeights``), with the ratio sound / unsound. Models (eval mode; BatchNorm running
 statistics from one training-mode forward): small random nets (``mlp_small``, ``cnn_small`` with BatchNorm, 8x8
 inputs), the digits models of the tests trained in-process (``digits_mlp``, ``digits_cnn``), ``cnn_4layer`` (MNIST
 shape, as in ``bench_alpha_crown.py``), ``cifar_medium`` and ``cnn_7layer_bn`` (CIFAR shape, normalisation first).
@@ -30,6 +32,12 @@ CROWN runs on the models where its intermediate passes take seconds (not on the 
     PYTHONPATH=python:. python benchmarks/bench_sound.py --models mlp_small,cnn_small --rounds 3
     PYTHONPATH=python:. python benchmarks/bench_sound.py --write-results
     PYTHONPATH=python:. python benchmarks/bench_sound.py --device cuda --batch 32 --write-results
+
+``--floor`` prints instead what the fastest sound bounds could cost here (``sound_floor``: which products must
+run in float64, their float64/float32 times at the models' shapes, and the float64 relaxation's time, the floor of
+the sound forward; the forward + backward's floor is ``1 + t(fwd, float64) / t(fwd+bwd, float32)``):
+
+    PYTHONPATH=python:. python benchmarks/bench_sound.py --floor --models digits_cnn,cifar_medium,cnn_7layer_bn
 
 On the GPU the sound float32 GEMMs run as float64 GEMMs (``robustkern.reference.interval``); that H100-class
 float64 throughput makes them cost about what IEEE float32 does there is a hypothesis this script checks, not a
@@ -49,6 +57,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import sound_floor  # noqa: E402
 from bench_ibp import build  # noqa: E402
 
 from robustkern.bounds import BoundedModule, margin_spec, robust_cross_entropy  # noqa: E402
@@ -192,15 +201,17 @@ def timings(m: Model, method: str, rounds: int, device: torch.device) -> dict:
         def run():
             for p in params:
                 p.grad = None
+                torch.autograd.graph.increment_version(p)   # as an optimizer step does: no kept float64 weights
             lb, _ = bm.compute_bounds(m.x, m.eps, method=method, C=C, sound=sound, bound_upper=False)
             robust_cross_entropy(lb).backward()
         return run
 
-    fns = {"fwd unsound": fwd(False), "fwd sound": fwd(True), "fwd+bwd unsound": fwdbwd(False),
-           "fwd+bwd sound": fwdbwd(True)}
+    # two groups, each interleaved: the training steps' version bumps must not reach the forward-only rounds
+    groups = ({"fwd unsound": fwd(False), "fwd sound": fwd(True)},
+              {"fwd+bwd unsound": fwdbwd(False), "fwd+bwd sound": fwdbwd(True)})
     if device.type == "cuda":
-        return {k: common.time_cuda(fn).median_ms for k, fn in fns.items()}
-    return {k: v.median_ms for k, v in common.time_cpu(fns, rounds=rounds).items()}
+        return {k: common.time_cuda(fn).median_ms for fns in groups for k, fn in fns.items()}
+    return {k: v.median_ms for fns in groups for k, v in common.time_cpu(fns, rounds=rounds).items()}
 
 
 def _fmt(v: float, kind: str) -> str:
@@ -217,10 +228,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--floor", action="store_true",
+                    help="print the floor of the sound/unsound ratios on this CPU instead (sound_floor.py)")
     common.add_output_options(ap)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     env = common.start(device, args.threads, args)
+    if args.floor:
+        return floor(args)
     head = ["model", "batch", "method", "sound loose", "fp32 error", "verified sound / float64 / unsound",
             "fwd unsound ms", "fwd sound ms", "fwd x", "fwd+bwd unsound ms", "fwd+bwd sound ms", "fwd+bwd x", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -275,6 +290,23 @@ def main(argv=None):
     if args.write_results:
         common.append_csv(BENCH, rows, env, device)
         common.update_results_md(BENCH, TITLE, text, env)
+
+
+def floor(args) -> None:
+    """``--floor``: the products' float64/float32 times and the float64 relaxation's (``sound_floor``)."""
+    if args.device != "cpu":
+        raise SystemExit("bench_sound.py: --floor measures the CPU floor; leave out --device")
+    ops, floors = [], []
+    wanted = [s.strip().upper() for s in args.methods.split(",")]
+    for name in args.models.split(","):
+        m = make_model(name, args.batch or DEFAULT_BATCH[name], args.seed)
+        ops += sound_floor.op_rows(name, m.model, m.x, args.rounds)
+        methods = [mt for mt in METHODS if mt.upper() in wanted and mt in m.methods]
+        floors += sound_floor.floor_rows(name, m.model, m.x, m.y, m.eps, methods, args.rounds)
+    print("\n" + sound_floor.OP_HEAD + "\n" + "\n".join(ops))
+    print("\n" + sound_floor.FLOOR_HEAD + "\n" + "\n".join(floors))
+    print("\nfloor: every GEMM and convolution in float64 and nothing else (sound_floor.py's docstring); medians "
+          "over interleaved rounds, one thread")
 
 
 if __name__ == "__main__":

@@ -236,6 +236,21 @@ def time_cuda(fn: Callable[[], object], grad_to_none=None, rep_ms: int = 200, mi
     return timing_from_samples(times)
 
 
+def layer_input_shapes(model: torch.nn.Module, x: torch.Tensor, kinds: tuple) -> list[tuple[torch.nn.Module, tuple]]:
+    """``(layer, input shape)`` of every module of ``model`` that is an instance of ``kinds``, from one forward of the
+    batch ``x``."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod, tuple(inp[0].shape))))
+             for m in model.modules() if isinstance(m, kinds)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 def time_cpu(fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1,
              clock: Callable[[], float] = time.perf_counter) -> dict[str, Timing]:
     """Wall-clock every callable once per round, interleaved, the order rotated each round (``clock``: another

@@ -99,16 +99,7 @@ def hard_box(shape, kind, device, seed):
 
 def conv_shapes(model: nn.Module, x: torch.Tensor):
     """(conv layer, its input shape) for every Conv2d, from one forward."""
-    seen = []
-    hooks = [m.register_forward_hook(lambda m, inp, out: seen.append((m, tuple(inp[0].shape))))
-             for m in model.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    return common.layer_input_shapes(model, x, (nn.Conv2d,))
 
 
 def check_model(name, model, x, C, eps_label, backends, flags, args, device):

@@ -37,8 +37,8 @@ product rounds, and an ``(A, c)`` whose ``A`` is only close to the exact product
 The argument used here needs no exact product: for whatever coefficients ``A`` a step computed, the identity
 ``A h = A_in h_in + c + E h_in`` holds with the step's error ``E``, and ``|E h_in| <= |A| v`` for a per-node
 vector ``v`` built from the step's rounding bound (``gamma_d`` of the step's reduction depth ``d``, Higham) and
-the IBP magnitude ``|h_in| <= m`` (sound boxes). Every step adds ``|A| v`` (one pass over ``|A|``) to an error
-accumulator, per specification row:
+the IBP magnitude ``|h_in| <= m`` (sound boxes). Every step adds ``|A| v`` to an error accumulator, per
+specification row (one pass over ``|A|`` per layer: a ReLU's term rides on the step below it, ``ErrorSum``):
 
 =========== ===========================================================================================
 linear,     ``v = 2 gamma_{d+2} (|W| m_in + |b|)``; a BatchNorm folded in (``W' = s W``, ``b' = s b + t``) adds
@@ -77,8 +77,8 @@ from .phased_conv import PhaseMajor, flat_operands, phased_transposed_conv
 from .patches import patches_bound, patches_rows_per_pass, plan, window_values
 from .precision import Coefficients
 from .slope_step import relu_step_with_slopes
-from .step_errors import (abs_dot, affine_error, avgpool_error, concretisation_outward, gemm_error, is_channels_last,
-                          relu_error)
+from .step_errors import (ErrorSum, abs_dot, affine_error, avgpool_error, concretisation_outward, gemm_error,
+                          is_channels_last, relu_error)
 
 __all__ = ["backward_bound", "crown_bounds", "crown_setup", "crown_intermediate", "identity_rows",
            "output_spec", "finish", "chain_start", "CrownSetup", "identity_bounds", "unstable_rows",
@@ -133,13 +133,7 @@ class _Ctx:
         return self._params[key][1]
 
     def weight(self, node: BoundNode):
-        key = node.name
-        if key not in self._params:
-            m = node.module
-            w = m.weight.to(self.dtype)
-            b = m.bias.to(self.dtype) if m.bias is not None else None
-            self._params[key] = (w, b)
-        return self._params[key]
+        return self.coeffs.weights(node, self.dtype)
 
     def affine(self, node: BoundNode):
         """``(s, t, ds, dt)`` of a BatchNorm/normalisation node in the pass's dtype."""
@@ -305,11 +299,12 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
     result = {}
     stop = ctx.index[start]
     u = unit_roundoff(A0.dtype)
+    merged: dict = {}
     for upper in sides:
         side_slopes = slopes.get(upper, {}) if slopes else {}
         As: dict[str, Tensor] = {start: A0}
         bias = A0.new_zeros((B, S))
-        err = A0.new_zeros((B, S)) if sound else None
+        errs = ErrorSum(ctx, A0.new_zeros((B, S)), abs_dot, merged, first or 0) if sound else None
         A_input = None
         for node in reversed(ctx.nodes[first or 0:stop + 1]):
             A = As.pop(node.name, None)
@@ -320,19 +315,19 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
                 continue
             if node.kind == "relu":
                 A_new, b = _relu_step(ctx, node, A, B, S, upper, side_slopes.get(node.name))
-                outs, bterm, v = [(node.inputs[0], A_new)], b, relu_error(ctx, node) if sound else None
+                outs, bterm = [(node.inputs[0], A_new)], b
+                errs.relu(node, A, relu_error(ctx, node)) if sound else None
             else:
                 outs, bterm, v = _step(ctx, node, A, B, S)
-            if sound and v is not None:
-                err = err + abs_dot(A, v)
+                errs.add(node, A, v) if sound else None
             if bterm is not None:
                 bias = bias + bterm
                 if sound:
-                    err = err + u * bias.abs()
+                    errs.err = errs.err + u * bias.abs()
             for name, a in outs:
                 if name in As:
                     if sound:   # the addition where two branches meet rounds
-                        err = err + u * abs_dot(As[name].abs() + a.abs(), ctx.magnitude(name)) * (1 + 2 * u)
+                        errs.err = errs.err + u * abs_dot(As[name].abs() + a.abs(), ctx.magnitude(name)) * (1 + 2 * u)
                     As[name] = As[name] + a
                 else:
                     As[name] = a
@@ -359,7 +354,7 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
             mag = torch.bmm(absA, (mid.abs() + rad).unsqueeze(-1)).squeeze(-1) + bias.abs()
             if center is not None:
                 mag = mag + torch.bmm(absA, center.abs().unsqueeze(-1)).squeeze(-1) + eps.unsqueeze(1) * A_flat.norm(dim=-1)
-            val = concretisation_outward(val, mag, err, A_flat.shape[-1], upper)
+            val = concretisation_outward(val, mag, errs.total(), A_flat.shape[-1], upper)
         result[upper] = val
     return result
 

@@ -119,12 +119,7 @@ def _bn_channels_match(gemm: BoundNode, bn: BoundNode) -> bool:
 
 def params(node: BoundNode, dtype: torch.dtype):
     """The weight and bias of a Linear/Conv2d node in ``dtype`` (no copy when they already are)."""
-    m = node.module
-    w, b = m.weight, m.bias
-    if w.dtype != dtype:
-        w = w.to(dtype)
-        b = b.to(dtype) if b is not None else None
-    return w, b
+    return Coefficients(None, False).weights(node, dtype)
 
 
 def _coefficient_error(coef, mag: Tensor) -> Tensor | None:
@@ -362,7 +357,7 @@ def _lazy_affine(pre: Box, coef, sound) -> Callable[[], Box]:
 
 
 def _run_gemm(node, state, chain, C, C_err, dtype, sound, coeffs, bounds):
-    weight, bias = params(node, dtype)
+    weight, bias = coeffs.weights(node, dtype)
     slack = None
     if C is not None:
         weight, bias, slack = _fold_spec(C, C_err, weight, bias, ball_to_box(state), sound)

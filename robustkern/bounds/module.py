@@ -12,7 +12,7 @@ from .batch_stats import enclosed_statistics, point_statistics, uses_batch_stats
 from ..graph import BoundNode, capture, node_shapes
 from ..ops import interval_input_box
 from .ibp import Box, plan_fusion, propagate
-from .precision import BoundInput, Coefficients, check_spec, enter, spec_rounding
+from .precision import BoundInput, Coefficients, WideWeights, check_spec, enter, spec_rounding
 
 __all__ = ["BoundedModule"]
 
@@ -106,11 +106,13 @@ class BoundedModule(nn.Module):
     benchmark models, ``benchmarks/bench_sound.py``); the per-node bounds are rounded outwards when read. With a
     gradient to record, the bounds' value is that one and their gradient that of the same bounds computed in
     float32 without widening (the widening is not differentiated, as in the interval ops), so the backward pass
-    runs in float32.
+    runs in float32. The float64 copies of the parameters are kept across calls while the parameters keep their
+    values (``robustkern.bounds.precision.WideWeights``; ``keep_wide_weights=False``: converted in every call).
     """
 
-    def __init__(self, model: nn.Module, example_input: Tensor, *, fuse: bool = True):
+    def __init__(self, model: nn.Module, example_input: Tensor, *, fuse: bool = True, keep_wide_weights: bool = True):
         super().__init__()
+        self._wide = WideWeights(keep_wide_weights)
         if not isinstance(example_input, Tensor) or example_input.dim() < 2:
             raise ValueError("BoundedModule: example_input must be a batch tensor of shape (B, ...)")
         self.model = model
@@ -156,12 +158,12 @@ class BoundedModule(nn.Module):
         """The BatchNorm/normalisation maps of one call: batch statistics of ``x`` enclosed exactly (sound) or
         in the working precision (``stats`` when the caller recorded them in the same call)."""
         if not any(uses_batch_stats(n.module) for n in self._bn_nodes):
-            return Coefficients(None, sound)
+            return Coefficients(None, sound, self._wide)
         if sound:
-            return Coefficients(enclosed_statistics(self.nodes, x), True)
+            return Coefficients(enclosed_statistics(self.nodes, x), True, self._wide)
         if stats is None:
             stats = point_statistics(self.nodes, x.to(self._dtype()))
-        return Coefficients(stats, False)
+        return Coefficients(stats, False, self._wide)
 
     # ------------------------------------------------------------------ bounds
     def compute_bounds(self, x: Tensor, eps, norm: float = math.inf, method: str = "IBP", C: Tensor | None = None,

@@ -37,9 +37,11 @@ served here (``plan`` returns None) and runs dense (``robustkern.bounds.crown``)
 
 Rounding (``sound=True``): every step adds ``|A| v`` to the error accumulator, as on dense rows, with the same
 per-node vectors ``v`` of ``robustkern.bounds.crown``; here ``|A| v`` is ``sum |P| v`` over the window (``v``
-gathered like the slopes). The patches steps compute the same products as the dense ones, and their sums have no
-more nonzero terms (the entries outside a window are exact zeros, whose addition is exact), so the dense
-argument's rounding bounds hold for them; the concretisation's sums have ``C kh kw`` terms.
+gathered like the slopes, once per pass), a ReLU's term carried to the step below it as there
+(``step_errors.ErrorSum``: a ReLU step scales each patch entry by a slope in [0, 1]). The patches steps compute
+the same products as the dense ones, and their sums have no more nonzero terms (the entries outside a window are
+exact zeros, whose addition is exact), so the dense argument's rounding bounds hold for them; the
+concretisation's sums have ``C kh kw`` terms.
 
 Memory: a pass holds (batch, rows, C kh kw) per node instead of (batch, rows, C H W); the kernels grow with
 depth (a 4x4 stride-2 convolution after another: 10x10 over the input) and stop being smaller than the node
@@ -57,7 +59,8 @@ from .._numerics import unit_roundoff
 from ..ops.crown import crown_relu_explicit_lower, crown_relu_relaxation
 from .box_concretize import concretize_box
 from .phased_conv import phased_transposed_conv
-from .step_errors import affine_error, avgpool_error, concretisation_outward, gemm_error, relu_error, sum_bound
+from .step_errors import (ErrorSum, affine_error, avgpool_error, concretisation_outward, gemm_error, relu_error,
+                          sum_bound)
 
 __all__ = ["Geometry", "plan", "patches_bound", "patches_rows_per_pass", "window_values"]
 
@@ -221,7 +224,7 @@ def _pad_to(p: _Patches, g: Geometry) -> Tensor:
 def _abs_dot(p: _Patches, v: Tensor, rows: _Rows, shape: tuple) -> Tensor:
     """An upper bound of ``sum |P| v`` per row (``v >= 0`` (B, *shape)), rounded up by ``step_errors.sum_bound``."""
     idx, _ = rows.index(shape, p.g)
-    vg = _gather(v.reshape(v.shape[0], -1).to(p.P.dtype), idx)
+    vg = rows.gathered(v.to(p.P.dtype), idx)       # (once per pass: the vectors are the same for both sides)
     n = idx.shape[1]
     total = (p.flat().abs() * vg).sum(-1)
     return sum_bound(total, n)
@@ -406,12 +409,13 @@ def patches_bound(ctx, start: str, geometries: dict, rows: Tensor, sides: tuple,
     R = rows.numel()
     u = unit_roundoff(ctx.dtype)
     stop = ctx.index[start]
-    result = {}
+    result, carried = {}, {}
+    dot = lambda p, v, name: _abs_dot(p, v, index, shapes[name])  # noqa: E731
     for upper in sides:
         side_slopes = slopes.get(upper, {}) if slopes else {}
         pending: dict[str, _Patches] = {start: _start_patches(index, shapes[start], ctx.dtype, ctx.device)}
         bias = torch.zeros(B, R, dtype=ctx.dtype, device=ctx.device)
-        err = torch.zeros_like(bias) if ctx.sound else None
+        errs = ErrorSum(ctx, torch.zeros_like(bias), dot, carried) if ctx.sound else None
         at_input = None
         for node in reversed(ctx.nodes[:stop + 1]):
             p = pending.pop(node.name, None)
@@ -421,12 +425,12 @@ def patches_bound(ctx, start: str, geometries: dict, rows: Tensor, sides: tuple,
                 at_input = p
                 continue
             outs, bterm, v = _step(ctx, node, p, geometries, index, upper, side_slopes)
-            if ctx.sound and v is not None:
-                err = err + _abs_dot(p, v, index, shapes[node.name])
+            if ctx.sound:
+                errs.relu(node, p, v) if node.kind == "relu" else errs.add(node, p, v)
             if bterm is not None:
                 bias = bias + bterm
                 if ctx.sound:
-                    err = err + u * bias.abs()
+                    errs.err = errs.err + u * bias.abs()
             for name, q in outs:
                 if name in pending:
                     g = geometries[name]
@@ -434,11 +438,12 @@ def patches_bound(ctx, start: str, geometries: dict, rows: Tensor, sides: tuple,
                     merged = _Patches(a + b, g)
                     if ctx.sound:   # the addition where two branches meet rounds
                         both = _Patches(a.abs() + b.abs(), g)
-                        err = err + u * _abs_dot(both, ctx.magnitude(name), index, shapes[name]) * (1 + 2 * u)
+                        errs.err = errs.err + u * dot(both, ctx.magnitude(name), name) * (1 + 2 * u)
                     pending[name] = merged
                 else:
                     pending[name] = q
-        result[upper] = _concretize(ctx, at_input, bias, err, index, input_box, ball, upper, B)
+        result[upper] = _concretize(ctx, at_input, bias, errs.total() if ctx.sound else None, index, input_box, ball,
+                                    upper, B)
     return result
 
 
@@ -454,8 +459,9 @@ def _concretize(ctx, p: _Patches | None, bias: Tensor, err: Tensor | None, rows:
     mid, rad = rows.gathered(box.mid, idx), rows.gathered(box.rad, idx)
     sign = 1.0 if upper else -1.0
     if ctx.sound:
-        absP = P.abs()
-        val = (P * mid).sum(-1) + bias + sign * (absP * rad).sum(-1)
+        absP, Pmid = P.abs(), P * mid
+        spread = (absP * rad).sum(-1)
+        val = Pmid.sum(-1) + bias + sign * spread
     else:   # keeps the signs of P, not P, for the backward
         val = concretize_box(P, bias, mid, rad, upper)
     center = None
@@ -467,7 +473,7 @@ def _concretize(ctx, p: _Patches | None, bias: Tensor, err: Tensor | None, rows:
         val = torch.minimum(val, at_ball) if upper else torch.maximum(val, at_ball)
     if not ctx.sound:
         return val
-    mag = (absP * (mid.abs() + rad)).sum(-1) + bias.abs()
+    mag = Pmid.abs().sum(-1) + spread + bias.abs()      # |P| |mid| + |P| rad + |bias|, the terms of val
     if center is not None:
         mag = mag + (absP * cg.abs()).sum(-1) + eps.unsqueeze(1) * norm
     return concretisation_outward(val, mag, err, idx.shape[1], upper)

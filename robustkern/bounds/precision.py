@@ -31,7 +31,7 @@ from torch import Tensor
 from .._numerics import FLOAT_DTYPES, gamma, next_down, next_up, round_down, round_up, tiny, unit_roundoff
 from ..graph import BoundNode, normalize_params
 
-__all__ = ["BoundInput", "enter", "check_spec", "Coefficients", "grow", "magnitude", "spec_rounding"]
+__all__ = ["BoundInput", "enter", "check_spec", "Coefficients", "WideWeights", "grow", "magnitude", "spec_rounding"]
 
 
 @dataclass
@@ -172,6 +172,34 @@ def _point(t: Tensor):
     return t, t
 
 
+class WideWeights:
+    """Wider copies (float64) of a float32 model's parameters for its sound bounds, kept across calls while the
+    parameters hold the same values. A copy is made when a parameter's version counter (bumped by every in-place
+    change, e.g. an optimizer step) was the same at the previous call, i.e. in certification, not in training, and
+    kept with a float32 snapshot of the values; it serves a later call only if the version is unchanged *and* the
+    values equal the snapshot (``torch.equal``: a pass over the float32 values, cheaper than the conversion's write of
+    twice their bytes), so a change the version does not see (through ``.data``) is caught. The copies cost the
+    parameters' bytes three times over; ``BoundedModule(..., keep_wide_weights=False)`` keeps none."""
+
+    def __init__(self, keep: bool = True):
+        self.keep = keep
+        self._entries: dict = {}
+
+    def get(self, name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """``t`` (the parameter ``name``) in ``dtype``: the kept copy where it is valid, else a new conversion."""
+        if not self.keep or (torch.is_grad_enabled() and t.requires_grad):
+            return t.to(dtype)
+        key, version = (name, dtype), t._version
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] == version and entry[1] is not None and entry[1].shape == t.shape and \
+                entry[1].device == t.device and torch.equal(entry[1], t.detach()):
+            return entry[2]
+        wide = t.detach().to(dtype)
+        steady = entry is not None and entry[0] == version
+        self._entries[key] = (version, t.detach().clone(), wide) if steady else (version, None, None)
+        return wide
+
+
 class Coefficients:
     """The per-channel affine maps ``y = s z + t`` of the BatchNorm and normalisation nodes of one bound
     computation, in any working dtype: ``get(node, dtype)`` returns ``(s_w, t_w, ds, dt)``, ``ds``/``dt``
@@ -180,10 +208,26 @@ class Coefficients:
     bounds, ``(mean_lo, mean_hi, var_lo, var_hi)`` float64 enclosures (``robustkern.bounds.batch_stats``).
     The centres carry the gradient of the plain formula (the enclosure's rounding is not differentiated)."""
 
-    def __init__(self, stats: dict | None, sound: bool):
+    def __init__(self, stats: dict | None, sound: bool, wide: WideWeights | None = None):
         self.stats = stats if stats is not None else {}
         self.sound = sound
+        self.wide = wide
         self._cache: dict = {}
+
+    def weights(self, node: BoundNode, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias of a Linear/Conv2d node in ``dtype``, converted once per bound computation: the
+        interval pass and the backward passes share them (a float32 model's sound bounds run in float64, where a
+        wide layer's conversion is a pass over twice its weight's bytes)."""
+        key = ("weights", node.name, dtype)
+        if key not in self._cache:
+            w, b = node.module.weight, node.module.bias
+            if w.dtype != dtype and self.wide is not None:
+                w = self.wide.get(node.name + ".weight", w, dtype)
+                b = self.wide.get(node.name + ".bias", b, dtype) if b is not None else None
+            elif w.dtype != dtype:
+                w, b = w.to(dtype), (b.to(dtype) if b is not None else None)
+            self._cache[key] = (w, b)
+        return self._cache[key]
 
     def get(self, node: BoundNode, dtype: torch.dtype, device=None, input_box=None):
         key = (node.name, dtype)

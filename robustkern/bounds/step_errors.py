@@ -5,18 +5,29 @@ per specification row. Each is computed once per bound computation (``ctx.error_
 reduction depth (Higham's ``gamma_d``), its coefficients and the IBP magnitudes ``|h| <= m`` of the values it
 multiplies. Dense rows (``robustkern.bounds.crown``) and patches (``robustkern.bounds.patches``) use the same
 vectors; ``abs_dot`` is the dense rows' ``sum |A| v``, ``concretisation_outward`` the final widening of a
-concretised bound."""
+concretised bound.
+
+One pass over ``|A|`` serves a ReLU and the step below it (``ErrorSum``). A ReLU step maps ``A`` to
+``A' = A+ d_1 + A- d_2`` with slopes ``d`` in [0, 1] (upper line ``u+ / (u+ - l-)``, any lower slope), one of the
+two products exactly zero, so ``|fl(a d)| <= |a|`` (rounding is monotone and ``a`` is representable): the
+coefficients that the next step (the ReLU's input node) multiplies its error vector ``v`` with are bounded by the
+ReLU's own ``|A|``, and ``|A'| v <= |A| v``. Where the ReLU's input node has no other user (so its coefficients are
+``A'`` alone) the ReLU's term and the next step's are one product, ``|A| (v_relu + (1 + 8u) v_next)`` (the factor
+covers slopes computed up to ``1 + 2u``, whatever the kernel's formula), the vector sum rounded up once per pass:
+half the passes over ``|A|`` of a chain of layers and ReLUs, and a slightly larger term (``|A| >= |A'|``) of size
+~``1e-13`` of the magnitudes in float64."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._numerics import gamma, next_down, next_up, tiny, unit_roundoff
+from .._numerics import gamma, next_down, next_up, round_up, tiny, unit_roundoff
 from ..graph import BoundNode
+from .precision import grow
 
-__all__ = ["sum_bound", "abs_dot", "concretisation_outward", "gemm_error", "affine_error", "avgpool_error",
-           "relu_error", "is_channels_last"]
+__all__ = ["sum_bound", "abs_dot", "ErrorSum", "float32_upper_product", "concretisation_outward", "gemm_error",
+           "affine_error", "avgpool_error", "relu_error", "is_channels_last"]
 
 
 def is_channels_last(A: Tensor) -> bool:
@@ -31,11 +42,16 @@ def sum_bound(total: Tensor, n: int) -> Tensor:
     return total * (1 + gamma(n + 1, unit_roundoff(total.dtype))) + n * tiny(total.dtype)
 
 
-def abs_dot(A: Tensor, v: Tensor) -> Tensor:
+def abs_dot(A: Tensor, v: Tensor, node: str | None = None) -> Tensor:
     """An upper bound of ``sum |A| v`` over the dimensions after (B, S), for ``A`` (B, S, *shape) and ``v >= 0``
-    (B, *shape): one batched matrix-vector product in A's memory order, rounded up."""
+    (B, *shape): one batched matrix-vector product in A's memory order, rounded up (``node``, the node ``A`` is
+    over, is not needed: ``ErrorSum``'s signature)."""
     B, S = A.shape[:2]
     n = v[0].numel()
+    if B > 1 and A.stride(0) == 0:      # rows every example shares (the identity): |A| once, one GEMM
+        rows = A[0].abs().reshape(S, n)
+        total = torch.mm(v.reshape(B, n).to(rows.dtype), rows.t())
+        return sum_bound(total, n)
     absA = A.abs()
     if is_channels_last(absA):     # (B, S, H, W, C) in memory: match v to it instead of copying |A|
         rows, vec = absA.permute(0, 1, 3, 4, 2).reshape(B, S, n), v.permute(0, 2, 3, 1).reshape(B, n, 1)
@@ -43,6 +59,66 @@ def abs_dot(A: Tensor, v: Tensor) -> Tensor:
         rows, vec = absA.reshape(B, S, n), v.reshape(B, n, 1)
     total = torch.bmm(rows, vec.to(rows.dtype)).squeeze(-1)
     return sum_bound(total, n)
+
+
+# Node kinds whose step returns an error vector over their output: a ReLU's term can be carried to them.
+_CARRIED_TO = ("linear", "conv2d", "batchnorm", "normalize", "avgpool")
+
+
+class ErrorSum:
+    """The error accumulator ``err`` (B, S) of one backward pass and side: ``add`` a step's ``|A| v``, with a ReLU's
+    term held by ``relu`` and added together with the next step's (module docstring). ``dot(A, v, name)`` is the
+    rounded-up ``sum |A| v`` of coefficients ``A`` over node ``name``'s output; ``merged`` a dict that keeps the
+    summed vectors across the sides of a pass; ``first``: the index of the earliest node the pass goes through."""
+
+    def __init__(self, ctx, zeros: Tensor, dot, merged: dict, first: int = 0):
+        self.ctx, self.err, self.dot, self.merged, self.first = ctx, zeros, dot, merged, first
+        self.held: dict = {}
+
+    def relu(self, node: BoundNode, A, v: Tensor) -> None:
+        """A ReLU step's term ``|A| v`` (``A`` over the ReLU's output): held for the ReLU's input node where that
+        node has no other user and the pass goes through it, else added now."""
+        src = self.ctx.by_name[node.inputs[0]]
+        if src.users == 1 and src.kind in _CARRIED_TO and self.ctx.index[src.name] >= self.first:
+            self.held[src.name] = (A, v, node.name)
+        else:
+            self.err = self.err + self.dot(A, v, node.name)
+
+    def add(self, node: BoundNode, A, v: Tensor | None) -> None:
+        """The term of ``node``'s step (``A`` over its output, ``v`` its error vector or None), with a ReLU term
+        held for it: ``|A_relu| (v_relu + (1 + 8u) v)``."""
+        held = self.held.pop(node.name, None)
+        if held is None:
+            if v is not None:
+                self.err = self.err + self.dot(A, v, node.name)
+            return
+        A_relu, v_relu, relu = held
+        if v is not None:
+            hit = self.merged.get(relu)
+            if hit is None or hit[0] is not v_relu or hit[1] is not v:
+                u = unit_roundoff(v.dtype)
+                hit = self.merged[relu] = (v_relu, v, grow(v_relu, v * (1 + 8 * u)))
+            v_relu = hit[2]
+        self.err = self.err + self.dot(A_relu, v_relu, relu)
+
+    def total(self) -> Tensor:
+        """``err`` with every held term added."""
+        for A_relu, v_relu, relu in self.held.values():
+            self.err = self.err + self.dot(A_relu, v_relu, relu)
+        self.held = {}
+        return self.err
+
+
+def float32_upper_product(mag: Tensor, abs_w: Tensor, k: int) -> Tensor:
+    """An upper bound, in float64, of ``mag |W|^T`` for ``mag >= 0`` (B, k) in float64 and ``|W|`` (N, k) exact in
+    float32, from one float32 GEMM: ``mag`` rounded up to float32 (``>= mag``), the product ``Q`` of ``k``
+    non-negative terms per entry within ``gamma_k(2^-24) Q`` plus ``k`` float32 tinies of its exact value (any
+    summation order, Higham), so ``Q (1 + gamma_{k+1}) + k tiny`` bounds it; the extra ``2^-24`` of
+    ``gamma_{k+1}`` over ``gamma_k`` covers the two float64 roundings of that expression. An error vector is
+    ~``gamma_d(2^-53)`` times this product, so its ``2e-3`` relative looseness at ``k = 32768`` is ~1e-16 of the
+    magnitudes; a float32 GEMM here costs half the float64 one and reads ``|W|`` in float32, not a float64 copy."""
+    Q = round_up(mag, torch.float32) @ abs_w.t()
+    return Q.to(torch.float64) * (1 + gamma(k + 1, unit_roundoff(torch.float32))) + k * tiny(torch.float32)
 
 
 def gemm_error(ctx, node: BoundNode, fold: BoundNode | None = None) -> Tensor:
@@ -55,7 +131,11 @@ def gemm_error(ctx, node: BoundNode, fold: BoundNode | None = None) -> Tensor:
         u = unit_roundoff(ctx.dtype)
         if node.kind == "linear":
             k = w.shape[1]
-            P = mag.reshape(mag.shape[0], -1) @ w.abs().t()
+            w_model = m.weight
+            if w_model.dtype == torch.float32 and ctx.dtype == torch.float64:   # a float32 model's sound bounds
+                P = float32_upper_product(mag.reshape(mag.shape[0], -1), w_model.detach().abs(), k)
+            else:
+                P = mag.reshape(mag.shape[0], -1) @ w.abs().t()
             depth = w.shape[0]
         else:
             k = w.shape[1] * w.shape[2] * w.shape[3]
