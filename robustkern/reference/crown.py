@@ -108,15 +108,15 @@ def _upper_line_grads(lower: Tensor, upper: Tensor, g_du: Tensor, g_bu: Tensor):
     return g_l, g_u
 
 
-def _grad_A(A: Tensor, d_l: Tensor, d_u: Tensor, b_u: Tensor, upper_side: bool, g_A: Tensor, g_bias: Tensor):
+def _grad_A(A: Tensor, on_lower: Tensor, d_u: Tensor, b_u: Tensor, upper_side: bool, g_A: Tensor, g_bias: Tensor):
     """The gradient with respect to ``A`` of a ReLU step with lower slopes ``d_l`` and upper line ``d_u, b_u``:
-    ``g_A d_l`` where ``A`` takes the lower line (``A > 0`` on the lower side, ``A <= 0`` on the upper) and
-    ``g_A d_u + g_bias b_u`` where it takes the upper line. Returns ``(grad_A, A > 0, a zero, g_bias (B, S, 1))``,
-    what the bounds' gradients reuse."""
+    ``on_lower = g_A d_l`` where ``A`` takes the lower line (``A > 0`` on the lower side, ``A <= 0`` on the upper)
+    and ``g_A d_u + g_bias b_u`` where it takes the upper line (three (B, S, N) tensors live at most). Returns
+    ``(grad_A, A > 0, a zero, g_bias (B, S, 1))``, what the bounds' gradients reuse."""
     pos = A > 0
     zero = torch.zeros((), dtype=A.dtype, device=A.device)
     gb = g_bias.unsqueeze(-1)
-    on_lower, on_upper = g_A * d_l, torch.addcmul(g_A * d_u, gb, b_u)
+    on_upper = torch.addcmul(g_A * d_u, gb, b_u)
     grad_A = torch.where(pos, on_upper, on_lower) if upper_side else torch.where(pos, on_lower, on_upper)
     return grad_A, pos, zero, gb
 
@@ -128,7 +128,7 @@ def crown_relu_backward_grad(A: Tensor, lower: Tensor, upper: Tensor, mode: int,
     a double backward runs through it. Gradients w.r.t. ``l, u`` flow through the upper line ``d_u(l, u)``,
     ``b_u(l, u)`` (and ``d_l = d_u`` in the "same-slope" mode; the other lower slopes are piecewise constant)."""
     d_l, d_u, b_u = (t.unsqueeze(1) for t in relu_relaxation(lower, upper, mode))
-    grad_A, pos, zero, gb = _grad_A(A, d_l, d_u, b_u, upper_side, g_A, g_bias)
+    grad_A, pos, zero, gb = _grad_A(A, g_A * d_l, d_u, b_u, upper_side, g_A, g_bias)
     if not need_lu:
         return grad_A, lower.new_empty(0), upper.new_empty(0)
     gA_A = g_A * A
@@ -168,10 +168,11 @@ def crown_relu_backward_slopes(A: Tensor, lower: Tensor, upper: Tensor, slope: T
     the upper line (``A+ d_l + A- d_u`` on the lower side: the same products, the other term an exact zero), and
     ``bias = sum_N A- b_u`` (``A+`` on the upper side) as one batched product: five passes over (B, S, N)."""
     _, d_u, b_u = relu_relaxation(lower, upper, 0)
-    d_l = slope_lower_line(lower, upper, slope)
     d_u = d_u.unsqueeze(1)
     pos = A > 0
+    d_l = slope_lower_line(lower, upper, slope)
     out = A * (torch.where(pos, d_u, d_l) if upper_side else torch.where(pos, d_l, d_u))
+    del d_l, pos                 # (B, S, N) each for per-row slopes: at most three such tensors live
     side = A.clamp(min=0) if upper_side else A.clamp(max=0)
     return out, torch.bmm(side, b_u.unsqueeze(-1)).squeeze(-1)
 
@@ -189,15 +190,17 @@ def crown_relu_backward_slopes_grad(A: Tensor, lower: Tensor, upper: Tensor, slo
     _, d_u, b_u = (t.unsqueeze(1) for t in relu_relaxation(lower, upper, 0))
     d_l = slope_lower_line(lower, upper, slope)
     empty = lower.new_empty(0)
-    grad_A = _grad_A(A, d_l, d_u, b_u, upper_side, g_A, g_bias)[0] if need_A else empty
+    free = ((lower < 0) & (upper > 0)).unsqueeze(1) & (d_l == slope) if need_slope else None
+    on_lower = g_A * d_l if need_A else None
+    del d_l                      # (B, S, N) for per-row slopes: at most three such tensors live
+    grad_A = _grad_A(A, on_lower, d_u, b_u, upper_side, g_A, g_bias)[0] if need_A else empty
+    del on_lower
     if not need_slope:
         return grad_A, empty
     zero = torch.zeros((), dtype=A.dtype, device=A.device)
-    on_lower = A <= 0 if upper_side else A > 0
-    g_slope = torch.where(on_lower, g_A * A, zero)
+    g_slope = torch.where(A <= 0 if upper_side else A > 0, g_A * A, zero)
     if slope.shape[1] == 1 and A.shape[1] != 1:
         g_slope = g_slope.sum(1, keepdim=True)
-    free = ((lower < 0) & (upper > 0)).unsqueeze(1) & (d_l == slope)
     return grad_A, torch.where(free, g_slope, zero)
 
 
@@ -206,8 +209,9 @@ def crown_concretize_sign_grad(signs: Tensor, mid: Tensor, rad: Tensor, g: Tenso
     ``signs`` (B, S, N), any tensor with the signs of ``A`` (``A`` itself, or its signs as int8: a quarter of
     float32's bytes), and the gradient ``g`` (B, S) of the bound."""
     sign = 1.0 if upper_side else -1.0
-    signs = signs.to(g.dtype) if signs.dtype == torch.int8 else torch.sign(signs)
-    return g.unsqueeze(-1) * torch.addcmul(mid.unsqueeze(1), signs, rad.unsqueeze(1), value=sign)
+    line = torch.addcmul(mid.unsqueeze(1), signs.to(g.dtype) if signs.dtype == torch.int8 else torch.sign(signs),
+                         rad.unsqueeze(1), value=sign)      # the float signs die here: two (B, S, N) live at most
+    return g.unsqueeze(-1) * line
 
 
 def crown_concretize_grad(A: Tensor, mid: Tensor, rad: Tensor, g: Tensor, upper_side: bool):
