@@ -63,8 +63,8 @@ everything in the working precision with no accounting (training).
 The ReLU row holds for both ReLU ops (``crown_relu_backward`` and, with explicit slopes,
 ``crown_relu_backward_slopes``) on every backend: each entry of ``A'`` is one rounded product, ``A d_l`` or
 ``A d_u`` (the other term of ``A+ d_l + A- d_u`` is an exact zero), the bias one sum of ``N`` rounded products
-``A- b_u`` (``A+`` on the upper side) in whatever order, and an explicit slope enters as
-``1[l >= 0] + 1[l < 0 < u] clamp(a, 0, 1)``, which is exact.
+``A- b_u`` (``A+`` on the upper side) in whatever order, and an explicit lower slope is selected, not computed
+(``clamp(a, 0, 1)`` on unstable neurons, 1 or 0 on stable ones): any value in [0, 1] is a valid lower line.
 """
 from __future__ import annotations
 

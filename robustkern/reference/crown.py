@@ -149,11 +149,9 @@ def crown_relu_backward_grad(A: Tensor, lower: Tensor, upper: Tensor, mode: int,
 
 def explicit_lower_slopes(lower: Tensor, upper: Tensor, slope: Tensor) -> Tensor:
     """The lower slopes used for explicit ``slope``, element-wise (the three broadcast): ``clamp(slope, 0, 1)``
-    where ``lower < 0 < upper``, 1 where ``lower >= 0``, 0 where ``upper <= 0``; computed as
-    ``1[l >= 0] + 1[l < 0 < u] clamp(slope, 0, 1)`` (one of the two indicators is 0, so the sum is exact)."""
-    active = (lower >= 0).to(slope.dtype)
-    unstable = ((lower < 0) & (upper > 0)).to(slope.dtype)
-    return torch.addcmul(active, slope.clamp(0.0, 1.0), unstable)
+    where ``lower < 0 < upper``, 1 where ``lower >= 0``, 0 where ``upper <= 0`` (the indicator taken as it is:
+    two passes over ``slope``, no float copy of the bounds' masks)."""
+    return torch.where((lower < 0) & (upper > 0), slope.clamp(0.0, 1.0), lower >= 0)
 
 
 def slope_lower_line(lower: Tensor, upper: Tensor, slope: Tensor) -> Tensor:
