@@ -9,7 +9,8 @@ raises ``BackendUnavailable``.
 
 ``crown_relu_backward_slopes`` is the ReLU step with explicit (optimisable) lower slopes (alpha-CROWN): a
 composite op, its reference only, whatever backend is requested, written in few passes over (B, S, N): forward
-``A' = A where(A > 0, d_l, d_u)`` (lower side) and the bias as one batched product, five passes; its backward op
+``A' = A where(A > 0, d_l, d_u)`` (lower side) and the bias as one batched product, five passes besides
+forming ``d_l`` (two over the slopes); its backward op
 ``crown_relu_backward_slopes_grad`` gives the gradients with respect to ``A`` and the slopes (sharing the sign
 split and ``g A``), and those with respect to the bounds are ``crown_relu_backward_grad``'s (through the upper
 line alone, whatever the lower slopes). It saves its inputs ``A``, the bounds and the slopes.

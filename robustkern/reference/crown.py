@@ -164,7 +164,8 @@ def crown_relu_backward_slopes(A: Tensor, lower: Tensor, upper: Tensor, slope: T
     """``crown_relu_backward`` with the lower slopes given: ``d_l = slope_lower_line(lower, upper, slope)``.
     Entry by entry ``A' = A d`` with ``d = d_l`` where ``A`` takes the lower line and ``d = d_u`` where it takes
     the upper line (``A+ d_l + A- d_u`` on the lower side: the same products, the other term an exact zero), and
-    ``bias = sum_N A- b_u`` (``A+`` on the upper side) as one batched product: five passes over (B, S, N)."""
+    ``bias = sum_N A- b_u`` (``A+`` on the upper side) as one batched product: five passes over (B, S, N) besides
+    forming ``d_l`` (two over the slopes)."""
     _, d_u, b_u = relu_relaxation(lower, upper, 0)
     d_u = d_u.unsqueeze(1)
     pos = A > 0
