@@ -108,17 +108,14 @@ def _upper_line_grads(lower: Tensor, upper: Tensor, g_du: Tensor, g_bu: Tensor):
     return g_l, g_u
 
 
-def _grad_A(A: Tensor, on_lower: Tensor, d_u: Tensor, b_u: Tensor, upper_side: bool, g_A: Tensor, g_bias: Tensor):
+def _grad_A(pos: Tensor, on_lower: Tensor, d_u: Tensor, b_u: Tensor, upper_side: bool, g_A: Tensor, g_bias: Tensor):
     """The gradient with respect to ``A`` of a ReLU step with lower slopes ``d_l`` and upper line ``d_u, b_u``:
     ``on_lower = g_A d_l`` where ``A`` takes the lower line (``A > 0`` on the lower side, ``A <= 0`` on the upper)
     and ``g_A d_u + g_bias b_u`` where it takes the upper line (three (B, S, N) tensors live at most). Returns
-    ``(grad_A, A > 0, a zero, g_bias (B, S, 1))``, what the bounds' gradients reuse."""
-    pos = A > 0
-    zero = torch.zeros((), dtype=A.dtype, device=A.device)
+    ``(grad_A, g_bias (B, S, 1))``; ``pos`` is ``A > 0``."""
     gb = g_bias.unsqueeze(-1)
     on_upper = torch.addcmul(g_A * d_u, gb, b_u)
-    grad_A = torch.where(pos, on_upper, on_lower) if upper_side else torch.where(pos, on_lower, on_upper)
-    return grad_A, pos, zero, gb
+    return (torch.where(pos, on_upper, on_lower) if upper_side else torch.where(pos, on_lower, on_upper)), gb
 
 
 def crown_relu_backward_grad(A: Tensor, lower: Tensor, upper: Tensor, mode: int, upper_side: bool, g_A: Tensor,
@@ -128,7 +125,9 @@ def crown_relu_backward_grad(A: Tensor, lower: Tensor, upper: Tensor, mode: int,
     a double backward runs through it. Gradients w.r.t. ``l, u`` flow through the upper line ``d_u(l, u)``,
     ``b_u(l, u)`` (and ``d_l = d_u`` in the "same-slope" mode; the other lower slopes are piecewise constant)."""
     d_l, d_u, b_u = (t.unsqueeze(1) for t in relu_relaxation(lower, upper, mode))
-    grad_A, pos, zero, gb = _grad_A(A, g_A * d_l, d_u, b_u, upper_side, g_A, g_bias)
+    pos = A > 0
+    zero = torch.zeros((), dtype=A.dtype, device=A.device)
+    grad_A, gb = _grad_A(pos, g_A * d_l, d_u, b_u, upper_side, g_A, g_bias)
     if not need_lu:
         return grad_A, lower.new_empty(0), upper.new_empty(0)
     gA_A = g_A * A
@@ -192,12 +191,15 @@ def crown_relu_backward_slopes_grad(A: Tensor, lower: Tensor, upper: Tensor, slo
     free = ((lower < 0) & (upper > 0)).unsqueeze(1) & (d_l == slope) if need_slope else None
     on_lower = g_A * d_l if need_A else None
     del d_l                      # (B, S, N) for per-row slopes: at most three such tensors live
-    grad_A = _grad_A(A, on_lower, d_u, b_u, upper_side, g_A, g_bias)[0] if need_A else empty
+    pos = A > 0
+    grad_A = _grad_A(pos, on_lower, d_u, b_u, upper_side, g_A, g_bias)[0] if need_A else empty
     del on_lower
     if not need_slope:
         return grad_A, empty
     zero = torch.zeros((), dtype=A.dtype, device=A.device)
-    g_slope = torch.where(A <= 0 if upper_side else A > 0, g_A * A, zero)
+    g_A_A = g_A * A
+    g_slope = torch.where(pos, zero, g_A_A) if upper_side else torch.where(pos, g_A_A, zero)
+    del g_A_A
     if slope.shape[1] == 1 and A.shape[1] != 1:
         g_slope = g_slope.sum(1, keepdim=True)
     return grad_A, torch.where(free, g_slope, zero)
