@@ -13,16 +13,17 @@ normalize   training: the clean batch's): ``A <- A scale``, ``c += sum A shift``
             linear/conv layer that has no other user and a weight smaller than ``A`` is folded into it
             (``W' = scale W``, ``b' = scale b + shift``: one step, no pass over ``A``)
 avgpool     the adjoint of the (linear) pooling, ``aten.avg_pool2d_backward``
-relu        ``robustkern::crown_relu_backward`` with the bounds of the ReLU's input (fused sign split); on a
-            channels-last ``A`` it runs on the (B, S, H*W*C) layout with the bounds permuted to match
+relu        ``robustkern::crown_relu_backward`` with the bounds of the ReLU's input (fused sign split), or with
+            explicit lower slopes (alpha-CROWN) ``robustkern::crown_relu_backward_slopes``; on a channels-last
+            ``A`` it runs on the (B, S, H*W*C) layout with the bounds (and slopes) permuted to match
 add         ``A`` flows to both branches and is accumulated (reverse topological order)
 reshape     ``A`` reshaped to the input's shape (per example)
 =========== =====================================================================================
 
 At the input, ``robustkern::crown_concretize`` evaluates ``A x + c`` over the (clipped) input box, and for
 an L2 ball also over the ball by the dual norm, ``A x0 -/+ eps ||A||_2``, keeping the tighter of the two (both
-are bounds over supersets of ball-and-box); unsound over a box alone, ``concretize_box``, whose backward keeps
-the signs of ``A`` (``robustkern.bounds.box_concretize``). The ReLU input bounds come from IBP (CROWN-IBP) or, for
+are bounds over supersets of ball-and-box); over a box whose centre and radius need no gradient its backward keeps
+the signs of ``A`` as int8, not ``A``. The ReLU input bounds come from IBP (CROWN-IBP) or, for
 CROWN, from backward passes per ReLU-input node with the identity specification (``identity_bounds``), intersected
 with the IBP box (both are sound, so their intersection is). Only the neurons that IBP leaves unstable are
 recomputed (``SPARSE_INTERMEDIATE``; a stable neuron's relaxation is exact whatever its bounds). A pass that
@@ -58,6 +59,12 @@ outwards, and, for a float32 model, rounded outwards to float32. The whole backw
 included) runs in float64, also for float32 models, so the accumulated error is ~1e-16 of the magnitudes and costs
 no tightness; float64 models get the same accounting with float64's unit roundoff. ``sound=False`` computes
 everything in the working precision with no accounting (training).
+
+The ReLU row holds for both ReLU ops (``crown_relu_backward`` and, with explicit slopes,
+``crown_relu_backward_slopes``) on every backend: each entry of ``A'`` is one rounded product, ``A d_l`` or
+``A d_u`` (the other term of ``A+ d_l + A- d_u`` is an exact zero), the bias one sum of ``N`` rounded products
+``A- b_u`` (``A+`` on the upper side) in whatever order, and an explicit lower slope is selected, not computed
+(``clamp(a, 0, 1)`` on unstable neurons, 1 or 0 on stable ones): any value in [0, 1] is a valid lower line.
 """
 from __future__ import annotations
 
@@ -71,12 +78,10 @@ from torch import Tensor
 from ..ops.crown import RELU_LOWER_MODES, crown_concretize, crown_relu_backward, crown_relu_backward_slopes
 from .._numerics import round_down, round_up, unit_roundoff
 from ..graph import BoundNode, tensor_input
-from .box_concretize import concretize_box
 from .ibp import Box
 from .phased_conv import PhaseMajor, flat_operands, phased_transposed_conv
 from .patches import patches_bound, patches_rows_per_pass, plan, window_values
 from .precision import Coefficients
-from .slope_step import relu_step_with_slopes
 from .step_errors import (ErrorSum, abs_dot, affine_error, avgpool_error, concretisation_outward, gemm_error,
                           is_channels_last, relu_error)
 
@@ -261,8 +266,6 @@ def _relu_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, upper: boo
     """``A`` through the ReLU ``node`` by ``crown_relu_backward`` (the lower-slope rule ``ctx.mode``) or, with
     ``slope`` (B, 1 or S, N in the flattened C*H*W order), by ``crown_relu_backward_slopes``."""
     src = node.inputs[0]
-    # explicit slopes: the op (whose rounding the sound accounting covers) or, unsound, the same step in fewer passes
-    slope_step = crown_relu_backward_slopes if ctx.sound else relu_step_with_slopes
     if is_channels_last(A):  # the ReLU step on the (B, S, H*W*C) layout, bounds (and slopes) permuted to match
         l, u_ = ctx.relu_bounds_channels_last(src)
         A_hwc = A.permute(0, 1, 3, 4, 2)
@@ -272,14 +275,15 @@ def _relu_step(ctx: _Ctx, node: BoundNode, A: Tensor, B: int, S: int, upper: boo
         else:
             c, h, w = ctx.shapes[src]
             hwc = slope.reshape(B, -1, c, h, w).permute(0, 1, 3, 4, 2).reshape(B, slope.shape[1], -1)
-            A_new, b = slope_step(flat, l, u_, hwc.to(flat.dtype), upper)
+            A_new, b = crown_relu_backward_slopes(flat, l, u_, hwc.to(flat.dtype), upper)
         return A_new.reshape(A_hwc.shape).permute(0, 1, 4, 2, 3), b
     l, u_ = ctx.relu_bounds[src]
     flat = A.reshape(B, S, -1)
     if slope is None:
         A_new, b = crown_relu_backward(flat, l, u_, ctx.mode, upper)
     else:
-        A_new, b = slope_step(flat, l, u_, slope.reshape(B, slope.shape[1], -1).to(flat.dtype), upper)
+        flat_slope = slope.reshape(B, slope.shape[1], -1).to(flat.dtype)
+        A_new, b = crown_relu_backward_slopes(flat, l, u_, flat_slope, upper)
     return A_new.reshape(A.shape), b
 
 
@@ -345,10 +349,7 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
             linear[upper] = (_spatial(A_input, B, S), bias)
         center, eps = at_ball if at_ball is not None else (None, None)
         A_flat, mid, rad, center = flat_operands(A_input, box.mid, box.rad, center)
-        if sound or center is not None:
-            val = crown_concretize(A_flat, bias, mid, rad, center, eps, upper)
-        else:   # keeps the signs of A, not A, for the backward
-            val = concretize_box(A_flat, bias, mid, rad, upper)
+        val = crown_concretize(A_flat, bias, mid, rad, center, eps, upper)
         if sound:
             absA = A_flat.abs()
             mag = torch.bmm(absA, (mid.abs() + rad).unsqueeze(-1)).squeeze(-1) + bias.abs()

@@ -31,7 +31,8 @@ identity    unchanged
 =========== ============================================================================================
 
 At the input, ``A x + c`` is concretised over the (clipped) box from the gathered centre and radius, and for an
-L2 ball also by the dual norm, keeping the tighter, as ``robustkern::crown_concretize`` does on dense rows.
+L2 ball also by the dual norm, keeping the tighter: ``robustkern::crown_concretize`` with each window row as an
+example of its own (``window_concretize``).
 A pass that meets any other node (a reshape, a linear layer) or residual branches of different strides is not
 served here (``plan`` returns None) and runs dense (``robustkern.bounds.crown``): the same bound.
 
@@ -56,8 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._numerics import unit_roundoff
-from ..ops.crown import crown_relu_explicit_lower, crown_relu_relaxation
-from .box_concretize import concretize_box
+from ..ops.crown import crown_concretize, crown_relu_explicit_lower, crown_relu_relaxation
 from .phased_conv import phased_transposed_conv
 from .step_errors import (ErrorSum, affine_error, avgpool_error, concretisation_outward, gemm_error, relu_error,
                           sum_bound)
@@ -457,23 +457,32 @@ def _concretize(ctx, p: _Patches | None, bias: Tensor, err: Tensor | None, rows:
     idx, _ = rows.index(tuple(shape), p.g)
     P = p.flat()
     mid, rad = rows.gathered(box.mid, idx), rows.gathered(box.rad, idx)
-    sign = 1.0 if upper else -1.0
-    if ctx.sound:
-        absP, Pmid = P.abs(), P * mid
-        spread = (absP * rad).sum(-1)
-        val = Pmid.sum(-1) + bias + sign * spread
-    else:   # keeps the signs of P, not P, for the backward
-        val = concretize_box(P, bias, mid, rad, upper)
-    center = None
+    center = eps = cg = None
     if ball is not None:
         center, eps = ball
         cg = rows.gathered(center, idx)
-        norm = P.norm(dim=-1)
-        at_ball = (P * cg).sum(-1) + bias + sign * eps.unsqueeze(1) * norm
-        val = torch.minimum(val, at_ball) if upper else torch.maximum(val, at_ball)
+    val = window_concretize(P, bias, mid, rad, cg, eps, upper)
     if not ctx.sound:
         return val
-    mag = Pmid.abs().sum(-1) + spread + bias.abs()      # |P| |mid| + |P| rad + |bias|, the terms of val
+    absP = P.abs()
+    mag = (absP * (mid.abs() + rad)).sum(-1) + bias.abs()
     if center is not None:
-        mag = mag + (absP * cg.abs()).sum(-1) + eps.unsqueeze(1) * norm
+        mag = mag + (absP * cg.abs()).sum(-1) + eps.unsqueeze(1) * P.norm(dim=-1)
     return concretisation_outward(val, mag, err, idx.shape[1], upper)
+
+
+def window_concretize(P: Tensor, bias: Tensor, mid: Tensor, rad: Tensor, center: Tensor | None,
+                      eps: Tensor | None, upper: bool) -> Tensor:
+    """``crown_concretize`` of window rows: ``P`` (B, R, K) over boxes gathered per row, ``mid, rad`` (and an L2
+    ball's ``center``) (B, R, K), ``bias`` (B, R), ``eps`` (B,); a batch of 1 (rows every example shares)
+    broadcasts. Each of the B*R rows is its own example of the op (one specification row over its own box), so
+    its value, gradients and saved tensors are the op's."""
+    B, R, K = max(P.shape[0], mid.shape[0], bias.shape[0]), P.shape[1], P.shape[2]
+
+    def per_row(t: Tensor) -> Tensor:
+        return t.expand(B, R, K).reshape(B * R, K)
+
+    val = crown_concretize(per_row(P).unsqueeze(1), bias.expand(B, R).reshape(B * R, 1), per_row(mid), per_row(rad),
+                           None if center is None else per_row(center),
+                           None if eps is None else eps.repeat_interleave(R), upper)
+    return val.reshape(B, R)

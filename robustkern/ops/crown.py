@@ -1,4 +1,5 @@
-"""Linear-relaxation (CROWN) ops: ``robustkern::crown_relu_backward`` and ``robustkern::crown_concretize``.
+"""Linear-relaxation (CROWN) ops: ``robustkern::crown_relu_backward``, ``robustkern::crown_relu_backward_slopes``
+and ``robustkern::crown_concretize``.
 
 The math and the float64 ground truth are in ``robustkern.reference.crown``. Each is an op of the table
 ``robustkern.ops._registry`` (C++ schema in ``csrc/ops.cpp``): the Triton kernel (``robustkern.kernels.crown``;
@@ -6,10 +7,13 @@ CUDA, or CPU under ``TRITON_INTERPRET=1``), the C++ CPU kernel (``csrc/cpu/crown
 pure-PyTorch reference. There is no CUDA C++ kernel: on CUDA ``auto`` picks Triton, and requesting ``cuda``
 raises ``BackendUnavailable``.
 
-``crown_relu_backward_slopes`` is the ReLU step with explicit (optimisable) lower slopes: a composite op, its
-reference only, whatever backend is requested (its cost is the passes over ``A`` that ATen's element-wise
-kernels make), whose backward op
-``crown_relu_backward_slopes_grad`` gives the gradients with respect to ``A``, the bounds and the slopes.
+``crown_relu_backward_slopes`` is the ReLU step with explicit (optimisable) lower slopes (alpha-CROWN): a
+composite op, its reference only, whatever backend is requested, written in few passes over (B, S, N): forward
+``A' = A where(A > 0, d_l, d_u)`` (lower side) and the bias as one batched product, five passes besides
+forming ``d_l`` (two over the slopes); its backward op
+``crown_relu_backward_slopes_grad`` gives the gradients with respect to ``A`` and the slopes (sharing the sign
+split and ``g A``), and those with respect to the bounds are ``crown_relu_backward_grad``'s (through the upper
+line alone, whatever the lower slopes). It saves its inputs ``A``, the bounds and the slopes.
 
 Backward passes are the ops ``crown_relu_backward_grad`` and ``crown_concretize_grad``: single-pass C++ kernels
 where the compiled backend runs and no double backward is recorded (the concretisation's for the box only),
@@ -18,6 +22,11 @@ op's inputs: the ReLU step saves ``A`` and the bounds ``(l, u)``, and recomputes
 from them, instead of keeping ``A+``, ``A-`` and four slope tensors as auto_LiRPA's ``ClampedMultiplication``
 does. Gradients with respect to ``l, u`` flow through the upper line ``d_u(l, u)``, ``b_u(l, u)`` (and
 through ``d_l = d_u`` in the "same-slope" mode; the other lower slopes are piecewise constant).
+
+``crown_concretize`` over a box whose centre and radius need no gradient keeps the signs of ``A`` as int8 (a
+quarter of float32's bytes), not ``A``: the gradient ``g (mid -/+ sign(A) rad)`` needs nothing else (the
+backward op ``crown_concretize_sign_grad``). ``A`` is kept when the box needs a gradient (``sum_S g A``,
+``sum_S g |A|``) or for an L2 ball.
 """
 from __future__ import annotations
 
@@ -144,28 +153,31 @@ def _slopes_setup(ctx, inputs, output):
     ctx.save_for_backward(A, lower, upper, slope)
 
 
-def _slopes_grad_fake(A, lower, upper, slope, upper_side, g_A, g_bias, need_lu, need_slope):
-    lu = (torch.empty_like(lower), torch.empty_like(upper)) if need_lu else (lower.new_empty(0), upper.new_empty(0))
-    return (torch.empty_like(A),) + lu + ((torch.empty_like(slope),) if need_slope else (slope.new_empty(0),))
+def _slopes_grad_fake(A, lower, upper, slope, upper_side, g_A, g_bias, need_A, need_slope):
+    return (torch.empty_like(A) if need_A else A.new_empty(0)), \
+        (torch.empty_like(slope) if need_slope else slope.new_empty(0))
 
 
 CROWN_RELU_BACKWARD_SLOPES_GRAD = define_op(
     "crown_relu_backward_slopes_grad", reference=_ref.crown_relu_backward_slopes_grad, public=False, composite=True,
     schema="crown_relu_backward_slopes_grad(Tensor A, Tensor lower, Tensor upper, Tensor slope, bool upper_side, "
-           "Tensor g_A, Tensor g_bias, bool need_lu, bool need_slope) -> (Tensor, Tensor, Tensor, Tensor)",
+           "Tensor g_A, Tensor g_bias, bool need_A, bool need_slope) -> (Tensor, Tensor)",
     fake=_slopes_grad_fake)
 
 
 def _slopes_backward(ctx, g_A, g_bias):
     A, lower, upper, slope = ctx.saved_tensors
-    need_lu = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-    need_slope = bool(ctx.needs_input_grad[3])
+    need_A, need_lu, need_slope = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1] or
+                                   ctx.needs_input_grad[2]), bool(ctx.needs_input_grad[3]))
     g_A = torch.zeros_like(A) if g_A is None else g_A
     g_bias = A.new_zeros(A.shape[:2]) if g_bias is None else g_bias
-    grad_A, grad_l, grad_u, grad_s = CROWN_RELU_BACKWARD_SLOPES_GRAD(A, lower, upper, slope, ctx.upper_side, g_A,
-                                                                      g_bias, need_lu, need_slope)
-    return (grad_A, grad_l if need_lu else None, grad_u if need_lu else None, grad_s if need_slope else None,
-            None)
+    grad_A = grad_l = grad_u = grad_s = None
+    if need_A or need_slope:
+        grad_A, grad_s = CROWN_RELU_BACKWARD_SLOPES_GRAD(A, lower, upper, slope, ctx.upper_side, g_A, g_bias, need_A,
+                                                         need_slope)
+    if need_lu:   # through the upper line alone: those of the step with any lower-slope rule (mode 0's here)
+        _, grad_l, grad_u = CROWN_RELU_BACKWARD_GRAD(A, lower, upper, 0, ctx.upper_side, g_A, g_bias, True)
+    return (grad_A if need_A else None), grad_l, grad_u, (grad_s if need_slope else None), None
 
 
 CROWN_RELU_BACKWARD_SLOPES = define_op(
@@ -208,15 +220,30 @@ CROWN_CONCRETIZE_GRAD = define_op(
     "crown_concretize_grad", reference=_ref.crown_concretize_grad, cpp=True, public=False,
     serves=_no_double_backward, fake=_concretize_grad_fake)
 
+CROWN_CONCRETIZE_SIGN_GRAD = define_op(
+    "crown_concretize_sign_grad", reference=_ref.crown_concretize_sign_grad, public=False, composite=True,
+    schema="crown_concretize_sign_grad(Tensor signs, Tensor mid, Tensor rad, Tensor g, bool upper_side) -> Tensor",
+    fake=lambda signs, mid, rad, g, upper_side: g.new_empty(signs.shape))
+
 
 def _concretize_setup(ctx, inputs, output):
     A, bias, mid, rad, center, eps, upper_side = inputs
     ctx.upper_side = upper_side
     ctx.l2 = center is not None
-    ctx.save_for_backward(A, mid, rad, center, eps)
+    # over a box whose centre and radius need no gradient, the gradient of A needs only A's signs: kept as int8
+    ctx.signs_only = not ctx.l2 and not (mid.requires_grad or rad.requires_grad)
+    if ctx.signs_only:
+        signs = torch.sign(A).to(torch.int8) if A.requires_grad else A.new_empty(0, dtype=torch.int8)
+        ctx.save_for_backward(signs, mid, rad)
+    else:
+        ctx.save_for_backward(A, mid, rad, center, eps)
 
 
 def _concretize_backward(ctx, g):
+    if ctx.signs_only:
+        signs, mid, rad = ctx.saved_tensors
+        grad_A = CROWN_CONCRETIZE_SIGN_GRAD(signs, mid, rad, g, ctx.upper_side) if ctx.needs_input_grad[0] else None
+        return grad_A, g, None, None, None, None, None
     A, mid, rad, center, eps = ctx.saved_tensors
     sign = 1.0 if ctx.upper_side else -1.0
     if not ctx.l2:
@@ -228,12 +255,10 @@ def _concretize_backward(ctx, g):
     ball = (A * center.unsqueeze(1)).sum(-1) + sign * eps.unsqueeze(1) * nrm
     take_box = (box <= ball) if ctx.upper_side else (box >= ball)
     gb, gl = torch.where(take_box, g, 0.0), torch.where(take_box, 0.0, g)
-    gbs, gls = gb.unsqueeze(-1), gl.unsqueeze(-1)
+    gls = gl.unsqueeze(-1)
     unit = A / nrm.clamp_min(torch.finfo(A.dtype).tiny).unsqueeze(-1)
-    grad_A = gbs * (mid.unsqueeze(1) + sign * torch.sign(A) * rad.unsqueeze(1)) + \
-        gls * (center.unsqueeze(1) + sign * eps.view(-1, 1, 1) * unit)
-    g_mid = (gbs * A).sum(1)
-    g_rad = sign * (gbs * A.abs()).sum(1)
+    grad_A, g_mid, g_rad = CROWN_CONCRETIZE_GRAD(A, mid, rad, gb, ctx.upper_side)
+    grad_A = grad_A + gls * (center.unsqueeze(1) + sign * eps.view(-1, 1, 1) * unit)
     g_center = (gls * A).sum(1)
     g_eps = sign * (gl * nrm).sum(1)
     return grad_A, g, g_mid, g_rad, g_center, g_eps, None

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["RELU_LOWER_MODES", "relu_relaxation", "crown_relu_backward", "crown_concretize", "crown_relu_backward_grad",
-           "crown_concretize_grad", "slope_lower_line", "crown_relu_backward_slopes", "crown_relu_backward_slopes_grad",
-           "dense_crown"]
+           "crown_concretize_grad", "crown_concretize_sign_grad", "slope_lower_line", "crown_relu_backward_slopes",
+           "crown_relu_backward_slopes_grad", "dense_crown"]
 
 RELU_LOWER_MODES = {"adaptive": 0, "zero": 1, "one": 2, "same-slope": 3}
 
@@ -108,17 +108,14 @@ def _upper_line_grads(lower: Tensor, upper: Tensor, g_du: Tensor, g_bu: Tensor):
     return g_l, g_u
 
 
-def _grad_A(A: Tensor, d_l: Tensor, d_u: Tensor, b_u: Tensor, upper_side: bool, g_A: Tensor, g_bias: Tensor):
-    """The gradient with respect to ``A`` of a ReLU step with lower slopes ``d_l`` and upper line ``d_u, b_u``,
-    and what the bounds' gradients reuse: ``(grad_A, A > 0, a zero, g_bias (B, S, 1))``."""
-    pos = A > 0
-    zero = torch.zeros((), dtype=A.dtype, device=A.device)
-    if upper_side:
-        d_p, d_n, b_p, b_n = d_u, d_l, b_u, zero
-    else:
-        d_p, d_n, b_p, b_n = d_l, d_u, zero, b_u
+def _grad_A(pos: Tensor, on_lower: Tensor, d_u: Tensor, b_u: Tensor, upper_side: bool, g_A: Tensor, g_bias: Tensor):
+    """The gradient with respect to ``A`` of a ReLU step with lower slopes ``d_l`` and upper line ``d_u, b_u``:
+    ``on_lower = g_A d_l`` where ``A`` takes the lower line (``A > 0`` on the lower side, ``A <= 0`` on the upper)
+    and ``g_A d_u + g_bias b_u`` where it takes the upper line (three (B, S, N) tensors live at most). Returns
+    ``(grad_A, g_bias (B, S, 1))``; ``pos`` is ``A > 0``."""
     gb = g_bias.unsqueeze(-1)
-    return g_A * torch.where(pos, d_p, d_n) + gb * torch.where(pos, b_p, b_n), pos, zero, gb
+    on_upper = torch.addcmul(g_A * d_u, gb, b_u)
+    return (torch.where(pos, on_upper, on_lower) if upper_side else torch.where(pos, on_lower, on_upper)), gb
 
 
 def crown_relu_backward_grad(A: Tensor, lower: Tensor, upper: Tensor, mode: int, upper_side: bool, g_A: Tensor,
@@ -128,7 +125,9 @@ def crown_relu_backward_grad(A: Tensor, lower: Tensor, upper: Tensor, mode: int,
     a double backward runs through it. Gradients w.r.t. ``l, u`` flow through the upper line ``d_u(l, u)``,
     ``b_u(l, u)`` (and ``d_l = d_u`` in the "same-slope" mode; the other lower slopes are piecewise constant)."""
     d_l, d_u, b_u = (t.unsqueeze(1) for t in relu_relaxation(lower, upper, mode))
-    grad_A, pos, zero, gb = _grad_A(A, d_l, d_u, b_u, upper_side, g_A, g_bias)
+    pos = A > 0
+    zero = torch.zeros((), dtype=A.dtype, device=A.device)
+    grad_A, gb = _grad_A(pos, g_A * d_l, d_u, b_u, upper_side, g_A, g_bias)
     if not need_lu:
         return grad_A, lower.new_empty(0), upper.new_empty(0)
     gA_A = g_A * A
@@ -149,8 +148,9 @@ def crown_relu_backward_grad(A: Tensor, lower: Tensor, upper: Tensor, mode: int,
 
 def explicit_lower_slopes(lower: Tensor, upper: Tensor, slope: Tensor) -> Tensor:
     """The lower slopes used for explicit ``slope``, element-wise (the three broadcast): ``clamp(slope, 0, 1)``
-    where ``lower < 0 < upper``, 1 where ``lower >= 0``, 0 where ``upper <= 0``."""
-    return torch.where(lower >= 0, 1.0, torch.where(upper <= 0, 0.0, slope.clamp(0.0, 1.0)))
+    where ``lower < 0 < upper``, 1 where ``lower >= 0``, 0 where ``upper <= 0`` (the indicator taken as it is:
+    two passes over ``slope``, no float copy of the bounds' masks)."""
+    return torch.where((lower < 0) & (upper > 0), slope.clamp(0.0, 1.0), lower >= 0)
 
 
 def slope_lower_line(lower: Tensor, upper: Tensor, slope: Tensor) -> Tensor:
@@ -160,45 +160,59 @@ def slope_lower_line(lower: Tensor, upper: Tensor, slope: Tensor) -> Tensor:
 
 
 def crown_relu_backward_slopes(A: Tensor, lower: Tensor, upper: Tensor, slope: Tensor, upper_side: bool):
-    """``crown_relu_backward`` with the lower slopes given: ``d_l = slope_lower_line(lower, upper, slope)``."""
+    """``crown_relu_backward`` with the lower slopes given: ``d_l = slope_lower_line(lower, upper, slope)``.
+    Entry by entry ``A' = A d`` with ``d = d_l`` where ``A`` takes the lower line and ``d = d_u`` where it takes
+    the upper line (``A+ d_l + A- d_u`` on the lower side: the same products, the other term an exact zero), and
+    ``bias = sum_N A- b_u`` (``A+`` on the upper side) as one batched product: five passes over (B, S, N) besides
+    forming ``d_l`` (two over the slopes)."""
     _, d_u, b_u = relu_relaxation(lower, upper, 0)
+    d_u = d_u.unsqueeze(1)
+    pos = A > 0
     d_l = slope_lower_line(lower, upper, slope)
-    d_u, b_u = d_u.unsqueeze(1), b_u.unsqueeze(1)
-    pos, neg = A.clamp(min=0), A.clamp(max=0)
-    if upper_side:
-        return pos * d_u + neg * d_l, (pos * b_u).sum(-1)
-    return pos * d_l + neg * d_u, (neg * b_u).sum(-1)
+    out = A * (torch.where(pos, d_u, d_l) if upper_side else torch.where(pos, d_l, d_u))
+    del d_l, pos                 # (B, S, N) each for per-row slopes: at most three such tensors live
+    side = A.clamp(min=0) if upper_side else A.clamp(max=0)
+    return out, torch.bmm(side, b_u.unsqueeze(-1)).squeeze(-1)
 
 
 def crown_relu_backward_slopes_grad(A: Tensor, lower: Tensor, upper: Tensor, slope: Tensor, upper_side: bool,
-                                    g_A: Tensor, g_bias: Tensor, need_lu: bool, need_slope: bool):
-    """The backward pass of ``crown_relu_backward_slopes``: ``(grad_A, grad_lower, grad_upper, grad_slope)``
-    (a gradient not needed is empty). In differentiable PyTorch ops, so a double backward runs through it.
-    ``d A'/d slope`` is ``A+`` (lower side) or ``A-`` (upper side) on the unstable neurons whose slope lies in
-    [0, 1] (the clamp passes the gradient at its ends, as ``torch.clamp`` does), summed over the specifications
-    for a shared (B, 1, N) slope; ``l, u`` enter through the upper line ``d_u``, ``b_u`` only (the lower slope
-    is piecewise constant in them)."""
+                                    g_A: Tensor, g_bias: Tensor, need_A: bool, need_slope: bool):
+    """The gradients of ``crown_relu_backward_slopes`` with respect to ``A`` and ``slope``: ``(grad_A,
+    grad_slope)`` (one not needed is empty), from the gradients ``g_A, g_bias`` of its outputs. In differentiable
+    PyTorch ops, so a double backward runs through it. ``d A'/d slope`` is ``A`` where ``A`` takes the lower line
+    (``A > 0`` on the lower side, ``A <= 0`` on the upper) on the unstable neurons whose slope lies in [0, 1] (the
+    clamp passes the gradient at its ends, as ``torch.clamp`` does; there ``d_l == slope``), summed over the
+    specifications for a shared (B, 1, N) slope. The gradients with respect to ``l, u`` are
+    ``crown_relu_backward_grad``'s for any lower-slope rule: they enter through the upper line ``d_u, b_u`` alone
+    (the lower slope is piecewise constant in them)."""
     _, d_u, b_u = (t.unsqueeze(1) for t in relu_relaxation(lower, upper, 0))
     d_l = slope_lower_line(lower, upper, slope)
-    grad_A, pos, zero, gb = _grad_A(A, d_l, d_u, b_u, upper_side, g_A, g_bias)
-    gA_A = g_A * A
     empty = lower.new_empty(0)
-    grad_slope = empty
-    if need_slope:
-        g_dl = torch.where(pos, zero, gA_A) if upper_side else torch.where(pos, gA_A, zero)
-        if slope.shape[1] == 1 and A.shape[1] != 1:
-            g_dl = g_dl.sum(1, keepdim=True)
-        free = (lower.unsqueeze(1) < 0) & (upper.unsqueeze(1) > 0) & (slope >= 0) & (slope <= 1)
-        grad_slope = torch.where(free, g_dl, zero)
-    if not need_lu:
-        return grad_A, empty, empty, grad_slope
-    Ap, An = torch.where(pos, A, zero), torch.where(pos, zero, A)
-    if upper_side:
-        g_du, g_bu = torch.where(pos, gA_A, zero).sum(1), (gb * Ap).sum(1)
-    else:
-        g_du, g_bu = torch.where(pos, zero, gA_A).sum(1), (gb * An).sum(1)
-    grad_l, grad_u = _upper_line_grads(lower, upper, g_du, g_bu)
-    return grad_A, grad_l, grad_u, grad_slope
+    free = ((lower < 0) & (upper > 0)).unsqueeze(1) & (d_l == slope) if need_slope else None
+    on_lower = g_A * d_l if need_A else None
+    del d_l                      # (B, S, N) for per-row slopes: at most three such tensors live
+    pos = A > 0
+    grad_A = _grad_A(pos, on_lower, d_u, b_u, upper_side, g_A, g_bias)[0] if need_A else empty
+    del on_lower
+    if not need_slope:
+        return grad_A, empty
+    zero = torch.zeros((), dtype=A.dtype, device=A.device)
+    g_A_A = g_A * A
+    g_slope = torch.where(pos, zero, g_A_A) if upper_side else torch.where(pos, g_A_A, zero)
+    del g_A_A
+    if slope.shape[1] == 1 and A.shape[1] != 1:
+        g_slope = g_slope.sum(1, keepdim=True)
+    return grad_A, torch.where(free, g_slope, zero)
+
+
+def crown_concretize_sign_grad(signs: Tensor, mid: Tensor, rad: Tensor, g: Tensor, upper_side: bool) -> Tensor:
+    """The gradient with respect to ``A`` of ``crown_concretize`` over a box, ``g (mid -/+ sign(A) rad)``, from
+    ``signs`` (B, S, N), any tensor with the signs of ``A`` (``A`` itself, or its signs as int8: a quarter of
+    float32's bytes), and the gradient ``g`` (B, S) of the bound."""
+    sign = 1.0 if upper_side else -1.0
+    line = torch.addcmul(mid.unsqueeze(1), signs.to(g.dtype) if signs.dtype == torch.int8 else torch.sign(signs),
+                         rad.unsqueeze(1), value=sign)      # the float signs die here: two (B, S, N) live at most
+    return g.unsqueeze(-1) * line
 
 
 def crown_concretize_grad(A: Tensor, mid: Tensor, rad: Tensor, g: Tensor, upper_side: bool):
@@ -206,8 +220,7 @@ def crown_concretize_grad(A: Tensor, mid: Tensor, rad: Tensor, g: Tensor, upper_
     ``g`` (B, S) of the bound ``A mid + bias -/+ |A| rad``."""
     sign = 1.0 if upper_side else -1.0
     gs = g.unsqueeze(-1)
-    grad_A = gs * (mid.unsqueeze(1) + sign * torch.sign(A) * rad.unsqueeze(1))
-    return grad_A, (gs * A).sum(1), sign * (gs * A.abs()).sum(1)
+    return crown_concretize_sign_grad(A, mid, rad, g, upper_side), (gs * A).sum(1), sign * (gs * A.abs()).sum(1)
 
 
 # ----------------------------------------------------------------------------------------------- dense oracle
