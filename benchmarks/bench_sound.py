@@ -33,7 +33,7 @@ CROWN runs on the models where its intermediate passes take seconds (not on the 
     PYTHONPATH=python:. python benchmarks/bench_sound.py --write-results
     PYTHONPATH=python:. python benchmarks/bench_sound.py --device cuda --batch 32 --write-results
 
-``--floor`` prints instead what the fastest sound bounds could cost here (``sound_floor``: which products must
+``--floor`` prints (and with ``--write-results`` writes) instead what the fastest sound bounds could cost here (``sound_floor``: which products must
 run in float64, their float64/float32 times at the models' shapes, and the float64 relaxation's time, the floor of
 the sound forward; the forward + backward's floor is ``1 + t(fwd, float64) / t(fwd+bwd, float32)``):
 
@@ -64,6 +64,7 @@ from robustkern.bounds import BoundedModule, margin_spec, robust_cross_entropy  
 
 BENCH = "sound"
 TITLE = "Sound bounds: tightness against float64 and time against unsound (`bench_sound.py`)"
+FLOOR_TITLE = "Sound bounds: the floor of sound/unsound time on this CPU (`bench_sound.py --floor`)"
 METHODS = ("IBP", "CROWN-IBP", "CROWN")
 # Targets: sound looser than float64 by less than this (relative to the largest bound) ...
 TARGET_LOOSE = 1e-5
@@ -235,7 +236,7 @@ def main(argv=None):
     device = torch.device(args.device)
     env = common.start(device, args.threads, args)
     if args.floor:
-        return floor(args)
+        return floor(args, env)
     head = ["model", "batch", "method", "sound loose", "fp32 error", "verified sound / float64 / unsound",
             "fwd unsound ms", "fwd sound ms", "fwd x", "fwd+bwd unsound ms", "fwd+bwd sound ms", "fwd+bwd x", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -292,7 +293,7 @@ def main(argv=None):
         common.update_results_md(BENCH, TITLE, text, env)
 
 
-def floor(args) -> None:
+def floor(args, env) -> None:
     """``--floor``: the products' float64/float32 times and the float64 relaxation's (``sound_floor``)."""
     if args.device != "cpu":
         raise SystemExit("bench_sound.py: --floor measures the CPU floor; leave out --device")
@@ -303,10 +304,12 @@ def floor(args) -> None:
         ops += sound_floor.op_rows(name, m.model, m.x, args.rounds)
         methods = [mt for mt in METHODS if mt.upper() in wanted and mt in m.methods]
         floors += sound_floor.floor_rows(name, m.model, m.x, m.y, m.eps, methods, args.rounds)
-    print("\n" + sound_floor.OP_HEAD + "\n" + "\n".join(ops))
-    print("\n" + sound_floor.FLOOR_HEAD + "\n" + "\n".join(floors))
-    print("\nfloor: every GEMM and convolution in float64 and nothing else (sound_floor.py's docstring); medians "
-          "over interleaved rounds, one thread")
+    text = "\n".join([sound_floor.OP_HEAD, *ops, "", sound_floor.FLOOR_HEAD, *floors, "",
+                      "floor: every GEMM and convolution in float64 and nothing else (sound_floor.py's docstring); "
+                      "medians over interleaved rounds, one thread"]) + "\n"
+    print("\n" + text)
+    if args.write_results:
+        common.update_results_md(BENCH, FLOOR_TITLE, text, env, variant="floor")
 
 
 if __name__ == "__main__":
