@@ -295,7 +295,7 @@ class _SavedContext:
 
     def mark_non_differentiable(self, *tensors):
         raise RuntimeError("an op whose outputs are not all differentiable cannot use the extension's Autograd "
-                           "kernel: leave it out of csrc/autograd.cpp")
+                           "kernel: do not declare `keeps` for it in the op table")
 
 
 def run_saved_backward(qualname: str, args: tuple, outputs: tuple, grads: tuple, needs_input_grad: tuple):
