@@ -36,7 +36,7 @@ from torch import Tensor
 from ..ops import interval_affine, interval_conv2d, interval_input_box, interval_linear
 from .._numerics import gamma, next_up, round_up, tiny, unit_roundoff
 from ..graph import BoundNode
-from .precision import Coefficients, grow, magnitude
+from .precision import Coefficients, grow, layer_weights, magnitude
 
 __all__ = ["Box", "Ball", "plan_fusion", "propagate"]
 
@@ -119,7 +119,7 @@ def _bn_channels_match(gemm: BoundNode, bn: BoundNode) -> bool:
 
 def params(node: BoundNode, dtype: torch.dtype):
     """The weight and bias of a Linear/Conv2d node in ``dtype`` (no copy when they already are)."""
-    return Coefficients(None, False).weights(node, dtype)
+    return layer_weights(node, dtype)
 
 
 def _coefficient_error(coef, mag: Tensor) -> Tensor | None:

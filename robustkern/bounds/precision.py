@@ -31,7 +31,7 @@ from torch import Tensor
 from .._numerics import FLOAT_DTYPES, gamma, next_down, next_up, round_down, round_up, tiny, unit_roundoff
 from ..graph import BoundNode, normalize_params
 
-__all__ = ["BoundInput", "enter", "check_spec", "Coefficients", "WideWeights", "grow", "magnitude", "spec_rounding"]
+__all__ = ["BoundInput", "enter", "check_spec", "Coefficients", "WideWeights", "layer_weights", "grow", "magnitude", "spec_rounding"]
 
 
 @dataclass
@@ -200,6 +200,19 @@ class WideWeights:
         return wide
 
 
+def layer_weights(node: BoundNode, dtype: torch.dtype, wide: WideWeights | None = None
+                  ) -> tuple[Tensor, Tensor | None]:
+    """The weight and bias of a Linear/Conv2d node in ``dtype``: no copy when they already are, else a conversion
+    (``wide``'s kept copy where it is valid)."""
+    w, b = node.module.weight, node.module.bias
+    if w.dtype == dtype:
+        return w, b
+    if wide is None:
+        return w.to(dtype), (b.to(dtype) if b is not None else None)
+    return wide.get(node.name + ".weight", w, dtype), (wide.get(node.name + ".bias", b, dtype) if b is not None
+                                                        else None)
+
+
 class Coefficients:
     """The per-channel affine maps ``y = s z + t`` of the BatchNorm and normalisation nodes of one bound
     computation, in any working dtype: ``get(node, dtype)`` returns ``(s_w, t_w, ds, dt)``, ``ds``/``dt``
@@ -215,18 +228,12 @@ class Coefficients:
         self._cache: dict = {}
 
     def weights(self, node: BoundNode, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-        """The weight and bias of a Linear/Conv2d node in ``dtype``, converted once per bound computation: the
-        interval pass and the backward passes share them (a float32 model's sound bounds run in float64, where a
-        wide layer's conversion is a pass over twice its weight's bytes)."""
+        """``layer_weights`` of a Linear/Conv2d node, converted once per bound computation: the interval pass and
+        the backward passes share them (a float32 model's sound bounds run in float64, where a wide layer's
+        conversion is a pass over twice its weight's bytes)."""
         key = ("weights", node.name, dtype)
         if key not in self._cache:
-            w, b = node.module.weight, node.module.bias
-            if w.dtype != dtype and self.wide is not None:
-                w = self.wide.get(node.name + ".weight", w, dtype)
-                b = self.wide.get(node.name + ".bias", b, dtype) if b is not None else None
-            elif w.dtype != dtype:
-                w, b = w.to(dtype), (b.to(dtype) if b is not None else None)
-            self._cache[key] = (w, b)
+            self._cache[key] = layer_weights(node, dtype, self.wide)
         return self._cache[key]
 
     def get(self, node: BoundNode, dtype: torch.dtype, device=None, input_box=None):
