@@ -308,7 +308,8 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
         side_slopes = slopes.get(upper, {}) if slopes else {}
         As: dict[str, Tensor] = {start: A0}
         bias = A0.new_zeros((B, S))
-        errs = ErrorSum(ctx, A0.new_zeros((B, S)), abs_dot, merged, first or 0) if sound else None
+        errs = ErrorSum(ctx, A0.new_zeros((B, S)), lambda a, v, _: abs_dot(a, v), merged, first or 0) if sound \
+            else None
         A_input = None
         for node in reversed(ctx.nodes[first or 0:stop + 1]):
             A = As.pop(node.name, None)
@@ -320,18 +321,20 @@ def backward_bound(ctx: _Ctx, start: str, A0: Tensor, sides: tuple[bool, ...], i
             if node.kind == "relu":
                 A_new, b = _relu_step(ctx, node, A, B, S, upper, side_slopes.get(node.name))
                 outs, bterm = [(node.inputs[0], A_new)], b
-                errs.relu(node, A, relu_error(ctx, node)) if sound else None
+                if sound:
+                    errs.relu(node, A, relu_error(ctx, node))
             else:
                 outs, bterm, v = _step(ctx, node, A, B, S)
-                errs.add(node, A, v) if sound else None
+                if sound:
+                    errs.add(node, A, v)
             if bterm is not None:
                 bias = bias + bterm
                 if sound:
-                    errs.err = errs.err + u * bias.abs()
+                    errs.term(u * bias.abs())
             for name, a in outs:
                 if name in As:
                     if sound:   # the addition where two branches meet rounds
-                        errs.err = errs.err + u * abs_dot(As[name].abs() + a.abs(), ctx.magnitude(name)) * (1 + 2 * u)
+                        errs.term(u * abs_dot(As[name].abs() + a.abs(), ctx.magnitude(name)) * (1 + 2 * u))
                     As[name] = As[name] + a
                 else:
                     As[name] = a

@@ -426,11 +426,14 @@ def patches_bound(ctx, start: str, geometries: dict, rows: Tensor, sides: tuple,
                 continue
             outs, bterm, v = _step(ctx, node, p, geometries, index, upper, side_slopes)
             if ctx.sound:
-                errs.relu(node, p, v) if node.kind == "relu" else errs.add(node, p, v)
+                if node.kind == "relu":
+                    errs.relu(node, p, v)
+                else:
+                    errs.add(node, p, v)
             if bterm is not None:
                 bias = bias + bterm
                 if ctx.sound:
-                    errs.err = errs.err + u * bias.abs()
+                    errs.term(u * bias.abs())
             for name, q in outs:
                 if name in pending:
                     g = geometries[name]
@@ -438,7 +441,7 @@ def patches_bound(ctx, start: str, geometries: dict, rows: Tensor, sides: tuple,
                     merged = _Patches(a + b, g)
                     if ctx.sound:   # the addition where two branches meet rounds
                         both = _Patches(a.abs() + b.abs(), g)
-                        errs.err = errs.err + u * dot(both, ctx.magnitude(name), name) * (1 + 2 * u)
+                        errs.term(u * dot(both, ctx.magnitude(name), name) * (1 + 2 * u))
                     pending[name] = merged
                 else:
                     pending[name] = q

@@ -42,10 +42,9 @@ def sum_bound(total: Tensor, n: int) -> Tensor:
     return total * (1 + gamma(n + 1, unit_roundoff(total.dtype))) + n * tiny(total.dtype)
 
 
-def abs_dot(A: Tensor, v: Tensor, node: str | None = None) -> Tensor:
+def abs_dot(A: Tensor, v: Tensor) -> Tensor:
     """An upper bound of ``sum |A| v`` over the dimensions after (B, S), for ``A`` (B, S, *shape) and ``v >= 0``
-    (B, *shape): one batched matrix-vector product in A's memory order, rounded up (``node``, the node ``A`` is
-    over, is not needed: ``ErrorSum``'s signature)."""
+    (B, *shape): one batched matrix-vector product in A's memory order, rounded up."""
     B, S = A.shape[:2]
     n = v[0].numel()
     if B > 1 and A.stride(0) == 0:      # rows every example shares (the identity): |A| once, one GEMM
@@ -74,6 +73,10 @@ class ErrorSum:
     def __init__(self, ctx, zeros: Tensor, dot, merged: dict, first: int = 0):
         self.ctx, self.err, self.dot, self.merged, self.first = ctx, zeros, dot, merged, first
         self.held: dict = {}
+
+    def term(self, t: Tensor) -> None:
+        """An error term the caller computed (the constant's rounding, an addition where branches meet)."""
+        self.err = self.err + t
 
     def relu(self, node: BoundNode, A, v: Tensor) -> None:
         """A ReLU step's term ``|A| v`` (``A`` over the ReLU's output): held for the ReLU's input node where that
