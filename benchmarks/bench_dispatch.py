@@ -10,12 +10,13 @@ Each provider is timed as ``--calls`` back-to-back calls, one thread, interleave
 (``common.time_cpu``); the table gives microseconds per call (median over rounds) and the overhead over ATen.
 ``--clock thread`` (the default) counts the CPU time of the calling thread, so that other processes on a shared
 machine do not add their time slices to a difference of a few microseconds; ``--clock wall`` counts wall time.
-"grad" rows call with an input that requires grad (the autograd node is recorded, no backward is run); for them
-the table also gives a bare ``torch.autograd.Function`` whose forward calls the implementation and saves nothing:
-torch's own cost of a Python custom autograd node (the compiled ops that declare what they keep record a C++
-node instead, ``csrc/autograd.cpp``). "fwd+bwd" rows also run the backward: the implementation is then the kernel plus the op's
-backward formula called directly on a plain context (the math without the autograd engine), the ATen call its
-forward and backward through autograd.
+"grad" rows call with an input that requires grad (the autograd node is recorded, no backward is run); for them the
+table also gives a bare ``torch.autograd.Function`` whose forward calls the implementation and saves nothing:
+torch's own cost of a Python custom autograd node (the compiled ops that declare what they keep record a C++ node
+instead, ``csrc/autograd.cpp``). "fwd+bwd" rows also run the backward: the implementation is then the kernel plus
+the op's backward formula called directly on a plain context (the math without the autograd engine), the ATen call
+its forward and backward through autograd.
+
 """
 from __future__ import annotations
 
@@ -179,7 +180,8 @@ def main(argv=None) -> int:
               "(or its reference where it has no C++ kernel); in the fwd+bwd rows, the kernel and the op's backward "
               "formula called on a plain context. `floor adds` = robustkern - implementation: argument checks, "
               "backend choice, the IEEE-products context (reference and Triton only; the compiled kernels hold "
-              "their own) and, in the grad rows, the autograd node (a C++ node for the compiled ops that declare what they keep, "
+              "their own) and, in the grad rows, the autograd node (a C++ node for the compiled ops that declare "
+              "what they keep, "
               "`csrc/autograd.cpp`; a Python `autograd.Function` for the others), in the fwd+bwd rows also the "
               "autograd engine's backward pass. `bare autograd.Function`: the implementation inside a Python custom "
               "autograd node that saves nothing (torch's own cost of a Python node); `over bare` = robustkern - "

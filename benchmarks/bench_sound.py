@@ -33,9 +33,11 @@ CROWN runs on the models where its intermediate passes take seconds (not on the 
     PYTHONPATH=python:. python benchmarks/bench_sound.py --write-results
     PYTHONPATH=python:. python benchmarks/bench_sound.py --device cuda --batch 32 --write-results
 
-``--floor`` prints (and with ``--write-results`` writes) instead what the fastest sound bounds could cost here (``sound_floor``: which products must
-run in float64, their float64/float32 times at the models' shapes, and the float64 relaxation's time, the floor of
-the sound forward; the forward + backward's floor is ``1 + t(fwd, float64) / t(fwd+bwd, float32)``):
+``--floor`` prints (and with ``--write-results`` writes) instead what the fastest sound bounds could cost here
+(``sound_floor``: which products must run in float64, their float64/float32 times at the models' shapes, and the
+float64 relaxation's time, the floor of the sound forward; the forward + backward's floor is ``1 + t(fwd, float64) /
+t(fwd+bwd, float32)``):
+
 
     PYTHONPATH=python:. python benchmarks/bench_sound.py --floor --models digits_cnn,cifar_medium,cnn_7layer_bn
 

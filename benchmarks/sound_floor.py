@@ -27,12 +27,14 @@ the float32 computation (``BoundedModule``: the backward pass runs in float32, t
 differentiated), so the forward + backward costs at least ``t(fwd+bwd, float32) + t(fwd, float64)``: the floor of
 its ratio is ``1 + t(fwd, float64) / t(fwd+bwd, float32)``. A construction that took the gradient from the float64
 pass itself (the float32 formulas' backward at the sound boxes: a different gradient from today's) would still run
-every product in float64 once: ``1 + (t(fwd, float64) - t(fwd, float32)) / t(fwd+bwd, float32)`` ("one-pass"). ``op_rows`` shows where that comes from: float64
-against float32 convolution (forward, and the transposed one of CROWN's backward passes, on B*S coefficient rows)
-and GEMM, at the benchmark models' shapes, one thread. On x86 CPUs float32 convolutions run in oneDNN (Winograd /
-direct, AVX-512 or AVX2, 16 lanes) while float64 ones fall back to ATen's im2col + dgemm (8 lanes, the im2col
-copies twice as wide): on an AMD EPYC thread 1.1-5.7x for the forward and 1.5-8x for the transposed products of the
-CIFAR models' convolutions, 1.6-2.3x for dense layers, not the 2x of the lane count.
+every product in float64 once: ``1 + (t(fwd, float64) - t(fwd, float32)) / t(fwd+bwd, float32)`` ("one-pass").
+``op_rows`` shows where that comes from: float64 against float32 convolution (forward, and the transposed one of
+CROWN's backward passes, on B*S coefficient rows) and GEMM, at the benchmark models' shapes, one thread. On x86 CPUs
+float32 convolutions run in oneDNN (Winograd / direct, AVX-512 or AVX2, 16 lanes) while float64 ones fall back to
+ATen's im2col + dgemm (8 lanes, the im2col copies twice as wide): on an AMD EPYC thread 1.1-5.7x for the forward and
+1.5-8x for the transposed products of the CIFAR models' convolutions, 1.6-2.3x for dense layers, not the 2x of the
+lane count.
+
 
     PYTHONPATH=python:. python benchmarks/bench_sound.py --floor --models cifar_medium,cnn_7layer_bn
 """

@@ -31,7 +31,8 @@ from torch import Tensor
 from .._numerics import FLOAT_DTYPES, gamma, next_down, next_up, round_down, round_up, tiny, unit_roundoff
 from ..graph import BoundNode, normalize_params
 
-__all__ = ["BoundInput", "enter", "check_spec", "Coefficients", "WideWeights", "layer_weights", "grow", "magnitude", "spec_rounding"]
+__all__ = ["BoundInput", "enter", "check_spec", "Coefficients", "WideWeights", "layer_weights", "grow", "magnitude",
+           "spec_rounding"]
 
 
 @dataclass
